@@ -1,0 +1,5 @@
+"""``python -m stream`` is the ``scopecast`` command."""
+
+from .cli import main
+
+main()

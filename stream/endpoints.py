@@ -1,0 +1,55 @@
+"""ZeroMQ endpoints: parse them, and refuse to bind beyond this machine unless told to."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+
+log = logging.getLogger(__name__)
+
+_ENDPOINT = re.compile(r"^(?P<scheme>tcp|ipc|inproc)://(?P<rest>.+)$")
+_LOOPBACK_NAMES = {"localhost", "127.0.0.1", "[::1]", "::1"}
+
+
+class EndpointError(ValueError):
+    """An endpoint that is malformed, or that may not be used as asked."""
+
+
+def check_endpoint(endpoint: str) -> str:
+    """Return ``endpoint`` if it looks like tcp://HOST:PORT, ipc://PATH or inproc://NAME."""
+    m = _ENDPOINT.match(endpoint)
+    if not m or (m["scheme"] == "tcp" and not re.search(r":(\d+|\*)$", m["rest"])):
+        raise EndpointError(
+            f"endpoint {endpoint!r} is not tcp://HOST:PORT, ipc:///path or inproc://name "
+            "(for example tcp://127.0.0.1:5555)"
+        )
+    return endpoint
+
+
+def is_loopback(endpoint: str) -> bool:
+    """True for ipc/inproc endpoints and tcp endpoints on a loopback address."""
+    m = _ENDPOINT.match(check_endpoint(endpoint))
+    if m["scheme"] != "tcp":
+        return True
+    host = m["rest"].rsplit(":", 1)[0]
+    if host in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(endpoint: str, *, insecure: bool = False) -> str:
+    """Allow binding ``endpoint`` only on loopback/ipc unless ``insecure`` is explicitly set."""
+    if is_loopback(endpoint):
+        return endpoint
+    if not insecure:
+        raise EndpointError(
+            f"refusing to bind {endpoint}: it is reachable from other machines. Bind "
+            "tcp://127.0.0.1:PORT, or pass --insecure to accept unauthenticated frames "
+            "from the network"
+        )
+    log.warning("binding %s without authentication: anyone on the network can connect", endpoint)
+    return endpoint

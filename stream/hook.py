@@ -1,0 +1,278 @@
+"""The acquisition hook: a pymmcore-plus output handler that pushes every frame over ZeroMQ.
+
+``core.run_mda(sequence, output=FrameHook("tcp://127.0.0.1:5555"))``
+
+It never blocks the acquisition: frames are copied into buffers the hook owns and
+sent with NOBLOCK behind a bounded high-water mark. A frame it cannot hand over (receiver
+gone or too slow) is counted, never silently lost, and the counters are reported at
+sequence end. The hook owns each sent buffer until libzmq says it is done with it
+(``track=True``), so a camera that reuses its buffer can never corrupt a frame in flight.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import zmq
+from pydantic import ValidationError
+
+from .stats import percentiles
+from .endpoints import EndpointError, check_endpoint
+from .protocol import DTYPES, FrameHeader, StagePosition, check_stream_id, encode
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+
+    import useq
+
+log = logging.getLogger(__name__)
+
+
+class ReceiverUnreachable(RuntimeError):
+    """No receiver is connected at the hook's endpoint."""
+
+
+@dataclass
+class HookStats:
+    """What the hook did with the frames of one acquisition."""
+
+    frames_seen: int = 0
+    frames_sent: int = 0
+    bytes_sent: int = 0
+    not_handed_over: Counter[str] = field(default_factory=Counter)
+    send_us: list[float] = field(default_factory=list, repr=False)
+
+    @property
+    def frames_not_handed_over(self) -> int:
+        return sum(self.not_handed_over.values())
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "frames_seen": self.frames_seen,
+            "frames_sent": self.frames_sent,
+            "frames_not_handed_over": self.frames_not_handed_over,
+            "not_handed_over_by_reason": dict(self.not_handed_over),
+            "bytes_sent": self.bytes_sent,
+            "hook_ms": percentiles(np.asarray(self.send_us) / 1e3),
+        }
+
+
+class _BufferPool:
+    """Reusable frame buffers, each lent to libzmq until its MessageTracker is done."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._free: dict[tuple, list[np.ndarray]] = {}
+        self._in_flight: list[tuple[np.ndarray, zmq.MessageTracker]] = []
+
+    def take(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray | None:
+        """A buffer to fill, or None when ``limit`` buffers are still in libzmq's hands."""
+        self._reclaim()
+        if free := self._free.get((shape, dtype.str)):
+            return free.pop()
+        return None if len(self._in_flight) >= self.limit else np.empty(shape, dtype)
+
+    def lend(self, buf: np.ndarray, tracker: zmq.MessageTracker) -> None:
+        self._in_flight.append((buf, tracker))
+
+    def give_back(self, buf: np.ndarray) -> None:
+        if sum(map(len, self._free.values())) < self.limit:
+            self._free.setdefault((buf.shape, buf.dtype.str), []).append(buf)
+
+    def _reclaim(self) -> None:
+        still = []
+        for buf, tracker in self._in_flight:
+            if tracker.done:
+                self.give_back(buf)
+            else:
+                still.append((buf, tracker))
+        self._in_flight = still
+
+    @property
+    def in_flight(self) -> int:
+        self._reclaim()
+        return len(self._in_flight)
+
+
+class FrameHook:
+    """pymmcore-plus output handler: ``frameReady(img, event, meta)`` -> ZeroMQ PUSH.
+
+    Parameters
+    ----------
+    endpoint:
+        Where the engine server's PULL socket listens, e.g. ``tcp://127.0.0.1:5555``.
+    stream:
+        Stream id carried in every header (one per camera or acquisition).
+    hwm:
+        ZeroMQ send high-water mark in frames; past it frames are not handed over.
+    on_finished:
+        Called with the :class:`HookStats` at sequence end (default: logged).
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        stream: str = "scope",
+        hwm: int = 32,
+        context: zmq.Context | None = None,
+        on_finished: Callable[[HookStats], None] | None = None,
+    ) -> None:
+        self.endpoint = check_endpoint(endpoint)
+        self.stream = check_stream_id(stream)
+        self.stats = HookStats()
+        self._on_finished = on_finished
+        self._seq = 0
+        self._acquisition: str | None = None
+        self._lock = threading.Lock()  # frameReady runs on pymmcore-plus's relay thread
+        self._pool = _BufferPool(limit=hwm + 8)
+        self._ctx = context or zmq.Context.instance()
+        self._sock = self._ctx.socket(zmq.PUSH)
+        self._sock.setsockopt(zmq.SNDHWM, hwm)
+        self._sock.setsockopt(zmq.LINGER, 2000)
+        self._sock.setsockopt(zmq.IMMEDIATE, 1)  # queue only for a connected receiver
+        # watch for the handshake from before connect, so wait_for_receiver cannot miss it
+        self._monitor: zmq.Socket | None = self._sock.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        try:
+            self._sock.connect(endpoint)
+        except zmq.ZMQError as e:
+            self._stop_monitor()
+            self._sock.close(0)
+            raise EndpointError(
+                f"cannot connect to {endpoint!r}: {e.strerror}. Use tcp://HOST:PORT or ipc:///path"
+            ) from e
+
+    # -- pymmcore-plus output-handler API ---------------------------------------------------
+
+    def sequenceStarted(self, sequence: useq.MDASequence, *_: Any) -> None:
+        with self._lock:
+            self.stats = HookStats()
+            self._acquisition = str(getattr(sequence, "uid", "")) or None
+
+    def frameReady(self, img: np.ndarray, event: useq.MDAEvent, meta: Mapping | None = None) -> None:
+        self.send(img, event=event, meta=meta, mono_ns=time.monotonic_ns(), wall_time=time.time())
+
+    def sequenceFinished(self, sequence: Any = None) -> None:
+        with self._lock:
+            self._flush(timeout_s=2.0)
+            stats = self.stats
+        if self._on_finished is not None:
+            self._on_finished(stats)
+        else:
+            log.info("scopecast hook: %s", stats.summary())
+
+    # -- sending ----------------------------------------------------------------------------
+
+    def send(
+        self,
+        img: np.ndarray,
+        *,
+        event: useq.MDAEvent | None = None,
+        meta: Mapping | None = None,
+        mono_ns: int | None = None,
+        wall_time: float | None = None,
+    ) -> bool:
+        """Hand one frame to ZeroMQ without blocking; return False (and count why) if not."""
+        with self._lock:
+            return self._send(img, event, meta, mono_ns or time.monotonic_ns(), wall_time)
+
+    def _send(
+        self, img: np.ndarray, event: Any, meta: Mapping | None, mono_ns: int, wall_time: float | None
+    ) -> bool:
+        stats = self.stats
+        stats.frames_seen += 1
+        seq, self._seq = self._seq, self._seq + 1  # a frame not handed over leaves a gap
+        try:
+            header = self._header(img, seq, event, meta or {}, mono_ns, wall_time or time.time())
+        except ValidationError as e:
+            return self._not_handed_over("invalid_frame", f"frame {seq} cannot be sent: {e}")
+        buf = self._pool.take(header.shape, DTYPES[header.dtype])
+        if buf is None:
+            return self._not_handed_over("buffers_in_flight")
+        np.copyto(buf, img, casting="same_kind")
+        try:
+            tracker = self._sock.send_multipart(
+                encode(header, buf), flags=zmq.NOBLOCK, copy=False, track=True
+            )
+        except zmq.ZMQError as e:
+            self._pool.give_back(buf)
+            reason = "no_receiver_or_hwm" if isinstance(e, zmq.Again) else f"zmq:{e.strerror}"
+            return self._not_handed_over(reason)
+        self._pool.lend(buf, tracker)
+        stats.frames_sent += 1
+        stats.bytes_sent += buf.nbytes
+        stats.send_us.append((time.monotonic_ns() - mono_ns) / 1e3)
+        return True
+
+    def _not_handed_over(self, reason: str, message: str | None = None) -> bool:
+        if message and reason not in self.stats.not_handed_over:
+            log.error(message)
+        self.stats.not_handed_over[reason] += 1
+        return False
+
+    def _header(
+        self, img: np.ndarray, seq: int, event: Any, meta: Mapping, mono_ns: int, wall: float
+    ) -> FrameHeader:
+        dtype = img.dtype.newbyteorder("=").name
+        pos = meta.get("position") or {}
+        if not pos and event is not None:
+            pos = {"x": event.x_pos, "y": event.y_pos, "z": event.z_pos}
+        channel = getattr(getattr(event, "channel", None), "config", None)
+        exposure = meta.get("exposure_ms", getattr(event, "exposure", None))
+        return FrameHeader(
+            stream=self.stream,
+            seq=seq,
+            index={getattr(k, "value", k): int(v) for k, v in (event.index if event else {}).items()},
+            shape=img.shape,
+            dtype=dtype,
+            mono_ns=mono_ns,
+            wall_time=wall,
+            exposure_ms=exposure,
+            pixel_size_um=meta.get("pixel_size_um") or None,
+            stage=StagePosition(**{k: pos.get(k) for k in "xyz"}) if any(v is not None for v in pos.values()) else None,
+            channel=channel,
+            acquisition=self._acquisition,
+        )
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def wait_for_receiver(self, timeout_s: float = 5.0) -> None:
+        """Block until a receiver has connected, or raise ReceiverUnreachable saying what to start."""
+        if self._monitor is None:
+            return
+        if not self._monitor.poll(int(timeout_s * 1000)):
+            raise ReceiverUnreachable(
+                f"no receiver answered at {self.endpoint} within {timeout_s:g} s: start "
+                f"`scopecast serve --listen {self.endpoint}` (or `scopecast receive`) first"
+            )
+        self._stop_monitor()
+
+    def _stop_monitor(self) -> None:
+        if self._monitor is not None:
+            self._sock.disable_monitor()
+            self._monitor.close(0)
+            self._monitor = None
+
+    def _flush(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self._pool.in_flight and time.monotonic() < deadline:
+            time.sleep(0.005)
+
+    def close(self) -> None:
+        with self._lock:
+            self._flush(timeout_s=2.0)
+            self._stop_monitor()
+            self._sock.close()
+
+    def __enter__(self) -> FrameHook:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -1,0 +1,196 @@
+"""scopecast wire protocol: one image = two ZeroMQ frames, [header JSON | pixels].
+
+The header is UTF-8 JSON validated by :class:`FrameHeader`; the pixels are one
+C-contiguous buffer of ``shape`` and ``dtype`` (little-endian), sent without a copy.
+Anything malformed raises a :class:`ProtocolError` subclass that names what was wrong,
+so a receiver can count it by ``kind`` and keep serving.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Annotated, Any, ClassVar
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+PROTOCOL_VERSION = 1
+
+#: Pixel types on the wire (always little-endian).
+DTYPES: dict[str, np.dtype] = {
+    name: np.dtype(name).newbyteorder("<") for name in ("uint8", "uint16", "uint32", "float32")
+}
+MAX_SIDE = 32768
+MAX_PIXELS = 1 << 28  # 256 Mpx: far above any camera, far below what would exhaust memory
+MAX_HEADER_BYTES = 64 * 1024
+STREAM_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def check_stream_id(stream: str) -> str:
+    """Return ``stream`` if it is a valid stream id, else raise ValueError saying why."""
+    if not STREAM_ID.match(stream):
+        raise ValueError(f"stream id {stream!r} must be 1-64 characters of [A-Za-z0-9._-]")
+    return stream
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow the scopecast protocol."""
+
+    kind: ClassVar[str] = "protocol"
+
+
+class MalformedMessage(ProtocolError):
+    """Wrong number of frames, or a header that is not UTF-8 JSON."""
+
+    kind = "malformed"
+
+
+class UnsupportedVersion(ProtocolError):
+    """A header whose ``version`` this build does not speak."""
+
+    kind = "version"
+
+
+class InvalidHeader(ProtocolError):
+    """A header that is JSON but fails validation (missing field, bad value, absurd shape)."""
+
+    kind = "header"
+
+
+class BufferMismatch(ProtocolError):
+    """A pixel buffer whose size does not match the header's shape and dtype."""
+
+    kind = "buffer"
+
+
+class StagePosition(BaseModel):
+    """Stage position in micrometres at frame time (any axis may be unknown)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    x: float | None = None
+    y: float | None = None
+    z: float | None = None
+
+
+class FrameHeader(BaseModel):
+    """Everything a receiver needs to place, time and interpret one frame."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    version: int = Field(PROTOCOL_VERSION, description="protocol version")
+    stream: str = Field(description="stream id, also the PUB topic prefix: [A-Za-z0-9._-], 1-64")
+    seq: Annotated[int, Field(ge=0, description="per-stream sequence number, from 0, +1 per frame")]
+    index: dict[str, Annotated[int, Field(ge=0)]] = Field(
+        default_factory=dict, description="useq event index, e.g. {'t': 3, 'p': 0, 'c': 1, 'z': 2}"
+    )
+    shape: tuple[int, ...] = Field(description="(rows, cols) or (rows, cols, components)")
+    dtype: str = Field(description="one of uint8, uint16, uint32, float32; little-endian")
+    mono_ns: int = Field(description="time.monotonic_ns() at frameReady (same-host latency)")
+    wall_time: float = Field(description="time.time() at frameReady, seconds since the epoch")
+    exposure_ms: float | None = None
+    pixel_size_um: float | None = Field(None, description="sample-plane pixel size, micrometres")
+    stage: StagePosition | None = None
+    channel: str | None = Field(None, description="channel config name, e.g. 'FITC'")
+    acquisition: str | None = Field(None, description="id of the acquisition (useq sequence uid)")
+
+    @field_validator("stream")
+    @classmethod
+    def _stream_id(cls, v: str) -> str:
+        return check_stream_id(v)
+
+    @field_validator("index")
+    @classmethod
+    def _index_keys(cls, v: dict[str, int]) -> dict[str, int]:
+        bad = [k for k in v if not (0 < len(k) <= 16 and k.isidentifier())]
+        if bad:
+            raise ValueError(f"index axis names {bad!r} must be short identifiers like 't', 'p'")
+        return v
+
+    @field_validator("shape")
+    @classmethod
+    def _sane_shape(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if len(v) not in (2, 3) or any(not 0 < s <= MAX_SIDE for s in v[:2]):
+            raise ValueError(f"shape {v} must be (rows, cols[, components]) with sides 1..{MAX_SIDE}")
+        if len(v) == 3 and not 1 <= v[2] <= 4:
+            raise ValueError(f"shape {v}: components must be 1..4")
+        if int(np.prod(v)) > MAX_PIXELS:
+            raise ValueError(f"shape {v} has more than {MAX_PIXELS} values")
+        return v
+
+    @field_validator("dtype")
+    @classmethod
+    def _known_dtype(cls, v: str) -> str:
+        if v not in DTYPES:
+            raise ValueError(f"dtype {v!r} is not one of {sorted(DTYPES)}")
+        return v
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * DTYPES[self.dtype].itemsize
+
+    @property
+    def key(self) -> str:
+        """Stream key (stream, position, channel, z): PUB topic and ring-buffer key."""
+        i = self.index
+        return f"{self.stream}/p{i.get('p', 0)}/c{i.get('c', 0)}/z{i.get('z', 0)}"
+
+
+def encode(header: FrameHeader, pixels: np.ndarray) -> list[Any]:
+    """Return the two frames for ``send_multipart``; the pixels are not copied."""
+    if pixels.shape != header.shape or pixels.dtype != DTYPES[header.dtype]:
+        raise BufferMismatch(
+            f"array {pixels.shape} {pixels.dtype} does not match header {header.shape} "
+            f"{header.dtype}: build the header from the array you send"
+        )
+    if not pixels.flags.c_contiguous:
+        raise BufferMismatch("pixels must be C-contiguous: pass np.ascontiguousarray(pixels)")
+    return [header.model_dump_json(exclude_none=True).encode(), pixels]
+
+
+def decode_header(raw: bytes | memoryview) -> FrameHeader:
+    """Parse and validate a header frame; raise a ProtocolError naming the problem."""
+    raw = bytes(raw)
+    if len(raw) > MAX_HEADER_BYTES:
+        raise MalformedMessage(f"header is {len(raw)} bytes, more than {MAX_HEADER_BYTES}")
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MalformedMessage(f"header is not UTF-8 JSON: {e}; first bytes {raw[:40]!r}") from e
+    if not isinstance(obj, dict):
+        raise MalformedMessage(f"header must be a JSON object, got {type(obj).__name__}")
+    version = obj.get("version")
+    if version != PROTOCOL_VERSION:
+        raise UnsupportedVersion(
+            f"protocol version {version!r} is not supported (this build speaks "
+            f"{PROTOCOL_VERSION}): upgrade the older side so both match"
+        )
+    try:
+        return FrameHeader.model_validate(obj)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(map(str, err['loc'])) or 'header'}: {err['msg']}" for err in e.errors()
+        )
+        raise InvalidHeader(f"invalid header: {problems}") from e
+
+
+def decode(frames: list[Any]) -> tuple[FrameHeader, np.ndarray]:
+    """Decode ``recv_multipart`` output (bytes or zmq.Frame) into a header and a read-only array.
+
+    The array is a view on the received buffer (no copy).
+    """
+    if len(frames) != 2:
+        raise MalformedMessage(f"expected 2 frames [header, pixels], got {len(frames)}")
+    header = decode_header(_buffer(frames[0]))
+    buf = _buffer(frames[1])
+    if buf.nbytes != header.nbytes:
+        raise BufferMismatch(
+            f"pixel buffer has {buf.nbytes} bytes but header says {header.shape} "
+            f"{header.dtype} = {header.nbytes} bytes"
+        )
+    arr = np.frombuffer(buf, dtype=DTYPES[header.dtype]).reshape(header.shape)
+    return header, arr
+
+
+def _buffer(frame: Any) -> memoryview:
+    return memoryview(getattr(frame, "buffer", frame)).cast("B")
