@@ -2,19 +2,18 @@
 
 A specimen maps (time, view) to expected photons per output pixel. Nothing is stepped, so the
 same instant can be rendered on any pixel grid: a fast 256x256 scan and a slow 512x512 scan of
-the same field are a true training pair. Everything is deterministic in (seed, t, view).
+the same field are a true training pair. Output is deterministic in (seed, t, view).
 
-Coordinates: sample (stage) coordinates in micrometres; x grows with the column index and y
-with the row index. Pixel (r, c) of a view is centred at
-``center_um + ((c - (cols - 1) / 2) * pixel_size_um, (r - (rows - 1) / 2) * pixel_size_um)``,
-so a view of N px at p um and one of 2N px at p/2 um with the same centre share pixel edges.
+Coordinates are sample (stage) micrometres; x grows with the column index, y with the row index.
+Pixel (r, c) is centred at ``center_um + ((c - (cols-1)/2) * px, (r - (rows-1)/2) * px)``, so
+N px at p um and 2N px at p/2 um around the same centre share pixel edges.
 """
 
 from __future__ import annotations
 
 import math
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from itertools import product
 from typing import Protocol, runtime_checkable
 
@@ -25,10 +24,10 @@ from scipy.interpolate import CubicSpline
 
 __all__ = ["BrightfieldSpecimen", "FluorescentSpecimen", "Specimen", "View"]
 
+FloatArray = NDArray[np.float64]
+
 _REF_PIXEL_UM = 0.1
 _FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
-
-FloatArray = NDArray[np.float64]
 
 
 @dataclass(frozen=True)
@@ -40,28 +39,26 @@ class View:
     center_um: tuple[float, float] = (0.0, 0.0)
 
     def __post_init__(self) -> None:
+        bad_shape = f"View.shape must be two positive ints (rows, cols), got {self.shape!r}"
         try:
             rows, cols = (operator.index(n) for n in self.shape)
         except (TypeError, ValueError):
-            raise ValueError(
-                f"View.shape must be two positive ints (rows, cols), got {self.shape!r}"
-            ) from None
+            raise ValueError(bad_shape) from None
         if rows <= 0 or cols <= 0:
-            raise ValueError(f"View.shape must be two positive ints (rows, cols), got {self.shape!r}")
-        try:
-            px = float(self.pixel_size_um)
-        except (TypeError, ValueError):
-            px = math.nan
-        if not (math.isfinite(px) and px > 0.0):
+            raise ValueError(bad_shape)
+        px = _as_float(self.pixel_size_um)
+        if not px > 0.0:
             raise ValueError(
                 f"View.pixel_size_um must be a positive finite number, got {self.pixel_size_um!r}"
             )
         try:
-            cx, cy = (float(v) for v in self.center_um)
+            cx, cy = (_as_float(v) for v in self.center_um)
         except (TypeError, ValueError):
             cx = cy = math.nan
-        if not (math.isfinite(cx) and math.isfinite(cy)):
-            raise ValueError(f"View.center_um must be two finite numbers (x, y), got {self.center_um!r}")
+        if math.isnan(cx) or math.isnan(cy):
+            raise ValueError(
+                f"View.center_um must be two finite numbers (x, y), got {self.center_um!r}"
+            )
         object.__setattr__(self, "shape", (rows, cols))
         object.__setattr__(self, "pixel_size_um", px)
         object.__setattr__(self, "center_um", (cx, cy))
@@ -71,7 +68,10 @@ class View:
         """Sample (x, y) of the centre of pixel (0, 0)."""
         rows, cols = self.shape
         px = self.pixel_size_um
-        return (self.center_um[0] - 0.5 * (cols - 1) * px, self.center_um[1] - 0.5 * (rows - 1) * px)
+        return (
+            self.center_um[0] - 0.5 * (cols - 1) * px,
+            self.center_um[1] - 0.5 * (rows - 1) * px,
+        )
 
     @property
     def bounds_um(self) -> tuple[float, float, float, float]:
@@ -87,43 +87,42 @@ class Specimen(Protocol):
     """Anything the simulated microscope can image."""
 
     def render(self, t_s: float, view: View) -> np.ndarray:
-        """Expected photons per pixel of ``view`` at time ``t_s`` (float32, shape == view.shape)."""
+        """Expected photons per pixel of ``view`` at ``t_s`` (float32, shape == view.shape)."""
         ...
 
 
+def _as_float(value: object) -> float:
+    """``value`` as a finite float, or NaN when it is not one."""
+    try:
+        v = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return math.nan
+    return v if math.isfinite(v) else math.nan
+
+
 def _check_time(t_s: float) -> float:
-    t = float(t_s)
-    if not math.isfinite(t):
+    t = _as_float(t_s)
+    if math.isnan(t):
         raise ValueError(f"t_s must be a finite number of seconds, got {t_s!r}")
     return t
-
-
-def _check_seed(seed: int) -> int:
-    try:
-        value = operator.index(seed)
-    except TypeError:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}") from None
-    if value < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-    return value
-
-
-def _check_positive(name: str, value: float, *, allow_zero: bool = False) -> float:
-    v = float(value)
-    if not math.isfinite(v) or v < 0.0 or (v == 0.0 and not allow_zero):
-        kind = "non-negative" if allow_zero else "positive"
-        raise ValueError(f"{name} must be a {kind} finite number, got {value!r}")
-    return v
 
 
 def _check_count(name: str, value: int) -> int:
     try:
         n = operator.index(value)
     except TypeError:
-        raise ValueError(f"{name} must be a non-negative int, got {value!r}") from None
+        n = -1
     if n < 0:
         raise ValueError(f"{name} must be a non-negative int, got {value!r}")
     return n
+
+
+def _check_positive(name: str, value: float, *, allow_zero: bool = False) -> float:
+    v = _as_float(value)
+    if not (v > 0.0 or (allow_zero and v == 0.0)):
+        kind = "non-negative" if allow_zero else "positive"
+        raise ValueError(f"{name} must be a {kind} finite number, got {value!r}")
+    return v
 
 
 def _smoothstep(u: float) -> float:
@@ -134,8 +133,8 @@ def _smoothstep(u: float) -> float:
 def _pixel_box(
     view: View, x: float, y: float, radius: float
 ) -> tuple[slice, slice, FloatArray, FloatArray] | None:
-    """Rows/cols of the pixels whose centres lie within ``radius`` (square) of (x, y), with their
-    sample coordinates; None when that square misses the view."""
+    """Rows, cols and sample coordinates of the pixels centred within the square of half-side
+    ``radius`` around (x, y); None when the square misses the view."""
     rows, cols = view.shape
     px = view.pixel_size_um
     x0, y0 = view.origin_um
@@ -150,8 +149,24 @@ def _pixel_box(
     return slice(r0, r1 + 1), slice(c0, c1 + 1), xs, ys
 
 
+def _periodic_shifts(
+    x: float, y: float, radius: float, view: View, period: float
+) -> list[tuple[float, float]]:
+    """Offsets (k * period, l * period) that bring a disc at (x, y) onto the view."""
+    x_min, x_max, y_min, y_max = view.bounds_um
+    kxs = range(
+        math.ceil((x_min - radius - x) / period), math.floor((x_max + radius - x) / period) + 1
+    )
+    kys = range(
+        math.ceil((y_min - radius - y) / period), math.floor((y_max + radius - y) / period) + 1
+    )
+    return [(kx * period, ky * period) for kx, ky in product(kxs, kys)]
+
+
 @dataclass(frozen=True)
 class _Ellipse:
+    """Centre, semi-axes (a along the direction (cos, sin)) of one ellipse, in um."""
+
     x: float
     y: float
     a: float
@@ -159,11 +174,15 @@ class _Ellipse:
     cos: float
     sin: float
 
+    def moved(self, dx: float, dy: float) -> _Ellipse:
+        return _Ellipse(self.x + dx, self.y + dy, self.a, self.b, self.cos, self.sin)
+
 
 def _ellipse_distance(
     e: _Ellipse, xs: FloatArray, ys: FloatArray, dtype: type[np.floating] = np.float64
 ) -> NDArray[np.floating]:
-    """Approximate signed distance (um, negative inside) from each grid point to the ellipse."""
+    """Approximate signed distance (um, negative inside) from the grid xs x ys to the ellipse;
+    built from 1-D pieces so the 2-D work is a handful of in-place passes."""
     dx, dy = xs - e.x, ys - e.y
     ua = (dx * (e.cos / e.a)).astype(dtype)[None, :] + (dy * (e.sin / e.a)).astype(dtype)[:, None]
     vb = (dx * (-e.sin / e.b)).astype(dtype)[None, :] + (dy * (e.cos / e.b)).astype(dtype)[:, None]
@@ -176,11 +195,28 @@ def _ellipse_distance(
     return ua
 
 
-def _division_pair(
+def _union_distance(
+    ellipses: list[_Ellipse], xs: FloatArray, ys: FloatArray, dtype: type[np.floating] = np.float64
+) -> tuple[NDArray[np.floating], NDArray[np.intp] | None]:
+    """Signed distance to the union of the ellipses, and the index of the nearest one (None when
+    there is only one)."""
+    d = _ellipse_distance(ellipses[0], xs, ys, dtype)
+    if len(ellipses) == 1:
+        return d, None
+    nearest = np.zeros(d.shape, dtype=np.intp)
+    for k, e in enumerate(ellipses[1:], start=1):
+        dk = _ellipse_distance(e, xs, ys, dtype)
+        nearest[dk < d] = k
+        np.minimum(d, dk, out=d)
+    return d, nearest
+
+
+def _daughters(
     x: float, y: float, a: float, b: float, phi: float, s: float, spread: float
 ) -> list[_Ellipse]:
-    """Two daughters of the ellipse (x, y, a, b, phi) at separation progress s in [0, 1]: at s=0 both
-    equal the mother; at s=1 they are smaller and ``spread * a`` either side along the long axis."""
+    """The two daughters of ellipse (x, y, a, b, phi) at separation progress s in [0, 1]: both equal
+    the mother at s=0, and at s=1 are smaller and ``spread * a`` either side along its long axis.
+    Their union changes continuously, so division never pops."""
     c, sn = math.cos(phi), math.sin(phi)
     off = s * spread * a
     da, db = a * (1.0 - 0.28 * s), b * (1.0 - 0.15 * s)
@@ -190,39 +226,20 @@ def _division_pair(
     ]
 
 
-def _union_distance(
-    ellipses: list[_Ellipse], xs: FloatArray, ys: FloatArray, dtype: type[np.floating] = np.float64
-) -> tuple[NDArray[np.floating], NDArray[np.intp] | None]:
-    """Signed distance to the union of ellipses, and which ellipse is nearest (None for one)."""
-    d = _ellipse_distance(ellipses[0], xs, ys, dtype)
-    if len(ellipses) == 1:
-        return d, None
-    which = np.zeros(d.shape, dtype=np.intp)
-    for k, e in enumerate(ellipses[1:], start=1):
-        dk = _ellipse_distance(e, xs, ys, dtype)
-        closer = dk < d
-        which[closer] = k
-        np.minimum(d, dk, out=d)
-    return d, which
-
-
-def _periodic_shifts(x: float, y: float, radius: float, view: View, period: float) -> list[tuple[float, float]]:
-    """Offsets (k*period, l*period) that bring a disc at (x, y) onto the view."""
-    x_min, x_max, y_min, y_max = view.bounds_um
-    kx = range(math.ceil((x_min - radius - x) / period), math.floor((x_max + radius - x) / period) + 1)
-    ky = range(math.ceil((y_min - radius - y) / period), math.floor((y_max + radius - y) / period) + 1)
-    return [(i * period, j * period) for i, j in product(kx, ky)]
+def _bounding_radius(ellipses: list[_Ellipse], x: float, y: float) -> float:
+    return max(math.hypot(e.x - x, e.y - y) + e.a for e in ellipses)
 
 
 def _random_curve(rng: np.random.Generator, length_um: float, step_um: float) -> FloatArray:
     """Points every ``step_um`` along a smooth random curve of arc length ``length_um``, centred on
     their mean: a persistent random walk of a few control points through a cubic spline."""
     n_ctrl = int(rng.integers(4, 7))
-    heading = rng.uniform(0.0, 2.0 * math.pi) + np.concatenate(
-        [[0.0], np.cumsum(rng.normal(0.0, 0.6, n_ctrl - 2))]
-    )
-    ctrl = np.vstack([[0.0, 0.0], np.cumsum(np.column_stack([np.cos(heading), np.sin(heading)]), axis=0)])
-    dense = CubicSpline(np.arange(n_ctrl), ctrl, axis=0, bc_type="natural")(np.linspace(0, n_ctrl - 1, 512))
+    turns = np.concatenate([[0.0], np.cumsum(rng.normal(0.0, 0.6, n_ctrl - 2))])
+    heading = rng.uniform(0.0, 2.0 * math.pi) + turns
+    steps = np.column_stack([np.cos(heading), np.sin(heading)])
+    ctrl = np.vstack([[0.0, 0.0], np.cumsum(steps, axis=0)])
+    spline = CubicSpline(np.arange(n_ctrl), ctrl, axis=0, bc_type="natural")
+    dense = spline(np.linspace(0.0, n_ctrl - 1, 512))
     arc = np.concatenate([[0.0], np.cumsum(np.hypot(*np.diff(dense, axis=0).T))])
     scale = length_um / arc[-1]
     s = np.arange(0.5 * step_um, length_um, step_um) / scale
@@ -230,20 +247,29 @@ def _random_curve(rng: np.random.Generator, length_um: float, step_um: float) ->
     return pts - pts.mean(axis=0)
 
 
+def _drift(rng: np.random.Generator, n: int, low: float, high: float) -> FloatArray:
+    """n velocity vectors with speeds uniform in [low, high] and uniform directions."""
+    speed, heading = rng.uniform(low, high, n), rng.uniform(0.0, 2.0 * math.pi, n)
+    return np.column_stack([speed * np.cos(heading), speed * np.sin(heading)])
+
+
 class FluorescentSpecimen:
     """Fluorescent filaments and nuclei that drift, turn and divide.
 
-    The scene lives in a square of side ``field_um`` centred on (0, 0) and repeats periodically
-    across the whole plane, so objects that drift out of one side come back on the other and any
-    view (even one larger than the field) is filled.
+    The scene is a square of side ``field_um`` centred on (0, 0) that repeats periodically over
+    the whole plane: objects drifting out of one side come back on the other, and any view (even
+    one larger than the field) is filled. Filaments and nuclei draw from separate random streams,
+    so e.g. ``n_filaments=0`` shows the same nuclei as the default.
 
-    Units: :meth:`render` returns expected photons per output pixel per unit dwell. The scene is
-    a photon density integrated over each pixel's area, so the total flux of a field does not
-    depend on the grid (a 2x finer grid gives the same image sum). Extended structure scales with
-    pixel area: nucleus interiors are ~0.3 * peak_photons * (pixel area / (0.1 um)^2) and the
-    background 1.5% of peak_photons per (0.1 um)^2. Filaments are ~0.15 um wide lines, so a
-    0.1 um pixel on a filament collects ~peak_photons; on grids much coarser than their width
-    their pixel values grow with pixel *size*, not area (their flux per length is fixed).
+    Units: :meth:`render` gives expected photons per output pixel per unit dwell. It integrates a
+    photon density over each pixel, so a field's total flux (image sum) does not depend on the
+    grid. Extended structure scales with pixel AREA: nucleus interiors are about
+    ``0.3 * peak_photons * (pixel area / (0.1 um)^2)``, the background 1.5% of that at full peak.
+    Filaments are 0.15 um wide lines: a 0.1 um pixel on one collects ~``peak_photons``; on grids
+    much coarser than their width their pixels grow with pixel size, not area (fixed flux/length).
+
+    Each nucleus divides once, at its :attr:`division_times` entry (the first half of them within
+    5-30 s, the rest within 30-300 s); the daughters separate over :attr:`SEPARATION_S` seconds.
     """
 
     FILAMENT_FWHM_UM = 0.15
@@ -264,62 +290,64 @@ class FluorescentSpecimen:
         n_nuclei: int = 6,
         peak_photons: float = 1.0,
     ) -> None:
-        self.seed = _check_seed(seed)
+        self.seed = _check_count("seed", seed)
         self.field_um = _check_positive("field_um", field_um)
         self.peak_photons = _check_positive("peak_photons", peak_photons, allow_zero=True)
-        n_fil = _check_count("n_filaments", n_filaments)
-        n_nuc = _check_count("n_nuclei", n_nuclei)
-        rng = np.random.default_rng(self.seed)
+        n_fil, n_nuc = _check_count("n_filaments", n_filaments), _check_count("n_nuclei", n_nuclei)
+        self._init_filaments(np.random.default_rng([self.seed, 1]), n_fil)
+        self._init_nuclei(np.random.default_rng([self.seed, 2]), n_nuc)
+
+    def _init_filaments(self, rng: np.random.Generator, n: int) -> None:
         half = 0.5 * self.field_um
         self._sigma_um = self.FILAMENT_FWHM_UM / _FWHM_PER_SIGMA
-        line_density = 1.0 / (_REF_PIXEL_UM * math.erf(0.5 * _REF_PIXEL_UM / (math.sqrt(2.0) * self._sigma_um)))
-
-        curves = [_random_curve(rng, rng.uniform(5.0, 20.0), self._STEP_UM) for _ in range(n_fil)]
+        centred_fraction = math.erf(0.5 * _REF_PIXEL_UM / (math.sqrt(2.0) * self._sigma_um))
+        photons_per_um = 1.0 / (_REF_PIXEL_UM * centred_fraction)
+        curves = [_random_curve(rng, rng.uniform(5.0, 20.0), self._STEP_UM) for _ in range(n)]
+        counts = [len(c) for c in curves]
         self._fil_local = np.concatenate(curves) if curves else np.zeros((0, 2))
-        self._fil_id = np.repeat(np.arange(n_fil), [len(c) for c in curves]).astype(np.intp)
-        lengths = np.array([len(c) * self._STEP_UM for c in curves])
-        self._fil_flux = lengths * line_density * rng.uniform(0.7, 1.0, n_fil)
-        self._fil_c0 = rng.uniform(-half, half, (n_fil, 2))
-        speed, heading = rng.uniform(0.05, 0.3, n_fil), rng.uniform(0.0, 2.0 * math.pi, n_fil)
-        self._fil_v = np.column_stack([speed * np.cos(heading), speed * np.sin(heading)])
-        self._fil_theta0 = rng.uniform(0.0, 2.0 * math.pi, n_fil)
-        self._fil_omega = rng.uniform(0.02, 0.1, n_fil) * rng.choice([-1.0, 1.0], n_fil)
+        self._fil_id = np.repeat(np.arange(n), counts).astype(np.intp)
+        lengths = self._STEP_UM * np.array(counts, dtype=np.float64)
+        self._fil_flux = lengths * photons_per_um * rng.uniform(0.7, 1.0, n)
+        self._fil_c0 = rng.uniform(-half, half, (n, 2))
+        self._fil_v = _drift(rng, n, 0.05, 0.3)
+        self._fil_theta0 = rng.uniform(0.0, 2.0 * math.pi, n)
+        self._fil_omega = rng.uniform(0.02, 0.1, n) * rng.choice([-1.0, 1.0], n)
 
-        self._nuc_c0 = rng.uniform(-half, half, (n_nuc, 2))
-        speed, heading = rng.uniform(0.03, 0.15, n_nuc), rng.uniform(0.0, 2.0 * math.pi, n_nuc)
-        self._nuc_v = np.column_stack([speed * np.cos(heading), speed * np.sin(heading)])
-        self._nuc_a = rng.uniform(2.0, 4.0, n_nuc)
-        self._nuc_b = self._nuc_a * rng.uniform(0.65, 0.95, n_nuc)
-        self._nuc_phi0 = rng.uniform(0.0, 2.0 * math.pi, n_nuc)
-        self._nuc_omega = rng.uniform(-0.03, 0.03, n_nuc)
-        self._nuc_density = self.NUCLEUS_RELATIVE_DENSITY * rng.uniform(0.85, 1.15, n_nuc)
-        early = (n_nuc + 1) // 2
+    def _init_nuclei(self, rng: np.random.Generator, n: int) -> None:
+        half = 0.5 * self.field_um
+        waves = (n, self._TEXTURE_WAVES)
+        self._nuc_c0 = rng.uniform(-half, half, (n, 2))
+        self._nuc_v = _drift(rng, n, 0.03, 0.15)
+        self._nuc_a = rng.uniform(2.0, 4.0, n)
+        self._nuc_b = self._nuc_a * rng.uniform(0.65, 0.95, n)
+        self._nuc_phi0 = rng.uniform(0.0, 2.0 * math.pi, n)
+        self._nuc_omega = rng.uniform(-0.03, 0.03, n)
+        self._nuc_density = self.NUCLEUS_RELATIVE_DENSITY * rng.uniform(0.85, 1.15, n)
+        early = (n + 1) // 2
         self._nuc_tdiv = np.concatenate(
-            [rng.uniform(5.0, 30.0, early), rng.uniform(30.0, 300.0, n_nuc - early)]
+            [rng.uniform(5.0, 30.0, early), rng.uniform(30.0, 300.0, n - early)]
         )
-        k_mag = 2.0 * math.pi / rng.uniform(0.8, 2.5, (n_nuc, self._TEXTURE_WAVES))
-        k_dir = rng.uniform(0.0, 2.0 * math.pi, (n_nuc, self._TEXTURE_WAVES))
+        k_mag = 2.0 * math.pi / rng.uniform(0.8, 2.5, waves)
+        k_dir = rng.uniform(0.0, 2.0 * math.pi, waves)
         self._tex_k = np.stack([k_mag * np.cos(k_dir), k_mag * np.sin(k_dir)], axis=-1)
-        self._tex_phase = rng.uniform(0.0, 2.0 * math.pi, (n_nuc, self._TEXTURE_WAVES))
-        self._tex_amp = rng.uniform(0.02, 0.05, (n_nuc, self._TEXTURE_WAVES))
+        self._tex_phase = rng.uniform(0.0, 2.0 * math.pi, waves)
+        self._tex_amp = rng.uniform(0.02, 0.05, waves)
 
     @property
     def division_times(self) -> tuple[float, ...]:
-        """The time (s) at which each nucleus divides; the first half divide within 5-30 s."""
+        """The time (s) at which each nucleus divides."""
         return tuple(float(t) for t in self._nuc_tdiv)
 
     def nuclei_at(self, t_s: float) -> FloatArray:
         """Centres (x, y) of the nuclei at ``t_s``, shape (k, 2), wrapped into the field; a nucleus
-        counts as two daughters from its division time on."""
+        counts as its two daughters from its division time on."""
         t = _check_time(t_s)
-        centres: list[tuple[float, float]] = []
-        for i in range(len(self._nuc_a)):
-            centres.extend((e.x, e.y) for e in self._nucleus_ellipses(i, t))
-        arr = np.array(centres, dtype=np.float64).reshape(-1, 2)
-        return self._wrap(arr)
+        ellipses = [e for i in range(len(self._nuc_a)) for e in self._nucleus_ellipses(i, t)]
+        centres = [(e.x, e.y) for e in ellipses]
+        return self._wrap(np.array(centres, dtype=np.float64).reshape(-1, 2))
 
     def render(self, t_s: float, view: View) -> NDArray[np.float32]:
-        """Expected photons per pixel of ``view`` at time ``t_s`` (see the class docstring)."""
+        """Expected photons per pixel of ``view`` at ``t_s`` (units in the class docstring)."""
         t = _check_time(t_s)
         area = (view.pixel_size_um / _REF_PIXEL_UM) ** 2
         out = self._render_filaments(t, view)
@@ -332,53 +360,54 @@ class FluorescentSpecimen:
         return np.mod(xy + half, self.field_um) - half
 
     def _nucleus_ellipses(self, i: int, t: float) -> list[_Ellipse]:
+        """Nucleus i at time t (unwrapped): one ellipse, or two daughters after its division."""
         x, y = self._nuc_c0[i] + self._nuc_v[i] * t
         phi = self._nuc_phi0[i] + self._nuc_omega[i] * t
         a, b = self._nuc_a[i], self._nuc_b[i]
         if t < self._nuc_tdiv[i]:
             return [_Ellipse(x, y, a, b, math.cos(phi), math.sin(phi))]
         s = _smoothstep((t - self._nuc_tdiv[i]) / self.SEPARATION_S)
-        return _division_pair(x, y, a, b, phi, s, self._DAUGHTER_SPREAD)
+        return _daughters(x, y, a, b, phi, s, self._DAUGHTER_SPREAD)
 
     def _render_filaments(self, t: float, view: View) -> FloatArray:
-        """Splat points along every filament with bilinear weights, then blur to their width."""
+        """Splat points along every filament with bilinear weights onto a padded canvas, then blur
+        it to the filament width; point spacing follows the pixel size."""
         rows, cols = view.shape
+        n_fil = len(self._fil_flux)
+        if n_fil == 0 or self.peak_photons == 0.0:
+            return np.zeros(view.shape, dtype=np.float64)
         px = view.pixel_size_um
         sigma_px = math.sqrt(max((self._sigma_um / px) ** 2 - 1.0 / 12.0, 0.0))
         pad = math.ceil(4.0 * sigma_px) + 2
         height, width = rows + 2 * pad, cols + 2 * pad
-        n_fil = len(self._fil_flux)
-        if n_fil == 0 or self.peak_photons == 0.0:
-            return np.zeros(view.shape, dtype=np.float64)
 
         stride = max(1, int(0.5 * px / self._STEP_UM))
         local, fid = self._fil_local[::stride], self._fil_id[::stride]
-        weight = (self.peak_photons * self._fil_flux / np.maximum(np.bincount(fid, minlength=n_fil), 1))[fid]
+        points = np.maximum(np.bincount(fid, minlength=n_fil), 1)
+        weight = (self.peak_photons * self._fil_flux / points)[fid]
         theta = self._fil_theta0 + self._fil_omega * t
         cos, sin = np.cos(theta)[fid], np.sin(theta)[fid]
         centre = (self._fil_c0 + self._fil_v * t)[fid]
-        xy = self._wrap(
-            np.column_stack([
-                centre[:, 0] + cos * local[:, 0] - sin * local[:, 1],
-                centre[:, 1] + sin * local[:, 0] + cos * local[:, 1],
-            ])
-        )
+        x = centre[:, 0] + cos * local[:, 0] - sin * local[:, 1]
+        y = centre[:, 1] + sin * local[:, 0] + cos * local[:, 1]
+        xy = self._wrap(np.column_stack([x, y]))
+
         x0, y0 = view.origin_um
         u = (xy[:, 0] - x0) / px + pad
         v = (xy[:, 1] - y0) / px + pad
         period = self.field_um / px
-        u_field = (-0.5 * self.field_um - x0) / px + pad
-        v_field = (-0.5 * self.field_um - y0) / px + pad
-        ks = range(math.floor(-(u_field + period) / period), math.ceil((width - u_field) / period) + 1)
-        ls = range(math.floor(-(v_field + period) / period), math.ceil((height - v_field) / period) + 1)
+        u_edge = (-0.5 * self.field_um - x0) / px + pad
+        v_edge = (-0.5 * self.field_um - y0) / px + pad
+        kxs = range(math.floor(-u_edge / period) - 1, math.ceil((width - u_edge) / period) + 1)
+        kys = range(math.floor(-v_edge / period) - 1, math.ceil((height - v_edge) / period) + 1)
 
         index, weights = [], []
-        for k, l in product(ks, ls):
-            uu, vv = u + k * period, v + l * period
-            inside = (uu >= 0.0) & (uu < width - 1) & (vv >= 0.0) & (vv < height - 1)
-            if not inside.any():
+        for kx, ky in product(kxs, kys):
+            uu, vv = u + kx * period, v + ky * period
+            keep = (uu >= 0.0) & (uu < width - 1) & (vv >= 0.0) & (vv < height - 1)
+            if not keep.any():
                 continue
-            uu, vv, w = uu[inside], vv[inside], weight[inside]
+            uu, vv, w = uu[keep], vv[keep], weight[keep]
             iu, iv = uu.astype(np.intp), vv.astype(np.intp)
             fu, fv = uu - iu, vv - iv
             base = iv * width + iu
@@ -386,21 +415,20 @@ class FluorescentSpecimen:
             weights += [w * (1 - fu) * (1 - fv), w * fu * (1 - fv), w * (1 - fu) * fv, w * fu * fv]
         if not index:
             return np.zeros(view.shape, dtype=np.float64)
-        canvas = np.bincount(np.concatenate(index), np.concatenate(weights), minlength=height * width)
-        canvas = canvas.reshape(height, width)
+        flat = np.bincount(np.concatenate(index), np.concatenate(weights), minlength=height * width)
+        canvas = flat.reshape(height, width)
         if sigma_px > 0.05:
             canvas = ndimage.gaussian_filter(canvas, sigma_px, mode="constant", truncate=4.0)
         return canvas[pad : pad + rows, pad : pad + cols]
 
     def _add_nuclei(self, t: float, view: View, out: FloatArray, area: float) -> None:
-        """Add every nucleus (or daughter pair) over the pixels of its bounding box."""
+        """Add each nucleus (or daughter pair), wherever it repeats on the view, over its box."""
         edge = self._NUCLEUS_EDGE_UM
         for i in range(len(self._nuc_a)):
             ellipses = self._nucleus_ellipses(i, t)
-            mx, my = ellipses[0].x, ellipses[0].y
-            if len(ellipses) == 2:
-                mx, my = 0.5 * (ellipses[0].x + ellipses[1].x), 0.5 * (ellipses[0].y + ellipses[1].y)
-            radius = max(math.hypot(e.x - mx, e.y - my) + e.a for e in ellipses) + 5.0 * edge
+            mx = sum(e.x for e in ellipses) / len(ellipses)
+            my = sum(e.y for e in ellipses) / len(ellipses)
+            radius = _bounding_radius(ellipses, mx, my) + 5.0 * edge
             wx, wy = self._wrap(np.array([mx, my]))
             scale = self.peak_photons * self._nuc_density[i] * area
             for sx, sy in _periodic_shifts(wx, wy, radius, view, self.field_um):
@@ -408,34 +436,43 @@ class FluorescentSpecimen:
                 if box is None:
                     continue
                 rows, cols, xs, ys = box
-                shifted = [
-                    _Ellipse(e.x - mx + wx + sx, e.y - my + wy + sy, e.a, e.b, e.cos, e.sin) for e in ellipses
-                ]
-                dist, which = _union_distance(shifted, xs, ys)
-                texture = self._texture(i, shifted, xs, ys, which)
+                placed = [e.moved(wx + sx - mx, wy + sy - my) for e in ellipses]
+                dist, nearest = _union_distance(placed, xs, ys)
                 inside = 0.5 - 0.5 * np.tanh(dist / edge)
-                out[rows, cols] += scale * inside * texture
+                out[rows, cols] += scale * inside * self._texture(i, placed, xs, ys, nearest)
 
     def _texture(
-        self, i: int, ellipses: list[_Ellipse], xs: FloatArray, ys: FloatArray, which: NDArray[np.intp] | None
+        self,
+        i: int,
+        ellipses: list[_Ellipse],
+        xs: FloatArray,
+        ys: FloatArray,
+        nearest: NDArray[np.intp] | None,
     ) -> FloatArray:
-        """1 + a few faint plane waves in each ellipse's own rotating frame."""
+        """1 + a few faint plane waves in the frame of whichever ellipse is nearest."""
         layers = []
         for e in ellipses:
             dx, dy = xs - e.x, ys - e.y
             tex = np.ones((len(ys), len(xs)))
-            for (kx, ky), phase, amp in zip(self._tex_k[i], self._tex_phase[i], self._tex_amp[i]):
+            for (kx, ky), phase, amp in zip(
+                self._tex_k[i], self._tex_phase[i], self._tex_amp[i], strict=True
+            ):
                 ax, ay = kx * e.cos - ky * e.sin, kx * e.sin + ky * e.cos
-                tex += amp * np.cos((ax * dx)[None, :] + (ay * dy)[:, None] + phase)
+                tex += amp * np.cos((ax * dx)[None, :] + (ay * dy + phase)[:, None])
             layers.append(tex)
-        if which is None:
-            return layers[0]
-        return np.choose(which, layers)
+        return layers[0] if nearest is None else np.choose(nearest, layers)
+
+
+_TILE_UM = 200.0
+_TILE_INDEX_OFFSET = 2**40
+_TILE_CACHE_SIZE = 4096
+_MAX_SEMI_AXIS_UM = 12.5
+_MAX_WANDER_UM = 40.0
 
 
 @dataclass(frozen=True)
 class _Cells:
-    """Per-cell parameters of one brightfield tile (arrays of equal length)."""
+    """Parameters of a set of brightfield cells, one array entry per cell."""
 
     home: FloatArray
     a: FloatArray
@@ -454,25 +491,19 @@ class _Cells:
 
     @staticmethod
     def concatenate(parts: list[_Cells]) -> _Cells:
-        names = _Cells.__dataclass_fields__
-        return _Cells(**{name: np.concatenate([getattr(p, name) for p in parts]) for name in names})
-
-
-_TILE_UM = 200.0
-_TILE_INDEX_OFFSET = 2**40
-_MAX_SEMI_AXIS_UM = 12.5
-_MAX_WANDER_UM = 40.0
-_TILE_CACHE_SIZE = 4096
+        return _Cells(
+            **{f.name: np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(_Cells)}
+        )
 
 
 def _tile_cells(seed: int, density_per_mm2: float, ix: int, iy: int) -> _Cells:
-    """The cells whose home lies in tile (ix, iy); its own seed makes it independent of render order."""
+    """The cells whose home lies in tile (ix, iy), from that tile's own seed."""
     rng = np.random.default_rng([seed, ix + _TILE_INDEX_OFFSET, iy + _TILE_INDEX_OFFSET])
     n = int(rng.poisson(density_per_mm2 * (_TILE_UM / 1000.0) ** 2))
     home = (np.array([ix, iy], dtype=np.float64) + rng.uniform(0.0, 1.0, (n, 2))) * _TILE_UM
     a = rng.uniform(5.0, _MAX_SEMI_AXIS_UM, n)
     wander_amp = rng.uniform(4.0, 0.5 * _MAX_WANDER_UM / math.sqrt(2.0), (n, 2))
-    wander_speed = rng.uniform(0.007, 0.035, (n, 2))
+    wander_speed = rng.uniform(0.005, 0.025, (n, 2))
     return _Cells(
         home=home,
         a=a,
@@ -491,18 +522,30 @@ def _tile_cells(seed: int, density_per_mm2: float, ix: int, iy: int) -> _Cells:
     )
 
 
+@dataclass(frozen=True)
+class _CellShape:
+    """One brightfield cell at one instant: body and nucleus ellipses and its contrast."""
+
+    bodies: list[_Ellipse]
+    nuclei: list[_Ellipse]
+    absorb: float
+    rim: float
+    nuc_absorb: float
+
+
 class BrightfieldSpecimen:
-    """Unstained cells on a well-plate bottom seen in transmitted light; cells drift slowly and divide.
+    """Unstained cells on a well-plate bottom seen in transmitted light; cells drift slowly and
+    divide.
 
-    The plane is infinite and laid out lazily in 200 um tiles, each with cells drawn from its own
-    seed (seed, tile_ix, tile_iy), so any stage position shows stable cells and overlapping views
-    agree. Cells wander (0.01-0.05 um/s) along bounded smooth loops within ~40 um of a fixed home
-    (which keeps the layout local), turn slowly, and each divides once at a time drawn uniformly
-    from the first 24 h, its daughters separating over ~30 min.
+    The plane is infinite and laid out lazily in 200 um tiles, each drawing its cells from its
+    own seed (seed, tile_ix, tile_iy), so any stage position shows stable cells and overlapping
+    views agree. Cells wander at ~0.01-0.05 um/s on smooth bounded loops within 40 um of a fixed
+    home (which keeps the layout local), turn slowly, and each divides once at a time uniform in
+    the first 24 h, its daughters separating over :attr:`SEPARATION_S` seconds.
 
-    Units: :meth:`render` returns transmitted photons per pixel, ``illumination_photons`` on bare
+    Units: :meth:`render` gives transmitted photons per pixel: ``illumination_photons`` on bare
     background (with ~2% smooth variation), independent of pixel size. A cell transmits
-    ``1 - absorption`` (a few %, more over its nucleus) and has a dark inner / bright outer rim
+    ``1 - absorption`` (2-6%, 3-6% more over its nucleus) with a dark inner and bright outer rim,
     like the edge contrast of a nearly transparent object. The image is in focus.
     """
 
@@ -512,116 +555,134 @@ class BrightfieldSpecimen:
     _DAUGHTER_SPREAD = 1.05
 
     def __init__(
-        self, seed: int = 0, *, cell_density_per_mm2: float = 400.0, illumination_photons: float = 1000.0
+        self,
+        seed: int = 0,
+        *,
+        cell_density_per_mm2: float = 400.0,
+        illumination_photons: float = 1000.0,
     ) -> None:
-        self.seed = _check_seed(seed)
-        self.cell_density_per_mm2 = _check_positive("cell_density_per_mm2", cell_density_per_mm2, allow_zero=True)
+        self.seed = _check_count("seed", seed)
+        self.cell_density_per_mm2 = _check_positive(
+            "cell_density_per_mm2", cell_density_per_mm2, allow_zero=True
+        )
         self.illumination_photons = _check_positive("illumination_photons", illumination_photons)
         rng = np.random.default_rng([self.seed, 0])
-        self._bg_k = 2.0 * math.pi / rng.uniform(150.0, 600.0, (2, 3))
-        self._bg_phase = rng.uniform(0.0, 2.0 * math.pi, (2, 3))
-        self._bg_amp = rng.uniform(0.002, 0.006, (2, 3))
+        self._bg_k = 2.0 * math.pi / rng.uniform(150.0, 600.0, (2, 3, 1))
+        self._bg_phase = rng.uniform(0.0, 2.0 * math.pi, (2, 3, 1))
+        self._bg_amp = rng.uniform(0.002, 0.006, (2, 3, 1))
         self._tiles: dict[tuple[int, int], _Cells] = {}
 
-    def _tile(self, ix: int, iy: int) -> _Cells:
-        """Tile (ix, iy)'s cells, memoised (a pure function of the seed, so caching is invisible)."""
-        cells = self._tiles.get((ix, iy))
-        if cells is None:
-            if len(self._tiles) >= _TILE_CACHE_SIZE:
-                self._tiles.clear()
-            cells = self._tiles[(ix, iy)] = _tile_cells(self.seed, self.cell_density_per_mm2, ix, iy)
-        return cells
-
     def render(self, t_s: float, view: View) -> NDArray[np.float32]:
-        """Transmitted photons per pixel of ``view`` at time ``t_s`` (see the class docstring)."""
+        """Transmitted photons per pixel of ``view`` at ``t_s`` (units in the class docstring)."""
         t = _check_time(t_s)
         rows, cols = view.shape
         x0, y0 = view.origin_um
         px = view.pixel_size_um
-        modulation = np.zeros(view.shape, dtype=np.float32)
+        image = np.zeros(view.shape, dtype=np.float32)
         for cell in self._cells_near(t, view):
-            self._add_cell(cell, view, modulation)
-        modulation += 1.0
-        xs = x0 + px * np.arange(cols)
-        ys = y0 + px * np.arange(rows)
-        bg_x = np.sum(self._bg_amp[0][:, None] * np.cos(self._bg_k[0][:, None] * xs + self._bg_phase[0][:, None]), 0)
-        bg_y = np.sum(self._bg_amp[1][:, None] * np.cos(self._bg_k[1][:, None] * ys + self._bg_phase[1][:, None]), 0)
-        scale = self.illumination_photons
-        modulation *= ((1.0 + bg_x) * scale).astype(np.float32)[None, :] + (bg_y * scale).astype(np.float32)[:, None]
-        np.maximum(modulation, 0.0, out=modulation)
-        return modulation
+            self._add_cell(cell, view, image)
+        image += 1.0
+        bg_x = self._background(0, x0 + px * np.arange(cols))
+        bg_y = self._background(1, y0 + px * np.arange(rows))
+        light_x = ((1.0 + bg_x) * self.illumination_photons).astype(np.float32)
+        light_y = (bg_y * self.illumination_photons).astype(np.float32)
+        image *= light_x[None, :] + light_y[:, None]
+        np.maximum(image, 0.0, out=image)
+        return image
 
-    def _cells_near(self, t: float, view: View) -> list[tuple[list[_Ellipse], list[_Ellipse], int, _Cells]]:
-        """Every cell that can reach the view: its body and nucleus ellipses at ``t``."""
-        x_min, x_max, y_min, y_max = view.bounds_um
-        reach = _MAX_WANDER_UM + _MAX_SEMI_AXIS_UM * (1.0 + self._DAUGHTER_SPREAD) + 5.0 * self._EDGE_UM
-        tiles = [
-            self._tile(ix, iy)
-            for ix in range(math.floor((x_min - reach) / _TILE_UM), math.floor((x_max + reach) / _TILE_UM) + 1)
-            for iy in range(math.floor((y_min - reach) / _TILE_UM), math.floor((y_max + reach) / _TILE_UM) + 1)
-        ]
-        c = _Cells.concatenate(tiles)
-        angle = c.wander_rate * t
-        wander = c.wander_amp[:, :, None] * np.stack(
-            [np.cos(angle + c.wander_phase[:, :, 0]), np.sin(angle + c.wander_phase[:, :, 1])], axis=-1
-        )
-        centre = c.home + wander.sum(axis=1)
-        s = np.array([_smoothstep((t - td) / self.SEPARATION_S) for td in c.t_div])
-        divided = t >= c.t_div
-        radius = c.a * (1.0 + np.where(divided, s * self._DAUGHTER_SPREAD, 0.0)) + 5.0 * self._EDGE_UM
-        near = (
-            (centre[:, 0] + radius > x_min) & (centre[:, 0] - radius < x_max)
-            & (centre[:, 1] + radius > y_min) & (centre[:, 1] - radius < y_max)
-        )
-        phi = c.phi0 + c.omega * t
-        cells = []
-        for i in np.flatnonzero(near):
-            x, y, a, b, p = centre[i, 0], centre[i, 1], c.a[i], c.b[i], phi[i]
-            cos, sin = math.cos(p), math.sin(p)
-            if divided[i]:
-                bodies = _division_pair(x, y, a, b, p, s[i], self._DAUGHTER_SPREAD)
-                keep = 1.0 - s[i]
-            else:
-                bodies = [_Ellipse(x, y, a, b, cos, sin)]
-                keep = 1.0
-            nuclei = []
-            for e in bodies:
-                ou, ov = keep * c.nuc_offset[i, 0] * e.a, keep * c.nuc_offset[i, 1] * e.b
-                nuclei.append(
-                    _Ellipse(
-                        e.x + ou * cos - ov * sin, e.y + ou * sin + ov * cos,
-                        c.nuc_scale[i] * e.a, c.nuc_scale[i] * e.b, cos, sin,
-                    )
-                )
-            cells.append((bodies, nuclei, int(i), c))
+    def _background(self, axis: int, coords: FloatArray) -> FloatArray:
+        """Smooth relative variation of the bare background along x (axis 0) or y (axis 1)."""
+        waves = self._bg_amp[axis] * np.cos(self._bg_k[axis] * coords + self._bg_phase[axis])
+        return waves.sum(axis=0)
+
+    def _tile(self, ix: int, iy: int) -> _Cells:
+        """Tile (ix, iy)'s cells, memoised (they are a pure function of the seed)."""
+        cells = self._tiles.get((ix, iy))
+        if cells is None:
+            if len(self._tiles) >= _TILE_CACHE_SIZE:
+                self._tiles.clear()
+            cells = _tile_cells(self.seed, self.cell_density_per_mm2, ix, iy)
+            self._tiles[(ix, iy)] = cells
         return cells
 
-    def _add_cell(self, cell: tuple[list[_Ellipse], list[_Ellipse], int, _Cells], view: View, out: NDArray[np.float32]) -> None:
-        """Add one cell's transmission change (absorption, rim, nucleus) inside its bounding box."""
-        bodies, nuclei, i, c = cell
-        mx = sum(e.x for e in bodies) / len(bodies)
-        my = sum(e.y for e in bodies) / len(bodies)
-        radius = max(math.hypot(e.x - mx, e.y - my) + e.a for e in bodies) + 4.0 * self._EDGE_UM
-        box = _pixel_box(view, mx, my, radius)
+    def _cells_near(self, t: float, view: View) -> list[_CellShape]:
+        """Every cell whose box at ``t`` meets the view, from the tiles that can reach it."""
+        x_min, x_max, y_min, y_max = view.bounds_um
+        reach = _MAX_WANDER_UM + _MAX_SEMI_AXIS_UM * (1 + self._DAUGHTER_SPREAD) + 5 * self._EDGE_UM
+        ixs = range(
+            math.floor((x_min - reach) / _TILE_UM), math.floor((x_max + reach) / _TILE_UM) + 1
+        )
+        iys = range(
+            math.floor((y_min - reach) / _TILE_UM), math.floor((y_max + reach) / _TILE_UM) + 1
+        )
+        c = _Cells.concatenate([self._tile(ix, iy) for ix, iy in product(ixs, iys)])
+
+        angle = c.wander_rate * t
+        loops = np.stack(
+            [np.cos(angle + c.wander_phase[..., 0]), np.sin(angle + c.wander_phase[..., 1])],
+            axis=-1,
+        )
+        centre = c.home + (c.wander_amp[..., None] * loops).sum(axis=1)
+        divided = t >= c.t_div
+        s = np.where(divided, np.clip((t - c.t_div) / self.SEPARATION_S, 0.0, 1.0), 0.0)
+        s = s * s * (3.0 - 2.0 * s)
+        radius = c.a * (1.0 + s * self._DAUGHTER_SPREAD) + 5.0 * self._EDGE_UM
+        near = (
+            (centre[:, 0] + radius > x_min)
+            & (centre[:, 0] - radius < x_max)
+            & (centre[:, 1] + radius > y_min)
+            & (centre[:, 1] - radius < y_max)
+        )
+        phi = c.phi0 + c.omega * t
+
+        cells = []
+        for i in np.flatnonzero(near):
+            x, y, p = float(centre[i, 0]), float(centre[i, 1]), float(phi[i])
+            cos, sin = math.cos(p), math.sin(p)
+            if divided[i]:
+                bodies = _daughters(x, y, c.a[i], c.b[i], p, float(s[i]), self._DAUGHTER_SPREAD)
+            else:
+                bodies = [_Ellipse(x, y, c.a[i], c.b[i], cos, sin)]
+            off_u, off_v = (1.0 - s[i]) * c.nuc_offset[i]
+            scale = c.nuc_scale[i]
+            nuclei = [
+                _Ellipse(
+                    e.x + off_u * e.a * cos - off_v * e.b * sin,
+                    e.y + off_u * e.a * sin + off_v * e.b * cos,
+                    scale * e.a,
+                    scale * e.b,
+                    cos,
+                    sin,
+                )
+                for e in bodies
+            ]
+            cells.append(_CellShape(bodies, nuclei, c.absorb[i], c.rim[i], c.nuc_absorb[i]))
+        return cells
+
+    def _add_cell(self, cell: _CellShape, view: View, out: NDArray[np.float32]) -> None:
+        """Add one cell's relative transmission change (body, rim, nucleus) over its box."""
+        mx = sum(e.x for e in cell.bodies) / len(cell.bodies)
+        my = sum(e.y for e in cell.bodies) / len(cell.bodies)
+        box = _pixel_box(view, mx, my, _bounding_radius(cell.bodies, mx, my) + 4.0 * self._EDGE_UM)
         if box is None:
             return
         rows, cols, xs, ys = box
-        d, _ = _union_distance(bodies, xs, ys, np.float32)
+        d, _ = _union_distance(cell.bodies, xs, ys, np.float32)
         d *= np.float32(1.0 / self._EDGE_UM)
-        dn, _ = _union_distance(nuclei, xs, ys, np.float32)
+        dn, _ = _union_distance(cell.nuclei, xs, ys, np.float32)
         dn *= np.float32(1.0 / self._NUCLEUS_EDGE_UM)
+        block = out[rows, cols]
         body = np.tanh(d)
         body -= 1.0
-        body *= np.float32(0.5 * c.absorb[i])
-        nucleus = np.tanh(dn)
+        body *= np.float32(0.5 * cell.absorb)
+        block += body
+        nucleus = np.tanh(dn, out=dn)
         nucleus -= 1.0
-        nucleus *= np.float32(0.5 * c.nuc_absorb[i])
-        rim = np.square(d)
+        nucleus *= np.float32(0.5 * cell.nuc_absorb)
+        block += nucleus
+        rim = np.square(d, out=body)
         np.negative(rim, out=rim)
         np.exp(rim, out=rim)
         rim *= d
-        rim *= np.float32(c.rim[i])
-        block = out[rows, cols]
-        block += body
-        block += nucleus
+        rim *= np.float32(cell.rim)
         block += rim

@@ -21,7 +21,8 @@ def _periodic_centroid(image: np.ndarray, view: View, period: float) -> np.ndarr
     out = []
     for coords, profile in ((xs, weight.sum(axis=0)), (ys, weight.sum(axis=1))):
         angle = 2.0 * math.pi * coords / period
-        out.append(math.atan2((profile * np.sin(angle)).sum(), (profile * np.cos(angle)).sum()) * period / (2 * math.pi))
+        mean_angle = math.atan2((profile * np.sin(angle)).sum(), (profile * np.cos(angle)).sum())
+        out.append(mean_angle * period / (2 * math.pi))
     return np.array(out)
 
 
@@ -196,8 +197,9 @@ def test_brightfield_overlapping_views_agree() -> None:
     second = BrightfieldSpecimen(3).render(
         7200.0, View((400, 400), px, center_um=(-90.0 + dx * px, 30.0 + dy * px))
     )
-    np.testing.assert_allclose(first[dy:, dx:], second[: 400 - dy, : 400 - dx], rtol=1e-4, atol=0.05)
-    assert first[dy:, dx:].std() > 5.0
+    overlap_first, overlap_second = first[dy:, dx:], second[: 400 - dy, : 400 - dx]
+    np.testing.assert_allclose(overlap_first, overlap_second, rtol=1e-4, atol=0.05)
+    assert overlap_first.std() > 5.0
 
 
 def test_brightfield_positions_differ_and_cells_move() -> None:
@@ -215,3 +217,19 @@ def test_brightfield_no_cells_is_smooth_background() -> None:
         0.0, View((64, 64), 1.0)
     )
     assert 0.95 * 500 < img.min() <= img.max() < 1.05 * 500
+
+
+def test_nuclei_do_not_depend_on_filament_count() -> None:
+    with_filaments = FluorescentSpecimen(9).nuclei_at(12.0)
+    np.testing.assert_array_equal(
+        with_filaments, FluorescentSpecimen(9, n_filaments=0).nuclei_at(12.0)
+    )
+
+
+def test_brightfield_changes_smoothly_in_time() -> None:
+    spec = BrightfieldSpecimen(4)
+    view = View((256, 256), 0.5)
+    for t in (0.0, 3.0e3, 3.0e4, 7.0e4):
+        now, next_second = spec.render(t, view), spec.render(t + 1.0, view)
+        assert np.abs(next_second - now).max() < 0.03 * spec.illumination_photons
+        assert np.abs(spec.render(t + 600.0, view) - now).max() > 0.05 * spec.illumination_photons
