@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import socket
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +42,8 @@ def load_config(path: Path) -> CMMCorePlus:
             "or `pip install mm-test-adapters`)"
         )
         raise SetupError(f"config {str(path)!r} did not load: {e}{hint}") from e
+    if not core.getCameraDevice():
+        raise SetupError(f"config {str(path)!r} loaded but sets no camera: add a Core Camera line")
     return core
 
 
@@ -85,10 +91,12 @@ def run(
     hook: FrameHook,
     *,
     on_progress: Callable[[HookStats], None] | None = None,
+    also: Sequence[Any] = (),
 ) -> dict[str, Any]:
-    """Run ``sequence`` on ``core`` with ``hook`` attached; return the hook's summary."""
+    """Run ``sequence`` on ``core`` with ``hook`` (and the handlers in ``also``) attached;
+    return the hook's summary."""
     t0 = time.monotonic()
-    thread = core.run_mda(sequence, output=hook)
+    thread = core.run_mda(sequence, output=[hook, *also])
     while thread.is_alive():
         thread.join(0.1)
         if on_progress is not None:
@@ -97,3 +105,39 @@ def run(
     summary["duration_s"] = time.monotonic() - t0
     summary["frames_expected"] = sum(1 for _ in sequence)
     return summary
+
+
+def run_with_receiver(
+    core: CMMCorePlus,
+    sequence: useq.MDASequence,
+    *,
+    stream: str = "scope",
+    headers: Path | None = None,
+    on_progress: Callable[[HookStats], None] | None = None,
+    also: Sequence[Any] = (),
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run ``sequence`` into ``scopecast receive`` started in another process on a free
+    loopback port; return (hook summary, receiver summary)."""
+    total = sum(1 for _ in sequence)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        endpoint = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    cmd = [sys.executable, "-m", "stream", "receive", "--listen", endpoint, "--json",
+           "--count", str(total), "--idle-timeout", "20"]
+    if headers is not None:
+        cmd += ["--headers", str(headers)]
+    rx = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        hook = FrameHook(endpoint, stream=stream, on_finished=lambda stats: None)
+        try:
+            hook.wait_for_receiver(20)
+            sent = run(core, sequence, hook, on_progress=on_progress, also=also)
+        finally:
+            hook.close()
+        out, errors = rx.communicate(timeout=120)
+    finally:
+        if rx.poll() is None:
+            rx.kill()
+    if rx.returncode != 0:
+        raise RuntimeError(f"scopecast receive exited with {rx.returncode}: {errors.strip()}")
+    return sent, json.loads(out.strip().splitlines()[-1])

@@ -6,9 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import signal
-import socket
-import subprocess
-import sys
 import zlib
 from contextlib import ExitStack, contextmanager
 from importlib.metadata import entry_points
@@ -31,7 +28,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 out = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
 
@@ -114,7 +111,7 @@ def acquire(
             loops = max(1, round(duration / itv)) if itv > 0 else max(1, round(duration * 20))
             plan = {"time_plan": {"interval": itv, "loops": loops}}
             seq = default_seq(duration, **plan) if default_seq else acq.useq.MDASequence(**plan)
-        hook = FrameHook(to, stream=stream, hwm=hwm)
+        hook = FrameHook(to, stream=stream, hwm=hwm, on_finished=lambda stats: None)
         if wait > 0:
             hook.wait_for_receiver(wait)
         total = sum(1 for _ in seq)
@@ -193,24 +190,11 @@ def demo(
             raise acq.SetupError(f"--duration {duration} must be > 0")
         scope = acq.simulated(preset, seed)
         seq = scope.preset.sequence(duration)
-        endpoint = f"tcp://127.0.0.1:{_free_port()}"
-        rx = subprocess.Popen(
-            [sys.executable, "-m", "stream", "receive", "--listen", endpoint, "--json",
-             "--count", str(sum(1 for _ in seq)), "--idle-timeout", "5"],
-            stdout=subprocess.PIPE, text=True,
-        )
-        try:
-            hook = FrameHook(endpoint, stream="demo")
-            hook.wait_for_receiver(15)
-            with _progress() as bar:
-                task = bar.add_task(f"{preset}", total=sum(1 for _ in seq), status="")
-                summary = acq.run(scope.core, seq, hook, on_progress=lambda s: bar.update(
+        with _progress() as bar:
+            task = bar.add_task(preset, total=sum(1 for _ in seq), status="")
+            summary, received = acq.run_with_receiver(
+                scope.core, seq, stream="demo", on_progress=lambda s: bar.update(
                     task, completed=s.frames_seen, status=f"sent {s.frames_sent}"))
-            hook.close()
-            received = json.loads(rx.communicate(timeout=60)[0].strip().splitlines()[-1])
-        finally:
-            if rx.poll() is None:
-                rx.kill()
     result = {
         "preset": preset,
         "engine": None,
@@ -220,7 +204,8 @@ def demo(
         "frames_received": received["frames_received"],
         "frames_missing": received["frames_missing"],
         "acquired_fps": summary["fps"],
-        "latency_ms": {"frameReady_to_receiver": received["latency_ms"]},
+        "latency_ms": {"frameReady_to_sent": summary["hook_ms"],
+                       "frameReady_to_receiver": received["latency_ms"]},
         "files": [],
         "note": "no engine server in this version: frames were received raw, not enhanced",
     }
@@ -228,12 +213,6 @@ def demo(
         print(json.dumps(result), flush=True)
     else:
         _print_summary("demo", result)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _print_summary(title: str, summary: dict[str, Any]) -> None:
@@ -253,6 +232,8 @@ def _fmt(value: Any) -> str:
         return f"{value:.3g}"
     if isinstance(value, dict):
         return "  ".join(f"{k} {_fmt(v)}" for k, v in value.items()) or "-"
+    if isinstance(value, list):
+        return "\n".join(map(str, value)) or "-"
     return "-" if value is None else str(value)
 
 

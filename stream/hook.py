@@ -47,10 +47,19 @@ class HookStats:
     bytes_sent: int = 0
     not_handed_over: Counter[str] = field(default_factory=Counter)
     send_us: list[float] = field(default_factory=list, repr=False)
+    first_ns: int | None = None
+    last_ns: int | None = None
 
     @property
     def frames_not_handed_over(self) -> int:
         return sum(self.not_handed_over.values())
+
+    @property
+    def fps(self) -> float | None:
+        """Frame rate the acquisition delivered frames at (frameReady to frameReady)."""
+        if self.frames_seen < 2 or not self.last_ns or self.last_ns == self.first_ns:
+            return None
+        return (self.frames_seen - 1) * 1e9 / (self.last_ns - self.first_ns)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -59,6 +68,7 @@ class HookStats:
             "frames_not_handed_over": self.frames_not_handed_over,
             "not_handed_over_by_reason": dict(self.not_handed_over),
             "bytes_sent": self.bytes_sent,
+            "fps": self.fps,
             "hook_ms": percentiles(np.asarray(self.send_us) / 1e3),
         }
 
@@ -188,6 +198,8 @@ class FrameHook:
     ) -> bool:
         stats = self.stats
         stats.frames_seen += 1
+        stats.first_ns = stats.first_ns or mono_ns
+        stats.last_ns = mono_ns
         seq, self._seq = self._seq, self._seq + 1  # a frame not handed over leaves a gap
         try:
             header = self._header(img, seq, event, meta or {}, mono_ns, wall_time or time.time())
@@ -249,8 +261,8 @@ class FrameHook:
             return
         if not self._monitor.poll(int(timeout_s * 1000)):
             raise ReceiverUnreachable(
-                f"no receiver answered at {self.endpoint} within {timeout_s:g} s: start "
-                f"`scopecast serve --listen {self.endpoint}` (or `scopecast receive`) first"
+                f"no receiver answered at {self.endpoint} within {timeout_s:g} s: start one "
+                f"first, e.g. `scopecast receive --listen {self.endpoint}`"
             )
         self._stop_monitor()
 

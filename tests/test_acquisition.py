@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 import zlib
 from pathlib import Path
@@ -32,34 +30,17 @@ class Recorder:
                             "channel": event.channel.config if event.channel else None})
 
 
-def start_receiver(endpoint: str, count: int, headers: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "stream", "receive", "--listen", endpoint, "--count", str(count),
-         "--idle-timeout", "20", "--headers", str(headers), "--json"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def run_to_receiver(core, seq: useq.MDASequence, endpoint: str, tmp_path: Path):
-    total = sum(1 for _ in seq)
+def run_to_receiver(core, seq: useq.MDASequence, tmp_path: Path):
     headers = tmp_path / "headers.jsonl"
-    rx = start_receiver(endpoint, total, headers)
-    try:
-        hook = FrameHook(endpoint, stream="test")
-        hook.wait_for_receiver(20)
-        rec = Recorder()
-        core.run_mda(seq, output=[hook, rec]).join()
-        hook.close()
-        out, errs = rx.communicate(timeout=60)
-    finally:
-        rx.kill()
-    assert rx.returncode == 0, errs
-    summary = json.loads(out.strip().splitlines()[-1])
+    rec = Recorder()
+    sent, summary = acquire.run_with_receiver(core, seq, stream="test", headers=headers,
+                                              also=[rec])
     received = [json.loads(line) for line in headers.read_text().splitlines()]
-    return hook.stats, rec, summary, received
+    return sent, rec, summary, received
 
 
-def assert_all_frames_arrived_in_order(stats, rec, summary, received, total: int) -> None:
-    assert stats.frames_seen == total and stats.frames_not_handed_over == 0, stats.summary()
+def assert_all_frames_arrived_in_order(sent, rec, summary, received, total: int) -> None:
+    assert sent["frames_seen"] == total and sent["frames_not_handed_over"] == 0, sent
     assert summary["frames_received"] == total
     assert summary["frames_missing"] == 0 and summary["frames_out_of_order"] == 0
     assert [h["seq"] for h in received] == list(range(total))
@@ -69,13 +50,13 @@ def assert_all_frames_arrived_in_order(stats, rec, summary, received, total: int
 
 
 @pytest.mark.slow
-def test_20fps_mda_every_frame_arrives_in_order(endpoint: str, tmp_path: Path) -> None:
+def test_20fps_mda_every_frame_arrives_in_order(tmp_path: Path) -> None:
     scope = SimulatedMicroscope("confocal-20fps")
     seq = scope.preset.sequence(duration_s=2.5)  # 50 frames at 20 fps
     total = sum(1 for _ in seq)
     assert total == 50
-    stats, rec, summary, received = run_to_receiver(scope.core, seq, endpoint, tmp_path)
-    assert_all_frames_arrived_in_order(stats, rec, summary, received, total)
+    sent, rec, summary, received = run_to_receiver(scope.core, seq, tmp_path)
+    assert_all_frames_arrived_in_order(sent, rec, summary, received, total)
     events = list(seq)
     for h, ev in zip(received, events, strict=True):
         assert h["shape"] == [256, 256] and h["dtype"] == "uint16"
@@ -87,7 +68,7 @@ def test_20fps_mda_every_frame_arrives_in_order(endpoint: str, tmp_path: Path) -
 
 
 @pytest.mark.slow
-def test_any_useq_sequence_positions_grid_z_channels(endpoint: str, tmp_path: Path) -> None:
+def test_any_useq_sequence_positions_grid_z_channels(tmp_path: Path) -> None:
     scope = SimulatedMicroscope("confocal-20fps")
     seq = useq.MDASequence(
         stage_positions=[(0, 0, 0), (40, -30, 1.0)],
@@ -98,8 +79,8 @@ def test_any_useq_sequence_positions_grid_z_channels(endpoint: str, tmp_path: Pa
         axis_order="tpgcz",
     )
     total = sum(1 for _ in seq)
-    stats, rec, summary, received = run_to_receiver(scope.core, seq, endpoint, tmp_path)
-    assert_all_frames_arrived_in_order(stats, rec, summary, received, total)
+    sent, rec, summary, received = run_to_receiver(scope.core, seq, tmp_path)
+    assert_all_frames_arrived_in_order(sent, rec, summary, received, total)
     stages = {(h["index"]["p"], h["index"]["g"], h["index"]["z"]): h["stage"] for h in received}
     assert len({(s["x"], s["y"], s["z"]) for s in stages.values()}) == len(stages)
 
@@ -121,15 +102,15 @@ def test_acquisition_keeps_its_pace_when_nobody_receives(endpoint: str) -> None:
 
 
 @pytest.mark.slow
-def test_real_cmmcoreplus_with_demo_config(endpoint: str, tmp_path: Path) -> None:
+def test_real_cmmcoreplus_with_demo_config(tmp_path: Path) -> None:
     """The same hook on a real CMMCorePlus running Micro-Manager's C++ DemoCamera."""
     mm_test_adapters = pytest.importorskip("mm_test_adapters")
     cfg = Path(mm_test_adapters.device_adapter_path()) / "MMConfig_demo.cfg"
     core = acquire.load_config(cfg)
     core.setProperty("Camera", "Mode", "Noise")  # content changes every frame
     seq = useq.MDASequence(time_plan={"interval": 0, "loops": 12}, channels=["DAPI", "FITC"])
-    stats, rec, summary, received = run_to_receiver(core, seq, endpoint, tmp_path)
-    assert_all_frames_arrived_in_order(stats, rec, summary, received, 24)
+    sent, rec, summary, received = run_to_receiver(core, seq, tmp_path)
+    assert_all_frames_arrived_in_order(sent, rec, summary, received, 24)
     assert len({h["crc32"] for h in received}) == 24
 
 
