@@ -127,7 +127,7 @@ PRESETS: dict[str, Preset] = {
             shape=(2048, 2048),
             pixel_size_um=0.345,
             exposure_ms=10.0,
-            frame_interval_s=0.5,
+            frame_interval_s=2.0,  # 20 simulated minutes between time points
             channels={
                 "BF": ChannelSpec(specimen="brightfield-cells", photons_per_ms=0.5,
                                   wavelength_nm=550),
@@ -161,6 +161,7 @@ class Scene:
         self.preset = preset
         self.seed = seed
         self._specimens: dict[str, Specimen] = {}
+        self._models: dict[tuple[str, bool], ForwardModel] = {}
         self._rng = np.random.default_rng(seed)
         self._t0 = time.monotonic()
 
@@ -180,15 +181,18 @@ class Scene:
         return self._specimens[channel]
 
     def forward_model(self, channel: str, *, high_quality: bool = False) -> ForwardModel:
-        p, spec = self.preset, self._channel(channel)
-        factor = p.high_quality_factor if high_quality else 1
-        scan = p.scan.model_copy(update={"bidirectional": False}) if high_quality else p.scan
-        return ForwardModel(
-            camera=p.camera,
-            optics=p.optics.model_copy(update={"wavelength_nm": spec.wavelength_nm}),
-            scan=scan,
-            pixel_size_um=p.pixel_size_um / factor,
-        )
+        """The light path of ``channel``: the fast scan, or the slow high-quality one."""
+        if (channel, high_quality) not in self._models:
+            p, spec = self.preset, self._channel(channel)
+            factor = p.high_quality_factor if high_quality else 1
+            scan = p.scan.model_copy(update={"bidirectional": False}) if high_quality else p.scan
+            self._models[channel, high_quality] = ForwardModel(
+                camera=p.camera,
+                optics=p.optics.model_copy(update={"wavelength_nm": spec.wavelength_nm}),
+                scan=scan,
+                pixel_size_um=p.pixel_size_um / factor,
+            )
+        return self._models[channel, high_quality]
 
     def fine_photons(
         self, t_s: float, channel: str, exposure_ms: float, xy_um: tuple[float, float], *,

@@ -1,0 +1,10 @@
+"""``python -m bench``: the benchmarks that exist so far."""
+
+import sys
+
+print(
+    "benchmarks so far:\n"
+    "  python -m bench.hook_latency   frameReady -> receiver latency, 256x256 and 2048x2048\n"
+    "  python -m bench.sim_noise      simulated camera noise vs the forward model's parameters",
+    file=sys.stderr,
+)

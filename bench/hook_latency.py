@@ -1,0 +1,84 @@
+"""frameReady -> receiver latency of the hook over loopback TCP, for the confocal (256x256)
+and the Celldiscoverer (2048x2048) presets in one run.
+
+    python -m bench.hook_latency [--seconds 10] [--json OUT.json]
+
+The receiver is ``scopecast receive`` in another process; latency is its receive time minus
+the header's ``mono_ns`` (same host). The simulated camera renders the next frame while the
+previous one is in flight, so on a 2-core machine the two compete for the CPU, as a real
+acquisition PC's other work would. A third row feeds pre-rendered 2048x2048 frames to
+``frameReady`` at 5 fps from a plain loop: the hook and transport without the simulator's load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import threading
+import time
+
+import useq
+
+from rich.console import Console
+from rich.table import Table
+
+from stream.acquire import run_with_receiver
+from stream.simulated import SimulatedMicroscope
+
+
+class StaticSource:
+    """Stands in for a core: ``run_mda`` calls the handlers' frameReady with one pre-rendered
+    frame at the sequence's interval, from a thread, like pymmcore-plus does."""
+
+    def __init__(self, scope: SimulatedMicroscope, fps: float) -> None:
+        scope.core.snapImage()
+        self.frame, self.interval = scope.core.getImage().copy(), 1.0 / fps
+
+    def run_mda(self, sequence: useq.MDASequence, output: list) -> threading.Thread:
+        def loop() -> None:
+            for h in output:
+                h.sequenceStarted(sequence)
+            t0 = time.monotonic()
+            for i, event in enumerate(sequence):
+                time.sleep(max(0.0, t0 + i * self.interval - time.monotonic()))
+                for h in output:
+                    h.frameReady(self.frame, event, {})
+            for h in output:
+                h.sequenceFinished(sequence)
+
+        thread = threading.Thread(target=loop)
+        thread.start()
+        return thread
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seconds", type=float, default=10.0, help="acquisition time per preset")
+    ap.add_argument("--json", dest="json_out", help="also write the numbers to this JSON file")
+    args = ap.parse_args()
+    results = {"machine": {"cpu": platform.processor() or platform.machine(),
+                           "python": platform.python_version()}, "presets": {}}
+    table = Table("source", "frame", "frames", "lost", "fps", "hook ms p50/p99",
+                  "to receiver ms p50/p99", title="frameReady -> receiver (one run)")
+    scopes = [SimulatedMicroscope(name) for name in ("confocal-20fps", "celldiscoverer")]
+    runs = [(s.preset.name, s.preset.shape, s.core, s.preset.sequence(args.seconds))
+            for s in scopes]
+    runs.append(("static frames, 5 fps", (2048, 2048), StaticSource(scopes[1], fps=5.0),
+                 useq.MDASequence(time_plan={"interval": 0.2, "loops": int(args.seconds * 5)})))
+    for name, shape, core, seq in runs:
+        sent, received = run_with_receiver(core, seq)
+        lat, hook = received["latency_ms"], sent["hook_ms"]
+        lost = sent["frames_seen"] - received["frames_received"]
+        results["presets"][name] = {"shape": shape, "hook": sent, "receiver": received}
+        table.add_row(name, "x".join(map(str, shape)), str(sent["frames_seen"]), str(lost),
+                      f"{sent['fps']:.1f}", f"{hook['p50']:.2f} / {hook['p99']:.2f}",
+                      f"{lat['p50']:.2f} / {lat['p99']:.2f}")
+    Console(width=110).print(table)
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
