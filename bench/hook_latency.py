@@ -19,7 +19,6 @@ import threading
 import time
 
 import useq
-
 from rich.console import Console
 from rich.table import Table
 
@@ -57,23 +56,49 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=10.0, help="acquisition time per preset")
     ap.add_argument("--json", dest="json_out", help="also write the numbers to this JSON file")
     args = ap.parse_args()
-    results = {"machine": {"cpu": platform.processor() or platform.machine(),
-                           "python": platform.python_version()}, "presets": {}}
-    table = Table("source", "frame", "frames", "lost", "fps", "hook ms p50/p99",
-                  "to receiver ms p50/p99", title="frameReady -> receiver (one run)")
+    results = {
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "python": platform.python_version(),
+        },
+        "presets": {},
+    }
+    table = Table(
+        "source",
+        "frame",
+        "frames",
+        "lost",
+        "fps",
+        "hook ms p50/p99",
+        "to receiver ms p50/p99",
+        title="frameReady -> receiver (one run)",
+    )
     scopes = [SimulatedMicroscope(name) for name in ("confocal-20fps", "celldiscoverer")]
-    runs = [(s.preset.name, s.preset.shape, s.core, s.preset.sequence(args.seconds))
-            for s in scopes]
-    runs.append(("static frames, 5 fps", (2048, 2048), StaticSource(scopes[1], fps=5.0),
-                 useq.MDASequence(time_plan={"interval": 0.2, "loops": int(args.seconds * 5)})))
+    runs = [
+        (s.preset.name, s.preset.shape, s.core, s.preset.sequence(args.seconds)) for s in scopes
+    ]
+    runs.append(
+        (
+            "static frames, 5 fps",
+            (2048, 2048),
+            StaticSource(scopes[1], fps=5.0),
+            useq.MDASequence(time_plan={"interval": 0.2, "loops": int(args.seconds * 5)}),
+        )
+    )
     for name, shape, core, seq in runs:
         sent, received = run_with_receiver(core, seq)
         lat, hook = received["latency_ms"], sent["hook_ms"]
         lost = sent["frames_seen"] - received["frames_received"]
         results["presets"][name] = {"shape": shape, "hook": sent, "receiver": received}
-        table.add_row(name, "x".join(map(str, shape)), str(sent["frames_seen"]), str(lost),
-                      f"{sent['fps']:.1f}", f"{hook['p50']:.2f} / {hook['p99']:.2f}",
-                      f"{lat['p50']:.2f} / {lat['p99']:.2f}")
+        table.add_row(
+            name,
+            "x".join(map(str, shape)),
+            str(sent["frames_seen"]),
+            str(lost),
+            f"{sent['fps']:.1f}",
+            f"{hook['p50']:.2f} / {hook['p99']:.2f}",
+            f"{lat['p50']:.2f} / {lat['p99']:.2f}",
+        )
     Console(width=110).print(table)
     if args.json_out:
         with open(args.json_out, "w") as f:

@@ -16,8 +16,11 @@ from stream.simulated import PRESETS, SimulatedMicroscope
 
 
 def measure(name: str, frames: int = 40) -> dict[str, float]:
-    preset = PRESETS[name].model_copy(update={"time_scale": 1e-12, "shape": (512, 512)}
-                                      if name == "celldiscoverer" else {"time_scale": 1e-12})
+    preset = PRESETS[name].model_copy(
+        update={"time_scale": 1e-12, "shape": (512, 512)}
+        if name == "celldiscoverer"
+        else {"time_scale": 1e-12}
+    )
     scope, cam = SimulatedMicroscope(preset, seed=3), preset.camera
 
     def stack(n: int) -> np.ndarray:
@@ -34,20 +37,32 @@ def measure(name: str, frames: int = 40) -> dict[str, float]:
     scope.core.setShutterOpen(False)
     dark = stack(frames // 2)
     read_adu = np.sqrt(max(dark.std() ** 2 - 1 / 12, 0))
-    return {"gain": gain, "gain_model": cam.gain_adu_per_electron,
-            "offset": dark.mean(), "offset_model": cam.offset_adu,
-            "read_noise_e": read_adu / cam.gain_adu_per_electron,
-            "read_noise_model": cam.read_noise_electrons}
+    return {
+        "gain": gain,
+        "gain_model": cam.gain_adu_per_electron,
+        "offset": dark.mean(),
+        "offset_model": cam.offset_adu,
+        "read_noise_e": read_adu / cam.gain_adu_per_electron,
+        "read_noise_model": cam.read_noise_electrons,
+    }
 
 
 def main() -> None:
-    table = Table("preset", "gain ADU/e- (model)", "offset ADU (model)", "read noise e- (model)",
-                  title="simulated camera noise vs forward model")
+    table = Table(
+        "preset",
+        "gain ADU/e- (model)",
+        "offset ADU (model)",
+        "read noise e- (model)",
+        title="simulated camera noise vs forward model",
+    )
     for name in PRESETS:
         m = measure(name)
-        table.add_row(name, f"{m['gain']:.3f} ({m['gain_model']:g})",
-                      f"{m['offset']:.2f} ({m['offset_model']:g})",
-                      f"{m['read_noise_e']:.3f} ({m['read_noise_model']:g})")
+        table.add_row(
+            name,
+            f"{m['gain']:.3f} ({m['gain_model']:g})",
+            f"{m['offset']:.2f} ({m['offset_model']:g})",
+            f"{m['read_noise_e']:.3f} ({m['read_noise_model']:g})",
+        )
     Console().print(table)
 
 

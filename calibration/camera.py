@@ -15,11 +15,27 @@ class CameraParams(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    offset_adu: float = Field(100.0, ge=0, allow_inf_nan=False, description="Dark offset (bias) added to every pixel, in ADU.")
-    gain_adu_per_electron: float = Field(2.0, gt=0, allow_inf_nan=False, description="System gain: ADU per photo-electron.")
-    read_noise_electrons: float = Field(1.5, ge=0, allow_inf_nan=False, description="RMS read noise, in electrons.")
-    quantum_efficiency: float = Field(0.8, gt=0, le=1, description="Fraction of incident photons converted to electrons.")
-    bit_depth: int = Field(16, ge=1, le=16, description="ADC bit depth; recorded values are clipped to [0, 2**bit_depth - 1].")
+    offset_adu: float = Field(
+        100.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="Dark offset (bias) added to every pixel, in ADU.",
+    )
+    gain_adu_per_electron: float = Field(
+        2.0, gt=0, allow_inf_nan=False, description="System gain: ADU per photo-electron."
+    )
+    read_noise_electrons: float = Field(
+        1.5, ge=0, allow_inf_nan=False, description="RMS read noise, in electrons."
+    )
+    quantum_efficiency: float = Field(
+        0.8, gt=0, le=1, description="Fraction of incident photons converted to electrons."
+    )
+    bit_depth: int = Field(
+        16,
+        ge=1,
+        le=16,
+        description="ADC bit depth; recorded values are clipped to [0, 2**bit_depth - 1].",
+    )
 
     @property
     def max_adu(self) -> int:
@@ -27,17 +43,25 @@ class CameraParams(BaseModel):
         return 2**self.bit_depth - 1
 
 
-def _check_map(name: str, values: np.ndarray | None, shape: tuple[int, ...], *, positive: bool) -> np.ndarray | None:
+def _check_map(
+    name: str, values: np.ndarray | None, shape: tuple[int, ...], *, positive: bool
+) -> np.ndarray | None:
     if values is None:
         return None
     values = np.asarray(values, dtype=np.float32)
     if values.shape != shape:
-        raise ValueError(f"{name} has shape {values.shape} but the image has shape {shape}; pass a map of the same shape.")
+        raise ValueError(
+            f"{name} has shape {values.shape} but the image has shape {shape}; pass a map of the same shape."
+        )
     if not np.isfinite(values).all():
-        raise ValueError(f"{name} contains NaN or inf; replace them with finite calibration values.")
+        raise ValueError(
+            f"{name} contains NaN or inf; replace them with finite calibration values."
+        )
     lo = float(values.min()) if values.size else 0.0
     if positive and lo <= 0:
-        raise ValueError(f"{name} must be > 0 everywhere (relative pixel sensitivity), got minimum {lo}.")
+        raise ValueError(
+            f"{name} must be > 0 everywhere (relative pixel sensitivity), got minimum {lo}."
+        )
     if not positive and lo < 0:
         raise ValueError(f"{name} must be >= 0 everywhere, got minimum {lo}.")
     return values
@@ -49,13 +73,19 @@ def _check_photons(photons: np.ndarray) -> np.ndarray:
         return photons
     lo, hi = photons.min(), photons.max()
     if not (np.isfinite(lo) and np.isfinite(hi)):
-        raise ValueError(f"photons contain NaN or inf (range {lo}..{hi}); expected finite photon counts.")
+        raise ValueError(
+            f"photons contain NaN or inf (range {lo}..{hi}); expected finite photon counts."
+        )
     if lo < 0:
-        raise ValueError(f"photons must be >= 0 (expected photon counts), got minimum {lo}; clip the input first.")
+        raise ValueError(
+            f"photons must be >= 0 (expected photon counts), got minimum {lo}; clip the input first."
+        )
     return photons
 
 
-def _mean_electrons(photons: np.ndarray, camera: CameraParams, flat_field: np.ndarray | None) -> np.ndarray:
+def _mean_electrons(
+    photons: np.ndarray, camera: CameraParams, flat_field: np.ndarray | None
+) -> np.ndarray:
     electrons = np.asarray(photons, dtype=np.float32) * np.float32(camera.quantum_efficiency)
     return electrons * flat_field if flat_field is not None else electrons
 
@@ -82,8 +112,13 @@ def record(
         raise ValueError(
             f"out must be a uint16 array of shape {photons.shape}, got {out.dtype} {out.shape}; allocate a matching buffer."
         )
-    result = out if out is not None and out.flags.c_contiguous else np.empty(photons.shape, np.uint16)
-    views = [None if a is None else a.reshape(-1) for a in (np.ravel(photons), offset_map, flat_field, result)]
+    result = (
+        out if out is not None and out.flags.c_contiguous else np.empty(photons.shape, np.uint16)
+    )
+    views = [
+        None if a is None else a.reshape(-1)
+        for a in (np.ravel(photons), offset_map, flat_field, result)
+    ]
     n = -(-photons.size // _CHUNK)
     bounds = np.linspace(0, photons.size, n + 1).astype(int) if n > 1 else (0, photons.size)
     rngs = [rng] if n <= 1 else [np.random.default_rng(s) for s in rng.integers(0, 2**63, size=n)]
@@ -107,7 +142,9 @@ _CHUNK = 1 << 18
 
 @cache
 def _pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="scopecast-camera")
+    return ThreadPoolExecutor(
+        max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="scopecast-camera"
+    )
 
 
 os.register_at_fork(after_in_child=_pool.cache_clear)
@@ -162,7 +199,9 @@ def adu_variance(
     photons = np.asarray(photons)
     _check_map("offset_map", offset_map, photons.shape, positive=False)
     flat_field = _check_map("flat_field", flat_field, photons.shape, positive=True)
-    electrons_var = _mean_electrons(photons, camera, flat_field) + np.float32(camera.read_noise_electrons**2)
+    electrons_var = _mean_electrons(photons, camera, flat_field) + np.float32(
+        camera.read_noise_electrons**2
+    )
     return electrons_var * np.float32(camera.gain_adu_per_electron**2) + np.float32(1 / 12)
 
 

@@ -20,8 +20,12 @@ class ForwardModel(BaseModel):
     camera: CameraParams = Field(CameraParams(), description="Detector noise, gain and ADC.")
     optics: OpticsParams = Field(OpticsParams(), description="Objective and PSF.")
     scan: ScanParams = Field(ScanParams(), description="Fine-grid to recorded-pixel sampling.")
-    pixel_size_um: float = Field(0.1, gt=0, allow_inf_nan=False, description="Recorded pixel size at the sample, µm.")
-    focus_z_um: float = Field(0.0, allow_inf_nan=False, description="Axial position of the focal plane, µm.")
+    pixel_size_um: float = Field(
+        0.1, gt=0, allow_inf_nan=False, description="Recorded pixel size at the sample, µm."
+    )
+    focus_z_um: float = Field(
+        0.0, allow_inf_nan=False, description="Axial position of the focal plane, µm."
+    )
 
     @property
     def fine_pixel_size_um(self) -> float:
@@ -32,7 +36,9 @@ class ForwardModel(BaseModel):
         """Expected photons per recorded pixel (float32) for a sample plane at `z_um` (None: in focus)."""
         fine_photons = np.asarray(fine_photons)
         if fine_photons.ndim != 2:
-            raise ValueError(f"fine_photons must be a 2-D image, got shape {fine_photons.shape}; pass one plane at a time.")
+            raise ValueError(
+                f"fine_photons must be a 2-D image, got shape {fine_photons.shape}; pass one plane at a time."
+            )
         dz = 0.0 if z_um is None else z_um - self.focus_z_um
         return _scan(blur(fine_photons, self.optics, self.fine_pixel_size_um, dz), self.scan)
 

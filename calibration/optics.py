@@ -18,10 +18,18 @@ class OpticsParams(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    na: float = Field(1.4, gt=0, description="Numerical aperture of the objective; must be below refractive_index.")
+    na: float = Field(
+        1.4,
+        gt=0,
+        description="Numerical aperture of the objective; must be below refractive_index.",
+    )
     wavelength_nm: float = Field(520.0, gt=200, lt=2000, description="Emission wavelength in nm.")
-    refractive_index: float = Field(1.515, ge=1, description="Refractive index of the immersion medium.")
-    psf: Literal["gaussian", "airy"] = Field("gaussian", description="PSF shape: Gaussian approximation or Airy pattern.")
+    refractive_index: float = Field(
+        1.515, ge=1, description="Refractive index of the immersion medium."
+    )
+    psf: Literal["gaussian", "airy"] = Field(
+        "gaussian", description="PSF shape: Gaussian approximation or Airy pattern."
+    )
 
     @model_validator(mode="after")
     def _na_below_n(self) -> OpticsParams:
@@ -44,14 +52,18 @@ def defocus_sigma_um(optics: OpticsParams, dz_um: float) -> float:
 
 def _check_pixel(pixel_size_um: float) -> None:
     if not (math.isfinite(pixel_size_um) and pixel_size_um > 0):
-        raise ValueError(f"pixel_size_um must be a finite positive number of µm, got {pixel_size_um}.")
+        raise ValueError(
+            f"pixel_size_um must be a finite positive number of µm, got {pixel_size_um}."
+        )
 
 
 def _gaussian_sigma_px(optics: OpticsParams, pixel_size_um: float, dz_um: float) -> float:
     return math.hypot(psf_sigma_um(optics), defocus_sigma_um(optics, dz_um)) / pixel_size_um
 
 
-def psf_kernel(optics: OpticsParams, pixel_size_um: float, dz_um: float = 0.0, *, size: int | None = None) -> np.ndarray:
+def psf_kernel(
+    optics: OpticsParams, pixel_size_um: float, dz_um: float = 0.0, *, size: int | None = None
+) -> np.ndarray:
     """Normalized (sum 1), odd-sized 2-D PSF sampled on pixels of `pixel_size_um` at defocus `dz_um`.
 
     Gaussian kernels are point-sampled (matching `blur`); Airy kernels are averaged over 5x5 sub-pixels,
@@ -64,7 +76,10 @@ def psf_kernel(optics: OpticsParams, pixel_size_um: float, dz_um: float = 0.0, *
             radius = 4 * _gaussian_sigma_px(optics, pixel_size_um, dz_um)
         else:
             lam_um = optics.wavelength_nm * 1e-3
-            radius = _AIRY_ZEROS[-1] * lam_um / (2 * math.pi * optics.na * pixel_size_um) + 4 * defocus_px
+            radius = (
+                _AIRY_ZEROS[-1] * lam_um / (2 * math.pi * optics.na * pixel_size_um)
+                + 4 * defocus_px
+            )
         size = 2 * math.ceil(radius) + 1
     if not (isinstance(size, (int, np.integer)) and size >= 1 and size % 2 == 1):
         raise ValueError(f"size must be a positive odd integer, got {size!r}.")
@@ -77,7 +92,14 @@ def psf_kernel(optics: OpticsParams, pixel_size_um: float, dz_um: float = 0.0, *
     else:
         sub = (np.arange(_SUPERSAMPLE) + 0.5) / _SUPERSAMPLE - 0.5
         x = (np.arange(-half, half + 1)[:, None] + sub[None, :]).ravel()
-        v = 2 * math.pi * optics.na * pixel_size_um / (optics.wavelength_nm * 1e-3) * np.hypot(x[:, None], x[None, :])
+        v = (
+            2
+            * math.pi
+            * optics.na
+            * pixel_size_um
+            / (optics.wavelength_nm * 1e-3)
+            * np.hypot(x[:, None], x[None, :])
+        )
         amplitude = np.ones_like(v)
         np.divide(2 * special.j1(v), v, out=amplitude, where=v > 0)
         kernel = (amplitude**2).reshape(size, _SUPERSAMPLE, size, _SUPERSAMPLE).mean(axis=(1, 3))
@@ -86,11 +108,15 @@ def psf_kernel(optics: OpticsParams, pixel_size_um: float, dz_um: float = 0.0, *
     return kernel / kernel.sum()
 
 
-def blur(image: np.ndarray, optics: OpticsParams, pixel_size_um: float, dz_um: float = 0.0) -> np.ndarray:
+def blur(
+    image: np.ndarray, optics: OpticsParams, pixel_size_um: float, dz_um: float = 0.0
+) -> np.ndarray:
     """Convolve an image with the PSF (reflecting edges, so flux is kept and borders don't darken); float32."""
     image = np.asarray(image, dtype=np.float32)
     if image.ndim != 2:
-        raise ValueError(f"blur expects a 2-D image, got shape {image.shape}; blur each plane separately.")
+        raise ValueError(
+            f"blur expects a 2-D image, got shape {image.shape}; blur each plane separately."
+        )
     _check_pixel(pixel_size_um)
     if optics.psf == "gaussian":
         sigma = _gaussian_sigma_px(optics, pixel_size_um, dz_um)

@@ -13,10 +13,16 @@ class ScanParams(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    downsample: int = Field(1, ge=1, description="Fine-grid pixels per recorded pixel along each axis.")
-    bidirectional: bool = Field(False, description="Odd rows are scanned backwards and carry a phase error.")
+    downsample: int = Field(
+        1, ge=1, description="Fine-grid pixels per recorded pixel along each axis."
+    )
+    bidirectional: bool = Field(
+        False, description="Odd rows are scanned backwards and carry a phase error."
+    )
     phase_px: float = Field(
-        0.0, allow_inf_nan=False, description="Shift of odd (backward) rows vs even rows, in recorded pixels; + is right."
+        0.0,
+        allow_inf_nan=False,
+        description="Shift of odd (backward) rows vs even rows, in recorded pixels; + is right.",
     )
 
 
@@ -31,7 +37,9 @@ def bin_image(image: np.ndarray, factor: int) -> np.ndarray:
     if factor == 1:
         return image.copy()
     h, w = image.shape
-    return image.reshape(h // factor, factor, w // factor, factor).sum(axis=(1, 3), dtype=np.float32)
+    return image.reshape(h // factor, factor, w // factor, factor).sum(
+        axis=(1, 3), dtype=np.float32
+    )
 
 
 def bidirectional_shift(image: np.ndarray, phase_px: float) -> np.ndarray:

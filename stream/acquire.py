@@ -37,9 +37,13 @@ def load_config(path: Path) -> CMMCorePlus:
     try:
         core.loadSystemConfiguration(str(path))
     except Exception as e:  # MMCore raises its own CMMError/RuntimeError types
-        hint = "" if search else (
-            " (no Micro-Manager installation or mm-test-adapters found: install Micro-Manager "
-            "or `pip install mm-test-adapters`)"
+        hint = (
+            ""
+            if search
+            else (
+                " (no Micro-Manager installation or mm-test-adapters found: install Micro-Manager "
+                "or `pip install mm-test-adapters`)"
+            )
         )
         raise SetupError(f"config {str(path)!r} did not load: {e}{hint}") from e
     if not core.getCameraDevice():
@@ -72,7 +76,9 @@ def load_sequence(path: Path) -> useq.MDASequence:
         return useq.MDASequence.from_file(path)
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
-        raise SetupError(f"sequence {str(path)!r} is not a valid useq MDASequence: {problems}") from e
+        raise SetupError(
+            f"sequence {str(path)!r} is not a valid useq MDASequence: {problems}"
+        ) from e
     except Exception as e:  # YAML/JSON syntax errors
         raise SetupError(f"sequence {str(path)!r} could not be read: {e}") from e
 
@@ -122,8 +128,19 @@ def run_with_receiver(
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         endpoint = f"tcp://127.0.0.1:{s.getsockname()[1]}"
-    cmd = [sys.executable, "-m", "stream", "receive", "--listen", endpoint, "--json",
-           "--count", str(total), "--idle-timeout", "20"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "stream",
+        "receive",
+        "--listen",
+        endpoint,
+        "--json",
+        "--count",
+        str(total),
+        "--idle-timeout",
+        "20",
+    ]
     if headers is not None:
         cmd += ["--headers", str(headers)]
     rx = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

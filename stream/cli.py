@@ -47,8 +47,13 @@ def _expected_errors():
 
 def _progress() -> Progress:
     return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=err, transient=True,
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
     )
 
 
@@ -59,28 +64,49 @@ def presets() -> None:
 
     table = Table("preset", "frame", "pixel (um)", "interval (s)", "channels", "what it is")
     for p in PRESETS.values():
-        table.add_row(p.name, "x".join(map(str, p.shape)), f"{p.pixel_size_um:g}",
-                      f"{p.frame_interval_s:g}", ", ".join(p.channels), p.description)
+        table.add_row(
+            p.name,
+            "x".join(map(str, p.shape)),
+            f"{p.pixel_size_um:g}",
+            f"{p.frame_interval_s:g}",
+            ", ".join(p.channels),
+            p.description,
+        )
     out.print(table)
 
 
 @app.command()
 def acquire(
     to: Annotated[str, typer.Option(help="engine server (PULL) endpoint to push frames to")] = (
-        DEFAULT_ENDPOINT),
-    preset: Annotated[str | None, typer.Option(
-        help="simulated microscope preset (see `scopecast presets`); default confocal-20fps")] = None,
-    config: Annotated[Path | None, typer.Option(
-        help="Micro-Manager config file of a real rig (instead of --preset)")] = None,
-    sequence: Annotated[Path | None, typer.Option(
-        help="useq MDASequence as YAML or JSON; default: the preset's time-lapse")] = None,
-    duration: Annotated[float, typer.Option(help="seconds of time-lapse when no --sequence")] = 10.0,
-    interval: Annotated[float | None, typer.Option(
-        help="time-lapse interval in s when no --sequence (default: the preset's)")] = None,
+        DEFAULT_ENDPOINT
+    ),
+    preset: Annotated[
+        str | None,
+        typer.Option(
+            help="simulated microscope preset (see `scopecast presets`); default confocal-20fps"
+        ),
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(help="Micro-Manager config file of a real rig (instead of --preset)"),
+    ] = None,
+    sequence: Annotated[
+        Path | None,
+        typer.Option(help="useq MDASequence as YAML or JSON; default: the preset's time-lapse"),
+    ] = None,
+    duration: Annotated[
+        float, typer.Option(help="seconds of time-lapse when no --sequence")
+    ] = 10.0,
+    interval: Annotated[
+        float | None,
+        typer.Option(help="time-lapse interval in s when no --sequence (default: the preset's)"),
+    ] = None,
     stream: Annotated[str, typer.Option(help="stream id written in every header")] = "scope",
     hwm: Annotated[int, typer.Option(help="frames queued before frames are not handed over")] = 32,
-    wait: Annotated[float, typer.Option(
-        help="seconds to wait for a receiver before starting; 0 starts without one")] = 5.0,
+    wait: Annotated[
+        float,
+        typer.Option(help="seconds to wait for a receiver before starting; 0 starts without one"),
+    ] = 5.0,
     seed: Annotated[int, typer.Option(help="simulated specimen and noise seed")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
 ) -> None:
@@ -93,7 +119,9 @@ def acquire(
 
     with _expected_errors():
         if config and preset:
-            raise acq.SetupError("give either --config (a real rig) or --preset (simulated), not both")
+            raise acq.SetupError(
+                "give either --config (a real rig) or --preset (simulated), not both"
+            )
         if duration <= 0 or (interval is not None and interval < 0):
             raise acq.SetupError(f"--duration {duration} must be > 0 and --interval >= 0")
         if config:
@@ -117,9 +145,16 @@ def acquire(
         total = sum(1 for _ in seq)
         with _progress() as bar:
             task = bar.add_task(f"acquiring -> {to}", total=total, status="")
-            summary = acq.run(core, seq, hook, on_progress=lambda s: bar.update(
-                task, completed=s.frames_seen,
-                status=f"not handed over: {s.frames_not_handed_over}"))
+            summary = acq.run(
+                core,
+                seq,
+                hook,
+                on_progress=lambda s: bar.update(
+                    task,
+                    completed=s.frames_seen,
+                    status=f"not handed over: {s.frames_not_handed_over}",
+                ),
+            )
         hook.close()
     if as_json:
         out.print_json(json.dumps(summary))
@@ -133,11 +168,18 @@ def acquire(
 def receive(
     listen: Annotated[str, typer.Option(help="endpoint to bind (PULL)")] = DEFAULT_ENDPOINT,
     count: Annotated[int | None, typer.Option(help="stop after this many frames")] = None,
-    idle_timeout: Annotated[float, typer.Option(help="stop after this long without a frame")] = 10.0,
-    insecure: Annotated[bool, typer.Option(
-        help="allow binding a non-loopback address without authentication")] = False,
-    headers: Annotated[Path | None, typer.Option(
-        help="append every received header, with the pixels' crc32, to this JSONL file")] = None,
+    idle_timeout: Annotated[
+        float, typer.Option(help="stop after this long without a frame")
+    ] = 10.0,
+    insecure: Annotated[
+        bool, typer.Option(help="allow binding a non-loopback address without authentication")
+    ] = False,
+    headers: Annotated[
+        Path | None,
+        typer.Option(
+            help="append every received header, with the pixels' crc32, to this JSONL file"
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
 ) -> None:
     """Receive frames without enhancing them: check sequence numbers and measure latency.
@@ -163,8 +205,9 @@ def receive(
 
         if not as_json:
             err.print(f"listening on {listen}")
-        stats = rx.run(on_frame, count=count, idle_timeout_s=idle_timeout,
-                       should_stop=lambda: bool(stopping))
+        stats = rx.run(
+            on_frame, count=count, idle_timeout_s=idle_timeout, should_stop=lambda: bool(stopping)
+        )
     summary = stats.summary()
     if as_json:
         print(json.dumps(summary), flush=True)
@@ -193,8 +236,13 @@ def demo(
         with _progress() as bar:
             task = bar.add_task(preset, total=sum(1 for _ in seq), status="")
             summary, received = acq.run_with_receiver(
-                scope.core, seq, stream="demo", on_progress=lambda s: bar.update(
-                    task, completed=s.frames_seen, status=f"sent {s.frames_sent}"))
+                scope.core,
+                seq,
+                stream="demo",
+                on_progress=lambda s: bar.update(
+                    task, completed=s.frames_seen, status=f"sent {s.frames_sent}"
+                ),
+            )
     result = {
         "preset": preset,
         "engine": None,
@@ -204,8 +252,10 @@ def demo(
         "frames_received": received["frames_received"],
         "frames_missing": received["frames_missing"],
         "acquired_fps": summary["fps"],
-        "latency_ms": {"frameReady_to_sent": summary["hook_ms"],
-                       "frameReady_to_receiver": received["latency_ms"]},
+        "latency_ms": {
+            "frameReady_to_sent": summary["hook_ms"],
+            "frameReady_to_receiver": received["latency_ms"],
+        },
         "files": [],
         "note": "no engine server in this version: frames were received raw, not enhanced",
     }
@@ -218,8 +268,7 @@ def demo(
 def _print_summary(title: str, summary: dict[str, Any]) -> None:
     table = Table(title=title, show_header=False)
     for key, value in summary.items():
-        if isinstance(value, dict) and value and all(
-                isinstance(v, dict) for v in value.values()):
+        if isinstance(value, dict) and value and all(isinstance(v, dict) for v in value.values()):
             for sub, v in value.items():
                 table.add_row(f"{key} {sub}", _fmt(v))
         else:

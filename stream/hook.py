@@ -22,9 +22,9 @@ import numpy as np
 import zmq
 from pydantic import ValidationError
 
-from .stats import percentiles
 from .endpoints import EndpointError, check_endpoint
 from .protocol import DTYPES, FrameHeader, StagePosition, check_stream_id, encode
+from .stats import percentiles
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -149,7 +149,8 @@ class FrameHook:
         self._sock.setsockopt(zmq.IMMEDIATE, 1)  # queue only for a connected receiver
         # watch for the handshake from before connect, so wait_for_receiver cannot miss it
         self._monitor: zmq.Socket | None = self._sock.get_monitor_socket(
-            zmq.EVENT_HANDSHAKE_SUCCEEDED)
+            zmq.EVENT_HANDSHAKE_SUCCEEDED
+        )
         try:
             self._sock.connect(endpoint)
         except zmq.ZMQError as e:
@@ -166,7 +167,9 @@ class FrameHook:
             self.stats = HookStats()
             self._acquisition = str(getattr(sequence, "uid", "")) or None
 
-    def frameReady(self, img: np.ndarray, event: useq.MDAEvent, meta: Mapping | None = None) -> None:
+    def frameReady(
+        self, img: np.ndarray, event: useq.MDAEvent, meta: Mapping | None = None
+    ) -> None:
         self.send(img, event=event, meta=meta, mono_ns=time.monotonic_ns(), wall_time=time.time())
 
     def sequenceFinished(self, sequence: Any = None) -> None:
@@ -194,7 +197,12 @@ class FrameHook:
             return self._send(img, event, meta, mono_ns or time.monotonic_ns(), wall_time)
 
     def _send(
-        self, img: np.ndarray, event: Any, meta: Mapping | None, mono_ns: int, wall_time: float | None
+        self,
+        img: np.ndarray,
+        event: Any,
+        meta: Mapping | None,
+        mono_ns: int,
+        wall_time: float | None,
     ) -> bool:
         stats = self.stats
         stats.frames_seen += 1
@@ -238,17 +246,18 @@ class FrameHook:
             pos = {"x": event.x_pos, "y": event.y_pos, "z": event.z_pos}
         channel = getattr(getattr(event, "channel", None), "config", None)
         exposure = meta.get("exposure_ms", getattr(event, "exposure", None))
+        stage = StagePosition(**{k: pos.get(k) for k in "xyz"})
         return FrameHeader(
             stream=self.stream,
             seq=seq,
-            index={getattr(k, "value", k): int(v) for k, v in (event.index if event else {}).items()},
+            index={getattr(k, "value", k): int(v) for k, v in getattr(event, "index", {}).items()},
             shape=img.shape,
             dtype=dtype,
             mono_ns=mono_ns,
             wall_time=wall,
             exposure_ms=exposure,
             pixel_size_um=meta.get("pixel_size_um") or None,
-            stage=StagePosition(**{k: pos.get(k) for k in "xyz"}) if any(v is not None for v in pos.values()) else None,
+            stage=stage if stage != StagePosition() else None,
             channel=channel,
             acquisition=self._acquisition,
         )

@@ -111,7 +111,9 @@ class FrameHeader(BaseModel):
     @classmethod
     def _sane_shape(cls, v: tuple[int, ...]) -> tuple[int, ...]:
         if len(v) not in (2, 3) or any(not 0 < s <= MAX_SIDE for s in v[:2]):
-            raise ValueError(f"shape {v} must be (rows, cols[, components]) with sides 1..{MAX_SIDE}")
+            raise ValueError(
+                f"shape {v} must be (rows, cols[, components]) with sides 1..{MAX_SIDE}"
+            )
         if len(v) == 3 and not 1 <= v[2] <= 4:
             raise ValueError(f"shape {v}: components must be 1..4")
         if int(np.prod(v)) > MAX_PIXELS:

@@ -56,8 +56,14 @@ class FrameReceiver:
     and skipped; the receiver keeps going.
     """
 
-    def __init__(self, endpoint: str, *, insecure: bool = False, rcvhwm: int = 64,
-                 context: zmq.Context | None = None) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        insecure: bool = False,
+        rcvhwm: int = 64,
+        context: zmq.Context | None = None,
+    ) -> None:
         self.endpoint = check_bind(endpoint, insecure=insecure)
         self.stats = ReceiverStats()
         self._next_seq: dict[tuple[str, str | None], int] = {}
@@ -86,9 +92,14 @@ class FrameReceiver:
         self._count(header, pixels, now)
         return header, pixels
 
-    def run(self, on_frame: Callable[[FrameHeader, np.ndarray], Any] | None = None, *,
-            count: int | None = None, idle_timeout_s: float = 5.0,
-            should_stop: Callable[[], bool] = lambda: False) -> ReceiverStats:
+    def run(
+        self,
+        on_frame: Callable[[FrameHeader, np.ndarray], Any] | None = None,
+        *,
+        count: int | None = None,
+        idle_timeout_s: float = 5.0,
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> ReceiverStats:
         """Receive until ``count`` frames, ``idle_timeout_s`` without frames, or ``should_stop``."""
         idle_since = time.monotonic()
         while not should_stop() and (count is None or self.stats.frames < count):

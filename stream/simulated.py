@@ -110,12 +110,18 @@ PRESETS: dict[str, Preset] = {
             exposure_ms=30.0,
             frame_interval_s=0.05,
             channels={
-                "FITC": ChannelSpec(specimen="filaments-and-nuclei", photons_per_ms=1.0,
-                                    wavelength_nm=520),
+                "FITC": ChannelSpec(
+                    specimen="filaments-and-nuclei", photons_per_ms=1.0, wavelength_nm=520
+                ),
                 "DAPI": ChannelSpec(specimen="nuclei", photons_per_ms=1.0, wavelength_nm=460),
             },
-            camera=CameraParams(offset_adu=50, gain_adu_per_electron=8.0,
-                                read_noise_electrons=0.3, quantum_efficiency=0.45, bit_depth=12),
+            camera=CameraParams(
+                offset_adu=50,
+                gain_adu_per_electron=8.0,
+                read_noise_electrons=0.3,
+                quantum_efficiency=0.45,
+                bit_depth=12,
+            ),
             optics=OpticsParams(na=1.2, wavelength_nm=520, refractive_index=1.33),
             scan=ScanParams(downsample=2, bidirectional=True, phase_px=0.6),
             high_quality_factor=2,
@@ -129,15 +135,22 @@ PRESETS: dict[str, Preset] = {
             exposure_ms=10.0,
             frame_interval_s=2.0,  # 20 simulated minutes between time points
             channels={
-                "BF": ChannelSpec(specimen="brightfield-cells", photons_per_ms=0.5,
-                                  wavelength_nm=550),
+                "BF": ChannelSpec(
+                    specimen="brightfield-cells", photons_per_ms=0.5, wavelength_nm=550
+                ),
             },
-            camera=CameraParams(offset_adu=100, gain_adu_per_electron=0.5,
-                                read_noise_electrons=1.6, quantum_efficiency=0.8, bit_depth=16),
+            camera=CameraParams(
+                offset_adu=100,
+                gain_adu_per_electron=0.5,
+                read_noise_electrons=1.6,
+                quantum_efficiency=0.8,
+                bit_depth=16,
+            ),
             optics=OpticsParams(na=0.35, wavelength_nm=550, refractive_index=1.0),
             scan=ScanParams(),
-            focus=FocusDrift(tilt_um_per_mm=(1.5, -1.0), amplitude_um=4.0, period_s=3 * 3600,
-                             creep_um_per_h=1.0),
+            focus=FocusDrift(
+                tilt_um_per_mm=(1.5, -1.0), amplitude_um=4.0, period_s=3 * 3600, creep_um_per_h=1.0
+            ),
             time_scale=600.0,
             # wells A1, A2, B1 of a 96-well plate (9 mm pitch), centred on A1
             positions=[(0.0, 0.0, 0.0), (9000.0, 0.0, 0.0), (0.0, 9000.0, 0.0)],
@@ -195,7 +208,12 @@ class Scene:
         return self._models[channel, high_quality]
 
     def fine_photons(
-        self, t_s: float, channel: str, exposure_ms: float, xy_um: tuple[float, float], *,
+        self,
+        t_s: float,
+        channel: str,
+        exposure_ms: float,
+        xy_um: tuple[float, float],
+        *,
         high_quality: bool = False,
     ) -> np.ndarray:
         """Expected photons on the forward model's fine grid (before blur, scan and camera)."""
@@ -209,8 +227,14 @@ class Scene:
         return self.specimen(channel).render(t_s, view) * np.float32(dwell)
 
     def record(
-        self, out: np.ndarray, *, t_s: float, channel: str, exposure_ms: float,
-        xyz_um: tuple[float, float, float], lit: bool = True,
+        self,
+        out: np.ndarray,
+        *,
+        t_s: float,
+        channel: str,
+        exposure_ms: float,
+        xyz_um: tuple[float, float, float],
+        lit: bool = True,
     ) -> None:
         """Fill ``out`` with the frame the camera records."""
         x, y, z = xyz_um
@@ -319,8 +343,9 @@ class SimCamera(SimpleCameraDevice):
     A snap takes at least the exposure time, as a real sensor integrates for that long.
     """
 
-    def __init__(self, scene: Scene, xy: SimXYStage, z: SimZStage, shutter: SimShutter,
-                 wheel: SimFilterWheel) -> None:
+    def __init__(
+        self, scene: Scene, xy: SimXYStage, z: SimZStage, shutter: SimShutter, wheel: SimFilterWheel
+    ) -> None:
         super().__init__()
         self.scene, self._xy, self._z, self._shutter, self._wheel = scene, xy, z, shutter, wheel
         self._exposure = scene.preset.exposure_ms
@@ -344,8 +369,14 @@ class SimCamera(SimpleCameraDevice):
         t = self.scene.now()
         x, y = self._xy.get_position_um()
         channel = self._wheel.get_property_value("Label")
-        self.scene.record(buffer, t_s=t, channel=channel, exposure_ms=self._exposure,
-                          xyz_um=(x, y, self._z.get_position_um()), lit=self._shutter.get_open())
+        self.scene.record(
+            buffer,
+            t_s=t,
+            channel=channel,
+            exposure_ms=self._exposure,
+            xyz_um=(x, y, self._z.get_position_um()),
+            lit=self._shutter.get_open(),
+        )
         if (left := self._exposure / 1000 - (time.monotonic() - start)) > 0:
             time.sleep(left)
         return {"SimulatedTime_s": f"{t:.4f}", "Channel": channel}
@@ -363,8 +394,13 @@ class SimulatedMicroscope:
         self.wheel = SimFilterWheel(channels)
         self.camera = SimCamera(self.scene, self.xy, self.z, self.shutter, self.wheel)
         core = UniMMCore()
-        for label, dev in (("Camera", self.camera), ("XY", self.xy), ("Z", self.z),
-                           ("Shutter", self.shutter), ("Filter", self.wheel)):
+        for label, dev in (
+            ("Camera", self.camera),
+            ("XY", self.xy),
+            ("Z", self.z),
+            ("Shutter", self.shutter),
+            ("Filter", self.wheel),
+        ):
             core.loadPyDevice(label, dev)
         core.initializeAllDevices()
         core.setCameraDevice("Camera")
@@ -381,12 +417,18 @@ class SimulatedMicroscope:
         core.setExposure(self.preset.exposure_ms)
         self.core = core
 
-    def high_quality(self, t_s: float, channel: str | None = None,
-                     xy_um: tuple[float, float] = (0.0, 0.0), *, seed: int | None = None,
-                     ) -> np.ndarray:
+    def high_quality(
+        self,
+        t_s: float,
+        channel: str | None = None,
+        xy_um: tuple[float, float] = (0.0, 0.0),
+        *,
+        seed: int | None = None,
+    ) -> np.ndarray:
         """The slow high-quality scan of the same scene at simulated time ``t_s`` (true pair)."""
         channel = channel or next(iter(self.preset.channels))
         model = self.scene.forward_model(channel, high_quality=True)
-        fine = self.scene.fine_photons(t_s, channel, self.preset.exposure_ms, xy_um,
-                                       high_quality=True)
+        fine = self.scene.fine_photons(
+            t_s, channel, self.preset.exposure_ms, xy_um, high_quality=True
+        )
         return model.record(fine, np.random.default_rng(seed))

@@ -24,17 +24,20 @@ class Recorder:
         self.frames: list[dict] = []
 
     def frameReady(self, img: np.ndarray, event: useq.MDAEvent, meta: dict) -> None:
-        self.frames.append({"t": time.monotonic(), "crc32": zlib.crc32(img),
-                            "index": {k.value if hasattr(k, "value") else k: v
-                                      for k, v in event.index.items()},
-                            "channel": event.channel.config if event.channel else None})
+        self.frames.append(
+            {
+                "t": time.monotonic(),
+                "crc32": zlib.crc32(img),
+                "index": {k.value if hasattr(k, "value") else k: v for k, v in event.index.items()},
+                "channel": event.channel.config if event.channel else None,
+            }
+        )
 
 
 def run_to_receiver(core, seq: useq.MDASequence, tmp_path: Path):
     headers = tmp_path / "headers.jsonl"
     rec = Recorder()
-    sent, summary = acquire.run_with_receiver(core, seq, stream="test", headers=headers,
-                                              also=[rec])
+    sent, summary = acquire.run_with_receiver(core, seq, stream="test", headers=headers, also=[rec])
     received = [json.loads(line) for line in headers.read_text().splitlines()]
     return sent, rec, summary, received
 

@@ -11,8 +11,9 @@ import pytest
 
 
 def scopecast(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "stream", *args], capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "stream", *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.mark.parametrize(
@@ -23,8 +24,10 @@ def scopecast(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         (["acquire", "--to", "localhost:5555"], "is not tcp://HOST:PORT"),
         (["acquire", "--preset", "confocal-20fps", "--config", "x.cfg"], "not both"),
         (["acquire", "--duration", "0"], "--duration 0.0 must be > 0"),
-        (["receive", "--listen", "tcp://0.0.0.0:5599", "--idle-timeout", "0.1"],
-         "refusing to bind tcp://0.0.0.0:5599"),
+        (
+            ["receive", "--listen", "tcp://0.0.0.0:5599", "--idle-timeout", "0.1"],
+            "refusing to bind tcp://0.0.0.0:5599",
+        ),
         (["demo", "--preset", "widefield"], "unknown preset 'widefield'"),
     ],
 )
@@ -48,8 +51,11 @@ def test_bad_sequence_files(tmp_path: Path) -> None:
     invalid.write_text("time_plan:\n  interval: 0.1\n  loops: many\n")
     cfg = tmp_path / "empty.cfg"
     cfg.write_text("# nothing\n")
-    for path, message in [(syntax, "could not be read"), (invalid, "not a valid useq"),
-                          (tmp_path / "seq.txt", "does not exist")]:
+    for path, message in [
+        (syntax, "could not be read"),
+        (invalid, "not a valid useq"),
+        (tmp_path / "seq.txt", "does not exist"),
+    ]:
         r = scopecast("acquire", "--sequence", str(path), "--wait", "0")
         assert r.returncode == 2 and message in r.stderr, r.stderr
     r = scopecast("acquire", "--config", str(cfg))
@@ -59,11 +65,13 @@ def test_bad_sequence_files(tmp_path: Path) -> None:
 def test_receive_and_acquire_a_sequence_file(endpoint: str, tmp_path: Path) -> None:
     seq = tmp_path / "seq.yaml"
     seq.write_text("channels: [FITC, DAPI]\ntime_plan: {interval: 0, loops: 3}\n")
-    rx = subprocess.Popen([sys.executable, "-m", "stream", "receive", "--listen", endpoint,
-                           "--count", "6", "--json"], stdout=subprocess.PIPE, text=True)
+    rx = subprocess.Popen(
+        [sys.executable, "-m", "stream", "receive", "--listen", endpoint, "--count", "6", "--json"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
-        r = scopecast("acquire", "--to", endpoint, "--sequence", str(seq), "--wait", "20",
-                      "--json")
+        r = scopecast("acquire", "--to", endpoint, "--sequence", str(seq), "--wait", "20", "--json")
         out = rx.communicate(timeout=60)[0]
     finally:
         rx.kill()
@@ -77,8 +85,13 @@ def test_demo_json_has_stable_keys() -> None:
     r = scopecast("demo", "--duration", "1", "--json")
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
-    assert {"frames_acquired", "frames_enhanced", "frames_not_handed_over", "latency_ms",
-            "files"} <= d.keys()
+    assert {
+        "frames_acquired",
+        "frames_enhanced",
+        "frames_not_handed_over",
+        "latency_ms",
+        "files",
+    } <= d.keys()
     assert d["frames_acquired"] == d["frames_received"] == 20
     assert d["frames_enhanced"] == 0 and "not enhanced" in d["note"]  # no server yet: says so
     lat = d["latency_ms"]["frameReady_to_receiver"]

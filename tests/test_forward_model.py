@@ -82,7 +82,9 @@ def test_photons_from_adu_inverts_expected_adu() -> None:
     flat = np.full(photons.shape, 0.9)
     adu = expected_adu(photons, CAM, flat_field=flat)
     assert adu.dtype == np.float32
-    np.testing.assert_allclose(photons_from_adu(adu, CAM, flat_field=flat), photons, rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(
+        photons_from_adu(adu, CAM, flat_field=flat), photons, rtol=1e-5, atol=1e-3
+    )
 
 
 def test_clipping_at_max_adu_and_at_zero_for_12_bit() -> None:
@@ -115,7 +117,13 @@ def test_record_rejects_mismatched_maps_and_out() -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"gain_adu_per_electron": 0}, {"bit_depth": 17}, {"bit_depth": 0}, {"quantum_efficiency": 1.2}, {"offset_adu": -1}],
+    [
+        {"gain_adu_per_electron": 0},
+        {"bit_depth": 17},
+        {"bit_depth": 0},
+        {"quantum_efficiency": 1.2},
+        {"offset_adu": -1},
+    ],
 )
 def test_camera_params_reject_bad_values(kwargs: dict) -> None:
     with pytest.raises(ValidationError):
@@ -132,7 +140,10 @@ def test_params_are_frozen_and_forbid_extras() -> None:
 # ---- optics -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kwargs", [{"na": 1.515}, {"na": 1.6}, {"na": 0}, {"wavelength_nm": 150}, {"wavelength_nm": 2500}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"na": 1.515}, {"na": 1.6}, {"na": 0}, {"wavelength_nm": 150}, {"wavelength_nm": 2500}],
+)
 def test_optics_params_reject_bad_values(kwargs: dict) -> None:
     with pytest.raises(ValidationError):
         OpticsParams(**kwargs)
@@ -151,7 +162,11 @@ def test_psf_sigma_matches_zhang_approximation() -> None:
 def test_gaussian_kernel_normalized_with_expected_second_moment(dz: float) -> None:
     optics, pixel = OpticsParams(), 0.03
     kernel = psf_kernel(optics, pixel, dz)
-    assert kernel.dtype == np.float64 and kernel.shape[0] % 2 == 1 and kernel.shape[0] == kernel.shape[1]
+    assert (
+        kernel.dtype == np.float64
+        and kernel.shape[0] % 2 == 1
+        and kernel.shape[0] == kernel.shape[1]
+    )
     assert kernel.sum() == pytest.approx(1.0)
     sigma_px = np.hypot(psf_sigma_um(optics), defocus_sigma_um(optics, dz)) / pixel
     assert kernel.shape[0] >= 8 * sigma_px
@@ -165,7 +180,9 @@ def test_airy_first_minimum_near_0_61_lambda_over_na() -> None:
     profile = kernel[kernel.shape[0] // 2, kernel.shape[0] // 2 :]
     first_min = np.argmax(np.diff(profile) > 0) * pixel
     assert first_min == pytest.approx(0.61 * 0.520 / 1.4, rel=0.03)
-    assert profile[0] > 50 * profile.max(where=np.arange(profile.size) > first_min / pixel + 2, initial=0)
+    assert profile[0] > 50 * profile.max(
+        where=np.arange(profile.size) > first_min / pixel + 2, initial=0
+    )
 
 
 @pytest.mark.parametrize("optics", [OpticsParams(), AIRY], ids=["gaussian", "airy"])
@@ -238,7 +255,10 @@ def test_scan_params_validation() -> None:
 @pytest.mark.parametrize("psf", ["gaussian", "airy"])
 @pytest.mark.parametrize("z", [None, 0.0, -0.3])
 def test_point_source_flux_conserved_through_forward_model(psf: str, z: float | None) -> None:
-    model = ForwardModel(optics=OpticsParams(psf=psf), scan=ScanParams(downsample=4, bidirectional=True, phase_px=0.5))
+    model = ForwardModel(
+        optics=OpticsParams(psf=psf),
+        scan=ScanParams(downsample=4, bidirectional=True, phase_px=0.5),
+    )
     fine = np.zeros((128, 128))
     fine[64, 64] = 5000.0
     photons = model.expected_photons(fine, z)

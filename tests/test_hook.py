@@ -24,8 +24,11 @@ def test_reused_camera_buffer_never_corrupts_a_frame_in_flight(endpoint: str) ->
     got: list[tuple[int, np.ndarray]] = []
     with FrameReceiver(endpoint) as rx:
         t = threading.Thread(
-            target=rx.run, args=(lambda h, px: got.append((h.seq, px.copy())),),
-            kwargs={"count": n, "idle_timeout_s": 10}, daemon=True)
+            target=rx.run,
+            args=(lambda h, px: got.append((h.seq, px.copy())),),
+            kwargs={"count": n, "idle_timeout_s": 10},
+            daemon=True,
+        )
         t.start()
         with FrameHook(endpoint, hwm=1000) as hook:
             hook.wait_for_receiver(5)

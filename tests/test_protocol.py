@@ -24,9 +24,19 @@ from stream.protocol import (
 
 
 def header_for(arr: np.ndarray, **kw) -> FrameHeader:
-    base = dict(stream="cam0", seq=7, index={"t": 3, "p": 1, "c": 0, "z": 2}, shape=arr.shape,
-                dtype=arr.dtype.name, mono_ns=123, wall_time=1.5e9, exposure_ms=10.0,
-                pixel_size_um=0.1, stage={"x": 1.0, "y": -2.0, "z": 0.0}, channel="FITC")
+    base = dict(
+        stream="cam0",
+        seq=7,
+        index={"t": 3, "p": 1, "c": 0, "z": 2},
+        shape=arr.shape,
+        dtype=arr.dtype.name,
+        mono_ns=123,
+        wall_time=1.5e9,
+        exposure_ms=10.0,
+        pixel_size_um=0.1,
+        stage={"x": 1.0, "y": -2.0, "z": 0.0},
+        channel="FITC",
+    )
     return FrameHeader(**{**base, **kw})
 
 
