@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from rich.table import Column, Table
 
 from .endpoints import EndpointError
 from .hook import FrameHook, ReceiverUnreachable
@@ -62,7 +62,8 @@ def presets() -> None:
     """List the simulated microscope's presets."""
     from .simulated import PRESETS
 
-    table = Table("preset", "frame", "pixel (um)", "interval (s)", "channels", "what it is")
+    table = Table("frame", "um/px", "interval s", "channels", "what it is")
+    table.columns.insert(0, Column("preset", no_wrap=True))
     for p in PRESETS.values():
         table.add_row(
             p.name,
