@@ -117,29 +117,23 @@ def acquire(
     never waits for them.
     """
     from . import acquire as acq
+    from .simulated import time_plan
 
     with _expected_errors():
         if config and preset:
             raise acq.SetupError(
                 "give either --config (a real rig) or --preset (simulated), not both"
             )
-        if duration <= 0 or (interval is not None and interval < 0):
-            raise acq.SetupError(f"--duration {duration} must be > 0 and --interval >= 0")
+        for name, value in (("--duration", duration), ("--interval", interval)):
+            if value is not None and value <= 0:
+                raise acq.SetupError(f"{name} {value} must be > 0")
         if config:
             core = acq.load_config(config)
-            default_interval = 0.1
-            default_seq = None
+            default_seq = acq.useq.MDASequence(time_plan=time_plan(duration, interval or 0.1))
         else:
             scope = acq.simulated(preset or "confocal-20fps", seed)
-            core, default_interval = scope.core, scope.preset.frame_interval_s
-            default_seq = scope.preset.sequence
-        if sequence:
-            seq = acq.load_sequence(sequence)
-        else:
-            itv = default_interval if interval is None else interval
-            loops = max(1, round(duration / itv)) if itv > 0 else max(1, round(duration * 20))
-            plan = {"time_plan": {"interval": itv, "loops": loops}}
-            seq = default_seq(duration, **plan) if default_seq else acq.useq.MDASequence(**plan)
+            core, default_seq = scope.core, scope.preset.sequence(duration, interval)
+        seq = acq.load_sequence(sequence) if sequence else default_seq
         hook = FrameHook(to, stream=stream, hwm=hwm, on_finished=lambda stats: None)
         if wait > 0:
             hook.wait_for_receiver(wait)

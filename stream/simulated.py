@@ -39,6 +39,11 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
 
 
+def time_plan(duration_s: float, interval_s: float) -> dict[str, float]:
+    """A useq time plan of about ``duration_s`` at ``interval_s`` (at least one time point)."""
+    return {"interval": interval_s, "loops": max(1, round(duration_s / interval_s))}
+
+
 class FocusDrift(BaseModel):
     """Where the true focal plane is: plate tilt plus a slow thermal oscillation and creep."""
 
@@ -87,11 +92,12 @@ class Preset(BaseModel):
     high_quality_dwell: float = Field(1.0, gt=0, description="slow scan: photons vs fast scan")
     positions: list[tuple[float, float, float]] = [(0.0, 0.0, 0.0)]
 
-    def sequence(self, duration_s: float, **overrides: Any) -> useq.MDASequence:
+    def sequence(
+        self, duration_s: float, interval_s: float | None = None, **overrides: Any
+    ) -> useq.MDASequence:
         """The preset's default acquisition lasting about ``duration_s``."""
-        loops = max(1, round(duration_s / self.frame_interval_s))
         kw: dict[str, Any] = {
-            "time_plan": {"interval": self.frame_interval_s, "loops": loops},
+            "time_plan": time_plan(duration_s, interval_s or self.frame_interval_s),
             "channels": [{"config": next(iter(self.channels)), "exposure": self.exposure_ms}],
             "stage_positions": self.positions,
             "axis_order": "tpgcz",
