@@ -140,6 +140,7 @@ class FrameHook:
         self._on_finished = on_finished
         self._seq = 0
         self._acquisition: str | None = None
+        self._sizes: dict[str, int] = {}
         self._lock = threading.Lock()  # frameReady runs on pymmcore-plus's relay thread
         self._pool = _BufferPool(limit=hwm + 8)
         self._ctx = context or zmq.Context.instance()
@@ -166,6 +167,8 @@ class FrameHook:
         with self._lock:
             self.stats = HookStats()
             self._acquisition = str(getattr(sequence, "uid", "")) or None
+            sizes = getattr(sequence, "sizes", None) or {}
+            self._sizes = {getattr(k, "value", k): int(v) for k, v in sizes.items() if int(v) > 0}
 
     def frameReady(
         self, img: np.ndarray, event: useq.MDAEvent, meta: Mapping | None = None
@@ -260,6 +263,7 @@ class FrameHook:
             stage=stage if stage != StagePosition() else None,
             channel=channel,
             acquisition=self._acquisition,
+            sizes=self._sizes,
         )
 
     # -- lifecycle ----------------------------------------------------------------------------

@@ -93,13 +93,17 @@ class FrameHeader(BaseModel):
     stage: StagePosition | None = None
     channel: str | None = Field(None, description="channel config name, e.g. 'FITC'")
     acquisition: str | None = Field(None, description="id of the acquisition (useq sequence uid)")
+    sizes: dict[str, Annotated[int, Field(ge=0)]] = Field(
+        default_factory=dict,
+        description="useq sizes of the acquisition, e.g. {'t': 100, 'p': 3, 'c': 2}; {} if unknown",
+    )
 
     @field_validator("stream")
     @classmethod
     def _stream_id(cls, v: str) -> str:
         return check_stream_id(v)
 
-    @field_validator("index")
+    @field_validator("index", "sizes")
     @classmethod
     def _index_keys(cls, v: dict[str, int]) -> dict[str, int]:
         bad = [k for k in v if not (0 < len(k) <= 16 and k.isidentifier())]
