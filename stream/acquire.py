@@ -7,6 +7,7 @@ import logging
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -18,6 +19,8 @@ from pymmcore_plus import CMMCorePlus
 
 from .hook import FrameHook, HookStats
 from .simulated import SimulatedMicroscope
+
+log = logging.getLogger(__name__)
 
 
 class SetupError(ValueError):
@@ -113,6 +116,13 @@ def run(
     return summary
 
 
+def free_endpoint() -> str:
+    """A tcp endpoint on loopback with a port nobody is using right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
 def run_with_receiver(
     core: CMMCorePlus,
     sequence: useq.MDASequence,
@@ -125,9 +135,7 @@ def run_with_receiver(
     """Run ``sequence`` into ``scopecast receive`` started in another process on a free
     loopback port; return (hook summary, receiver summary)."""
     total = sum(1 for _ in sequence)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        endpoint = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    endpoint = free_endpoint()
     cmd = [
         sys.executable,
         "-m",
@@ -158,3 +166,74 @@ def run_with_receiver(
     if rx.returncode != 0:
         raise RuntimeError(f"scopecast receive exited with {rx.returncode}: {errors.strip()}")
     return sent, json.loads(out.strip().splitlines()[-1])
+
+
+def run_with_server(
+    core: CMMCorePlus,
+    sequence: useq.MDASequence,
+    *,
+    engines: Sequence[str],
+    out_dir: Path,
+    mode: str = "live",
+    stream: str = "scope",
+    backend: str = "auto",
+    threads: int | None = None,
+    on_progress: Callable[[HookStats, dict[str, Any] | None], None] | None = None,
+    status_every_s: float = 0.5,
+    also: Sequence[Any] = (),
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run ``sequence`` into ``scopecast serve`` started in another process on free loopback
+    ports; stop it once every sent frame arrived; return (hook summary, server summary)."""
+    from .control import ControlError, request, wait_ready
+
+    listen, publish, control = free_endpoint(), free_endpoint(), free_endpoint()
+    cmd = [sys.executable, "-m", "stream", "serve", "--listen", listen, "--publish", publish,
+           "--control", control, "--out", str(out_dir), "--mode", mode, "--backend", backend,
+           "--quiet"]  # fmt: skip
+    for name in engines:
+        cmd += ["--engine", str(name)]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    log_file = tempfile.TemporaryFile("w+")
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log_file, text=True)
+    try:
+        wait_ready(control, process=server, timeout_s=60)
+        hook = FrameHook(listen, stream=stream, on_finished=lambda stats: None)
+        last: dict[str, Any] = {"at": 0.0, "status": None}
+
+        def progress(stats: HookStats) -> None:
+            if time.monotonic() - last["at"] > status_every_s:
+                last["at"] = time.monotonic()
+                try:
+                    last["status"] = request(control, "status", timeout_s=1.0)
+                except ControlError:
+                    pass
+            if on_progress is not None:
+                on_progress(stats, last["status"])
+
+        try:
+            hook.wait_for_receiver(20)
+            sent = run(core, sequence, hook, on_progress=progress, also=also)
+        finally:
+            hook.close()
+        summary = request(
+            control, "stop", expect={stream: sent["frames_sent"]}, timeout_s=3600.0
+        )
+        server.wait(60)
+    except BaseException:
+        if server.poll() is None:
+            server.terminate()  # flushes and closes its files
+            try:
+                server.wait(30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+        log_file.seek(0)
+        tail = log_file.read()[-2000:].strip()
+        if tail:
+            log.warning("engine server log:\n%s", tail)
+        raise
+    finally:
+        log_file.close()
+    if server.returncode != 0:
+        raise RuntimeError(f"scopecast serve exited with {server.returncode}")
+    return sent, summary

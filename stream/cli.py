@@ -34,13 +34,15 @@ DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
 
 
 @contextmanager
-def _expected_errors():
+def _expected_errors(*more: type[Exception]):
     """Turn the mistakes a user can make into one red line and exit code 2, not a traceback."""
+    from engines.package import PackageError
+
     from .acquire import SetupError
 
     try:
         yield
-    except (SetupError, EndpointError, ReceiverUnreachable, OSError) as e:
+    except (SetupError, EndpointError, ReceiverUnreachable, PackageError, OSError, *more) as e:
         err.print(f"[red]error:[/red] {e}", highlight=False)
         raise typer.Exit(2) from None
 
@@ -211,53 +213,266 @@ def receive(
 
 
 @app.command()
+def serve(
+    engine: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="engine name or package folder; repeat to chain (e.g. a temporal model, then "
+            "SR). See `scopecast engines list`",
+        ),
+    ] = None,
+    listen: Annotated[str, typer.Option(help="endpoint to receive frames on (PULL)")] = (
+        DEFAULT_ENDPOINT
+    ),
+    publish: Annotated[
+        str, typer.Option(help="endpoint to publish raw and enhanced frames on (PUB); 'none'")
+    ] = "tcp://127.0.0.1:5556",
+    control: Annotated[
+        str, typer.Option(help="control endpoint answering `scopecast status` (REP)")
+    ] = "tcp://127.0.0.1:5557",
+    out_dir: Annotated[
+        Path,
+        typer.Option("--out", help="folder for runs; each run writes a new run-DATE-TIME in it"),
+    ] = Path("scopecast-runs"),
+    mode: Annotated[
+        str,
+        typer.Option(
+            help="live: newest frame wins, skips are counted; complete: every frame, in order"
+        ),
+    ] = "live",
+    backend: Annotated[
+        str, typer.Option(help="auto, onnxruntime, onnxruntime-cpu, -cuda or -tensorrt")
+    ] = "auto",
+    threads: Annotated[
+        int | None, typer.Option(help="inference threads (default: the backend's choice)")
+    ] = None,
+    backlog_mb: Annotated[
+        float, typer.Option(help="complete mode: backlog kept in memory before spilling to disk")
+    ] = 512.0,
+    keys: Annotated[
+        Path | None,
+        typer.Option(help="CURVE key folder from `scopecast keys` (required off loopback)"),
+    ] = None,
+    insecure: Annotated[
+        bool, typer.Option(help="bind beyond loopback without authentication (warns)")
+    ] = False,
+    quiet: Annotated[bool, typer.Option(help="no live status line")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
+) -> None:
+    """Run the engine server: receive frames, enhance them, write and publish raw + enhanced.
+
+    Stops on Ctrl-C, SIGTERM or `scopecast status --stop`, after flushing and closing every
+    file.
+    """
+    from engines.runtime import BackendError
+
+    from .server import ServerConfig, ServerError
+    from .sinks import fresh_run_dir
+
+    with _expected_errors(ServerError, BackendError):
+        if mode not in ("live", "complete"):
+            raise ServerError(f"--mode {mode!r} must be live or complete")
+        config = ServerConfig(
+            engines=engine or ["identity"],
+            out_dir=fresh_run_dir(out_dir),
+            listen=listen,
+            publish=None if publish == "none" else publish,
+            control=control,
+            mode=mode,
+            backend=backend,
+            threads=threads,
+            backlog_mb=backlog_mb,
+            keys=keys,
+            insecure=insecure,
+        )
+        summary = _serve(config, quiet=quiet or as_json)
+    if as_json:
+        print(json.dumps(summary), flush=True)
+    else:
+        _print_summary("server", _brief(summary))
+
+
+def _serve(config: Any, *, quiet: bool) -> dict[str, Any]:
+    """Run a server until a signal or a control ``stop``; show a status line meanwhile."""
+    import threading
+
+    from .server import EngineServer
+
+    server = EngineServer(config)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: server.stop())
+    if not quiet:
+        e = server.chain.describe()
+        err.print(
+            f"serving [bold]{e['engine']}[/bold] ({e['reason'][0]})\n"
+            f"  frames in {config.listen}  ->  publish {config.publish}  control "
+            f"{config.control}\n  writing {config.out_dir}   Ctrl-C stops",
+            highlight=False,
+        )
+    result: dict[str, Any] = {}
+    runner = threading.Thread(target=lambda: result.update(server.run()), daemon=True)
+    runner.start()
+    with err.status("waiting for frames") if not quiet else ExitStack() as status:
+        while runner.is_alive():
+            runner.join(0.5)
+            if status is not None and not quiet:
+                s = server.status()
+                total = s["latency_ms"].get("total", {})
+                status.update(
+                    f"received {s['frames_received']}  enhanced {s['frames_enhanced']}  "
+                    f"skipped {s['frames_skipped']}  p99 {_fmt(total.get('p99'))} ms"
+                )
+    return result
+
+
+@app.command()
+def status(
+    control: Annotated[str, typer.Option(help="the server's control endpoint")] = (
+        "tcp://127.0.0.1:5557"
+    ),
+    keys: Annotated[Path | None, typer.Option(help="CURVE key folder (client keys)")] = None,
+    stop: Annotated[bool, typer.Option(help="ask the server to finish and exit")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the status as JSON")] = False,
+) -> None:
+    """Ask a running engine server for its counters, latencies, engine and queue depths."""
+    from .control import ControlError, request
+    from .security import curve_or_none
+
+    with _expected_errors(ControlError):
+        reply = request(
+            control, "stop" if stop else "status", curve=curve_or_none(keys),
+            timeout_s=600.0 if stop else 2.0,
+        )
+    if as_json:
+        print(json.dumps(reply), flush=True)
+    else:
+        _print_summary("server", _brief(reply))
+
+
+@app.command()
+def keys(
+    directory: Annotated[Path, typer.Argument(help="folder to create the key pairs in")],
+) -> None:
+    """Create CURVE keys: the server uses server.key_secret, clients client.key_secret."""
+    from .security import KeysError, generate_keys
+
+    with _expected_errors(KeysError):
+        files = generate_keys(directory)
+    for f in files:
+        out.print(str(f), highlight=False)
+    err.print(
+        f"serve with `scopecast serve --keys {directory} --listen tcp://0.0.0.0:5555`; give "
+        "clients the folder without server.key_secret",
+        highlight=False,
+    )
+
+
+@app.command()
+def recover(
+    file: Annotated[Path, typer.Argument(help="an OME-TIFF a crashed server left behind")],
+    index: Annotated[
+        Path | None, typer.Option(help="the run's index.jsonl (default: beside the file)")
+    ] = None,
+) -> None:
+    """Rebuild a readable OME-TIFF from a file left by a crash; the original is kept."""
+    from .sinks import SinkError
+    from .sinks.recover import recover as rebuild
+
+    with _expected_errors(SinkError):
+        r = rebuild(file, index=index)
+    out.print(
+        f"{r.output}: {r.planes} planes recovered"
+        + (f", {r.bad_crc} with a bad checksum" if r.bad_crc else ""),
+        highlight=False,
+    )
+    if r.bad_crc:
+        raise typer.Exit(1)
+
+
+@app.command()
 def demo(
     preset: Annotated[str, typer.Option(help="simulated microscope preset")] = "confocal-20fps",
     duration: Annotated[float, typer.Option(help="seconds of acquisition")] = 5.0,
+    engine: Annotated[
+        list[str] | None,
+        typer.Option(help="engine(s) to run, chained in order (default: the preset's)"),
+    ] = None,
+    mode: Annotated[str, typer.Option(help="server mode: live or complete")] = "live",
+    out_dir: Annotated[
+        Path, typer.Option("--out", help="folder for runs; the demo writes a new run in it")
+    ] = Path("scopecast-runs"),
     seed: Annotated[int, typer.Option(help="simulated specimen and noise seed")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
 ) -> None:
-    """Simulated microscope -> hook -> ZeroMQ -> a receiver in another process, end to end.
+    """Simulated microscope -> hook -> engine server (another process) -> OME-TIFF + PUB.
 
-    No engine server ships yet, so frames arrive raw and are not enhanced; the summary says so.
+    The whole system on the embedded default: a real pymmcore-plus MDA, real ZeroMQ sockets,
+    the shipped engine, files you can open in Fiji.
     """
     from . import acquire as acq
 
-    with _expected_errors():
+    with _expected_errors(RuntimeError):
         if duration <= 0:
             raise acq.SetupError(f"--duration {duration} must be > 0")
+        if mode not in ("live", "complete"):
+            raise acq.SetupError(f"--mode {mode!r} must be live or complete")
         scope = acq.simulated(preset, seed)
         seq = scope.preset.sequence(duration)
+        engines = engine or [scope.preset.engine]
+
+        def status_line(hook: Any, s: dict[str, Any] | None) -> str:
+            if not s:
+                return f"sent {hook.frames_sent}"
+            p99 = s["latency_ms"].get("total", {}).get("p99")
+            return (
+                f"enhanced {s['frames_enhanced']}  skipped {s['frames_skipped']}  "
+                f"not handed over {hook.frames_not_handed_over}  p99 {_fmt(p99)} ms"
+            )
+
         with _progress() as bar:
-            task = bar.add_task(preset, total=sum(1 for _ in seq), status="")
-            summary, received = acq.run_with_receiver(
+            task = bar.add_task(f"{preset} -> {'+'.join(engines)}", total=sum(1 for _ in seq),
+                                status="starting the server")  # fmt: skip
+            sent, server = acq.run_with_server(
                 scope.core,
                 seq,
+                engines=engines,
+                out_dir=out_dir,
+                mode=mode,
                 stream="demo",
-                on_progress=lambda s: bar.update(
-                    task, completed=s.frames_seen, status=f"sent {s.frames_sent}"
+                on_progress=lambda h, s: bar.update(
+                    task, completed=h.frames_seen, status=status_line(h, s)
                 ),
             )
+    stages = {"hook": sent["hook_ms"], **server["latency_ms"]}
     result = {
         "preset": preset,
-        "engine": None,
-        "frames_acquired": summary["frames_seen"],
-        "frames_enhanced": 0,
-        "frames_not_handed_over": summary["frames_not_handed_over"],
-        "frames_received": received["frames_received"],
-        "frames_missing": received["frames_missing"],
-        "acquired_fps": summary["fps"],
-        "latency_ms": {
-            "frameReady_to_sent": summary["hook_ms"],
-            "frameReady_to_receiver": received["latency_ms"],
-        },
-        "files": [],
-        "note": "no engine server in this version: frames were received raw, not enhanced",
+        "engine": server["engine"]["engine"],
+        "backend": server["engine"]["reason"][0],
+        "mode": mode,
+        "frames_acquired": sent["frames_seen"],
+        "frames_enhanced": server["frames_enhanced"],
+        "frames_skipped": server["frames_skipped"],
+        "frames_not_handed_over": sent["frames_not_handed_over"],
+        "frames_received": server["frames_received"],
+        "frames_written": server["frames_written"],
+        "errors": {**server["engine_errors"], **server["disk_errors"]},
+        "acquired_fps": sent["fps"],
+        "latency_ms": {k: {"p50": v["p50"], "p99": v["p99"]} for k, v in stages.items()},
+        "files": server["files"],
     }
     if as_json:
         print(json.dumps(result), flush=True)
     else:
         _print_summary("demo", result)
+    if sent["frames_seen"] < sent["frames_expected"]:
+        raise typer.Exit(1)
+
+
+def _brief(s: dict[str, Any]) -> dict[str, Any]:
+    """The server summary without the bulky parts, for a terminal table."""
+    skip = {"engine", "rings", "frames_received_by_stream"}
+    return {"engine": s["engine"]["engine"], "backend": s["engine"]["reason"][0],
+            **{k: v for k, v in s.items() if k not in skip}}  # fmt: skip
 
 
 def _print_summary(title: str, summary: dict[str, Any]) -> None:
@@ -281,8 +496,12 @@ def _fmt(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
-def _add_plugins() -> None:
-    """Mount sub-command groups other packages register under ``scopecast.commands``."""
+def _add_groups() -> None:
+    """Mount the engines group, and groups other packages register under
+    ``scopecast.commands``."""
+    from engines.cli import app as engines_app
+
+    app.add_typer(engines_app, name="engines")
     for ep in entry_points(group="scopecast.commands"):
         try:
             app.add_typer(ep.load(), name=ep.name)
@@ -292,5 +511,5 @@ def _add_plugins() -> None:
 
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    _add_plugins()
+    _add_groups()
     app(prog_name="scopecast")

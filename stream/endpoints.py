@@ -41,14 +41,16 @@ def is_loopback(endpoint: str) -> bool:
         return False
 
 
-def check_bind(endpoint: str, *, insecure: bool = False) -> str:
-    """Allow binding ``endpoint`` only on loopback/ipc unless ``insecure`` is explicitly set."""
-    if is_loopback(endpoint):
+def check_bind(endpoint: str, *, insecure: bool = False, authenticated: bool = False) -> str:
+    """Allow binding ``endpoint`` beyond loopback/ipc only with CURVE keys (``authenticated``)
+    or an explicit ``insecure``, which warns."""
+    if is_loopback(endpoint) or authenticated:
         return endpoint
     if not insecure:
         raise EndpointError(
             f"refusing to bind {endpoint}: it is reachable from other machines. Bind "
-            "tcp://127.0.0.1:PORT, or pass --insecure to accept unauthenticated frames "
+            "tcp://127.0.0.1:PORT, give CURVE keys with --keys DIR (make them with "
+            "`scopecast keys DIR`), or pass --insecure to accept unauthenticated connections "
             "from the network"
         )
     log.warning("binding %s without authentication: anyone on the network can connect", endpoint)

@@ -24,6 +24,7 @@ from pydantic import ValidationError
 
 from .endpoints import EndpointError, check_endpoint
 from .protocol import DTYPES, FrameHeader, StagePosition, check_stream_id, encode
+from .security import Curve
 from .stats import percentiles
 
 if TYPE_CHECKING:
@@ -132,6 +133,7 @@ class FrameHook:
         stream: str = "scope",
         hwm: int = 32,
         context: zmq.Context | None = None,
+        curve: Curve | None = None,
         on_finished: Callable[[HookStats], None] | None = None,
     ) -> None:
         self.endpoint = check_endpoint(endpoint)
@@ -148,6 +150,8 @@ class FrameHook:
         self._sock.setsockopt(zmq.SNDHWM, hwm)
         self._sock.setsockopt(zmq.LINGER, 2000)
         self._sock.setsockopt(zmq.IMMEDIATE, 1)  # queue only for a connected receiver
+        if curve is not None:
+            curve.client(self._sock)
         # watch for the handshake from before connect, so wait_for_receiver cannot miss it
         self._monitor: zmq.Socket | None = self._sock.get_monitor_socket(
             zmq.EVENT_HANDSHAKE_SUCCEEDED

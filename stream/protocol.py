@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -154,7 +154,40 @@ def encode(header: FrameHeader, pixels: np.ndarray) -> list[Any]:
     return [header.model_dump_json(exclude_none=True).encode(), pixels]
 
 
-def decode_header(raw: bytes | memoryview) -> FrameHeader:
+class PublishedHeader(FrameHeader):
+    """A frame the server publishes: the acquisition's header plus what the server did.
+
+    ``seq`` and ``index`` are those of the raw frame, so an enhanced frame points at its raw
+    frame; ``shape`` and ``pixel_size_um`` are those of the published pixels.
+    """
+
+    kind: Literal["raw", "enhanced"]
+    engine: str | None = Field(None, description="engine (chain) that made an enhanced frame")
+    backend: str | None = None
+    scale: int = 1
+    timings_ms: dict[str, float] = Field(
+        default_factory=dict, description="per-stage server timings for this frame"
+    )
+
+    @property
+    def topic(self) -> bytes:
+        """PUB topic: the stream key, then the kind ('scope/p0/c1/z0/enhanced')."""
+        return f"{self.key}/{self.kind}".encode()
+
+
+def encode_published(header: PublishedHeader, pixels: np.ndarray) -> list[Any]:
+    """The three frames [topic, header, pixels] the server publishes; pixels not copied."""
+    return [header.topic, *encode(header, pixels)]
+
+
+def decode_published(frames: list[Any]) -> tuple[PublishedHeader, np.ndarray]:
+    """Decode a message received on a SUB socket into its header and a read-only array."""
+    if len(frames) != 3:
+        raise MalformedMessage(f"expected 3 frames [topic, header, pixels], got {len(frames)}")
+    return decode(frames[1:], model=PublishedHeader)  # type: ignore[return-value]
+
+
+def decode_header(raw: bytes | memoryview, model: type[FrameHeader] = FrameHeader) -> FrameHeader:
     """Parse and validate a header frame; raise a ProtocolError naming the problem."""
     raw = bytes(raw)
     if len(raw) > MAX_HEADER_BYTES:
@@ -172,7 +205,7 @@ def decode_header(raw: bytes | memoryview) -> FrameHeader:
             f"{PROTOCOL_VERSION}): upgrade the older side so both match"
         )
     try:
-        return FrameHeader.model_validate(obj)
+        return model.model_validate(obj)
     except ValidationError as e:
         problems = "; ".join(
             f"{'.'.join(map(str, err['loc'])) or 'header'}: {err['msg']}" for err in e.errors()
@@ -180,14 +213,16 @@ def decode_header(raw: bytes | memoryview) -> FrameHeader:
         raise InvalidHeader(f"invalid header: {problems}") from e
 
 
-def decode(frames: list[Any]) -> tuple[FrameHeader, np.ndarray]:
+def decode(
+    frames: list[Any], model: type[FrameHeader] = FrameHeader
+) -> tuple[FrameHeader, np.ndarray]:
     """Decode ``recv_multipart`` output (bytes or zmq.Frame) into a header and a read-only array.
 
     The array is a view on the received buffer (no copy).
     """
     if len(frames) != 2:
         raise MalformedMessage(f"expected 2 frames [header, pixels], got {len(frames)}")
-    header = decode_header(_buffer(frames[0]))
+    header = decode_header(_buffer(frames[0]), model)
     buf = _buffer(frames[1])
     if buf.nbytes != header.nbytes:
         raise BufferMismatch(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +18,7 @@ import zmq
 
 from .endpoints import check_bind
 from .protocol import FrameHeader, ProtocolError, decode
+from .security import Curve
 from .stats import percentiles
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ class ReceiverStats:
     rejected: Counter[str] = field(default_factory=Counter)
     gaps: int = 0  # frames missing between consecutive sequence numbers, summed over streams
     out_of_order: int = 0
-    latency_ms: list[float] = field(default_factory=list, repr=False)
+    latency_ms: deque[float] = field(default_factory=lambda: deque(maxlen=1 << 17), repr=False)
     first_s: float | None = None
     last_s: float | None = None
 
@@ -61,15 +62,18 @@ class FrameReceiver:
         endpoint: str,
         *,
         insecure: bool = False,
+        curve: Curve | None = None,
         rcvhwm: int = 64,
         context: zmq.Context | None = None,
     ) -> None:
-        self.endpoint = check_bind(endpoint, insecure=insecure)
+        self.endpoint = check_bind(endpoint, insecure=insecure, authenticated=curve is not None)
         self.stats = ReceiverStats()
         self._next_seq: dict[tuple[str, str | None], int] = {}
         self._sock = (context or zmq.Context.instance()).socket(zmq.PULL)
         self._sock.setsockopt(zmq.RCVHWM, rcvhwm)
         self._sock.setsockopt(zmq.LINGER, 0)
+        if curve is not None:
+            curve.server(self._sock)
         try:
             self._sock.bind(endpoint)
         except zmq.ZMQError as e:
@@ -77,7 +81,9 @@ class FrameReceiver:
             raise OSError(f"cannot listen on {endpoint}: {e.strerror}") from e
 
     def receive(self, timeout_ms: int) -> tuple[FrameHeader, np.ndarray] | None:
-        """One frame, or None after ``timeout_ms`` without a valid one."""
+        """One frame, or None after ``timeout_ms`` without a valid one.
+
+        The pixels are a read-only view on the received message: no copy."""
         if not self._sock.poll(timeout_ms):
             return None
         frames = self._sock.recv_multipart(copy=False)

@@ -91,6 +91,7 @@ class Preset(BaseModel):
     high_quality_factor: int = Field(1, ge=1, description="slow scan: pixels per side vs fast")
     high_quality_dwell: float = Field(1.0, gt=0, description="slow scan: photons vs fast scan")
     positions: list[tuple[float, float, float]] = [(0.0, 0.0, 0.0)]
+    engine: str = Field("identity", description="engine `scopecast demo` runs on this rig")
 
     def sequence(
         self, duration_s: float, interval_s: float | None = None, **overrides: Any
@@ -111,6 +112,7 @@ PRESETS: dict[str, Preset] = {
         Preset(
             name="confocal-20fps",
             description="256x256 video-rate bidirectional confocal scan, shot-noise limited",
+            engine="gaussian",
             shape=(256, 256),
             pixel_size_um=0.1,
             exposure_ms=30.0,

@@ -81,25 +81,9 @@ def test_receive_and_acquire_a_sequence_file(endpoint: str, tmp_path: Path) -> N
     assert json.loads(out)["frames_received"] == 6
 
 
-def test_demo_json_has_stable_keys() -> None:
-    r = scopecast("demo", "--duration", "1", "--json")
-    assert r.returncode == 0, r.stderr
-    d = json.loads(r.stdout)
-    assert {
-        "frames_acquired",
-        "frames_enhanced",
-        "frames_not_handed_over",
-        "latency_ms",
-        "files",
-    } <= d.keys()
-    assert d["frames_acquired"] == d["frames_received"] == 20
-    assert d["frames_enhanced"] == 0 and "not enhanced" in d["note"]  # no server yet: says so
-    lat = d["latency_ms"]["frameReady_to_receiver"]
-    assert 0 < lat["p50"] <= lat["p99"] <= lat["max"]
-
-
 def test_help_lists_the_commands() -> None:
     r = scopecast("--help")
     assert r.returncode == 0
-    for cmd in ("acquire", "receive", "demo", "presets"):
+    for cmd in ("acquire", "receive", "demo", "presets", "serve", "status", "keys", "recover",
+                "engines"):  # fmt: skip
         assert cmd in r.stdout

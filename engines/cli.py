@@ -1,0 +1,183 @@
+"""``scopecast engines``: list, show and verify engine packages (zoo and $SCOPECAST_ENGINE_PATH)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich import box
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Column, Table
+
+from .package import (
+    ENGINE_PATH_ENV,
+    EnginePackage,
+    Manifest,
+    PackageError,
+    PackageNotFoundError,
+    find_package,
+    is_warning,
+    list_packages,
+    load_package,
+    manifest_json,
+    verify_package,
+)
+
+app = typer.Typer(
+    name="engines",
+    help=f"Engine packages: list those found (zoo and ${ENGINE_PATH_ENV}), show one, verify one.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+Target = Annotated[str, typer.Argument(help="Engine name (zoo or search path) or package folder.")]
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    err.print(f"[red]error:[/red] {escape(message)}", highlight=False)
+    return typer.Exit(code)
+
+
+def _find(target: str) -> Path:
+    try:
+        return find_package(target)
+    except PackageNotFoundError as e:
+        raise _fail(str(e)) from None
+
+
+def _tile(m: Manifest) -> str:
+    return "whole" if m.tile.size is None else f"{m.tile.size}/{m.tile.overlap}"
+
+
+def _short(path: Path) -> str:
+    """The path relative to the working folder when it is inside it, else absolute."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+@app.command("list")
+def list_() -> None:
+    """Every engine package found, and the problem of each one that does not load."""
+    entries = list_packages()
+    widest = max((len(e.name) for e in entries), default=4)
+    table = Table(
+        Column("name", no_wrap=True, min_width=widest),
+        *(Column(t, no_wrap=True) for t in ("task", "scale", "window", "tile", "baseline")),
+        Column("version", no_wrap=True),
+        Column("path", overflow="fold", min_width=8),
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        collapse_padding=True,
+        caption="tile: size/overlap in input pixels; whole: the frame in one call",
+    )
+    broken = []
+    for entry in entries:
+        if entry.package is None:
+            broken.append(entry)
+            continue
+        m = entry.package.manifest
+        table.add_row(
+            m.name,
+            m.task,
+            f"x{m.scale}",
+            str(m.temporal.window),
+            _tile(m),
+            "yes" if m.baseline else "",
+            m.version,
+            _short(entry.path),
+        )
+    out.print(table)
+    for entry in broken:
+        out.print(
+            f"[red]broken:[/red] {escape(entry.name)} ({entry.path}): {escape(entry.problem)}"
+        )
+
+
+def _manifest_text(m: Manifest) -> list[str]:
+    t, n = m.temporal, m.normalization
+    extra = [
+        x for x, on in (("previous output", t.previous_output), ("background", t.background)) if on
+    ]
+    lines = [
+        f"{m.name} {m.version}: {m.task}{' (classical baseline)' if m.baseline else ''}",
+        f"  {m.description}" if m.description else "",
+        f"architecture   {m.architecture}",
+        f"scale          x{m.scale}, {m.channels} channel(s), output dtype {m.output_dtype}",
+        f"temporal       window {t.window}" + (f" + {', '.join(extra)}" if extra else ""),
+        f"tiles          {_tile(m)} (size/overlap), multiple of {m.tile.multiple}, "
+        f"batch {m.tile.batch}",
+        f"normalization  (raw - {n.offset:g}) / {n.scale:g}",
+        f"precision      {m.precision}",
+        f"model          {m.model} (inputs {', '.join(m.input_names)})",
+    ]
+    for p in m.plans:
+        lines.append(
+            f"plan           {p.file}: TensorRT {p.tensorrt}, {p.gpu} (sm {p.compute_capability}), "
+            f"{p.precision}"
+        )
+    lines += [f"file           {name}  sha256 {sha}" for name, sha in sorted(m.files.items())]
+    for title, data in (("provenance", m.provenance), ("metrics", m.metrics)):
+        if data:
+            lines.append(f"{title:<15}{json.dumps(data, sort_keys=True)}")
+    return [line for line in lines if line]
+
+
+def _io_lines(package: EnginePackage) -> list[str]:
+    from .runtime import BackendError, open_backend
+
+    try:
+        backend, _ = open_backend(package, "onnxruntime-cpu", threads=1)
+    except (BackendError, PackageError) as e:
+        return [f"onnxruntime cannot open the model: {e}"]
+    try:
+        info: dict[str, Any] = backend.describe()
+    finally:
+        backend.close()
+    lines = [f"onnxruntime {info['versions']['onnxruntime']} reports:"]
+    for kind in ("inputs", "outputs"):
+        for arg in info.get(kind, []):
+            shape = "x".join(str(d) for d in arg["shape"])
+            lines.append(f"  {kind[:-1]:<7}{arg['name']}: {arg['type']} [{shape}]")
+    return lines
+
+
+@app.command()
+def show(
+    target: Target,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the raw manifest JSON.")] = False,
+) -> None:
+    """A package's manifest, and the model inputs and outputs as onnxruntime reports them."""
+    path = _find(target)
+    try:
+        package = load_package(path)
+    except PackageError as e:
+        raise _fail(str(e), code=1) from None
+    if as_json:
+        typer.echo(manifest_json(package.manifest), nl=False)
+        return
+    for line in [*_manifest_text(package.manifest), f"path           {package.path}"]:
+        out.print(line, highlight=False, markup=False)
+    for line in _io_lines(package):
+        out.print(line, highlight=False, markup=False)
+
+
+@app.command()
+def verify(target: Target) -> None:
+    """Check a package's manifest and every file's sha256; exit 1 if anything is wrong."""
+    path = _find(target)
+    problems = verify_package(path)
+    errors = [p for p in problems if not is_warning(p)]
+    for p in problems:
+        (err if p in errors else out).print(escape(p), highlight=False)
+    if errors:
+        raise _fail(f"{path}: {len(errors)} problem(s) found", code=1)
+    package = load_package(path)
+    out.print(f"ok: {len(package.manifest.files)} files verified in {path}", highlight=False)

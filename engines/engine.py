@@ -1,0 +1,233 @@
+"""Run engine packages on frames: normalize, tile, infer, denormalize, and chain stages.
+
+An :class:`Engine` is one package on one backend. An :class:`EngineChain` runs several in
+order (tGAN's dual-resolution design: a temporal model at low resolution, then SR); only the
+first stage may be temporal, each stage keeps its own previous output. No torch here.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from .package import EnginePackage, Manifest, load_package
+from .runtime import open_backend
+from .tiling import run_tiled
+
+
+class EngineError(RuntimeError):
+    """An enhancement that could not be done; ``kind`` is the counter it is reported under."""
+
+    kind: ClassVar[str] = "engine"
+
+
+class EngineInputError(EngineError):
+    """A frame this engine cannot take (shape, components)."""
+
+    kind = "shape"
+
+
+class EngineOutputError(EngineError):
+    """An engine output that must not be shown or saved (NaN, inf)."""
+
+    kind = "nonfinite"
+
+
+@dataclass
+class StageResult:
+    """One chain stage's output, kept by the ring as that stage's previous output."""
+
+    stage: int
+    output: np.ndarray  # float32 (H, W) in raw units
+
+
+@dataclass
+class Enhanced:
+    """The chain's result for one frame, with where the time went."""
+
+    frame: np.ndarray
+    stages: list[StageResult]
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+class Engine:
+    """One engine package opened on one backend."""
+
+    def __init__(self, package: EnginePackage, backend: str = "auto", threads: int | None = None):
+        self.package = package
+        self.manifest: Manifest = package.manifest
+        self.backend, self.reason = open_backend(package, backend, threads)
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    def check(self, shape: tuple[int, ...]) -> None:
+        """Raise EngineInputError if frames of ``shape`` cannot go through this engine."""
+        if len(shape) != 2 or self.manifest.channels != 1:
+            raise EngineInputError(
+                f"engine {self.name!r} takes 2-D single-channel frames, got shape {shape}: "
+                "send one channel per frame"
+            )
+
+    def run(
+        self,
+        frames: Sequence[np.ndarray],
+        previous: np.ndarray | None,
+        background: np.ndarray | None,
+        timings: dict[str, float],
+    ) -> np.ndarray:
+        """Enhance the newest of ``frames`` (oldest first); return float32 in raw units."""
+        m = self.manifest
+        t0 = time.perf_counter()
+        norm = m.normalization
+        stack = np.stack(frames[-m.temporal.window :]).astype(np.float32)
+        if len(stack) < m.temporal.window:  # a chain stage after the first gets one frame
+            stack = np.concatenate([stack[:1]] * (m.temporal.window - len(stack)) + [stack])
+        inputs: dict[str, tuple[np.ndarray, int]] = {"frames": (_normalize(stack, norm), 1)}
+        if m.temporal.previous_output:
+            if previous is None:  # first frame of a key: the current frame, upsampled
+                previous = np.repeat(np.repeat(stack[-1], m.scale, 0), m.scale, 1)
+            inputs["previous"] = (_normalize(previous[None].astype(np.float32), norm), m.scale)
+        if m.temporal.background:
+            if background is None:
+                background = stack[-1]
+            inputs["background"] = (_normalize(background[None].astype(np.float32), norm), 1)
+        spent = [0.0]
+
+        def infer(batch: dict[str, np.ndarray]) -> np.ndarray:
+            t = time.perf_counter()
+            y = self.backend.infer(batch)
+            spent[0] += time.perf_counter() - t
+            return y
+
+        t1 = time.perf_counter()
+        tile = m.tile
+        y = run_tiled(
+            infer,
+            inputs,
+            scale=m.scale,
+            tile=tile.size,
+            overlap=tile.overlap,
+            multiple=tile.multiple,
+            batch=tile.batch,
+        )
+        t2 = time.perf_counter()
+        out = y[0] * np.float32(norm.scale) + np.float32(norm.offset)
+        if not np.isfinite(out).all():
+            bad = int(np.size(out) - np.count_nonzero(np.isfinite(out)))
+            raise EngineOutputError(
+                f"engine {self.name!r} produced {bad} NaN/inf values: output discarded "
+                "(check the package's normalization, or rebuild it in fp32)"
+            )
+        t3 = time.perf_counter()
+        _add(timings, "preprocess", (t1 - t0) + (t2 - t1 - spent[0]))
+        _add(timings, "inference", spent[0])
+        _add(timings, "postprocess", t3 - t2)
+        return out
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+class EngineChain:
+    """Engines run one after another; the first may be temporal, the rest image-to-image."""
+
+    def __init__(self, engines: Sequence[Engine]):
+        if not engines:
+            raise ValueError("an engine chain needs at least one engine")
+        for e in engines[1:]:
+            t = e.manifest.temporal
+            if t.window > 1 or t.background:
+                raise ValueError(
+                    f"engine {e.name!r} is temporal (window {t.window}, background "
+                    f"{t.background}); only the first engine of a chain may be: put it first"
+                )
+        self.engines = list(engines)
+
+    @classmethod
+    def open(
+        cls, names: Sequence[str | Path], backend: str = "auto", threads: int | None = None
+    ) -> EngineChain:
+        """Load and verify each package, open it on ``backend``."""
+        return cls([Engine(load_package(n), backend, threads) for n in names])
+
+    @property
+    def name(self) -> str:
+        return "+".join(e.name for e in self.engines)
+
+    @property
+    def scale(self) -> int:
+        return int(np.prod([e.manifest.scale for e in self.engines]))
+
+    @property
+    def window(self) -> int:
+        return self.engines[0].manifest.temporal.window
+
+    @property
+    def background(self) -> bool:
+        return self.engines[0].manifest.temporal.background
+
+    @property
+    def output_dtype(self) -> str:
+        return self.engines[-1].manifest.output_dtype
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "engine": self.name,
+            "scale": self.scale,
+            "window": self.window,
+            "backend": [e.backend.describe() for e in self.engines],
+            "reason": [e.reason for e in self.engines],
+        }
+
+    def check(self, shape: tuple[int, ...]) -> None:
+        self.engines[0].check(shape)
+
+    def enhance(
+        self,
+        frames: Sequence[np.ndarray],
+        previous: dict[int, np.ndarray],
+        background: np.ndarray | None,
+    ) -> Enhanced:
+        """Run every stage on the newest frame of ``frames``; the result has the raw dtype
+        (rounded, clipped) unless the last engine asks for float32."""
+        timings: dict[str, float] = {}
+        stages: list[StageResult] = []
+        current: Sequence[np.ndarray] = frames
+        for i, engine in enumerate(self.engines):
+            y = engine.run(current, previous.get(i), background if i == 0 else None, timings)
+            stages.append(StageResult(i, y))
+            current = [y]
+        t = time.perf_counter()
+        out = _to_dtype(stages[-1].output, frames[-1].dtype, self.output_dtype)
+        _add(timings, "postprocess", time.perf_counter() - t)
+        return Enhanced(out, stages, {k: v * 1e3 for k, v in timings.items()})
+
+    def close(self) -> None:
+        for e in self.engines:
+            e.close()
+
+
+def _normalize(x: np.ndarray, norm: Any) -> np.ndarray:
+    if norm.offset:
+        x -= np.float32(norm.offset)
+    if norm.scale != 1:
+        x *= np.float32(1.0 / norm.scale)
+    return x
+
+
+def _to_dtype(y: np.ndarray, raw_dtype: np.dtype, output_dtype: str) -> np.ndarray:
+    if output_dtype == "float32" or raw_dtype.kind == "f":
+        return np.ascontiguousarray(y, dtype=np.float32)
+    info = np.iinfo(raw_dtype)
+    return np.clip(np.rint(y), info.min, info.max).astype(raw_dtype)
+
+
+def _add(timings: dict[str, float], stage: str, seconds: float) -> None:
+    timings[stage] = timings.get(stage, 0.0) + seconds

@@ -1,0 +1,141 @@
+"""ONNX Runtime backend: runs a package's hash-verified ``model.onnx`` on CPU, CUDA or TensorRT.
+
+onnxruntime-gpu silently falls back to CPU when a GPU provider cannot start, so the providers
+actually active in the session are checked, not only the ones the build offers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from ..package import EnginePackage, PackageError
+from .base import INSTALL_GPU, BackendChoice, BackendError, Device
+
+
+class OnnxRuntimeBackend:
+    """One ONNX Runtime session for one engine package."""
+
+    name = "onnxruntime"
+
+    def __init__(
+        self, package: EnginePackage, choice: BackendChoice, threads: int | None = None
+    ) -> None:
+        if threads is not None and threads < 1:
+            raise BackendError(f"threads must be >= 1 or None (onnxruntime decides), got {threads}")
+        self.package = package
+        self.device: Device = choice.device
+        self.threads = threads
+        options = ort.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.log_severity_level = 3
+        model = package.read(package.manifest.model)
+        try:
+            self._session: ort.InferenceSession | None = ort.InferenceSession(
+                model, sess_options=options, providers=self._providers(choice)
+            )
+        except Exception as e:  # onnxruntime raises its own untyped errors
+            raise BackendError(
+                f"onnxruntime could not open {package.path / package.manifest.model} on "
+                f"{choice.device}: {e}"
+            ) from e
+        self.active_providers: list[str] = self._session.get_providers()
+        wanted = choice.providers[0]
+        if wanted not in self.active_providers:
+            active = ", ".join(self.active_providers)
+            self._session = None
+            raise BackendError(
+                f"{wanted} is offered by onnxruntime but did not start (session runs on {active}); "
+                f"check the NVIDIA driver, CUDA and cuDNN/TensorRT libraries, or {INSTALL_GPU}"
+            )
+        self._inputs = [i.name for i in self._session.get_inputs()]
+        self._check_io()
+
+    def _providers(self, choice: BackendChoice) -> list[Any]:
+        if choice.device == "tensorrt" and self.package.manifest.precision == "fp16":
+            first: Any = (choice.providers[0], {"trt_fp16_enable": True})
+            return [first, *choice.providers[1:]]
+        return list(choice.providers)
+
+    def _check_io(self) -> None:
+        """The session's inputs must be the float32 rank-4 tensors the manifest promises."""
+        assert self._session is not None
+        manifest = self.package.manifest
+        if sorted(self._inputs) != sorted(manifest.input_names):
+            raise PackageError(
+                f"model of {manifest.name!r} has inputs {self._inputs} but its manifest implies "
+                f"{manifest.input_names}: re-export the model with those input names or fix "
+                "manifest.temporal"
+            )
+        for arg in [*self._session.get_inputs(), *self._session.get_outputs()[:1]]:
+            if arg.type != "tensor(float)" or len(arg.shape) != 4:
+                raise PackageError(
+                    f"model of {manifest.name!r}: {arg.name!r} is {arg.type} {arg.shape}, but "
+                    "engines take and return float32 (N, C, H, W): re-export the model"
+                )
+
+    def infer(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        """Run the model on the inputs it has (others are ignored) and return its first output."""
+        if self._session is None:
+            raise BackendError(f"backend for {self.package.manifest.name!r} is closed")
+        missing = [n for n in self._inputs if n not in inputs]
+        if missing:
+            raise BackendError(
+                f"engine {self.package.manifest.name!r} needs inputs {missing}; "
+                f"got {sorted(inputs)}"
+            )
+        feed = {n: np.ascontiguousarray(inputs[n], dtype=np.float32) for n in self._inputs}
+        try:
+            out = self._session.run(None, feed)[0]
+        except Exception as e:  # onnxruntime raises its own untyped errors
+            shapes = {n: a.shape for n, a in feed.items()}
+            raise BackendError(
+                f"engine {self.package.manifest.name!r} failed on inputs {shapes}: {e}"
+            ) from e
+        return np.asarray(out, dtype=np.float32)
+
+    def describe(self) -> dict[str, Any]:
+        """What runs this engine: backend, device, providers, threads, versions and model I/O."""
+        session = self._session
+        io = (
+            {
+                "inputs": [_arg(a) for a in session.get_inputs()],
+                "outputs": [_arg(a) for a in session.get_outputs()],
+            }
+            if session is not None
+            else {}
+        )
+        return {
+            "name": self.name,
+            "device": self.device,
+            "engine": self.package.manifest.name,
+            "providers": list(self.active_providers),
+            "available_providers": ort.get_available_providers(),
+            "threads": self.threads,
+            "inter_op_threads": 1,
+            "versions": {"onnxruntime": ort.__version__},
+            **io,
+        }
+
+    def close(self) -> None:
+        self._session = None
+
+    def __enter__(self) -> OnnxRuntimeBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _arg(arg: Any) -> dict[str, Any]:
+    return {"name": arg.name, "type": arg.type, "shape": list(arg.shape)}
+
+
+def available_providers() -> list[str]:
+    """Execution providers this onnxruntime build offers (not proof that they start)."""
+    return list(ort.get_available_providers())

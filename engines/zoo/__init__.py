@@ -1,0 +1,2 @@
+"""The shipped engine packages: classical baselines (identity, bicubic x2, Gaussian) built by
+``python -m engines.zoo.baselines``, the reference every learned engine must beat."""

@@ -1,0 +1,531 @@
+"""The engine server: receive -> ring -> engine -> fan-out (disk and PUB), stages overlapping.
+
+One thread per stage, joined by queues, so receiving and writing never wait for inference:
+
+=========  ===========================================================================
+receive    PULL, decode, count; every valid frame goes to the writer and the publisher
+           at once, and to the scheduler for enhancement
+engine     takes what the scheduler picks, runs the chain with the key's ring window,
+           hands the result to the writer and the publisher
+writer     raw and enhanced OME-TIFFs plus the JSONL index (:mod:`stream.sinks`)
+publish    ZeroMQ PUB, topic ``{key}/raw`` or ``{key}/enhanced``; a slow viewer drops
+           frames, the server never waits for it
+control    REP socket answering ``status`` and ``stop`` (``scopecast status``)
+=========  ===========================================================================
+
+Modes: ``live`` enhances the newest frame of each key and records the ones it skipped;
+``complete`` enhances every frame in order, holding a bounded backlog in memory and spilling
+the rest to disk. Raw frames are written in both modes, whatever happens to enhancement.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import shutil
+import threading
+import time
+from collections import Counter, OrderedDict, defaultdict, deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import zmq
+from pydantic import BaseModel, ConfigDict, Field
+
+from engines.engine import EngineChain, EngineError
+from engines.package import PackageError
+
+from .endpoints import check_bind
+from .protocol import FrameHeader, PublishedHeader, encode_published
+from .receiver import FrameReceiver
+from .ring import Rings, Window
+from .security import Curve, curve_or_none
+from .sinks import RunWriter, SinkError
+from .stats import percentiles
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LISTEN = "tcp://127.0.0.1:5555"
+DEFAULT_PUBLISH = "tcp://127.0.0.1:5556"
+DEFAULT_CONTROL = "tcp://127.0.0.1:5557"
+STAGES = ("transport", "queue", "preprocess", "inference", "postprocess", "publish", "total")
+
+
+class ServerConfig(BaseModel):
+    """Everything ``scopecast serve`` is told; also what ``status`` reports back."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    engines: list[str] = Field(default=["identity"], min_length=1)
+    out_dir: Path
+    listen: str = DEFAULT_LISTEN
+    publish: str | None = DEFAULT_PUBLISH
+    control: str = DEFAULT_CONTROL
+    mode: Literal["live", "complete"] = "live"
+    backend: str = "auto"
+    threads: int | None = Field(None, ge=1)
+    insecure: bool = False
+    keys: Path | None = None
+    backlog_mb: float = Field(512.0, gt=0, description="complete mode: backlog held in memory")
+    writer_mb: float = Field(1024.0, gt=0, description="frames waiting for the disk")
+    max_pause_s: float | None = Field(10.0, gt=0)
+    rcvhwm: int = Field(64, ge=1)
+    fsync: bool = False
+
+
+class ServerError(RuntimeError):
+    """The server cannot start as configured (engine, sockets, output folder)."""
+
+
+@dataclass
+class Job:
+    """A received frame waiting for enhancement."""
+
+    header: FrameHeader
+    frame: np.ndarray | None
+    recv_ns: int
+    spill: Path | None = None
+
+
+class Scheduler:
+    """Which received frames get enhanced, and in what order.
+
+    ``live``: one pending job per key, the newest; a replaced job is a skipped enhancement.
+    Every frame still enters its key's ring when it arrives, so temporal windows stay
+    consecutive. ``complete``: one FIFO (so per-key order holds); past ``backlog_bytes`` in
+    memory, new jobs spill to ``spill_dir`` as .npy files and are read back in turn.
+    """
+
+    def __init__(
+        self, mode: str, rings: Rings, *, backlog_bytes: int, spill_dir: Path | None
+    ) -> None:
+        self.mode = mode
+        self.rings = rings
+        self.backlog_bytes = backlog_bytes
+        self.spill_dir = spill_dir
+        self.skipped = 0
+        self.spilled = 0
+        self._cv = threading.Condition()
+        self._pending: OrderedDict[str, Job] = OrderedDict()
+        self._fifo: deque[Job] = deque()
+        self._in_memory = 0
+        self._closed = False
+
+    def submit(self, job: Job) -> None:
+        with self._cv:
+            if self.mode == "live":
+                self.rings.push(job.header, job.frame, snapshot=False)
+                key = job.header.key
+                if key in self._pending:
+                    self.skipped += 1
+                    self._pending[key] = job  # keeps its place: the key waited since then
+                else:
+                    self._pending[key] = job
+            else:
+                if self._in_memory + job.header.nbytes > self.backlog_bytes and self._fifo:
+                    self._spill(job)
+                else:
+                    self._in_memory += job.header.nbytes
+                self._fifo.append(job)
+            self._cv.notify()
+
+    def take(self, timeout_s: float) -> tuple[Job, Window] | None:
+        """The next job and its ring window, or None on timeout / when closed and empty."""
+        with self._cv:
+            if not self._cv.wait_for(lambda: self._pending or self._fifo or self._closed,
+                                     timeout_s):
+                return None
+            if self.mode == "live":
+                if not self._pending:
+                    return None
+                key, job = self._pending.popitem(last=False)
+                return job, self.rings.snapshot(key)
+            if not self._fifo:
+                return None
+            job = self._fifo.popleft()
+        if job.spill is not None:
+            job.frame = np.load(job.spill, allow_pickle=False)
+            job.spill.unlink()
+        else:
+            with self._cv:
+                self._in_memory -= job.header.nbytes
+        return job, self.rings.push(job.header, job.frame)
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+
+    @property
+    def depth(self) -> int:
+        return len(self._pending) + len(self._fifo)
+
+    @property
+    def finished(self) -> bool:
+        """Closed, and nothing left to enhance."""
+        return self._closed and not self.depth
+
+    def _spill(self, job: Job) -> None:
+        assert self.spill_dir is not None
+        self.spill_dir.mkdir(parents=True, exist_ok=True)
+        job.spill = self.spill_dir / f"{job.header.stream}-{job.header.seq:012d}.npy"
+        np.save(job.spill, job.frame, allow_pickle=False)
+        job.frame = None
+        self.spilled += 1
+
+
+class ByteQueue:
+    """A FIFO bounded by the bytes it holds; ``put`` waits when full (backpressure)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._items: deque[tuple[Any, int]] = deque()
+        self._bytes = 0
+        self._cv = threading.Condition()
+
+    def put(self, item: Any, nbytes: int) -> None:
+        with self._cv:
+            self._cv.wait_for(lambda: self._bytes + nbytes <= self.max_bytes or not self._items)
+            self._items.append((item, nbytes))
+            self._bytes += nbytes
+            self._cv.notify_all()
+
+    def get(self) -> Any:
+        with self._cv:
+            self._cv.wait_for(lambda: self._items)
+            item, nbytes = self._items.popleft()
+            self._bytes -= nbytes
+            self._cv.notify_all()
+            return item
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class StageTimes:
+    """Recent per-stage durations (ms), bounded so memory stays flat over days."""
+
+    def __init__(self, maxlen: int = 1 << 16) -> None:
+        self._samples: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=maxlen))
+        self._lock = threading.Lock()
+
+    def add(self, stage: str, ms: float) -> None:
+        with self._lock:
+            self._samples[stage].append(ms)
+
+    def summary(self) -> dict[str, dict[str, float | None]]:
+        with self._lock:
+            samples = {k: list(v) for k, v in self._samples.items()}
+        order = {s: i for i, s in enumerate(STAGES)}
+        return {k: percentiles(samples[k]) for k in sorted(samples, key=lambda s: order.get(s, 99))}
+
+
+class _Once:
+    """Log each kind of problem once; count every occurrence."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def __call__(self, kind: str, message: str) -> None:
+        with self._lock:
+            first = kind not in self.counts
+            self.counts[kind] += 1
+        if first:
+            log.warning("%s: %s (counted; logged once per kind)", kind, message)
+
+
+class EngineServer:
+    """The running server; ``run()`` serves until ``stop()`` (or a control ``stop``)."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = c = config
+        self.curve: Curve | None = curve_or_none(c.keys)
+        for ep in filter(None, (c.listen, c.publish, c.control)):
+            check_bind(ep, insecure=c.insecure, authenticated=self.curve is not None)
+        try:
+            self.chain = EngineChain.open(c.engines, c.backend, c.threads)
+        except (PackageError, ValueError) as e:
+            raise ServerError(str(e)) from e
+        self.rings = Rings(
+            self.chain.window, background=self.chain.background, max_pause_s=c.max_pause_s
+        )
+        self.writer = RunWriter(c.out_dir, fsync=c.fsync)
+        self.scheduler = Scheduler(
+            c.mode, self.rings,
+            backlog_bytes=int(c.backlog_mb * 2**20), spill_dir=c.out_dir / "spill",
+        )
+        self.times = StageTimes()
+        self.engine_errors = _Once()
+        self.disk_errors = _Once()
+        self.received: Counter[str] = Counter()
+        self.enhanced = 0
+        self.published = 0
+        self.publish_dropped = 0
+        self.written: Counter[str] = Counter()
+        self.started = time.monotonic()
+        self._writer_q = ByteQueue(int(c.writer_mb * 2**20))
+        self._pub_q: queue.Queue = queue.Queue(maxsize=64)
+        self._stop = threading.Event()
+        self._stop_receiving = threading.Event()
+        self._finished = threading.Event()
+        self._expect: dict[str, int] = {}
+        self._expect_timeout_s = 10.0
+        self._summary: dict[str, Any] | None = None
+
+        self.ctx = zmq.Context()
+        self._auth = self.curve.authenticator(self.ctx) if self.curve else None
+        self.receiver = FrameReceiver(
+            c.listen, insecure=c.insecure, curve=self.curve, rcvhwm=c.rcvhwm, context=self.ctx
+        )
+        self._pub = self._bind(zmq.PUB, c.publish) if c.publish else None
+        if self._pub is not None:
+            self._pub.setsockopt(zmq.SNDHWM, 8)
+        self._control = self._bind(zmq.REP, c.control)
+        self._threads = [
+            threading.Thread(target=f, name=f"scopecast-{n}", daemon=True)
+            for n, f in (
+                ("receive", self._receive_loop),
+                ("engine", self._engine_loop),
+                ("writer", self._writer_loop),
+                ("publish", self._publish_loop),
+                ("control", self._control_loop),
+            )
+        ]
+
+    def _bind(self, kind: int, endpoint: str) -> zmq.Socket:
+        sock = self.ctx.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        if self.curve is not None:
+            self.curve.server(sock)
+        try:
+            sock.bind(endpoint)
+        except zmq.ZMQError as e:
+            sock.close(0)
+            self.receiver.close()
+            raise ServerError(f"cannot bind {endpoint}: {e.strerror}; choose another port") from e
+        return sock
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        """Serve until stopped; then drain, flush and close everything; return the summary."""
+        for t in self._threads:
+            t.start()
+        try:
+            self._stop.wait()
+        finally:
+            summary = self._shutdown()
+        return summary
+
+    def stop(self, expect: dict[str, int] | None = None, timeout_s: float = 10.0) -> None:
+        """Ask ``run`` to finish: first wait (up to ``timeout_s``) until ``expect[stream]``
+        frames of each stream arrived. Safe from signal handlers and other threads."""
+        self._expect = dict(expect or {})
+        self._expect_timeout_s = timeout_s
+        self._stop.set()
+
+    def _shutdown(self) -> dict[str, Any]:
+        deadline = time.monotonic() + self._expect_timeout_s
+        while time.monotonic() < deadline and any(
+            self.received[s] < n for s, n in self._expect.items()
+        ):
+            time.sleep(0.01)
+        self._stop_receiving.set()
+        self._join("receive")
+        self.scheduler.close()
+        self._join("engine")
+        self._writer_q.put(None, 0)
+        self._join("writer")
+        self._pub_q.put(None)
+        self._join("publish")
+        self.chain.close()
+        spill = self.config.out_dir / "spill"
+        if spill.is_dir() and not any(spill.iterdir()):
+            shutil.rmtree(spill)
+        self._summary = self.status()
+        self._finished.set()
+        self._join("control")
+        self.receiver.close()
+        if self._pub is not None:
+            self._pub.close(0)
+        if self._auth is not None:
+            self._auth.stop()
+        self.ctx.term()
+        return self._summary
+
+    def _join(self, name: str) -> None:
+        for t in self._threads:
+            if t.name == f"scopecast-{name}" and t.is_alive():
+                t.join()
+
+    # -- stages ---------------------------------------------------------------------------
+
+    def _receive_loop(self) -> None:
+        while not self._stop_receiving.is_set():
+            got = self.receiver.receive(20)
+            if got is None:
+                continue
+            header, frame = got
+            recv_ns = time.monotonic_ns()
+            self.received[header.stream] += 1
+            transport = (recv_ns - header.mono_ns) / 1e6
+            self.times.add("transport", transport)
+            self._writer_q.put(("raw", header, frame, {"transport": transport}), header.nbytes)
+            self._publish(header, frame, kind="raw")
+            try:
+                self.chain.check(header.shape)
+            except EngineError as e:
+                self.engine_errors(e.kind, f"{header.key}: {e}")
+                continue
+            self.scheduler.submit(Job(header, frame, recv_ns))
+
+    def _engine_loop(self) -> None:
+        while True:
+            got = self.scheduler.take(0.1)
+            if got is None:
+                if self.scheduler.finished:
+                    return
+                continue
+            job, window = got
+            start_ns = time.monotonic_ns()
+            h = job.header
+            try:
+                result = self.chain.enhance(window.frames, window.previous, window.background)
+            except EngineError as e:
+                self.engine_errors(e.kind, f"{h.key} seq {h.seq}: {e}")
+                continue
+            except Exception as e:  # a backend failure must not stop the other streams
+                self.engine_errors("backend", f"{h.key} seq {h.seq}: {type(e).__name__}: {e}")
+                continue
+            for stage in result.stages:
+                self.rings.set_previous(h.key, stage.stage, stage.output, window.generation)
+            timings = {"queue": (start_ns - job.recv_ns) / 1e6, **result.timings_ms}
+            timings["transport"] = (job.recv_ns - h.mono_ns) / 1e6
+            for k, v in timings.items():
+                if k != "transport":
+                    self.times.add(k, v)
+            self.enhanced += 1
+            out = result.frame
+            self._writer_q.put(("enhanced", h, out, timings), out.nbytes)
+            self._publish(h, out, kind="enhanced", timings=timings)
+
+    def _writer_loop(self) -> None:
+        while (item := self._writer_q.get()) is not None:
+            kind, header, frame, timings = item
+            try:
+                if kind == "raw":
+                    rec = self.writer.write_raw(header, frame, timings_ms=timings)
+                else:
+                    rec = self.writer.write_enhanced(
+                        header, frame, engine=self.chain.name, scale=self.chain.scale,
+                        timings_ms=timings,
+                    )
+            except SinkError as e:
+                self.disk_errors(kind, str(e))
+                continue
+            self.written[kind] += 1
+            self.times.add("disk", rec["timings_ms"]["disk"])
+        try:
+            self.writer.close()
+        except SinkError as e:
+            self.disk_errors("close", str(e))
+
+    def _publish(
+        self, header: FrameHeader, frame: np.ndarray, *, kind: str,
+        timings: dict[str, float] | None = None,
+    ) -> None:
+        if self._pub is None:
+            if kind == "enhanced":
+                self.times.add("total", (time.monotonic_ns() - header.mono_ns) / 1e6)
+            return
+        try:
+            self._pub_q.put_nowait((header, frame, kind, timings, time.monotonic_ns()))
+        except queue.Full:
+            self.publish_dropped += 1
+
+    def _publish_loop(self) -> None:
+        while (item := self._pub_q.get()) is not None:
+            header, frame, kind, timings, queued_ns = item
+            scale = self.chain.scale if kind == "enhanced" else 1
+            fields = header.model_dump(exclude={"shape", "dtype", "pixel_size_um"})
+            ph = PublishedHeader(
+                **fields,
+                shape=frame.shape,
+                dtype=frame.dtype.name,
+                pixel_size_um=header.pixel_size_um / scale if header.pixel_size_um else None,
+                kind=kind,
+                engine=self.chain.name if kind == "enhanced" else None,
+                backend=self.chain.engines[0].backend.name,
+                scale=scale,
+                timings_ms=timings or {},
+            )
+            try:
+                self._pub.send_multipart(encode_published(ph, frame), zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                self.publish_dropped += 1
+                continue
+            self.published += 1
+            if kind == "enhanced":
+                now = time.monotonic_ns()
+                self.times.add("publish", (now - queued_ns) / 1e6)
+                self.times.add("total", (now - header.mono_ns) / 1e6)
+
+    def _control_loop(self) -> None:
+        sock = self._control
+        while not (self._finished.is_set() and not sock.poll(0)):
+            if not sock.poll(50):
+                continue
+            try:
+                req = json.loads(sock.recv())
+                cmd = req.get("cmd") if isinstance(req, dict) else None
+            except (ValueError, UnicodeDecodeError):
+                cmd = None
+            if cmd == "status":
+                reply = self._summary or self.status()
+            elif cmd == "stop":
+                self.stop(req.get("expect"), float(req.get("timeout_s", 10.0)))
+                self._finished.wait()
+                reply = self._summary
+            else:
+                reply = {"error": "requests are JSON objects: {\"cmd\": \"status\"|\"stop\"}"}
+            sock.send(json.dumps(reply).encode())
+        sock.close(0)
+
+    # -- reporting ------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """Counters, latency percentiles per stage (ms), engine, backend and queue depths."""
+        c = self.config
+        rx = self.receiver.stats
+        return {
+            "engine": self.chain.describe(),
+            "mode": c.mode,
+            "listen": c.listen,
+            "publish": c.publish,
+            "out_dir": str(c.out_dir),
+            "uptime_s": time.monotonic() - self.started,
+            "frames_received": sum(self.received.values()),
+            "frames_received_by_stream": dict(self.received),
+            "frames_missing": rx.gaps,
+            "frames_rejected": dict(rx.rejected),
+            "frames_enhanced": self.enhanced,
+            "frames_skipped": self.scheduler.skipped,
+            "frames_spilled": self.scheduler.spilled,
+            "frames_written": {"raw": self.written["raw"], "enhanced": self.written["enhanced"]},
+            "engine_errors": dict(self.engine_errors.counts),
+            "disk_errors": dict(self.disk_errors.counts),
+            "published": self.published,
+            "publish_dropped": self.publish_dropped,
+            "queues": {
+                "engine": self.scheduler.depth,
+                "writer": len(self._writer_q),
+                "publish": self._pub_q.qsize(),
+            },
+            "rings": self.rings.stats(),
+            "latency_ms": self.times.summary(),
+            "files": [str(p) for p in self.writer.files],
+        }

@@ -1,0 +1,189 @@
+"""The run directory: raw and enhanced OME-TIFFs per (stream, position) plus one JSONL index."""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections import Counter, OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stream.protocol import FrameHeader
+from stream.sinks.index import IndexWriter
+from stream.sinks.tiff import OmeTiffSink, PlaneRecord, SinkError
+
+log = logging.getLogger(__name__)
+
+INDEX_NAME = "index.jsonl"
+#: One engine name ([a-z0-9._-]) or a chain of them joined by "+" (EngineChain.name).
+ENGINE_NAME = re.compile(r"^[a-z0-9._-]{1,64}(\+[a-z0-9._-]{1,64}){0,7}$")
+#: How many recent raw planes an enhanced frame can be linked back to.
+RAW_LOOKUP = 4096
+
+
+def fresh_run_dir(base: Path) -> Path:
+    """Create and return a new, empty ``base/run-YYYYmmdd-HHMMSS[-n]``."""
+    base = Path(base)
+    base.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("run-%Y%m%d-%H%M%S")
+    for n in range(1, 1000):
+        path = base / (stamp if n == 1 else f"{stamp}-{n}")
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        return path
+    raise SinkError(f"no free run directory name {stamp}-N under {base}: clean it up", path=base)
+
+
+class RunWriter:
+    """Raw and enhanced OME-TIFFs per (stream, position) plus the run's JSONL index, in one folder.
+
+    Thread-safe. A disk error raises SinkError after counting ``errors['disk']``; the caller
+    keeps going and later writes retry.
+    """
+
+    def __init__(self, out_dir: Path, *, fsync: bool = False) -> None:
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        index = self.out_dir / INDEX_NAME
+        if index.exists():
+            raise SinkError(f"{self.out_dir} already holds a recorded run ({INDEX_NAME}); "
+                            "recorded data are never overwritten: pass fresh_run_dir(base)",
+                            path=index)
+        self.fsync = fsync
+        self.index = IndexWriter(index, fsync=fsync)
+        self.files: list[Path] = [index]
+        self.errors: Counter[str] = Counter()
+        self._sinks: dict[tuple[str, int, str], OmeTiffSink] = {}
+        self._parts: Counter[tuple[str, int, str]] = Counter()
+        self._raw: OrderedDict[tuple[str, str | None, int], dict[str, Any]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.closed = False
+
+    def write_raw(
+        self, header: FrameHeader, frame: np.ndarray, *,
+        timings_ms: dict[str, float] | None = None,
+    ) -> dict[str, Any]:
+        """Store a raw frame, then its index line; return the index record."""
+        with self._lock:
+            t0 = time.perf_counter()
+            plane = self._write("raw", header, frame, header.pixel_size_um)
+            key = (header.stream, header.acquisition, header.seq)
+            self._raw[key] = {"file": plane.file, "plane": plane.plane}
+            self._raw.move_to_end(key)
+            while len(self._raw) > RAW_LOOKUP:
+                self._raw.popitem(last=False)
+            record = self._record("raw", header, frame, plane, timings_ms, t0)
+            record["pixel_size_um"] = header.pixel_size_um
+            return self._append(record)
+
+    def write_enhanced(
+        self, header: FrameHeader, frame: np.ndarray, *, engine: str, scale: int,
+        timings_ms: dict[str, float] | None = None,
+    ) -> dict[str, Any]:
+        """Store an enhanced frame (``header`` is its raw frame's), then its index line."""
+        if not ENGINE_NAME.match(engine) or engine == "raw":
+            raise ValueError(f"engine name {engine!r} must be 1-64 of [a-z0-9._-] (chains joined "
+                             "by '+') and not 'raw'")
+        if not (isinstance(scale, int) and scale >= 1):
+            raise ValueError(f"scale={scale!r} must be an integer >= 1 (1 = same pixel size)")
+        with self._lock:
+            t0 = time.perf_counter()
+            size = None if header.pixel_size_um is None else header.pixel_size_um / scale
+            plane = self._write(engine, header, frame, size)
+            raw = self._raw.get((header.stream, header.acquisition, header.seq))
+            if raw is None:
+                self.errors["raw_missing"] += 1
+            record = self._record("enhanced", header, frame, plane, timings_ms, t0)
+            record.update(engine=engine, scale=scale, pixel_size_um=size, raw=raw)
+            return self._append(record)
+
+    def close(self) -> list[Path]:
+        """Close every sink (writing its OME-XML) and the index; return the files written.
+
+        A sink whose OME-XML could not be written is counted in ``errors['close']`` and
+        logged; its planes stay intact for ``recover``.
+        """
+        with self._lock:
+            if not self.closed:
+                self.closed = True
+                for sink in self._sinks.values():
+                    self._close_sink(sink)
+                self.index.close()
+            return list(self.files)
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _write(self, kind: str, header: FrameHeader, frame: np.ndarray,
+               pixel_size_um: float | None) -> PlaneRecord:
+        if self.closed:
+            raise SinkError(f"run {self.out_dir} is closed: start a new RunWriter",
+                            path=self.out_dir)
+        try:
+            sink = self._sink(kind, header, frame, pixel_size_um)
+            plane = sink.write(frame, header)
+        except SinkError:
+            self.errors["disk"] += 1
+            raise
+        if plane.plane == 0:
+            self.files.append(sink.path)
+        return plane
+
+    def _sink(self, kind: str, header: FrameHeader, frame: np.ndarray,
+              pixel_size_um: float | None) -> OmeTiffSink:
+        p = header.index.get("p", 0)
+        key = (header.stream, p, kind)
+        sink = self._sinks.get(key)
+        if sink is not None and (sink.closed or sink.broken or not sink.accepts(frame)
+                                 or (sink.planes and sink.pixel_size_um != pixel_size_um)):
+            self._close_sink(sink)
+            sink = None
+        if sink is None:
+            self._parts[key] += 1
+            part = self._parts[key]
+            suffix = "" if part == 1 else f"_{part}"
+            path = self.out_dir / f"{header.stream}_p{p:03d}_{kind}{suffix}.ome.tif"
+            sink = OmeTiffSink(path, pixel_size_um=pixel_size_um, fsync=self.fsync,
+                               description=f"scopecast {kind} frames of stream "
+                                           f"{header.stream!r}, position {p}")
+            self._sinks[key] = sink
+        return sink
+
+    def _close_sink(self, sink: OmeTiffSink) -> None:
+        try:
+            sink.close()
+        except SinkError as e:
+            self.errors["close"] += 1
+            log.warning("%s", e)
+
+    def _record(self, kind: str, header: FrameHeader, frame: np.ndarray, plane: PlaneRecord,
+                timings_ms: dict[str, float] | None, t0: float) -> dict[str, Any]:
+        timings = dict(timings_ms or {})
+        timings["disk"] = (time.perf_counter() - t0) * 1e3
+        return {
+            "kind": kind,
+            "file": plane.file,
+            "plane": plane.plane,
+            "offset": plane.offset,
+            "nbytes": plane.nbytes,
+            "shape": list(frame.shape),
+            "dtype": np.dtype(frame.dtype).name,
+            "crc32": plane.crc32,
+            "header": header.model_dump(mode="json", exclude_none=True),
+            "timings_ms": timings,
+        }
+
+    def _append(self, record: dict[str, Any]) -> dict[str, Any]:
+        record["written_ns"] = time.monotonic_ns()
+        try:
+            self.index.append(record)
+        except SinkError as e:
+            self.errors["disk"] += 1
+            raise SinkError(f"{record['file']} plane {record['plane']} is on disk but not in "
+                            f"the index: {e}", path=self.index.path, code=e.errno) from e
+        return record

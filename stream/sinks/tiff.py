@@ -1,0 +1,521 @@
+"""One growing OME-TIFF of 2-D planes that survives a SIGKILL and a full disk.
+
+Every frame is its own uncompressed BigTIFF page, written by tifffile straight to the OS
+(no user-space buffer), so a killed process loses at most the plane being written and the
+file stays readable page by page. The first page carries a padded placeholder description;
+:meth:`OmeTiffSink.close` replaces it with OME-XML that describes the planes written.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import itertools
+import json
+import logging
+import os
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, NamedTuple, cast
+
+import numpy as np
+import tifffile
+
+from stream.protocol import FrameHeader
+
+log = logging.getLogger(__name__)
+
+#: Software tag of every page: how :func:`stream.sinks.recover.recover` knows our files.
+SOFTWARE = "scopecast"
+#: The first page's description until close; JSON after it tells recover() the pixel size.
+PLACEHOLDER_PREFIX = b"scopecast OME-TIFF not closed (run `scopecast recover`) "
+#: Bytes reserved for the OME-XML in the first page; longer XML is appended at close.
+PLACEHOLDER_BYTES = 16384
+_GRID_AXES = ("t", "c", "z")
+_MAX_VALUES_NOTE = 64
+
+
+class SinkError(OSError):
+    """A write that failed (disk full, permission, wrong frame): says which file and what to do."""
+
+    def __init__(
+        self, message: str, *, path: Path | None = None, planes: int | None = None,
+        code: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.errno = code
+        self.filename = None if path is None else str(path)
+        self.path = path
+        self.planes = planes
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+@dataclass(frozen=True)
+class PlaneRecord:
+    """Where one written plane's pixels lie: ``nbytes`` at ``offset`` of ``file``."""
+
+    file: str
+    plane: int
+    offset: int
+    nbytes: int
+    crc32: int
+
+
+class Layout(NamedTuple):
+    """How the planes of one file map onto OME dimensions."""
+
+    axes: str  # e.g. "TC" (without YX)
+    shape: tuple[int, ...]
+    values: dict[str, list[int]]  # index values along each declared axis, in file order
+    reason: str  # why the planes are not a grid ("" when they are)
+
+
+class _PlaneFile:
+    """A seekable binary file on a bare file descriptor: every write reaches the OS or raises.
+
+    ``fileno`` is hidden on purpose: numpy's ``tofile`` ignores a short write (full disk),
+    so tifffile must fall back to ``write``, which loops until done or raises OSError.
+    """
+
+    mode = "r+b"
+
+    def __init__(self, path: Path) -> None:
+        self.name = str(path)
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
+                          0o644)
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        done = 0
+        while done < len(view):
+            n = os.write(self.fd, view[done:])
+            if n <= 0:
+                raise OSError(errno.ENOSPC, "no bytes written", self.name)
+            done += n
+        return done
+
+    def read(self, size: int = -1) -> bytes:
+        if size < 0:
+            size = self.size() - self.tell()
+        return os.read(self.fd, size)
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return os.lseek(self.fd, offset, whence)
+
+    def tell(self) -> int:
+        return os.lseek(self.fd, 0, os.SEEK_CUR)
+
+    def size(self) -> int:
+        return os.fstat(self.fd).st_size
+
+    def truncate(self, size: int) -> None:
+        os.ftruncate(self.fd, size)
+
+    def fileno(self) -> int:
+        raise io.UnsupportedOperation("fileno hidden so that every write is checked")
+
+    def flush(self) -> None:
+        """Nothing is buffered; durability is :meth:`fsync`."""
+
+    def fsync(self) -> None:
+        os.fsync(self.fd)
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+@dataclass(frozen=True)
+class _Plane:
+    """What close() needs of one written plane to describe it in OME-XML."""
+
+    tcz: tuple[int, int, int]
+    channel: str | None
+    wall_time: float
+    exposure_ms: float | None
+    stage: tuple[float | None, float | None, float | None]
+
+
+class OmeTiffSink:
+    """One growing OME-TIFF (BigTIFF) of 2-D planes of one shape and dtype, crash-safe."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        pixel_size_um: float | None,
+        channel_names: list[str] | None = None,
+        description: str = "",
+        fsync: bool = False,
+    ) -> None:
+        self.path = Path(path)
+        if self.path.exists():
+            raise SinkError(
+                f"{self.path} already exists: a sink never overwrites recorded data; "
+                "choose a new file name or a fresh run directory", path=self.path, planes=0,
+                code=errno.EEXIST,
+            )
+        if pixel_size_um is not None and not pixel_size_um > 0:
+            raise ValueError(f"pixel_size_um={pixel_size_um!r} must be > 0 (or None if unknown)")
+        self.pixel_size_um = pixel_size_um
+        self.channel_names = list(channel_names) if channel_names else None
+        self.description = description
+        self.fsync = fsync
+        self.planes = 0
+        self.closed = False
+        self.shape: tuple[int, ...] | None = None
+        self.dtype: np.dtype | None = None
+        self.broken = ""  # why no further plane can be appended ("" while usable)
+        self._file: _PlaneFile | None = None
+        self._writer: tifffile.TiffWriter | None = None
+        self._meta: list[_Plane] = []
+        self._sizes: dict[str, int] | None = None
+        self._notes: set[str] = set()
+        self._extra: set[tuple[tuple[str, int], ...]] = set()
+        self._acquisitions: set[str] = set()
+
+    def write(self, frame: np.ndarray, header: FrameHeader) -> PlaneRecord:
+        """Append ``frame`` as the next page; return where its pixels lie once they are written."""
+        if self.closed:
+            raise SinkError(f"{self.path} is closed: open a new sink to write more planes",
+                            path=self.path, planes=self.planes)
+        if self.broken:
+            raise SinkError(f"{self.path} cannot take more planes ({self.broken}); its "
+                            f"{self.planes} planes are intact: start a new file",
+                            path=self.path, planes=self.planes)
+        data = self._check(frame)
+        if self._writer is None:
+            self._open()
+        assert self._file is not None and self._writer is not None
+        end = self._file.size()
+        link = getattr(self._writer, "_ifdoffset", None)  # previous page's next-IFD pointer
+        try:
+            written = self._writer.write(
+                data,
+                returnoffset=True,
+                metadata=None,
+                contiguous=False,
+                photometric="minisblack",
+                software=SOFTWARE,
+                **self._resolution(),
+                description=self._placeholder() if self.planes == 0 else None,
+            )
+            assert written is not None, "tifffile returns (offset, nbytes) with returnoffset"
+            offset, nbytes = written
+            if self.fsync:
+                self._file.fsync()
+        except Exception as e:
+            self._undo(end, link)
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else repr(e)
+            raise SinkError(
+                f"{self.path}: writing plane {self.planes} failed ({reason}); the "
+                f"{self.planes} planes written before are intact. Free disk space and keep "
+                "writing (the next write retries), or close() the sink",
+                path=self.path, planes=self.planes,
+                code=e.errno if isinstance(e, OSError) else None,
+            ) from e
+        if nbytes != data.nbytes or offset + nbytes > self._file.size():
+            self.broken = (f"tifffile reported {nbytes} bytes at {offset} for a "
+                           f"{data.nbytes}-byte plane")
+            raise SinkError(f"{self.path}: {self.broken}; report this as a bug",
+                            path=self.path, planes=self.planes)
+        if self.planes == 0:
+            self.shape, self.dtype = data.shape, data.dtype
+        self._remember(header)
+        record = PlaneRecord(self.path.name, self.planes, int(offset), int(nbytes),
+                             zlib.crc32(data.data))
+        self.planes += 1
+        return record
+
+    def accepts(self, frame: np.ndarray) -> bool:
+        """Whether ``frame`` has this file's shape and dtype (any frame fits an empty file)."""
+        if self.shape is None or self.dtype is None:
+            return True
+        return frame.shape == self.shape and frame.dtype.newbyteorder("<") == self.dtype
+
+    def close(self) -> None:
+        """Write the final OME-XML (best effort) and close; data are never truncated. Idempotent.
+
+        Raises SinkError, after closing, if the OME-XML could not be written; the file then
+        keeps its planes as plain BigTIFF pages and ``recover`` rebuilds the metadata.
+        """
+        if self.closed:
+            return
+        self.closed = True
+        if self._file is None:
+            return
+        if self.planes == 0:
+            self._discard()  # only a TIFF header: no valid file to keep
+            return
+        try:
+            if self._writer is not None:
+                self._writer.close()  # non-contiguous pages: writes nothing, keeps our handle
+            xml = self.omexml().encode("utf-8")
+            self._make_room(len(xml))
+        except Exception as e:
+            self._file.close()
+            raise SinkError(
+                f"{self.path}: could not write the OME-XML ({e}); its {self.planes} planes "
+                "are intact as BigTIFF pages: free disk space and run `scopecast recover` to "
+                "get an OME-TIFF", path=self.path, planes=self.planes,
+                code=e.errno if isinstance(e, OSError) else None,
+            ) from e
+        self._file.close()
+        try:
+            tifffile.tiffcomment(self.path, xml)
+        except Exception as e:
+            raise SinkError(
+                f"{self.path}: could not write the OME-XML ({e}); its {self.planes} planes "
+                "are intact: run `scopecast recover` on it", path=self.path, planes=self.planes,
+                code=e.errno if isinstance(e, OSError) else None,
+            ) from e
+
+    def layout(self) -> Layout:
+        """How the planes written so far map onto OME dimensions."""
+        layout = plane_layout([p.tcz for p in self._meta], self._sizes or {})
+        if not self._notes:
+            return layout
+        reason = "; ".join([layout.reason, *sorted(self._notes)] if layout.reason
+                           else sorted(self._notes))
+        return plane_layout([], {}, n=len(self._meta), reason=reason)
+
+    def omexml(self) -> str:
+        """OME-XML describing the planes written so far."""
+        assert self.shape is not None and self.dtype is not None
+        layout = self.layout()
+        axes = layout.axes + "YX"
+        shape = (*layout.shape, *self.shape)
+        meta: dict[str, Any] = {"Name": self.path.name.split(".")[0]}
+        description = self.description
+        if layout.reason:
+            description = (f"{description}\n" if description else "") + (
+                f"planes stored in arrival order along T: {layout.reason}; the run's "
+                "index.jsonl holds each plane's exact (t, c, z)"
+            )
+        if description:
+            meta["Description"] = description
+        if self.pixel_size_um is not None:
+            meta.update(PhysicalSizeX=self.pixel_size_um, PhysicalSizeXUnit="µm",
+                        PhysicalSizeY=self.pixel_size_um, PhysicalSizeYUnit="µm")
+        names = self._channel_names(layout)
+        if names:
+            meta["Channel"] = {"Name": names}
+        meta["Plane"] = self._plane_attributes()
+        notes = {"scopecast.layout": axes}
+        if layout.reason:
+            notes["scopecast.reason"] = layout.reason
+        for ax, vals in layout.values.items():
+            if vals != list(range(len(vals))):
+                notes[f"scopecast.{ax}"] = _compact(vals)
+        meta["MapAnnotation"] = {"Namespace": "scopecast", "Value": notes}
+        ome = tifffile.OmeXml(Creator=SOFTWARE)
+        rows, cols = self.shape
+        ome.addimage(self.dtype, shape, (self.planes, 1, 1, rows, cols, 1), axes=axes, **meta)
+        return ome.tostring(declaration=True)
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _check(self, frame: np.ndarray) -> np.ndarray:
+        frame = np.asarray(frame)
+        if frame.ndim != 2:
+            raise SinkError(
+                f"{self.path}: frame shape {frame.shape} is not 2-D; this version stores "
+                "(rows, cols) planes only: send each component as its own channel",
+                path=self.path, planes=self.planes,
+            )
+        if frame.dtype.kind not in "uif" or frame.dtype.itemsize > 8:
+            raise SinkError(f"{self.path}: dtype {frame.dtype} cannot be stored; send one of "
+                            "uint8, uint16, uint32, float32", path=self.path, planes=self.planes)
+        data = np.ascontiguousarray(frame, frame.dtype.newbyteorder("<"))
+        if self.shape is not None and (data.shape != self.shape or data.dtype != self.dtype):
+            raise SinkError(
+                f"{self.path}: frame {data.shape} {data.dtype} does not match this file's "
+                f"{self.shape} {self.dtype}: start a new file for the new shape",
+                path=self.path, planes=self.planes,
+            )
+        return data
+
+    def _open(self) -> None:
+        try:
+            self._file = _PlaneFile(self.path)
+        except OSError as e:
+            raise SinkError(f"cannot create {self.path} ({e.strerror}): check the directory "
+                            "exists, is writable and has free space", path=self.path, planes=0,
+                            code=e.errno) from e
+        try:
+            self._writer = tifffile.TiffWriter(cast(IO[bytes], self._file), bigtiff=True,
+                                               ome=False)
+        except OSError as e:
+            self._discard()
+            raise SinkError(f"cannot start {self.path} ({e.strerror}): free disk space; the "
+                            "next write retries", path=self.path, planes=0, code=e.errno) from e
+
+    def _discard(self) -> None:
+        """Remove the file this sink created while it holds no plane."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self._writer = None
+        self.path.unlink(missing_ok=True)
+
+    def _resolution(self) -> dict[str, Any]:
+        """TIFF resolution tags, so plain TIFF readers (ImageJ) know the pixel size too."""
+        if self.pixel_size_um is None:
+            return {}
+        per_cm = 1e4 / self.pixel_size_um
+        return {"resolution": (per_cm, per_cm), "resolutionunit": "CENTIMETER"}
+
+    def _placeholder(self) -> bytes:
+        info = json.dumps({"pixel_size_um": self.pixel_size_um}).encode()
+        text = PLACEHOLDER_PREFIX + info
+        return text + b"\0" * max(0, PLACEHOLDER_BYTES - len(text))
+
+    def _undo(self, end: int, link: int | None) -> None:
+        """Drop a partly written page: unlink it from the page chain, cut the file to ``end``."""
+        assert self._file is not None
+        try:
+            if link is not None and link < end:
+                self._file.seek(link)
+                self._file.write(b"\0" * 8)
+            self._file.truncate(end)
+            self._file.seek(end)
+        except Exception as e:  # the chain may now point at garbage: append nothing more
+            self.broken = f"undoing a failed write failed: {e}"
+            log.error("%s: %s", self.path, self.broken)
+
+    def _make_room(self, size: int) -> None:
+        """Fail now, before anything changes, if appending ``size`` bytes would not fit."""
+        assert self._file is not None
+        if size < PLACEHOLDER_BYTES:
+            return  # written in place
+        end = self._file.size()
+        try:
+            self._file.seek(end)
+            self._file.write(b"\0" * (size + 16))
+        finally:
+            self._file.truncate(end)
+
+    def _remember(self, header: FrameHeader) -> None:
+        i = header.index
+        stage = header.stage
+        self._meta.append(_Plane(
+            (i.get("t", 0), i.get("c", 0), i.get("z", 0)),
+            header.channel,
+            header.wall_time,
+            header.exposure_ms,
+            (None, None, None) if stage is None else (stage.x, stage.y, stage.z),
+        ))
+        extra = tuple(sorted((k, v) for k, v in i.items() if k not in ("t", "p", "c", "z")))
+        self._extra.add(extra)
+        if len(self._extra) > 1:
+            axes = sorted({k for e in self._extra for k, _ in e})
+            self._notes.add(f"index axes {axes} vary but are not OME dimensions")
+        if header.acquisition is not None:
+            self._acquisitions.add(header.acquisition)
+            if len(self._acquisitions) > 1:
+                self._notes.add("planes come from more than one acquisition")
+        if self._sizes is None:
+            self._sizes = dict(header.sizes)
+        elif header.sizes != self._sizes:
+            self._notes.add(f"acquisition sizes changed from {self._sizes} to {header.sizes}")
+
+    def _channel_names(self, layout: Layout) -> list[str] | None:
+        sizec = layout.shape[layout.axes.index("C")] if "C" in layout.axes else 1
+        if self.channel_names is not None:
+            if len(self.channel_names) == sizec:
+                return self.channel_names
+            log.warning("%s: %d channel names given for %d channels; using frame headers",
+                        self.path, len(self.channel_names), sizec)
+        if "C" in layout.axes:
+            first: dict[int, str | None] = {}
+            for p in self._meta:
+                first.setdefault(p.tcz[1], p.channel)
+            names = [first[c] for c in layout.values["C"]]
+        else:
+            names = list({p.channel for p in self._meta})
+        if len(names) != sizec or any(n is None for n in names):
+            return None
+        return [str(n) for n in names]
+
+    def _plane_attributes(self) -> dict[str, list[Any]]:
+        n = len(self._meta)
+        t0 = self._meta[0].wall_time
+        attrs: dict[str, list[Any]] = {
+            "DeltaT": [round(p.wall_time - t0, 6) for p in self._meta],
+            "DeltaTUnit": ["s"] * n,
+        }
+        if all(p.exposure_ms is not None for p in self._meta):
+            attrs["ExposureTime"] = [p.exposure_ms for p in self._meta]
+            attrs["ExposureTimeUnit"] = ["ms"] * n
+        for k, ax in enumerate("XYZ"):
+            if all(p.stage[k] is not None for p in self._meta):
+                attrs[f"Position{ax}"] = [p.stage[k] for p in self._meta]
+                attrs[f"Position{ax}Unit"] = ["µm"] * n
+        return attrs
+
+
+def plane_layout(
+    tcz: Sequence[tuple[int, int, int]],
+    sizes: Mapping[str, int],
+    *,
+    n: int | None = None,
+    reason: str = "",
+) -> Layout:
+    """Map planes with indices ``tcz`` (in file order) onto OME axes.
+
+    The planes form a grid if they run through every combination of the (t, c, z) values
+    present, nested in the acquisition's axis order (the order of ``sizes``); otherwise, or
+    if ``reason`` is given, all planes lie along T and the reason says why.
+    """
+    count = len(tcz) if n is None else n
+    if reason or count == 0:
+        return Layout("T", (count,), {"T": list(range(count))}, reason)
+    values = {ax: sorted({p[k] for p in tcz}) for k, ax in enumerate(_GRID_AXES)}
+    varying = [ax for ax in _GRID_AXES if len(values[ax]) > 1]
+    order = [ax for ax in sizes if ax in varying]
+    unlisted = [ax for ax in varying if ax not in order]
+    if not sizes and not varying:
+        return Layout("T", (count,), {"T": list(range(count))}, "")  # a plain stream of frames
+    if unlisted:
+        why = f"index axes {unlisted} vary but the acquisition sizes {dict(sizes)} omit them"
+        return plane_layout(tcz, sizes, reason=why)
+    if not order:
+        order = ["t"]
+    pos = [_GRID_AXES.index(ax) for ax in order]
+    expected = itertools.product(*(values[ax] for ax in order))
+    for i, (plane, want) in enumerate(zip(tcz, expected, strict=False)):
+        got = tuple(plane[k] for k in pos)
+        if got != want:
+            names = ",".join(order)
+            why = f"plane {i} has ({names})={got}, a full grid needs {want}"
+            return plane_layout(tcz, sizes, reason=why)
+    full = int(np.prod([len(values[ax]) for ax in order]))
+    if count > full:
+        why = f"{count} planes for {full} distinct ({','.join(order)}) values: some repeat"
+        return plane_layout(tcz, sizes, reason=why)
+    if count < full:
+        inner = int(np.prod([len(values[ax]) for ax in order[1:]]))
+        why = (f"stopped within a {order[0]} step: {count} planes do not fill whole steps of "
+               f"{inner} planes")
+        return plane_layout(tcz, sizes, reason=why)
+    axes = "".join(order).upper()
+    return Layout(axes, tuple(len(values[ax]) for ax in order),
+                  {ax.upper(): values[ax] for ax in order}, "")
+
+
+def _compact(values: list[int]) -> str:
+    if values == list(range(values[0], values[-1] + 1)):
+        return f"{values[0]}..{values[-1]}"
+    text = ",".join(map(str, values[:_MAX_VALUES_NOTE]))
+    return text + (",..." if len(values) > _MAX_VALUES_NOTE else "")
