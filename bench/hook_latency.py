@@ -15,40 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import threading
-import time
 
 import useq
 from rich.console import Console
 from rich.table import Table
 
+from bench.sources import StaticSource, snapshot
 from stream.acquire import run_with_receiver
 from stream.simulated import SimulatedMicroscope
-
-
-class StaticSource:
-    """Stands in for a core: ``run_mda`` calls the handlers' frameReady with one pre-rendered
-    frame at the sequence's interval, from a thread, like pymmcore-plus does."""
-
-    def __init__(self, scope: SimulatedMicroscope, fps: float) -> None:
-        scope.core.snapImage()
-        self.frame, self.interval = scope.core.getImage().copy(), 1.0 / fps
-
-    def run_mda(self, sequence: useq.MDASequence, output: list) -> threading.Thread:
-        def loop() -> None:
-            for h in output:
-                h.sequenceStarted(sequence)
-            t0 = time.monotonic()
-            for i, event in enumerate(sequence):
-                time.sleep(max(0.0, t0 + i * self.interval - time.monotonic()))
-                for h in output:
-                    h.frameReady(self.frame, event, {})
-            for h in output:
-                h.sequenceFinished(sequence)
-
-        thread = threading.Thread(target=loop)
-        thread.start()
-        return thread
 
 
 def main() -> None:
@@ -81,7 +55,7 @@ def main() -> None:
         (
             "static frames, 5 fps",
             (2048, 2048),
-            StaticSource(scopes[1], fps=5.0),
+            StaticSource(snapshot(scopes[1]), fps=5.0),
             useq.MDASequence(time_plan={"interval": 0.2, "loops": int(args.seconds * 5)}),
         )
     )

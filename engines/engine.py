@@ -86,9 +86,11 @@ class Engine:
         m = self.manifest
         t0 = time.perf_counter()
         norm = m.normalization
-        stack = np.stack(frames[-m.temporal.window :]).astype(np.float32)
-        if len(stack) < m.temporal.window:  # a chain stage after the first gets one frame
-            stack = np.concatenate([stack[:1]] * (m.temporal.window - len(stack)) + [stack])
+        window = list(frames[-m.temporal.window :])
+        window = [window[0]] * (m.temporal.window - len(window)) + window  # later chain stages
+        stack = np.empty((len(window), *window[-1].shape), np.float32)
+        for i, f in enumerate(window):
+            stack[i] = f  # one pass: copy and convert to float32
         inputs: dict[str, tuple[np.ndarray, int]] = {"frames": (_normalize(stack, norm), 1)}
         if m.temporal.previous_output:
             if previous is None:  # first frame of a key: the current frame, upsampled
@@ -118,8 +120,12 @@ class Engine:
             batch=tile.batch,
         )
         t2 = time.perf_counter()
-        out = y[0] * np.float32(norm.scale) + np.float32(norm.offset)
-        if not np.isfinite(out).all():
+        out = y[0]
+        if norm.scale != 1:
+            out *= np.float32(norm.scale)
+        if norm.offset:
+            out += np.float32(norm.offset)
+        if not np.isfinite(out.sum(dtype=np.float64)):  # NaN and inf survive a sum: one pass
             bad = int(np.size(out) - np.count_nonzero(np.isfinite(out)))
             raise EngineOutputError(
                 f"engine {self.name!r} produced {bad} NaN/inf values: output discarded "
@@ -226,7 +232,8 @@ def _to_dtype(y: np.ndarray, raw_dtype: np.dtype, output_dtype: str) -> np.ndarr
     if output_dtype == "float32" or raw_dtype.kind == "f":
         return np.ascontiguousarray(y, dtype=np.float32)
     info = np.iinfo(raw_dtype)
-    return np.clip(np.rint(y), info.min, info.max).astype(raw_dtype)
+    r = np.rint(y)  # a new array: y stays the stage's previous output
+    return np.clip(r, info.min, info.max, out=r).astype(raw_dtype)
 
 
 def _add(timings: dict[str, float], stage: str, seconds: float) -> None:

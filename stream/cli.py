@@ -267,14 +267,13 @@ def serve(
     from engines.runtime import BackendError
 
     from .server import ServerConfig, ServerError
-    from .sinks import fresh_run_dir
 
     with _expected_errors(ServerError, BackendError):
         if mode not in ("live", "complete"):
             raise ServerError(f"--mode {mode!r} must be live or complete")
         config = ServerConfig(
             engines=engine or ["identity"],
-            out_dir=fresh_run_dir(out_dir),
+            out_dir=out_dir,
             listen=listen,
             publish=None if publish == "none" else publish,
             control=control,
@@ -306,22 +305,26 @@ def _serve(config: Any, *, quiet: bool) -> dict[str, Any]:
         err.print(
             f"serving [bold]{e['engine']}[/bold] ({e['reason'][0]})\n"
             f"  frames in {config.listen}  ->  publish {config.publish}  control "
-            f"{config.control}\n  writing {config.out_dir}   Ctrl-C stops",
+            f"{config.control}\n  writing {server.run_dir}   Ctrl-C stops",
             highlight=False,
         )
     result: dict[str, Any] = {}
+    # the server runs in a thread so that signals (handled by the main thread) reach it
     runner = threading.Thread(target=lambda: result.update(server.run()), daemon=True)
     runner.start()
-    with err.status("waiting for frames") if not quiet else ExitStack() as status:
+    status = None if quiet else err.status("waiting for frames")
+    with status or ExitStack():
         while runner.is_alive():
-            runner.join(0.5)
-            if status is not None and not quiet:
+            runner.join(1.0)
+            if status is not None:
                 s = server.status()
                 total = s["latency_ms"].get("total", {})
                 status.update(
                     f"received {s['frames_received']}  enhanced {s['frames_enhanced']}  "
                     f"skipped {s['frames_skipped']}  p99 {_fmt(total.get('p99'))} ms"
                 )
+    if not result:
+        raise RuntimeError("the engine server stopped without a summary; see the log above")
     return result
 
 
@@ -447,7 +450,7 @@ def demo(
     result = {
         "preset": preset,
         "engine": server["engine"]["engine"],
-        "backend": server["engine"]["reason"][0],
+        "backend": _backend(server),
         "mode": mode,
         "frames_acquired": sent["frames_seen"],
         "frames_enhanced": server["frames_enhanced"],
@@ -468,22 +471,34 @@ def demo(
         raise typer.Exit(1)
 
 
+def _backend(status: dict[str, Any]) -> str:
+    """'onnxruntime cpu' for each engine of the chain, from a server's status."""
+    return ", ".join(f"{b['name']} {b['device']}" for b in status["engine"]["backend"])
+
+
 def _brief(s: dict[str, Any]) -> dict[str, Any]:
     """The server summary without the bulky parts, for a terminal table."""
     skip = {"engine", "rings", "frames_received_by_stream"}
-    return {"engine": s["engine"]["engine"], "backend": s["engine"]["reason"][0],
+    return {"engine": s["engine"]["engine"], "backend": _backend(s),
             **{k: v for k, v in s.items() if k not in skip}}  # fmt: skip
 
 
 def _print_summary(title: str, summary: dict[str, Any]) -> None:
+    """A two-column table; lists (files) follow it in full, so paths can be copied."""
     table = Table(title=title, show_header=False)
+    lists = {k: v for k, v in summary.items() if isinstance(v, list)}
     for key, value in summary.items():
+        if key in lists:
+            continue
         if isinstance(value, dict) and value and all(isinstance(v, dict) for v in value.values()):
             for sub, v in value.items():
                 table.add_row(f"{key} {sub}", _fmt(v))
         else:
             table.add_row(key, _fmt(value))
     out.print(table)
+    for key, values in lists.items():
+        out.print(f"{key}:" + ("".join(f"\n  {v}" for v in values) or " -"), highlight=False,
+                  soft_wrap=True)  # fmt: skip
 
 
 def _fmt(value: Any) -> str:

@@ -2,14 +2,16 @@
 
 One thread per stage, joined by queues, so receiving and writing never wait for inference:
 
+
 =========  ===========================================================================
 receive    PULL, decode, count; every valid frame goes to the writer and the publisher
            at once, and to the scheduler for enhancement
 engine     takes what the scheduler picks, runs the chain with the key's ring window,
            hands the result to the writer and the publisher
 writer     raw and enhanced OME-TIFFs plus the JSONL index (:mod:`stream.sinks`)
-publish    ZeroMQ PUB, topic ``{key}/raw`` or ``{key}/enhanced``; a slow viewer drops
-           frames, the server never waits for it
+publish    ZeroMQ PUB, topic ``{key}/raw`` or ``{key}/enhanced``, sent by the receive and
+           engine stages themselves (no extra hop); a slow viewer drops frames, the server
+           never waits for it
 control    REP socket answering ``status`` and ``stop`` (``scopecast status``)
 =========  ===========================================================================
 
@@ -22,7 +24,8 @@ from __future__ import annotations
 
 import json
 import logging
-import queue
+import os
+import sys
 import shutil
 import threading
 import time
@@ -43,7 +46,7 @@ from .protocol import FrameHeader, PublishedHeader, encode_published
 from .receiver import FrameReceiver
 from .ring import Rings, Window
 from .security import Curve, curve_or_none
-from .sinks import RunWriter, SinkError
+from .sinks import RunWriter, SinkError, fresh_run_dir
 from .stats import percentiles
 
 log = logging.getLogger(__name__)
@@ -60,7 +63,7 @@ class ServerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     engines: list[str] = Field(default=["identity"], min_length=1)
-    out_dir: Path
+    out_dir: Path = Field(description="folder for runs; each run writes a new run-DATE-TIME")
     listen: str = DEFAULT_LISTEN
     publish: str | None = DEFAULT_PUBLISH
     control: str = DEFAULT_CONTROL
@@ -253,11 +256,6 @@ class EngineServer:
         self.rings = Rings(
             self.chain.window, background=self.chain.background, max_pause_s=c.max_pause_s
         )
-        self.writer = RunWriter(c.out_dir, fsync=c.fsync)
-        self.scheduler = Scheduler(
-            c.mode, self.rings,
-            backlog_bytes=int(c.backlog_mb * 2**20), spill_dir=c.out_dir / "spill",
-        )
         self.times = StageTimes()
         self.engine_errors = _Once()
         self.disk_errors = _Once()
@@ -268,7 +266,8 @@ class EngineServer:
         self.written: Counter[str] = Counter()
         self.started = time.monotonic()
         self._writer_q = ByteQueue(int(c.writer_mb * 2**20))
-        self._pub_q: queue.Queue = queue.Queue(maxsize=64)
+        self._pub_lock = threading.Lock()
+        self._backend_name = self.chain.engines[0].backend.name
         self._stop = threading.Event()
         self._stop_receiving = threading.Event()
         self._finished = threading.Event()
@@ -277,42 +276,67 @@ class EngineServer:
         self._summary: dict[str, Any] | None = None
 
         self.ctx = zmq.Context()
-        self._auth = self.curve.authenticator(self.ctx) if self.curve else None
-        self.receiver = FrameReceiver(
-            c.listen, insecure=c.insecure, curve=self.curve, rcvhwm=c.rcvhwm, context=self.ctx
-        )
-        self._pub = self._bind(zmq.PUB, c.publish) if c.publish else None
-        if self._pub is not None:
-            self._pub.setsockopt(zmq.SNDHWM, 8)
-        self._control = self._bind(zmq.REP, c.control)
+        self._auth = None
+        self._pub = self._control = None
+        self.receiver: FrameReceiver | None = None
+        try:  # sockets first: a port in use must not leave an empty run folder behind
+            self._auth = self.curve.authenticator(self.ctx) if self.curve else None
+            self.receiver = FrameReceiver(
+                c.listen, insecure=c.insecure, curve=self.curve, rcvhwm=c.rcvhwm,
+                context=self.ctx,
+            )  # fmt: skip
+            if c.publish:
+                self._pub = self._bind(zmq.PUB, c.publish, {zmq.SNDHWM: 8})
+            self._control = self._bind(zmq.REP, c.control)
+            self.run_dir = fresh_run_dir(c.out_dir)
+            self.writer = RunWriter(self.run_dir, fsync=c.fsync)
+        except BaseException:
+            self._close_sockets()
+            raise
+        self.scheduler = Scheduler(
+            c.mode, self.rings,
+            backlog_bytes=int(c.backlog_mb * 2**20), spill_dir=self.run_dir / "spill",
+        )  # fmt: skip
         self._threads = [
             threading.Thread(target=f, name=f"scopecast-{n}", daemon=True)
             for n, f in (
                 ("receive", self._receive_loop),
                 ("engine", self._engine_loop),
                 ("writer", self._writer_loop),
-                ("publish", self._publish_loop),
                 ("control", self._control_loop),
             )
         ]
 
-    def _bind(self, kind: int, endpoint: str) -> zmq.Socket:
+    def _bind(self, kind: int, endpoint: str, options: dict[int, int] | None = None) -> zmq.Socket:
         sock = self.ctx.socket(kind)
         sock.setsockopt(zmq.LINGER, 0)
+        for opt, value in (options or {}).items():
+            sock.setsockopt(opt, value)
         if self.curve is not None:
             self.curve.server(sock)
         try:
             sock.bind(endpoint)
         except zmq.ZMQError as e:
             sock.close(0)
-            self.receiver.close()
             raise ServerError(f"cannot bind {endpoint}: {e.strerror}; choose another port") from e
         return sock
+
+    def _close_sockets(self) -> None:
+        for sock in (self._pub, self._control):
+            if sock is not None and not sock.closed:
+                sock.close(0)
+        if self.receiver is not None:
+            self.receiver.close()
+        if self._auth is not None:
+            self._auth.stop()
+        self.ctx.term()
 
     # -- lifecycle ------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
         """Serve until stopped; then drain, flush and close everything; return the summary."""
+        # A stage woken by a frame should not wait the default 5 ms for another stage's GIL.
+        sys.setswitchinterval(0.0005)
         for t in self._threads:
             t.start()
         try:
@@ -340,21 +364,14 @@ class EngineServer:
         self._join("engine")
         self._writer_q.put(None, 0)
         self._join("writer")
-        self._pub_q.put(None)
-        self._join("publish")
         self.chain.close()
-        spill = self.config.out_dir / "spill"
+        spill = self.run_dir / "spill"
         if spill.is_dir() and not any(spill.iterdir()):
             shutil.rmtree(spill)
         self._summary = self.status()
         self._finished.set()
         self._join("control")
-        self.receiver.close()
-        if self._pub is not None:
-            self._pub.close(0)
-        if self._auth is not None:
-            self._auth.stop()
-        self.ctx.term()
+        self._close_sockets()
         return self._summary
 
     def _join(self, name: str) -> None:
@@ -374,14 +391,14 @@ class EngineServer:
             self.received[header.stream] += 1
             transport = (recv_ns - header.mono_ns) / 1e6
             self.times.add("transport", transport)
+            # raw goes to the writer queue before its enhancement can (the index links them)
             self._writer_q.put(("raw", header, frame, {"transport": transport}), header.nbytes)
-            self._publish(header, frame, kind="raw")
             try:
                 self.chain.check(header.shape)
+                self.scheduler.submit(Job(header, frame, recv_ns))
             except EngineError as e:
                 self.engine_errors(e.kind, f"{header.key}: {e}")
-                continue
-            self.scheduler.submit(Job(header, frame, recv_ns))
+            self._publish(header, frame, kind="raw", timings={"transport": transport})
 
     def _engine_loop(self) -> None:
         while True:
@@ -438,18 +455,10 @@ class EngineServer:
         self, header: FrameHeader, frame: np.ndarray, *, kind: str,
         timings: dict[str, float] | None = None,
     ) -> None:
-        if self._pub is None:
-            if kind == "enhanced":
-                self.times.add("total", (time.monotonic_ns() - header.mono_ns) / 1e6)
-            return
-        try:
-            self._pub_q.put_nowait((header, frame, kind, timings, time.monotonic_ns()))
-        except queue.Full:
-            self.publish_dropped += 1
-
-    def _publish_loop(self) -> None:
-        while (item := self._pub_q.get()) is not None:
-            header, frame, kind, timings, queued_ns = item
+        """Send one frame on PUB from the calling stage (receive or engine). PUB never blocks:
+        a subscriber that falls behind loses frames, the server does not wait."""
+        t0 = time.monotonic_ns()
+        if self._pub is not None:
             scale = self.chain.scale if kind == "enhanced" else 1
             fields = header.model_dump(exclude={"shape", "dtype", "pixel_size_um"})
             ph = PublishedHeader(
@@ -459,23 +468,27 @@ class EngineServer:
                 pixel_size_um=header.pixel_size_um / scale if header.pixel_size_um else None,
                 kind=kind,
                 engine=self.chain.name if kind == "enhanced" else None,
-                backend=self.chain.engines[0].backend.name,
+                backend=self._backend_name,
                 scale=scale,
                 timings_ms=timings or {},
             )
-            try:
-                self._pub.send_multipart(encode_published(ph, frame), zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                self.publish_dropped += 1
-                continue
-            self.published += 1
-            if kind == "enhanced":
-                now = time.monotonic_ns()
-                self.times.add("publish", (now - queued_ns) / 1e6)
-                self.times.add("total", (now - header.mono_ns) / 1e6)
+            with self._pub_lock:  # one socket, used by two stages, never at the same time
+                try:
+                    # no copy: raw and enhanced arrays are never written again
+                    self._pub.send_multipart(
+                        encode_published(ph, frame), zmq.NOBLOCK, copy=False
+                    )
+                    self.published += 1
+                except zmq.Again:
+                    self.publish_dropped += 1
+        if kind == "enhanced":
+            now = time.monotonic_ns()
+            self.times.add("publish", (now - t0) / 1e6)
+            self.times.add("total", (now - header.mono_ns) / 1e6)
 
     def _control_loop(self) -> None:
         sock = self._control
+        assert sock is not None
         while not (self._finished.is_set() and not sock.poll(0)):
             if not sock.poll(50):
                 continue
@@ -493,7 +506,6 @@ class EngineServer:
             else:
                 reply = {"error": "requests are JSON objects: {\"cmd\": \"status\"|\"stop\"}"}
             sock.send(json.dumps(reply).encode())
-        sock.close(0)
 
     # -- reporting ------------------------------------------------------------------------
 
@@ -506,8 +518,9 @@ class EngineServer:
             "mode": c.mode,
             "listen": c.listen,
             "publish": c.publish,
-            "out_dir": str(c.out_dir),
+            "out_dir": str(self.run_dir),
             "uptime_s": time.monotonic() - self.started,
+            "rss_mb": _rss_mb(),
             "frames_received": sum(self.received.values()),
             "frames_received_by_stream": dict(self.received),
             "frames_missing": rx.gaps,
@@ -523,9 +536,17 @@ class EngineServer:
             "queues": {
                 "engine": self.scheduler.depth,
                 "writer": len(self._writer_q),
-                "publish": self._pub_q.qsize(),
             },
             "rings": self.rings.stats(),
             "latency_ms": self.times.summary(),
             "files": [str(p) for p in self.writer.files],
         }
+
+
+def _rss_mb() -> float | None:
+    """Resident memory of this process (Linux /proc), for flat-memory checks."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20

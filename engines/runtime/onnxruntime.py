@@ -32,6 +32,9 @@ class OnnxRuntimeBackend:
         if threads is not None:
             options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+        # Idle pool threads would spin for a while after every run; in a server whose
+        # receive, write and publish threads share a few cores, that steals their CPU.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.log_severity_level = 3
         model = package.read(package.manifest.model)
