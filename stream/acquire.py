@@ -216,9 +216,7 @@ def run_with_server(
             sent = run(core, sequence, hook, on_progress=progress, also=also)
         finally:
             hook.close()
-        summary = request(
-            control, "stop", expect={stream: sent["frames_sent"]}, timeout_s=3600.0
-        )
+        summary = request(control, "stop", expect={stream: sent["frames_sent"]}, timeout_s=3600.0)
         server.wait(60)
     except BaseException:
         if server.poll() is None:

@@ -343,7 +343,9 @@ def status(
 
     with _expected_errors(ControlError):
         reply = request(
-            control, "stop" if stop else "status", curve=curve_or_none(keys),
+            control,
+            "stop" if stop else "status",
+            curve=curve_or_none(keys),
             timeout_s=600.0 if stop else 2.0,
         )
     if as_json:

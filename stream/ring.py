@@ -192,9 +192,7 @@ class Rings:
         self, header: FrameHeader, frame: np.ndarray, *, snapshot: Literal[True] = True
     ) -> Window: ...
     @overload
-    def push(
-        self, header: FrameHeader, frame: np.ndarray, *, snapshot: Literal[False]
-    ) -> None: ...
+    def push(self, header: FrameHeader, frame: np.ndarray, *, snapshot: Literal[False]) -> None: ...
     def push(
         self, header: FrameHeader, frame: np.ndarray, *, snapshot: bool = True
     ) -> Window | None:

@@ -25,8 +25,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import shutil
+import sys
 import threading
 import time
 from collections import Counter, OrderedDict, defaultdict, deque
@@ -138,8 +138,9 @@ class Scheduler:
     def take(self, timeout_s: float) -> tuple[Job, Window] | None:
         """The next job and its ring window, or None on timeout / when closed and empty."""
         with self._cv:
-            if not self._cv.wait_for(lambda: self._pending or self._fifo or self._closed,
-                                     timeout_s):
+            if not self._cv.wait_for(
+                lambda: self._pending or self._fifo or self._closed, timeout_s
+            ):
                 return None
             if self.mode == "live":
                 if not self._pending:
@@ -438,7 +439,10 @@ class EngineServer:
                     rec = self.writer.write_raw(header, frame, timings_ms=timings)
                 else:
                     rec = self.writer.write_enhanced(
-                        header, frame, engine=self.chain.name, scale=self.chain.scale,
+                        header,
+                        frame,
+                        engine=self.chain.name,
+                        scale=self.chain.scale,
                         timings_ms=timings,
                     )
             except SinkError as e:
@@ -452,7 +456,11 @@ class EngineServer:
             self.disk_errors("close", str(e))
 
     def _publish(
-        self, header: FrameHeader, frame: np.ndarray, *, kind: str,
+        self,
+        header: FrameHeader,
+        frame: np.ndarray,
+        *,
+        kind: str,
         timings: dict[str, float] | None = None,
     ) -> None:
         """Send one frame on PUB from the calling stage (receive or engine). PUB never blocks:
@@ -475,9 +483,7 @@ class EngineServer:
             with self._pub_lock:  # one socket, used by two stages, never at the same time
                 try:
                     # no copy: raw and enhanced arrays are never written again
-                    self._pub.send_multipart(
-                        encode_published(ph, frame), zmq.NOBLOCK, copy=False
-                    )
+                    self._pub.send_multipart(encode_published(ph, frame), zmq.NOBLOCK, copy=False)
                     self.published += 1
                 except zmq.Again:
                     self.publish_dropped += 1
@@ -504,7 +510,7 @@ class EngineServer:
                 self._finished.wait()
                 reply = self._summary
             else:
-                reply = {"error": "requests are JSON objects: {\"cmd\": \"status\"|\"stop\"}"}
+                reply = {"error": 'requests are JSON objects: {"cmd": "status"|"stop"}'}
             sock.send(json.dumps(reply).encode())
 
     # -- reporting ------------------------------------------------------------------------

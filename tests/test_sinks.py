@@ -35,13 +35,30 @@ OME = "{http://www.openmicroscopy.org/Schemas/OME/2016-06}"
 CHANNELS = ["DAPI", "FITC"]
 
 
-def header(seq: int, t: int = 0, p: int = 0, c: int = 0, *, shape=(32, 48), dtype="uint16",
-           sizes=None, pixel_size_um=0.65) -> FrameHeader:
+def header(
+    seq: int,
+    t: int = 0,
+    p: int = 0,
+    c: int = 0,
+    *,
+    shape=(32, 48),
+    dtype="uint16",
+    sizes=None,
+    pixel_size_um=0.65,
+) -> FrameHeader:
     return FrameHeader(
-        stream="cam", seq=seq, index={"t": t, "p": p, "c": c}, shape=shape, dtype=dtype,
-        mono_ns=time.monotonic_ns(), wall_time=1.7e9 + seq, exposure_ms=10.0,
-        pixel_size_um=pixel_size_um, stage=StagePosition(x=100.0 * p, y=5.0, z=1.5),
-        channel=CHANNELS[c], acquisition="acq-1",
+        stream="cam",
+        seq=seq,
+        index={"t": t, "p": p, "c": c},
+        shape=shape,
+        dtype=dtype,
+        mono_ns=time.monotonic_ns(),
+        wall_time=1.7e9 + seq,
+        exposure_ms=10.0,
+        pixel_size_um=pixel_size_um,
+        stage=StagePosition(x=100.0 * p, y=5.0, z=1.5),
+        channel=CHANNELS[c],
+        acquisition="acq-1",
         sizes={"t": 3, "p": 2, "c": 2} if sizes is None else sizes,
     )
 
@@ -86,8 +103,13 @@ def test_run_roundtrip_grid(tmp_path: Path) -> None:
     files = run.close()
     assert run.close() == files  # idempotent
     names = sorted(f.name for f in files)
-    assert names == ["cam_p000_raw.ome.tif", "cam_p000_sr2.ome.tif", "cam_p001_raw.ome.tif",
-                     "cam_p001_sr2.ome.tif", "index.jsonl"]
+    assert names == [
+        "cam_p000_raw.ome.tif",
+        "cam_p000_sr2.ome.tif",
+        "cam_p001_raw.ome.tif",
+        "cam_p001_sr2.ome.tif",
+        "index.jsonl",
+    ]
     assert not run.errors
 
     for p in range(2):
@@ -249,15 +271,23 @@ def test_shape_change_starts_a_new_file(tmp_path: Path) -> None:
     run.write_raw(header(2, 2, shape=(16, 16)), raw_frame(2, (16, 16)))
     run.write_raw(header(3, 2, shape=(16, 16), pixel_size_um=0.1), raw_frame(3, (16, 16)))
     files = [f.name for f in run.close()]
-    assert files == ["index.jsonl", "cam_p000_raw.ome.tif", "cam_p000_raw_2.ome.tif",
-                     "cam_p000_raw_3.ome.tif"]
+    assert files == [
+        "index.jsonl",
+        "cam_p000_raw.ome.tif",
+        "cam_p000_raw_2.ome.tif",
+        "cam_p000_raw_3.ome.tif",
+    ]
     with tifffile.TiffFile(tmp_path / "run" / files[2]) as tif:
         assert tif.series[0].shape == (2, 16, 16)
         page = tif.pages.first  # resolution tags for plain TIFF readers: pixels per cm
         assert page.resolutionunit == tifffile.RESUNIT.CENTIMETER
         assert page.get_resolution() == pytest.approx((1e4 / 0.65, 1e4 / 0.65), rel=1e-6)
     assert [r["file"] for r in read_index(tmp_path / "run" / "index.jsonl")] == [
-        files[1], files[2], files[2], files[3]]
+        files[1],
+        files[2],
+        files[2],
+        files[3],
+    ]
 
 
 def test_read_index_tolerates_a_cut_off_last_line(tmp_path: Path) -> None:
@@ -324,8 +354,13 @@ def test_recover_errors(tmp_path: Path) -> None:
 
 def run_child(code: str, *args: str, **kwargs) -> subprocess.Popen[str]:
     prelude = f"import sys; sys.path.insert(0, {str(REPO)!r})\n"
-    return subprocess.Popen([sys.executable, "-c", prelude + textwrap.dedent(code), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, "-c", prelude + textwrap.dedent(code), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
 
 
 WRITER = """
@@ -364,8 +399,10 @@ def test_sigkill_loses_nothing_that_was_written(tmp_path: Path) -> None:
     child.stderr.close()
 
     records = read_index(run_dir / "index.jsonl")
-    for kind, name, scale in (("raw", "cam_p000_raw.ome.tif", 1),
-                              ("enhanced", "cam_p000_sr.ome.tif", 2)):
+    for kind, name, scale in (
+        ("raw", "cam_p000_raw.ome.tif", 1),
+        ("enhanced", "cam_p000_sr.ome.tif", 2),
+    ):
         mine = [r for r in records if r["kind"] == kind]
         assert len(mine) >= done
         source = run_dir / name
@@ -380,7 +417,8 @@ def test_sigkill_loses_nothing_that_was_written(tmp_path: Path) -> None:
             data = tif.series[0].asarray().reshape(-1, 64 * scale, 64 * scale)
         for r, plane in zip(mine, data, strict=True):
             frame = np.random.default_rng(r["header"]["seq"]).integers(
-                0, 65535, (64, 64), dtype=np.uint16)
+                0, 65535, (64, 64), dtype=np.uint16
+            )
             np.testing.assert_array_equal(plane, np.kron(frame, np.ones((scale, scale))))
         px = pixels(ome(result.output))
         assert float(px.get("PhysicalSizeX")) == pytest.approx(0.65 / scale)

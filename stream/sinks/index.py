@@ -22,14 +22,21 @@ class IndexWriter:
         self.fsync = fsync
         self.lines = 0
         try:
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND,
-                               0o644)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
         except FileExistsError as e:
-            raise SinkError(f"{self.path} already exists: an index is never appended to twice; "
-                            "write into a fresh run directory", path=self.path, code=e.errno) from e
+            raise SinkError(
+                f"{self.path} already exists: an index is never appended to twice; "
+                "write into a fresh run directory",
+                path=self.path,
+                code=e.errno,
+            ) from e
         except OSError as e:
-            raise SinkError(f"cannot create {self.path} ({e.strerror}): check the directory is "
-                            "writable and has free space", path=self.path, code=e.errno) from e
+            raise SinkError(
+                f"cannot create {self.path} ({e.strerror}): check the directory is "
+                "writable and has free space",
+                path=self.path,
+                code=e.errno,
+            ) from e
 
     def append(self, record: dict[str, Any]) -> None:
         """Write ``record`` as one line; on failure nothing of it stays in the file."""
@@ -49,12 +56,18 @@ class IndexWriter:
                 os.ftruncate(self._fd, end)  # no half line, so later lines stay readable
             except OSError:
                 self.close()
-                raise SinkError(f"{self.path}: a half-written line could not be removed ({e}); "
-                                "the index is closed, start a new run", path=self.path,
-                                code=e.errno) from e
-            raise SinkError(f"{self.path}: index line {self.lines + 1} not written "
-                            f"({e.strerror}); free disk space, the next line retries",
-                            path=self.path, code=e.errno) from e
+                raise SinkError(
+                    f"{self.path}: a half-written line could not be removed ({e}); "
+                    "the index is closed, start a new run",
+                    path=self.path,
+                    code=e.errno,
+                ) from e
+            raise SinkError(
+                f"{self.path}: index line {self.lines + 1} not written "
+                f"({e.strerror}); free disk space, the next line retries",
+                path=self.path,
+                code=e.errno,
+            ) from e
         self.lines += 1
 
     def close(self) -> None:
@@ -82,13 +95,17 @@ def read_index(path: Path) -> list[dict[str, Any]]:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             if last:
                 break
-            raise CorruptIndex(f"{path}:{number}: not JSON ({e}); the index is damaged before "
-                               "its last line: recover files from their TIFF pages "
-                               "(scopecast recover without an index)") from e
+            raise CorruptIndex(
+                f"{path}:{number}: not JSON ({e}); the index is damaged before "
+                "its last line: recover files from their TIFF pages "
+                "(scopecast recover without an index)"
+            ) from e
         if not isinstance(obj, dict):
             if last:
                 break
-            raise CorruptIndex(f"{path}:{number}: a {type(obj).__name__}, not a JSON object; "
-                               "is this a scopecast index.jsonl?")
+            raise CorruptIndex(
+                f"{path}:{number}: a {type(obj).__name__}, not a JSON object; "
+                "is this a scopecast index.jsonl?"
+            )
         records.append(obj)
     return records

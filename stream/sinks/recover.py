@@ -42,17 +42,24 @@ def recover(path: Path, *, index: Path | None = None, output: Path | None = None
     """Write ``<name>.recovered.ome.tif`` beside ``path`` from its index records (or pages)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: pass a scopecast OME-TIFF such as "
-                                "run-.../cam_p000_raw.ome.tif")
-    output = Path(output) if output is not None else path.with_name(
-        _SUFFIX.sub("", path.name) + ".recovered.ome.tif")
+        raise FileNotFoundError(
+            f"{path} not found: pass a scopecast OME-TIFF such as run-.../cam_p000_raw.ome.tif"
+        )
+    output = (
+        Path(output)
+        if output is not None
+        else path.with_name(_SUFFIX.sub("", path.name) + ".recovered.ome.tif")
+    )
     if output.exists():
-        raise FileExistsError(f"{output} exists: recover never overwrites; remove it or pass "
-                              "another output")
+        raise FileExistsError(
+            f"{output} exists: recover never overwrites; remove it or pass another output"
+        )
     index_path = Path(index) if index is not None else path.parent / INDEX_NAME
     if index is not None and not index_path.is_file():
-        raise FileNotFoundError(f"index {index_path} not found: pass the run's {INDEX_NAME}, "
-                                "or no index to recover from the file's own pages")
+        raise FileNotFoundError(
+            f"index {index_path} not found: pass the run's {INDEX_NAME}, "
+            "or no index to recover from the file's own pages"
+        )
     records = []
     if index_path.is_file():
         records = [r for r in read_index(index_path) if r.get("file") == path.name]
@@ -64,8 +71,10 @@ def recover(path: Path, *, index: Path | None = None, output: Path | None = None
 def _from_index(path: Path, records: list[dict[str, Any]], output: Path) -> Recovered:
     with path.open("rb") as f:
         if f.read(len(BIGTIFF_LE)) != BIGTIFF_LE:
-            raise ValueError(f"{path} is not a scopecast file (no little-endian BigTIFF header) "
-                             "although the index lists it: check you passed the right file")
+            raise ValueError(
+                f"{path} is not a scopecast file (no little-endian BigTIFF header) "
+                "although the index lists it: check you passed the right file"
+            )
         planes: dict[int, tuple[np.ndarray, FrameHeader]] = {}
         bad = missing = 0
         for r in sorted(records, key=lambda r: int(r["plane"])):
@@ -83,11 +92,14 @@ def _from_index(path: Path, records: list[dict[str, Any]], output: Path) -> Reco
             frame = np.frombuffer(data, dtype).reshape(r["shape"])
             planes[r["plane"]] = frame, FrameHeader.model_validate(r["header"])
     if not planes:
-        raise ValueError(f"no plane of {path} could be recovered: {len(records)} index records, "
-                         f"{bad} with a wrong crc32, {missing} beyond the end of the file")
+        raise ValueError(
+            f"no plane of {path} could be recovered: {len(records)} index records, "
+            f"{bad} with a wrong crc32, {missing} beyond the end of the file"
+        )
     first = records[0]
-    size = first["pixel_size_um"] if "pixel_size_um" in first else first["header"].get(
-        "pixel_size_um")
+    size = (
+        first["pixel_size_um"] if "pixel_size_um" in first else first["header"].get("pixel_size_um")
+    )
     note = f"recovered by scopecast from {path.name} and its index"
     if bad or missing:
         note += f"; skipped {bad} planes with a wrong crc32 and {missing} cut-off planes"
@@ -99,13 +111,17 @@ def _from_pages(path: Path, output: Path, index_path: Path) -> Recovered:
     try:
         tif = tifffile.TiffFile(path)
     except Exception as e:
-        raise ValueError(f"{path}: the index {index_path} has no record of it and tifffile "
-                         f"cannot read it ({e}): nothing to recover from") from e
+        raise ValueError(
+            f"{path}: the index {index_path} has no record of it and tifffile "
+            f"cannot read it ({e}): nothing to recover from"
+        ) from e
     with tif:
         first = tif.pages.first
         if first.software != SOFTWARE:
-            raise ValueError(f"{path} was not written by scopecast (Software tag "
-                             f"{first.software!r}): recover only rebuilds scopecast files")
+            raise ValueError(
+                f"{path} was not written by scopecast (Software tag "
+                f"{first.software!r}): recover only rebuilds scopecast files"
+            )
         size = _pixel_size(first.description, tif)
         planes: list[tuple[np.ndarray, FrameHeader]] = []
         while True:
@@ -113,22 +129,34 @@ def _from_pages(path: Path, output: Path, index_path: Path) -> Recovered:
                 frame = tif.pages[len(planes)].asarray()  # type: ignore[union-attr]
             except Exception:  # end of the chain, or the page cut off by the crash
                 break
-            if frame.ndim != 2 or frame.size == 0 or (
-                planes and (frame.shape, frame.dtype) != (planes[0][0].shape, planes[0][0].dtype)
+            if (
+                frame.ndim != 2
+                or frame.size == 0
+                or (
+                    planes
+                    and (frame.shape, frame.dtype) != (planes[0][0].shape, planes[0][0].dtype)
+                )
             ):
                 break  # an empty IFD: the page being written when the process died
-            header = FrameHeader.model_validate({
-                "stream": "recovered", "seq": len(planes), "shape": frame.shape,
-                "dtype": frame.dtype.name, "mono_ns": 0, "wall_time": 0.0,
-            })
+            header = FrameHeader.model_validate(
+                {
+                    "stream": "recovered",
+                    "seq": len(planes),
+                    "shape": frame.shape,
+                    "dtype": frame.dtype.name,
+                    "mono_ns": 0,
+                    "wall_time": 0.0,
+                }
+            )
             planes.append((frame, header))
     note = f"recovered by scopecast from the readable pages of {path.name} (no index)"
     written = _write(output, planes, size, note)
     return Recovered(path, output, written, 0, False)
 
 
-def _write(output: Path, planes: list[tuple[np.ndarray, FrameHeader]], size: float | None,
-           note: str) -> int:
+def _write(
+    output: Path, planes: list[tuple[np.ndarray, FrameHeader]], size: float | None, note: str
+) -> int:
     sink = OmeTiffSink(output, pixel_size_um=size, description=note)
     try:
         for frame, header in planes:
@@ -142,7 +170,7 @@ def _pixel_size(description: str, tif: tifffile.TiffFile) -> float | None:
     prefix = PLACEHOLDER_PREFIX.decode()
     if description.startswith(prefix):
         try:
-            return json.loads(description[len(prefix):]).get("pixel_size_um")
+            return json.loads(description[len(prefix) :]).get("pixel_size_um")
         except (json.JSONDecodeError, AttributeError):
             return None
     if tif.is_ome and tif.ome_metadata:

@@ -52,9 +52,11 @@ class RunWriter:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         index = self.out_dir / INDEX_NAME
         if index.exists():
-            raise SinkError(f"{self.out_dir} already holds a recorded run ({INDEX_NAME}); "
-                            "recorded data are never overwritten: pass fresh_run_dir(base)",
-                            path=index)
+            raise SinkError(
+                f"{self.out_dir} already holds a recorded run ({INDEX_NAME}); "
+                "recorded data are never overwritten: pass fresh_run_dir(base)",
+                path=index,
+            )
         self.fsync = fsync
         self.index = IndexWriter(index, fsync=fsync)
         self.files: list[Path] = [index]
@@ -66,7 +68,10 @@ class RunWriter:
         self.closed = False
 
     def write_raw(
-        self, header: FrameHeader, frame: np.ndarray, *,
+        self,
+        header: FrameHeader,
+        frame: np.ndarray,
+        *,
         timings_ms: dict[str, float] | None = None,
     ) -> dict[str, Any]:
         """Store a raw frame, then its index line; return the index record."""
@@ -83,13 +88,20 @@ class RunWriter:
             return self._append(record)
 
     def write_enhanced(
-        self, header: FrameHeader, frame: np.ndarray, *, engine: str, scale: int,
+        self,
+        header: FrameHeader,
+        frame: np.ndarray,
+        *,
+        engine: str,
+        scale: int,
         timings_ms: dict[str, float] | None = None,
     ) -> dict[str, Any]:
         """Store an enhanced frame (``header`` is its raw frame's), then its index line."""
         if not ENGINE_NAME.match(engine) or engine == "raw":
-            raise ValueError(f"engine name {engine!r} must be 1-64 of [a-z0-9._-] (chains joined "
-                             "by '+') and not 'raw'")
+            raise ValueError(
+                f"engine name {engine!r} must be 1-64 of [a-z0-9._-] (chains joined "
+                "by '+') and not 'raw'"
+            )
         if not (isinstance(scale, int) and scale >= 1):
             raise ValueError(f"scale={scale!r} must be an integer >= 1 (1 = same pixel size)")
         with self._lock:
@@ -119,11 +131,13 @@ class RunWriter:
 
     # -- internals --------------------------------------------------------------------------
 
-    def _write(self, kind: str, header: FrameHeader, frame: np.ndarray,
-               pixel_size_um: float | None) -> PlaneRecord:
+    def _write(
+        self, kind: str, header: FrameHeader, frame: np.ndarray, pixel_size_um: float | None
+    ) -> PlaneRecord:
         if self.closed:
-            raise SinkError(f"run {self.out_dir} is closed: start a new RunWriter",
-                            path=self.out_dir)
+            raise SinkError(
+                f"run {self.out_dir} is closed: start a new RunWriter", path=self.out_dir
+            )
         try:
             sink = self._sink(kind, header, frame, pixel_size_um)
             plane = sink.write(frame, header)
@@ -134,13 +148,18 @@ class RunWriter:
             self.files.append(sink.path)
         return plane
 
-    def _sink(self, kind: str, header: FrameHeader, frame: np.ndarray,
-              pixel_size_um: float | None) -> OmeTiffSink:
+    def _sink(
+        self, kind: str, header: FrameHeader, frame: np.ndarray, pixel_size_um: float | None
+    ) -> OmeTiffSink:
         p = header.index.get("p", 0)
         key = (header.stream, p, kind)
         sink = self._sinks.get(key)
-        if sink is not None and (sink.closed or sink.broken or not sink.accepts(frame)
-                                 or (sink.planes and sink.pixel_size_um != pixel_size_um)):
+        if sink is not None and (
+            sink.closed
+            or sink.broken
+            or not sink.accepts(frame)
+            or (sink.planes and sink.pixel_size_um != pixel_size_um)
+        ):
             self._close_sink(sink)
             sink = None
         if sink is None:
@@ -148,9 +167,12 @@ class RunWriter:
             part = self._parts[key]
             suffix = "" if part == 1 else f"_{part}"
             path = self.out_dir / f"{header.stream}_p{p:03d}_{kind}{suffix}.ome.tif"
-            sink = OmeTiffSink(path, pixel_size_um=pixel_size_um, fsync=self.fsync,
-                               description=f"scopecast {kind} frames of stream "
-                                           f"{header.stream!r}, position {p}")
+            sink = OmeTiffSink(
+                path,
+                pixel_size_um=pixel_size_um,
+                fsync=self.fsync,
+                description=f"scopecast {kind} frames of stream {header.stream!r}, position {p}",
+            )
             self._sinks[key] = sink
         return sink
 
@@ -161,8 +183,15 @@ class RunWriter:
             self.errors["close"] += 1
             log.warning("%s", e)
 
-    def _record(self, kind: str, header: FrameHeader, frame: np.ndarray, plane: PlaneRecord,
-                timings_ms: dict[str, float] | None, t0: float) -> dict[str, Any]:
+    def _record(
+        self,
+        kind: str,
+        header: FrameHeader,
+        frame: np.ndarray,
+        plane: PlaneRecord,
+        timings_ms: dict[str, float] | None,
+        t0: float,
+    ) -> dict[str, Any]:
         timings = dict(timings_ms or {})
         timings["disk"] = (time.perf_counter() - t0) * 1e3
         return {
@@ -184,6 +213,9 @@ class RunWriter:
             self.index.append(record)
         except SinkError as e:
             self.errors["disk"] += 1
-            raise SinkError(f"{record['file']} plane {record['plane']} is on disk but not in "
-                            f"the index: {e}", path=self.index.path, code=e.errno) from e
+            raise SinkError(
+                f"{record['file']} plane {record['plane']} is on disk but not in the index: {e}",
+                path=self.index.path,
+                code=e.errno,
+            ) from e
         return record

@@ -41,7 +41,11 @@ class SinkError(OSError):
     """A write that failed (disk full, permission, wrong frame): says which file and what to do."""
 
     def __init__(
-        self, message: str, *, path: Path | None = None, planes: int | None = None,
+        self,
+        message: str,
+        *,
+        path: Path | None = None,
+        planes: int | None = None,
         code: int | None = None,
     ) -> None:
         super().__init__(message)
@@ -85,8 +89,9 @@ class _PlaneFile:
 
     def __init__(self, path: Path) -> None:
         self.name = str(path)
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
-                          0o644)
+        self.fd = os.open(
+            path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o644
+        )
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
@@ -163,7 +168,9 @@ class OmeTiffSink:
         if self.path.exists():
             raise SinkError(
                 f"{self.path} already exists: a sink never overwrites recorded data; "
-                "choose a new file name or a fresh run directory", path=self.path, planes=0,
+                "choose a new file name or a fresh run directory",
+                path=self.path,
+                planes=0,
                 code=errno.EEXIST,
             )
         if pixel_size_um is not None and not pixel_size_um > 0:
@@ -188,12 +195,18 @@ class OmeTiffSink:
     def write(self, frame: np.ndarray, header: FrameHeader) -> PlaneRecord:
         """Append ``frame`` as the next page; return where its pixels lie once they are written."""
         if self.closed:
-            raise SinkError(f"{self.path} is closed: open a new sink to write more planes",
-                            path=self.path, planes=self.planes)
+            raise SinkError(
+                f"{self.path} is closed: open a new sink to write more planes",
+                path=self.path,
+                planes=self.planes,
+            )
         if self.broken:
-            raise SinkError(f"{self.path} cannot take more planes ({self.broken}); its "
-                            f"{self.planes} planes are intact: start a new file",
-                            path=self.path, planes=self.planes)
+            raise SinkError(
+                f"{self.path} cannot take more planes ({self.broken}); its "
+                f"{self.planes} planes are intact: start a new file",
+                path=self.path,
+                planes=self.planes,
+            )
         data = self._check(frame)
         if self._writer is None:
             self._open()
@@ -222,19 +235,25 @@ class OmeTiffSink:
                 f"{self.path}: writing plane {self.planes} failed ({reason}); the "
                 f"{self.planes} planes written before are intact. Free disk space and keep "
                 "writing (the next write retries), or close() the sink",
-                path=self.path, planes=self.planes,
+                path=self.path,
+                planes=self.planes,
                 code=e.errno if isinstance(e, OSError) else None,
             ) from e
         if nbytes != data.nbytes or offset + nbytes > self._file.size():
-            self.broken = (f"tifffile reported {nbytes} bytes at {offset} for a "
-                           f"{data.nbytes}-byte plane")
-            raise SinkError(f"{self.path}: {self.broken}; report this as a bug",
-                            path=self.path, planes=self.planes)
+            self.broken = (
+                f"tifffile reported {nbytes} bytes at {offset} for a {data.nbytes}-byte plane"
+            )
+            raise SinkError(
+                f"{self.path}: {self.broken}; report this as a bug",
+                path=self.path,
+                planes=self.planes,
+            )
         if self.planes == 0:
             self.shape, self.dtype = data.shape, data.dtype
         self._remember(header)
-        record = PlaneRecord(self.path.name, self.planes, int(offset), int(nbytes),
-                             zlib.crc32(data.data))
+        record = PlaneRecord(
+            self.path.name, self.planes, int(offset), int(nbytes), zlib.crc32(data.data)
+        )
         self.planes += 1
         return record
 
@@ -268,7 +287,9 @@ class OmeTiffSink:
             raise SinkError(
                 f"{self.path}: could not write the OME-XML ({e}); its {self.planes} planes "
                 "are intact as BigTIFF pages: free disk space and run `scopecast recover` to "
-                "get an OME-TIFF", path=self.path, planes=self.planes,
+                "get an OME-TIFF",
+                path=self.path,
+                planes=self.planes,
                 code=e.errno if isinstance(e, OSError) else None,
             ) from e
         self._file.close()
@@ -277,7 +298,9 @@ class OmeTiffSink:
         except Exception as e:
             raise SinkError(
                 f"{self.path}: could not write the OME-XML ({e}); its {self.planes} planes "
-                "are intact: run `scopecast recover` on it", path=self.path, planes=self.planes,
+                "are intact: run `scopecast recover` on it",
+                path=self.path,
+                planes=self.planes,
                 code=e.errno if isinstance(e, OSError) else None,
             ) from e
 
@@ -286,8 +309,9 @@ class OmeTiffSink:
         layout = plane_layout([p.tcz for p in self._meta], self._sizes or {})
         if not self._notes:
             return layout
-        reason = "; ".join([layout.reason, *sorted(self._notes)] if layout.reason
-                           else sorted(self._notes))
+        reason = "; ".join(
+            [layout.reason, *sorted(self._notes)] if layout.reason else sorted(self._notes)
+        )
         return plane_layout([], {}, n=len(self._meta), reason=reason)
 
     def omexml(self) -> str:
@@ -306,8 +330,12 @@ class OmeTiffSink:
         if description:
             meta["Description"] = description
         if self.pixel_size_um is not None:
-            meta.update(PhysicalSizeX=self.pixel_size_um, PhysicalSizeXUnit="µm",
-                        PhysicalSizeY=self.pixel_size_um, PhysicalSizeYUnit="µm")
+            meta.update(
+                PhysicalSizeX=self.pixel_size_um,
+                PhysicalSizeXUnit="µm",
+                PhysicalSizeY=self.pixel_size_um,
+                PhysicalSizeYUnit="µm",
+            )
         names = self._channel_names(layout)
         if names:
             meta["Channel"] = {"Name": names}
@@ -332,17 +360,23 @@ class OmeTiffSink:
             raise SinkError(
                 f"{self.path}: frame shape {frame.shape} is not 2-D; this version stores "
                 "(rows, cols) planes only: send each component as its own channel",
-                path=self.path, planes=self.planes,
+                path=self.path,
+                planes=self.planes,
             )
         if frame.dtype.kind not in "uif" or frame.dtype.itemsize > 8:
-            raise SinkError(f"{self.path}: dtype {frame.dtype} cannot be stored; send one of "
-                            "uint8, uint16, uint32, float32", path=self.path, planes=self.planes)
+            raise SinkError(
+                f"{self.path}: dtype {frame.dtype} cannot be stored; send one of "
+                "uint8, uint16, uint32, float32",
+                path=self.path,
+                planes=self.planes,
+            )
         data = np.ascontiguousarray(frame, frame.dtype.newbyteorder("<"))
         if self.shape is not None and (data.shape != self.shape or data.dtype != self.dtype):
             raise SinkError(
                 f"{self.path}: frame {data.shape} {data.dtype} does not match this file's "
                 f"{self.shape} {self.dtype}: start a new file for the new shape",
-                path=self.path, planes=self.planes,
+                path=self.path,
+                planes=self.planes,
             )
         return data
 
@@ -350,16 +384,23 @@ class OmeTiffSink:
         try:
             self._file = _PlaneFile(self.path)
         except OSError as e:
-            raise SinkError(f"cannot create {self.path} ({e.strerror}): check the directory "
-                            "exists, is writable and has free space", path=self.path, planes=0,
-                            code=e.errno) from e
+            raise SinkError(
+                f"cannot create {self.path} ({e.strerror}): check the directory "
+                "exists, is writable and has free space",
+                path=self.path,
+                planes=0,
+                code=e.errno,
+            ) from e
         try:
-            self._writer = tifffile.TiffWriter(cast(IO[bytes], self._file), bigtiff=True,
-                                               ome=False)
+            self._writer = tifffile.TiffWriter(cast(IO[bytes], self._file), bigtiff=True, ome=False)
         except OSError as e:
             self._discard()
-            raise SinkError(f"cannot start {self.path} ({e.strerror}): free disk space; the "
-                            "next write retries", path=self.path, planes=0, code=e.errno) from e
+            raise SinkError(
+                f"cannot start {self.path} ({e.strerror}): free disk space; the next write retries",
+                path=self.path,
+                planes=0,
+                code=e.errno,
+            ) from e
 
     def _discard(self) -> None:
         """Remove the file this sink created while it holds no plane."""
@@ -409,13 +450,15 @@ class OmeTiffSink:
     def _remember(self, header: FrameHeader) -> None:
         i = header.index
         stage = header.stage
-        self._meta.append(_Plane(
-            (i.get("t", 0), i.get("c", 0), i.get("z", 0)),
-            header.channel,
-            header.wall_time,
-            header.exposure_ms,
-            (None, None, None) if stage is None else (stage.x, stage.y, stage.z),
-        ))
+        self._meta.append(
+            _Plane(
+                (i.get("t", 0), i.get("c", 0), i.get("z", 0)),
+                header.channel,
+                header.wall_time,
+                header.exposure_ms,
+                (None, None, None) if stage is None else (stage.x, stage.y, stage.z),
+            )
+        )
         extra = tuple(sorted((k, v) for k, v in i.items() if k not in ("t", "p", "c", "z")))
         self._extra.add(extra)
         if len(self._extra) > 1:
@@ -435,8 +478,12 @@ class OmeTiffSink:
         if self.channel_names is not None:
             if len(self.channel_names) == sizec:
                 return self.channel_names
-            log.warning("%s: %d channel names given for %d channels; using frame headers",
-                        self.path, len(self.channel_names), sizec)
+            log.warning(
+                "%s: %d channel names given for %d channels; using frame headers",
+                self.path,
+                len(self.channel_names),
+                sizec,
+            )
         if "C" in layout.axes:
             first: dict[int, str | None] = {}
             for p in self._meta:
@@ -506,12 +553,15 @@ def plane_layout(
         return plane_layout(tcz, sizes, reason=why)
     if count < full:
         inner = int(np.prod([len(values[ax]) for ax in order[1:]]))
-        why = (f"stopped within a {order[0]} step: {count} planes do not fill whole steps of "
-               f"{inner} planes")
+        why = (
+            f"stopped within a {order[0]} step: {count} planes do not fill whole steps of "
+            f"{inner} planes"
+        )
         return plane_layout(tcz, sizes, reason=why)
     axes = "".join(order).upper()
-    return Layout(axes, tuple(len(values[ax]) for ax in order),
-                  {ax.upper(): values[ax] for ax in order}, "")
+    return Layout(
+        axes, tuple(len(values[ax]) for ax in order), {ax.upper(): values[ax] for ax in order}, ""
+    )
 
 
 def _compact(values: list[int]) -> str:
