@@ -36,6 +36,7 @@ from typing import Any, Literal
 
 import numpy as np
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 from pydantic import BaseModel, ConfigDict, Field
 
 from engines.engine import EngineChain, EngineError
@@ -278,7 +279,8 @@ class EngineServer:
 
         self.ctx = zmq.Context()
         self._auth = None
-        self._pub = self._control = None
+        self._pub = self._control = self._pub_monitor = None
+        self.viewers: Counter[str] = Counter()
         self.receiver: FrameReceiver | None = None
         try:  # sockets first: a port in use must not leave an empty run folder behind
             self._auth = self.curve.authenticator(self.ctx) if self.curve else None
@@ -288,6 +290,9 @@ class EngineServer:
             )  # fmt: skip
             if c.publish:
                 self._pub = self._bind(zmq.PUB, c.publish, {zmq.SNDHWM: 8})
+                self._pub_monitor = self._pub.get_monitor_socket(
+                    zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED
+                )
             self._control = self._bind(zmq.REP, c.control)
             self.run_dir = fresh_run_dir(c.out_dir)
             self.writer = RunWriter(self.run_dir, fsync=c.fsync)
@@ -323,6 +328,9 @@ class EngineServer:
         return sock
 
     def _close_sockets(self) -> None:
+        if self._pub_monitor is not None:
+            self._pub.disable_monitor()
+            self._pub_monitor.close(0)
         for sock in (self._pub, self._control):
             if sock is not None and not sock.closed:
                 sock.close(0)
@@ -493,25 +501,37 @@ class EngineServer:
             self.times.add("total", (now - header.mono_ns) / 1e6)
 
     def _control_loop(self) -> None:
+        """Answer control requests; watch viewers connect and disappear on PUB."""
         sock = self._control
         assert sock is not None
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        if self._pub_monitor is not None:
+            poller.register(self._pub_monitor, zmq.POLLIN)
         while not (self._finished.is_set() and not sock.poll(0)):
-            if not sock.poll(50):
-                continue
-            try:
-                req = json.loads(sock.recv())
-                cmd = req.get("cmd") if isinstance(req, dict) else None
-            except (ValueError, UnicodeDecodeError):
-                cmd = None
-            if cmd == "status":
-                reply = self._summary or self.status()
-            elif cmd == "stop":
-                self.stop(req.get("expect"), float(req.get("timeout_s", 10.0)))
+            ready = dict(poller.poll(50))
+            if self._pub_monitor in ready:
+                event = recv_monitor_message(self._pub_monitor)["event"]
+                self.viewers["connected" if event == zmq.EVENT_ACCEPTED else "gone"] += 1
+            if sock in ready:
+                sock.send(json.dumps(self._answer(sock.recv())).encode())
+
+    def _answer(self, request: bytes) -> dict[str, Any] | None:
+        try:
+            req = json.loads(request)
+            if req.get("cmd") == "status":
+                return self._summary or self.status()
+            if req.get("cmd") == "stop":
+                expect = {str(k): int(v) for k, v in (req.get("expect") or {}).items()}
+                self.stop(expect, float(req.get("timeout_s", 10.0)))
                 self._finished.wait()
-                reply = self._summary
-            else:
-                reply = {"error": 'requests are JSON objects: {"cmd": "status"|"stop"}'}
-            sock.send(json.dumps(reply).encode())
+                return self._summary
+        except (ValueError, TypeError, AttributeError):
+            pass
+        return {
+            "error": 'requests are JSON objects: {"cmd": "status"} or {"cmd": "stop", '
+            '"expect": {"STREAM": FRAMES}, "timeout_s": SECONDS}'
+        }
 
     # -- reporting ------------------------------------------------------------------------
 
@@ -538,6 +558,7 @@ class EngineServer:
             "engine_errors": dict(self.engine_errors.counts),
             "disk_errors": dict(self.disk_errors.counts),
             "published": self.published,
+            "viewers": {"connected": self.viewers["connected"], "gone": self.viewers["gone"]},
             "publish_dropped": self.publish_dropped,
             "queues": {
                 "engine": self.scheduler.depth,

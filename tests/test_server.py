@@ -467,6 +467,10 @@ def test_full_disk_is_reported_and_the_server_keeps_serving(tmp_path, servers):
 
 def test_status_command_reports_the_running_server(tmp_path, servers):
     srv = servers(tmp_path, "--engine", "identity", "--mode", "complete")
+    viewer = zmq.Context.instance().socket(zmq.SUB)  # a viewer that comes and goes
+    viewer.connect(srv.publish)
+    time.sleep(0.3)
+    viewer.close(0)
     send_frames(srv.listen, ramp_frames(5, shape=(16, 16)))
     deadline = time.monotonic() + 20
     while srv.status()["frames_enhanced"] < 5 and time.monotonic() < deadline:
@@ -480,4 +484,5 @@ def test_status_command_reports_the_running_server(tmp_path, servers):
     assert s["frames_enhanced"] == 5 and s["engine"]["engine"] == "identity"
     assert s["latency_ms"]["total"]["p50"] <= s["latency_ms"]["total"]["p99"]
     assert set(s["queues"]) == {"engine", "writer"}
+    assert s["viewers"] == {"connected": 1, "gone": 1}
     srv.stop()
