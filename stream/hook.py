@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from .endpoints import EndpointError, check_endpoint
 from .protocol import DTYPES, FrameHeader, StagePosition, check_stream_id, encode
 from .security import Curve
-from .stats import percentiles
+from .stats import Samples, percentiles
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -47,7 +47,7 @@ class HookStats:
     frames_sent: int = 0
     bytes_sent: int = 0
     not_handed_over: Counter[str] = field(default_factory=Counter)
-    send_us: list[float] = field(default_factory=list, repr=False)
+    send_us: Samples = field(default_factory=Samples, repr=False)  # flat memory over days
     first_ns: int | None = None
     last_ns: int | None = None
 
@@ -70,7 +70,7 @@ class HookStats:
             "not_handed_over_by_reason": dict(self.not_handed_over),
             "bytes_sent": self.bytes_sent,
             "fps": self.fps,
-            "hook_ms": percentiles(np.asarray(self.send_us) / 1e3),
+            "hook_ms": percentiles(self.send_us.values() / 1e3),
         }
 
 

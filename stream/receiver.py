@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,7 +19,7 @@ import zmq
 from .endpoints import check_bind
 from .protocol import FrameHeader, ProtocolError, decode
 from .security import Curve
-from .stats import percentiles
+from .stats import Samples, percentiles
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ class ReceiverStats:
     rejected: Counter[str] = field(default_factory=Counter)
     gaps: int = 0  # frames missing between consecutive sequence numbers, summed over streams
     out_of_order: int = 0
-    latency_ms: deque[float] = field(default_factory=lambda: deque(maxlen=1 << 17), repr=False)
+    latency_ms: Samples = field(default_factory=Samples, repr=False)
     first_s: float | None = None
     last_s: float | None = None
 

@@ -36,8 +36,8 @@ from typing import Any, Literal
 
 import numpy as np
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 from pydantic import BaseModel, ConfigDict, Field
+from zmq.utils.monitor import recv_monitor_message
 
 from engines.engine import EngineChain, EngineError
 from engines.package import PackageError
@@ -48,7 +48,7 @@ from .receiver import FrameReceiver
 from .ring import Rings, Window
 from .security import Curve, curve_or_none
 from .sinks import RunWriter, SinkError, fresh_run_dir
-from .stats import percentiles
+from .stats import Samples, percentiles
 
 log = logging.getLogger(__name__)
 
@@ -211,10 +211,10 @@ class ByteQueue:
 
 
 class StageTimes:
-    """Recent per-stage durations (ms), bounded so memory stays flat over days."""
+    """Recent per-stage durations (ms) in fixed arrays, so memory stays flat over days."""
 
-    def __init__(self, maxlen: int = 1 << 16) -> None:
-        self._samples: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=maxlen))
+    def __init__(self) -> None:
+        self._samples: dict[str, Samples] = defaultdict(Samples)
         self._lock = threading.Lock()
 
     def add(self, stage: str, ms: float) -> None:
@@ -223,7 +223,7 @@ class StageTimes:
 
     def summary(self) -> dict[str, dict[str, float | None]]:
         with self._lock:
-            samples = {k: list(v) for k, v in self._samples.items()}
+            samples = {k: v.values() for k, v in self._samples.items()}
         order = {s: i for i, s in enumerate(STAGES)}
         return {k: percentiles(samples[k]) for k in sorted(samples, key=lambda s: order.get(s, 99))}
 

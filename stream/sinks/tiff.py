@@ -14,8 +14,10 @@ import itertools
 import json
 import logging
 import os
+import sys
 import zlib
-from collections.abc import Mapping, Sequence
+from array import array
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, NamedTuple, cast
@@ -152,6 +154,36 @@ class _Plane:
     stage: tuple[float | None, float | None, float | None]
 
 
+class _PlaneTable:
+    """Planes kept as packed columns (about 80 bytes each, not a Python object apiece), so a
+    file of a day's frames costs megabytes, not gigabytes, until close() describes them."""
+
+    def __init__(self) -> None:
+        self._ints = array("q")  # t, c, z
+        self._floats = array("d")  # wall time, exposure, stage x, y, z (NaN = unknown)
+        self._channels: list[str | None] = []  # the same few str objects, shared
+
+    def append(self, p: _Plane) -> None:
+        self._ints.extend(p.tcz)
+        nan = float("nan")
+        self._floats.extend(
+            [p.wall_time, nan if p.exposure_ms is None else p.exposure_ms]
+            + [nan if v is None else v for v in p.stage]
+        )
+        self._channels.append(None if p.channel is None else sys.intern(p.channel))
+
+    def __len__(self) -> int:
+        return len(self._channels)
+
+    def __getitem__(self, i: int) -> _Plane:
+        t, c, z = self._ints[3 * i : 3 * i + 3]
+        wall, exposure, *stage = (None if v != v else v for v in self._floats[5 * i : 5 * i + 5])
+        return _Plane((t, c, z), self._channels[i], wall, exposure, tuple(stage))
+
+    def __iter__(self) -> Iterator[_Plane]:
+        return (self[i] for i in range(len(self)))
+
+
 class OmeTiffSink:
     """One growing OME-TIFF (BigTIFF) of 2-D planes of one shape and dtype, crash-safe."""
 
@@ -186,7 +218,7 @@ class OmeTiffSink:
         self.broken = ""  # why no further plane can be appended ("" while usable)
         self._file: _PlaneFile | None = None
         self._writer: tifffile.TiffWriter | None = None
-        self._meta: list[_Plane] = []
+        self._meta = _PlaneTable()
         self._sizes: dict[str, int] | None = None
         self._notes: set[str] = set()
         self._extra: set[tuple[tuple[str, int], ...]] = set()
