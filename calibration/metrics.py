@@ -25,6 +25,7 @@ _NRMSE_NORMALIZATIONS = ("euclidean", "min-max", "mean")
 _DECORR_APODIZE_PX = 20
 _DECORR_MIN_SIDE = 32
 _DECORR_MIN_AMPLITUDE = 0.05
+_DECORR_PEAK_MARGIN = 0.001
 
 
 # ---- input checks -------------------------------------------------------------------------
@@ -280,7 +281,8 @@ class _Spectrum:
     """Fourier transform of an apodized image, sorted by normalized radius for fast masks."""
 
     def __init__(self, image: np.ndarray) -> None:
-        odd = image[: image.shape[0] - 1 + image.shape[0] % 2, : image.shape[1] - 1 + image.shape[1] % 2]
+        rows, cols = (n - 1 + n % 2 for n in image.shape)
+        odd = image[:rows, :cols]  # odd sides put k = 0 on a pixel and make the grid symmetric
         spectrum = np.fft.fftshift(np.fft.fft2(odd))
         spectrum[odd.shape[0] // 2, odd.shape[1] // 2] = 0  # DC: the offset is not resolution
         ky = np.linspace(-1.0, 1.0, odd.shape[0])[:, None]
@@ -309,17 +311,23 @@ class _Spectrum:
         return np.nan_to_num(d, nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def _last_local_max(d: np.ndarray) -> int:
-    """Index of the highest-frequency strict interior local maximum of d, or 0 if there is none."""
-    inner = (d[1:-1] > d[:-2]) & (d[1:-1] > d[2:])
-    peaks = np.flatnonzero(inner)
-    return int(peaks[-1] + 1) if peaks.size else 0
+def _peak_index(d: np.ndarray) -> int:
+    """Index of the tallest maximum of d that stands out from its tail, or 0 if there is none.
+
+    A peak must rise _DECORR_PEAK_MARGIN above the lowest point after it (the Fiji plugin's
+    rule): a curve still rising at Nyquist, or a ripple on a flat tail, is no cut-off.
+    """
+    tail_min = np.append(np.minimum.accumulate(d[::-1])[::-1][1:], np.inf)
+    significant = d - tail_min > _DECORR_PEAK_MARGIN
+    if not significant.any():
+        return 0
+    return int(np.argmax(np.where(significant, d, -np.inf)))
 
 
 def _peak(spectrum: _Spectrum, radii: np.ndarray, g: float | None) -> tuple[float, float]:
     """(kc, amplitude) of one decorrelation curve; (0, 0) without a peak."""
     d = spectrum.curve(radii, g)
-    index = _last_local_max(d)
+    index = _peak_index(d)
     return (float(radii[index]), float(d[index])) if index else (0.0, 0.0)
 
 
@@ -349,6 +357,23 @@ def _check_pixel_size(pixel_size_um: float | None) -> None:
         )
 
 
+def _significant(peaks: list[tuple[float, float]]) -> list[float]:
+    """The kc of each (kc, amplitude) peak, or 0 where the amplitude is below the paper's 0.05."""
+    return [kc if amplitude >= _DECORR_MIN_AMPLITUDE else 0.0 for kc, amplitude in peaks]
+
+
+def _refined_peaks(
+    spectrum: _Spectrum, g: np.ndarray, peaks: list[tuple[float, float]], size: int, n_radii: int
+) -> list[tuple[float, float]]:
+    """Second pass: finer filter widths and radii around the highest cut-off of the first pass."""
+    kcs = _significant(peaks)
+    best = max(range(len(kcs)), key=lambda i: (kcs[i], i)) - 1  # last maximum; -1 means d0
+    step = 1.0 / (n_radii - 1)
+    radii = np.linspace(max(kcs[best + 1] - step, 0.0), min(kcs[best + 1] + 0.3, 1.0), n_radii)
+    widths = _refined_filters(g, best, size, g.size - 1)
+    return [_peak(spectrum, radii, float(width)) for width in widths]
+
+
 def decorrelation_resolution(
     image: np.ndarray,
     *,
@@ -359,33 +384,22 @@ def decorrelation_resolution(
     """Resolution from one image by decorrelation analysis (Descloux, Grussmayer & Radenovic,
     Nat Methods 16, 918 (2019)); kc is the highest cut-off over high-pass filtered curves.
 
-    Pure noise or a featureless image has no peak: kc = 0 and resolution inf.
+    kc is in normalized frequency (Nyquist = 1). Pure noise (a flat spectrum) or a featureless
+    image has no peak: kc = 0, amplitude 0 and resolution inf.
     """
     img = _image(image, "image")
     _check_decorrelation_args(img, n_radii, n_filters)
     _check_pixel_size(pixel_size_um)
-    width = min(_DECORR_APODIZE_PX, min(img.shape) // 4)
-    spectrum = _Spectrum(_apodize(img, width))
+    spectrum = _Spectrum(_apodize(img, min(_DECORR_APODIZE_PX, min(img.shape) // 4)))
 
     radii = np.linspace(0.0, 1.0, n_radii)
     kc0, amplitude0 = _peak(spectrum, radii, None)
     g_max = 2.0 / kc0 if kc0 > 0 else max(img.shape) / 2.0
     g = np.concatenate(([img.shape[0] / 4.0], np.geomspace(g_max, 0.15, n_filters)))
-    first = [_peak(spectrum, radii, float(width_g)) for width_g in g]
+    first = [(kc0, amplitude0), *(_peak(spectrum, radii, float(width)) for width in g)]
+    second = _refined_peaks(spectrum, g, first, img.shape[0], n_radii)
 
-    candidates = [(kc0, amplitude0), *first]
-    kcs = [kc if amplitude >= _DECORR_MIN_AMPLITUDE else 0.0 for kc, amplitude in candidates]
-    best = len(kcs) - 1 - int(np.argmax(kcs[::-1])) - 1  # last maximum; -1 means d0
-    best_kc = max(kcs)
-    step = radii[1] - radii[0]
-    fine_radii = np.linspace(max(best_kc - step, 0.0), min(best_kc + 0.3, 1.0), n_radii)
-    fine_g = _refined_filters(g, best, img.shape[0], n_filters)
-    second = [_peak(spectrum, fine_radii, float(width_g)) for width_g in fine_g]
-
-    kc = max(
-        (k for k, amplitude in [*candidates, *second] if amplitude >= _DECORR_MIN_AMPLITUDE),
-        default=0.0,
-    )
+    kc = max(_significant(first + second))
     resolution_px = 2.0 / kc if kc > 0 else math.inf
     resolution_um = None if pixel_size_um is None else resolution_px * pixel_size_um
     return Decorrelation(resolution_px, resolution_um, kc, amplitude0)
@@ -394,17 +408,23 @@ def decorrelation_resolution(
 # ---- single-image and temporal scores -------------------------------------------------------
 
 
+def _nonzero_mean(values: np.ndarray, name: str, what: str) -> float:
+    """Mean of `values`, refused when it is 0 up to rounding (a ratio to it would be noise)."""
+    mean = float(values.mean())
+    if abs(mean) <= 1e-9 * float(np.abs(values).max()) or mean == 0:
+        raise ValueError(
+            f"{name} has mean {mean:.3g} (about 0), so {what} is undefined; "
+            "pass raw (not background-subtracted) intensities."
+        )
+    return mean
+
+
 def focus_score(image: np.ndarray) -> float:
     """Sharpness: variance of the Laplacian over the squared mean (Pech-Pacheco et al., ICPR 2000,
     normalized so gain does not matter); higher is sharper.
     """
     img = _image(image, "image")
-    mean = float(img.mean())
-    if mean == 0:
-        raise ValueError(
-            "image has mean 0, so the scale-invariant focus score is undefined; "
-            "pass raw (not background-subtracted) intensities."
-        )
+    mean = _nonzero_mean(img, "image", "the scale-invariant focus score")
     laplacian = ndimage.laplace(img, mode="reflect")
     return float(laplacian.var() / mean**2)
 
@@ -420,10 +440,5 @@ def flicker(frames: np.ndarray) -> float:
             f"frames must be a (T, H, W) sequence with T >= 2, got shape {stack.shape}."
         )
     _check_finite(stack, "frames")
-    mean = float(stack.mean())
-    if mean == 0:
-        raise ValueError(
-            "frames have mean intensity 0, so relative flicker is undefined; "
-            "pass raw (not background-subtracted) intensities."
-        )
+    mean = _nonzero_mean(stack, "frames", "relative flicker")
     return float(np.abs(np.diff(stack, axis=0)).mean() / abs(mean))

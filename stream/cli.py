@@ -36,13 +36,15 @@ DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
 @contextmanager
 def _expected_errors(*more: type[Exception]):
     """Turn the mistakes a user can make into one red line and exit code 2, not a traceback."""
+    from calibration.errors import CalibrationError
     from engines.package import PackageError
 
     from .acquire import SetupError
 
+    expected = (SetupError, EndpointError, ReceiverUnreachable, PackageError, CalibrationError)
     try:
         yield
-    except (SetupError, EndpointError, ReceiverUnreachable, PackageError, OSError, *more) as e:
+    except (*expected, OSError, *more) as e:
         err.print(f"[red]error:[/red] {e}", highlight=False)
         raise typer.Exit(2) from None
 
@@ -249,6 +251,16 @@ def serve(
     backlog_mb: Annotated[
         float, typer.Option(help="complete mode: backlog kept in memory before spilling to disk")
     ] = 512.0,
+    profile: Annotated[
+        Path | None,
+        typer.Option(
+            help="calibration profile folder (`scopecast calibrate`): every enhanced frame gets "
+            "a fidelity residual"
+        ),
+    ] = None,
+    correct_bidir: Annotated[
+        bool, typer.Option(help="undo the profile's bidirectional line phase before the engine")
+    ] = False,
     keys: Annotated[
         Path | None,
         typer.Option(help="CURVE key folder from `scopecast keys` (required off loopback)"),
@@ -281,6 +293,8 @@ def serve(
             backend=backend,
             threads=threads,
             backlog_mb=backlog_mb,
+            profile=profile,
+            correct_bidir=correct_bidir,
             keys=keys,
             insecure=insecure,
         )
@@ -518,7 +532,10 @@ def _add_groups() -> None:
     ``scopecast.commands``."""
     from engines.cli import app as engines_app
 
+    from .calibrate import app as calibrate_app
+
     app.add_typer(engines_app, name="engines")
+    app.add_typer(calibrate_app, name="calibrate")
     for ep in entry_points(group="scopecast.commands"):
         try:
             app.add_typer(ep.load(), name=ep.name)

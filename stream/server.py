@@ -40,6 +40,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from zmq.utils.monitor import recv_monitor_message
 
 from engines.engine import EngineChain, EngineError
+from calibration.bidir import correct_phase
+from calibration.fidelity import fidelity
+from calibration.profile import CalibrationProfile
 from engines.package import PackageError
 
 from .endpoints import check_bind
@@ -76,6 +79,8 @@ class ServerConfig(BaseModel):
     backlog_mb: float = Field(512.0, gt=0, description="complete mode: backlog held in memory")
     writer_mb: float = Field(1024.0, gt=0, description="frames waiting for the disk")
     max_pause_s: float | None = Field(10.0, gt=0)
+    profile: Path | None = Field(None, description="calibration profile: fidelity residuals")
+    correct_bidir: bool = Field(False, description="undo the profile's line phase first")
     rcvhwm: int = Field(64, ge=1)
     fsync: bool = False
 
@@ -255,6 +260,12 @@ class EngineServer:
             self.chain = EngineChain.open(c.engines, c.backend, c.threads)
         except (PackageError, ValueError) as e:
             raise ServerError(str(e)) from e
+        self.profile = CalibrationProfile.load(c.profile) if c.profile else None
+        if c.correct_bidir and not (self.profile and self.profile.scan.bidirectional):
+            raise ServerError(
+                "--correct-bidir needs a --profile whose scan is bidirectional: measure the "
+                "phase with `scopecast calibrate bidir`"
+            )
         self.rings = Rings(
             self.chain.window, background=self.chain.background, max_pause_s=c.max_pause_s
         )
@@ -401,7 +412,7 @@ class EngineServer:
             transport = (recv_ns - header.mono_ns) / 1e6
             self.times.add("transport", transport)
             # raw goes to the writer queue before its enhancement can (the index links them)
-            self._writer_q.put(("raw", header, frame, {"transport": transport}), header.nbytes)
+            self._writer_q.put(("raw", header, frame, {"transport": transport}, None), header.nbytes)
             try:
                 self.chain.check(header.shape)
                 self.scheduler.submit(Job(header, frame, recv_ns))
@@ -419,8 +430,12 @@ class EngineServer:
             job, window = got
             start_ns = time.monotonic_ns()
             h = job.header
+            frames = window.frames
+            if self.config.correct_bidir:
+                phase = self.profile.scan.phase_px
+                frames = [_as_dtype(correct_phase(f, phase), f.dtype) for f in frames]
             try:
-                result = self.chain.enhance(window.frames, window.previous, window.background)
+                result = self.chain.enhance(frames, window.previous, window.background)
             except EngineError as e:
                 self.engine_errors(e.kind, f"{h.key} seq {h.seq}: {e}")
                 continue
@@ -436,12 +451,17 @@ class EngineServer:
                     self.times.add(k, v)
             self.enhanced += 1
             out = result.frame
-            self._writer_q.put(("enhanced", h, out, timings), out.nbytes)
-            self._publish(h, out, kind="enhanced", timings=timings)
+            extra = {}
+            if self.profile is not None:
+                t = time.perf_counter()
+                extra["fidelity"] = self._fidelity(result.stages[-1].output, job.frame)
+                timings["fidelity"] = (time.perf_counter() - t) * 1e3
+            self._writer_q.put(("enhanced", h, out, timings, extra), out.nbytes)
+            self._publish(h, out, kind="enhanced", timings=timings, **extra)
 
     def _writer_loop(self) -> None:
         while (item := self._writer_q.get()) is not None:
-            kind, header, frame, timings = item
+            kind, header, frame, timings, extra = item
             try:
                 if kind == "raw":
                     rec = self.writer.write_raw(header, frame, timings_ms=timings)
@@ -452,6 +472,7 @@ class EngineServer:
                         engine=self.chain.name,
                         scale=self.chain.scale,
                         timings_ms=timings,
+                        extra=extra,
                     )
             except SinkError as e:
                 self.disk_errors(kind, str(e))
@@ -463,6 +484,15 @@ class EngineServer:
         except SinkError as e:
             self.disk_errors("close", str(e))
 
+    def _fidelity(self, enhanced: np.ndarray, raw: np.ndarray) -> dict[str, float]:
+        """The raw frame's chi-square against the profile's forward model of ``enhanced``."""
+        p = self.profile
+        maps = {k: p.array(k) for k in ("offset_map", "flat_field")}
+        maps = {k: v for k, v in maps.items() if v is not None and v.shape == raw.shape}
+        scan = p.scan if self.config.correct_bidir else None
+        f = fidelity(enhanced, raw, p.camera, scale=self.chain.scale, scan=scan, **maps)
+        return f.as_dict()
+
     def _publish(
         self,
         header: FrameHeader,
@@ -470,6 +500,7 @@ class EngineServer:
         *,
         kind: str,
         timings: dict[str, float] | None = None,
+        fidelity: dict[str, float] | None = None,
     ) -> None:
         """Send one frame on PUB from the calling stage (receive or engine). PUB never blocks:
         a subscriber that falls behind loses frames, the server does not wait."""
@@ -487,6 +518,7 @@ class EngineServer:
                 backend=self._backend_name,
                 scale=scale,
                 timings_ms=timings or {},
+                fidelity=fidelity,
             )
             with self._pub_lock:  # one socket, used by two stages, never at the same time
                 try:
@@ -568,6 +600,14 @@ class EngineServer:
             "latency_ms": self.times.summary(),
             "files": [str(p) for p in self.writer.files],
         }
+
+
+def _as_dtype(image: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``image`` in ``dtype``, rounded and clipped for integer types."""
+    if dtype.kind == "f":
+        return image.astype(dtype, copy=False)
+    info = np.iinfo(dtype)
+    return np.clip(np.rint(image), info.min, info.max).astype(dtype)
 
 
 def _rss_mb() -> float | None:

@@ -33,7 +33,14 @@ from pymmcore_plus.experimental.unicore import (
 
 from calibration import CameraParams, ForwardModel, OpticsParams, ScanParams
 
-from .specimen import BrightfieldSpecimen, FluorescentSpecimen, Specimen, View
+from .specimen import (
+    BeadSlide,
+    BrightfieldSpecimen,
+    FluorescentSpecimen,
+    Specimen,
+    UniformSlide,
+    View,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -92,6 +99,7 @@ class Preset(BaseModel):
     high_quality_dwell: float = Field(1.0, gt=0, description="slow scan: photons vs fast scan")
     positions: list[tuple[float, float, float]] = [(0.0, 0.0, 0.0)]
     engine: str = Field("identity", description="engine `scopecast demo` runs on this rig")
+    beads_per_100um2: float = Field(4.0, gt=0, description="bead slide density (calibration)")
 
     def sequence(
         self, duration_s: float, interval_s: float | None = None, **overrides: Any
@@ -138,6 +146,7 @@ PRESETS: dict[str, Preset] = {
         Preset(
             name="celldiscoverer",
             description="2048x2048 brightfield well plate, multi-position time-lapse, focus drift",
+            beads_per_100um2=0.005,  # about 25 beads in the 0.7 mm field: isolated out of focus
             shape=(2048, 2048),
             pixel_size_um=0.345,
             exposure_ms=10.0,
@@ -181,7 +190,8 @@ class Scene:
     def __init__(self, preset: Preset, seed: int = 0) -> None:
         self.preset = preset
         self.seed = seed
-        self._specimens: dict[str, Specimen] = {}
+        self._specimens: dict[tuple[str, str], Specimen] = {}
+        self.sample: str = "Specimen"  # which slide is on the stage: see SAMPLES
         self._models: dict[tuple[str, bool], ForwardModel] = {}
         self._rng = np.random.default_rng(seed)
         self._t0 = time.monotonic()
@@ -191,15 +201,24 @@ class Scene:
         return (time.monotonic() - self._t0) * self.preset.time_scale
 
     def specimen(self, channel: str) -> Specimen:
+        """What ``channel`` sees with the slide in :attr:`sample` on the stage."""
         spec = self._channel(channel)
-        if channel not in self._specimens:
-            kind = spec.specimen
-            if kind == "brightfield-cells":
-                self._specimens[channel] = BrightfieldSpecimen(self.seed)
+        key = (self.sample, channel)
+        if key not in self._specimens:
+            transmitted = spec.specimen == "brightfield-cells"
+            if self.sample == "Flat":
+                level = BrightfieldSpecimen().illumination_photons if transmitted else 1.0
+                self._specimens[key] = UniformSlide(level, per_area=not transmitted)
+            elif self.sample == "Beads":
+                self._specimens[key] = BeadSlide(
+                    self.seed, beads_per_100um2=self.preset.beads_per_100um2
+                )
+            elif transmitted:
+                self._specimens[key] = BrightfieldSpecimen(self.seed)
             else:
-                n_fil = 0 if kind == "nuclei" else 25
-                self._specimens[channel] = FluorescentSpecimen(self.seed, n_filaments=n_fil)
-        return self._specimens[channel]
+                n_fil = 0 if spec.specimen == "nuclei" else 25
+                self._specimens[key] = FluorescentSpecimen(self.seed, n_filaments=n_fil)
+        return self._specimens[key]
 
     def forward_model(self, channel: str, *, high_quality: bool = False) -> ForwardModel:
         """The light path of ``channel``: the fast scan, or the slow high-quality one."""
@@ -249,7 +268,8 @@ class Scene:
         model = self.forward_model(channel)
         if lit:
             fine = self.fine_photons(t_s, channel, exposure_ms, (x, y))
-            focus = self.preset.focus.focus_z(t_s, x, y)
+            # the specimen's plate tilts and drifts; calibration slides lie flat at z = 0
+            focus = self.preset.focus.focus_z(t_s, x, y) if self.sample == "Specimen" else 0.0
         else:
             fine = np.zeros([s * model.scan.downsample for s in self.preset.shape], np.float32)
             focus = z
@@ -345,6 +365,24 @@ class SimFilterWheel(StateDevice):
         self._state = int(position)
 
 
+SAMPLES = ("Specimen", "Flat", "Beads")
+
+
+class SimSample(StateDevice):
+    """The slide on the stage: the preset's specimen, a flat-field slide (uniform fluorescence,
+    or an empty well in transmitted light) or sub-resolution beads, for calibration."""
+
+    def __init__(self, scene: Scene) -> None:
+        super().__init__(dict(enumerate(SAMPLES)))
+        self.scene = scene
+
+    def get_state(self) -> int:
+        return SAMPLES.index(self.scene.sample)
+
+    def set_state(self, position: int) -> None:
+        self.scene.sample = SAMPLES[int(position)]
+
+
 class SimCamera(SimpleCameraDevice):
     """Camera that renders the scene at the current stage position, channel and time.
 
@@ -400,6 +438,7 @@ class SimulatedMicroscope:
         channels = list(self.preset.channels)
         self.xy, self.z, self.shutter = SimXYStage(), SimZStage(), SimShutter()
         self.wheel = SimFilterWheel(channels)
+        self.sample = SimSample(self.scene)
         self.camera = SimCamera(self.scene, self.xy, self.z, self.shutter, self.wheel)
         core = UniMMCore()
         for label, dev in (
@@ -408,6 +447,7 @@ class SimulatedMicroscope:
             ("Z", self.z),
             ("Shutter", self.shutter),
             ("Filter", self.wheel),
+            ("Sample", self.sample),
         ):
             core.loadPyDevice(label, dev)
         core.initializeAllDevices()

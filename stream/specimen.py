@@ -22,7 +22,14 @@ from numpy.typing import NDArray
 from scipy import ndimage
 from scipy.interpolate import CubicSpline
 
-__all__ = ["BrightfieldSpecimen", "FluorescentSpecimen", "Specimen", "View"]
+__all__ = [
+    "BeadSlide",
+    "BrightfieldSpecimen",
+    "FluorescentSpecimen",
+    "Specimen",
+    "UniformSlide",
+    "View",
+]
 
 FloatArray = NDArray[np.float64]
 
@@ -686,3 +693,74 @@ class BrightfieldSpecimen:
         rim *= d
         rim *= np.float32(cell.rim)
         block += rim
+
+
+class UniformSlide:
+    """A flat-field target: a uniform fluorescent slide, or an empty well in transmitted light.
+
+    Units: with ``per_area`` (fluorescence) ``level`` photons per (0.1 um)^2 of pixel area per
+    unit dwell, like an extended fluorescent structure; without it (transmitted light) ``level``
+    photons per pixel whatever its size, like :class:`BrightfieldSpecimen`'s background.
+    """
+
+    def __init__(self, level: float = 1.0, *, per_area: bool = True) -> None:
+        self.level = _check_positive("level", level)
+        self.per_area = per_area
+
+    def render(self, t_s: float, view: View) -> NDArray[np.float32]:
+        _check_time(t_s)
+        area = (view.pixel_size_um / 0.1) ** 2 if self.per_area else 1.0
+        return np.full(view.shape, self.level * area, dtype=np.float32)
+
+
+class BeadSlide:
+    """Sub-resolution fluorescent beads on a coverslip: point sources for PSF calibration.
+
+    Beads sit still on an unbounded plane laid out in 50 um tiles, each drawing its beads from
+    (seed, ix, iy), so overlapping views agree. Each bead gives ``photons`` per unit dwell,
+    split bilinearly between the four pixels around its position (flux does not depend on the
+    grid); the optics' PSF then gives the image its shape.
+    """
+
+    TILE_UM = 50.0
+
+    def __init__(
+        self, seed: int = 0, *, beads_per_100um2: float = 4.0, photons: float = 40.0
+    ) -> None:
+        self.seed = _check_count("seed", seed)
+        self.density = _check_positive("beads_per_100um2", beads_per_100um2, allow_zero=True)
+        self.photons = _check_positive("photons", photons)
+
+    def positions_um(self, view: View) -> FloatArray:
+        """(x, y) of every bead within ``view`` (n, 2)."""
+        x0, x1, y0, y1 = view.bounds_um
+        tiles = product(
+            range(math.floor(x0 / self.TILE_UM), math.floor(x1 / self.TILE_UM) + 1),
+            range(math.floor(y0 / self.TILE_UM), math.floor(y1 / self.TILE_UM) + 1),
+        )
+        per_tile = self.density * self.TILE_UM**2 / 100.0
+        parts = []
+        for ix, iy in tiles:
+            rng = np.random.default_rng([self.seed, 7, ix + 2**31, iy + 2**31])
+            xy = rng.uniform(0.0, self.TILE_UM, (rng.poisson(per_tile), 2))
+            parts.append(xy + (ix * self.TILE_UM, iy * self.TILE_UM))
+        xy = np.concatenate(parts) if parts else np.empty((0, 2))
+        inside = (xy[:, 0] >= x0) & (xy[:, 0] < x1) & (xy[:, 1] >= y0) & (xy[:, 1] < y1)
+        return xy[inside]
+
+    def render(self, t_s: float, view: View) -> NDArray[np.float32]:
+        _check_time(t_s)
+        image = np.zeros(view.shape, dtype=np.float32)
+        xy = self.positions_um(view)
+        ox, oy = view.origin_um
+        col = (xy[:, 0] - ox) / view.pixel_size_um
+        row = (xy[:, 1] - oy) / view.pixel_size_um
+        c0, r0 = np.floor(col).astype(int), np.floor(row).astype(int)
+        fc, fr = col - c0, row - r0
+        rows, cols = view.shape
+        for dr, dc, w in ((0, 0, (1 - fr) * (1 - fc)), (0, 1, (1 - fr) * fc),
+                          (1, 0, fr * (1 - fc)), (1, 1, fr * fc)):  # fmt: skip
+            r, c = r0 + dr, c0 + dc
+            ok = (r >= 0) & (r < rows) & (c >= 0) & (c < cols)
+            np.add.at(image, (r[ok], c[ok]), (w[ok] * self.photons).astype(np.float32))
+        return image

@@ -95,8 +95,10 @@ class RunWriter:
         engine: str,
         scale: int,
         timings_ms: dict[str, float] | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """Store an enhanced frame (``header`` is its raw frame's), then its index line."""
+        """Store an enhanced frame (``header`` is its raw frame's), then its index line;
+        ``extra`` (e.g. the fidelity residual) goes into the line as is."""
         if not ENGINE_NAME.match(engine) or engine == "raw":
             raise ValueError(
                 f"engine name {engine!r} must be 1-64 of [a-z0-9._-] (chains joined "
@@ -112,6 +114,7 @@ class RunWriter:
             if raw is None:
                 self.errors["raw_missing"] += 1
             record = self._record("enhanced", header, frame, plane, timings_ms, t0)
+            record.update(extra or {})
             record.update(engine=engine, scale=scale, pixel_size_um=size, raw=raw)
             return self._append(record)
 
