@@ -156,9 +156,7 @@ def _peak(spectrum: np.ndarray, width: int, max_shift_px: float) -> float:
     return float(result.x)
 
 
-def _rival_peak(
-    spectrum: np.ndarray, width: int, max_shift_px: float, best: float
-) -> float | None:
+def _rival_peak(spectrum: np.ndarray, width: int, max_shift_px: float, best: float) -> float | None:
     """Another local maximum, over 1 px from `best`, nearly as high as the best one; else None."""
     grid = np.arange(-max_shift_px, max_shift_px + GRID_STEP_PX / 2, GRID_STEP_PX)
     values = np.array([_correlation(spectrum, width, s) for s in grid])

@@ -60,7 +60,10 @@ class CalibrationProfile(BaseModel):
         if unknown:
             raise KeyError(f"unknown profile arrays {sorted(unknown)}; allowed: {ARRAY_NAMES}")
         new = self.model_copy()
-        new._arrays = {**self._arrays, **{k: np.asarray(v) for k, v in arrays.items() if v is not None}}
+        new._arrays = {
+            **self._arrays,
+            **{k: np.asarray(v) for k, v in arrays.items() if v is not None},
+        }
         for k, v in arrays.items():
             if v is None:
                 new._arrays.pop(k, None)

@@ -145,7 +145,9 @@ def _ptc_record(
     fit: _Fit,
 ) -> dict[str, list[float]]:
     """The PTC points and fit as plain lists (exposure_ms is NaN when no exposures were given)."""
-    exposures = [math.nan] * len(signals) if exposures_ms is None else list(map(float, exposures_ms))
+    exposures = (
+        [math.nan] * len(signals) if exposures_ms is None else list(map(float, exposures_ms))
+    )
     return {
         "exposure_ms": exposures,
         "mean_signal_adu": signals.tolist(),

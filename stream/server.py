@@ -39,10 +39,10 @@ import zmq
 from pydantic import BaseModel, ConfigDict, Field
 from zmq.utils.monitor import recv_monitor_message
 
-from engines.engine import EngineChain, EngineError
 from calibration.bidir import correct_phase
 from calibration.fidelity import fidelity
 from calibration.profile import CalibrationProfile
+from engines.engine import EngineChain, EngineError
 from engines.package import PackageError
 
 from .endpoints import check_bind
@@ -412,7 +412,9 @@ class EngineServer:
             transport = (recv_ns - header.mono_ns) / 1e6
             self.times.add("transport", transport)
             # raw goes to the writer queue before its enhancement can (the index links them)
-            self._writer_q.put(("raw", header, frame, {"transport": transport}, None), header.nbytes)
+            self._writer_q.put(
+                ("raw", header, frame, {"transport": transport}, None), header.nbytes
+            )
             try:
                 self.chain.check(header.shape)
                 self.scheduler.submit(Job(header, frame, recv_ns))

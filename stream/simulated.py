@@ -32,6 +32,7 @@ from pymmcore_plus.experimental.unicore import (
 )
 
 from calibration import CameraParams, ForwardModel, OpticsParams, ScanParams
+from calibration.profile import CalibrationProfile
 
 from .specimen import (
     BeadSlide,
@@ -100,6 +101,17 @@ class Preset(BaseModel):
     positions: list[tuple[float, float, float]] = [(0.0, 0.0, 0.0)]
     engine: str = Field("identity", description="engine `scopecast demo` runs on this rig")
     beads_per_100um2: float = Field(4.0, gt=0, description="bead slide density (calibration)")
+
+    def with_profile(self, profile: CalibrationProfile) -> Preset:
+        """This rig with a measured profile's camera, optics, scan and pixel size."""
+        return self.model_copy(
+            update={
+                "camera": profile.camera,
+                "optics": profile.optics,
+                "scan": profile.scan.model_copy(update={"downsample": self.scan.downsample}),
+                "pixel_size_um": profile.pixel_size_um,
+            }
+        )
 
     def sequence(
         self, duration_s: float, interval_s: float | None = None, **overrides: Any
@@ -431,9 +443,19 @@ class SimCamera(SimpleCameraDevice):
 class SimulatedMicroscope:
     """A ready-to-run UniMMCore with the simulated camera, stages, shutter and filter wheel."""
 
-    def __init__(self, preset: str | Preset = "confocal-20fps", *, seed: int = 0) -> None:
+    def __init__(
+        self,
+        preset: str | Preset = "confocal-20fps",
+        *,
+        seed: int = 0,
+        profile: CalibrationProfile | None = None,
+    ) -> None:
+        """``profile`` (a measured rig's calibration) replaces the preset's camera, optics and
+        scan, so the simulator images with that rig's noise and resolution."""
         logging.getLogger("pymmcore-plus").setLevel(logging.CRITICAL)  # no Micro-Manager needed
         self.preset = get_preset(preset) if isinstance(preset, str) else preset
+        if profile is not None:
+            self.preset = self.preset.with_profile(profile)
         self.scene = Scene(self.preset, seed)
         channels = list(self.preset.channels)
         self.xy, self.z, self.shutter = SimXYStage(), SimZStage(), SimShutter()

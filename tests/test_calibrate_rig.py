@@ -13,11 +13,11 @@ import useq
 
 from calibration.optics import defocus_sigma_um, psf_sigma_um
 from calibration.profile import CalibrationProfile
+from stream.acquire import free_endpoint
 from stream.calibrate import measure_camera, measure_defocus
 from stream.control import request, wait_ready
 from stream.hook import FrameHook
 from stream.simulated import SimulatedMicroscope
-from stream.acquire import free_endpoint
 from stream.sinks.index import read_index
 
 
@@ -46,7 +46,9 @@ def test_calibration_recovers_the_simulated_rig(profile):
     assert abs(p.camera.offset_adu - truth.offset_adu) < 1
     assert p.camera.read_noise_electrons == pytest.approx(truth.read_noise_electrons, rel=0.10)
     assert abs(p.scan.phase_px - preset.scan.phase_px) < 0.1 and p.scan.bidirectional
-    optics = preset.optics.model_copy(update={"wavelength_nm": preset.channels["FITC"].wavelength_nm})
+    optics = preset.optics.model_copy(
+        update={"wavelength_nm": preset.channels["FITC"].wavelength_nm}
+    )
     assert p.psf_sigma_um == pytest.approx(psf_sigma_um(optics), rel=0.10)
     assert p.array("offset_map").shape == preset.shape
     assert (profile / "ptc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -17,7 +17,9 @@ from stream.simulated import SimulatedMicroscope
 
 def test_profile_round_trips_with_arrays_and_never_pickles(tmp_path):
     offset = np.random.default_rng(0).normal(100, 2, (8, 8)).astype(np.float32)
-    p = CalibrationProfile(rig="scope-a", pixel_size_um=0.1, camera=CameraParams(gain_adu_per_electron=2.0))
+    p = CalibrationProfile(
+        rig="scope-a", pixel_size_um=0.1, camera=CameraParams(gain_adu_per_electron=2.0)
+    )
     p = p.with_arrays(offset_map=offset, hot_pixels=offset > 104)
     p.save(tmp_path)
     q = CalibrationProfile.load(tmp_path)
@@ -73,7 +75,9 @@ def test_an_invented_object_stands_out(scene):
 
 
 def test_line_phase_is_part_of_the_prediction():
-    camera = CameraParams(gain_adu_per_electron=1.0, read_noise_electrons=1.0, quantum_efficiency=1.0)
+    camera = CameraParams(
+        gain_adu_per_electron=1.0, read_noise_electrons=1.0, quantum_efficiency=1.0
+    )
     rng = np.random.default_rng(0)
     clean = np.tile(100 + 80 * np.sin(np.arange(64) / 2.0), (64, 1)).astype(np.float32)
     raw = record(bidirectional_shift(clean, 1.5), camera, rng)
@@ -86,3 +90,13 @@ def test_line_phase_is_part_of_the_prediction():
 def test_shape_mismatch_is_explained():
     with pytest.raises(ValueError, match="times scale 2"):
         fidelity(np.zeros((10, 10)), np.zeros((10, 10)), CameraParams(), scale=2)
+
+
+def test_the_simulator_images_with_a_profiles_parameters():
+    camera = CameraParams(offset_adu=300.0, gain_adu_per_electron=3.0, read_noise_electrons=2.0)
+    profile = CalibrationProfile(rig="other", pixel_size_um=0.08, camera=camera)
+    scope = SimulatedMicroscope("confocal-20fps", profile=profile)
+    assert scope.preset.camera == camera and scope.core.getPixelSizeUm() == 0.08
+    scope.shutter.set_open(False)
+    scope.core.snapImage()
+    assert abs(scope.core.getImage().mean() - 300.0) < 1
