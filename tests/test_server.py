@@ -91,6 +91,32 @@ def servers():
         s.kill()
 
 
+class Viewer:
+    """A PUB subscriber in a thread, keeping every (header, pixels) until 2 s of silence."""
+
+    def __init__(self, endpoint: str, topic: bytes = b"") -> None:
+        self.got: list = []
+        connected = threading.Event()
+
+        def run() -> None:
+            sub = zmq.Context.instance().socket(zmq.SUB)
+            sub.setsockopt(zmq.SUBSCRIBE, topic)
+            sub.connect(endpoint)
+            connected.set()
+            while sub.poll(2000):
+                self.got.append(decode_published(sub.recv_multipart()))
+            sub.close(0)
+
+        self._thread = threading.Thread(target=run)
+        self._thread.start()
+        connected.wait()
+        time.sleep(0.3)  # let the SUB connect before the first frame (PUB does not queue)
+
+    def join(self) -> list:
+        self._thread.join()
+        return self.got
+
+
 def send_frames(endpoint: str, frames, *, positions: int = 1, stream: str = "scope", curve=None):
     """Push frames through a real FrameHook, interleaving positions like a plate scan."""
     hook = FrameHook(endpoint, stream=stream, hwm=1000, curve=curve)
@@ -163,22 +189,7 @@ def test_demo_runs_end_to_end_and_its_files_open(tmp_path):
 def test_real_mda_to_server_to_tiff_and_subscriber(tmp_path, servers):
     """Simulated confocal MDA in this process, server in another, subscriber on PUB."""
     srv = servers(tmp_path, "--engine", "bicubic-x2", "--mode", "complete")
-    got: list = []
-    sub_ready = threading.Event()
-
-    def subscribe():
-        sub = zmq.Context.instance().socket(zmq.SUB)
-        sub.setsockopt(zmq.SUBSCRIBE, b"mda/")
-        sub.connect(srv.publish)
-        sub_ready.set()
-        while sub.poll(3000):
-            got.append(decode_published(sub.recv_multipart()))
-        sub.close(0)
-
-    t = threading.Thread(target=subscribe)
-    t.start()
-    sub_ready.wait()
-    time.sleep(0.3)  # let the SUB connect before the first frame (PUB does not queue for it)
+    viewer = Viewer(srv.publish, b"mda/")
     scope = acq.simulated("confocal-20fps", 0)
     seq = scope.preset.sequence(1.0)
     frames: list[np.ndarray] = []
@@ -192,7 +203,7 @@ def test_real_mda_to_server_to_tiff_and_subscriber(tmp_path, servers):
     sent = acq.run(scope.core, seq, hook, also=[Keep()])
     hook.close()
     summary = srv.stop({"mda": sent["frames_sent"]})
-    t.join()
+    got = viewer.join()
     n = len(frames)
     assert sent["frames_sent"] == n >= 15
     assert summary["frames_enhanced"] == n and summary["frames_written"] == {
@@ -432,26 +443,11 @@ def _limit_file_size():
 
 def test_full_disk_is_reported_and_the_server_keeps_serving(tmp_path, servers):
     srv = servers(tmp_path, "--engine", "identity", "--mode", "complete", preexec=_limit_file_size)
-    got = []
-    sub_ready = threading.Event()
-
-    def subscribe():
-        sub = zmq.Context.instance().socket(zmq.SUB)
-        sub.setsockopt(zmq.SUBSCRIBE, b"")
-        sub.connect(srv.publish)
-        sub_ready.set()
-        while sub.poll(2000):
-            got.append(decode_published(sub.recv_multipart()))
-        sub.close(0)
-
-    viewer = threading.Thread(target=subscribe)
-    viewer.start()
-    sub_ready.wait()
-    time.sleep(0.3)
+    viewer = Viewer(srv.publish)
     frames = ramp_frames(20, shape=(64, 64)) * 3  # 8 kB each: the raw file fills at ~36 frames
     send_frames(srv.listen, frames)
     summary = srv.stop({"scope": 60})
-    viewer.join()
+    got = viewer.join()
     assert summary["frames_received"] == 60 and summary["frames_enhanced"] == 60
     assert summary["disk_errors"]  # counted, by kind
     written = summary["frames_written"]["raw"]
