@@ -232,8 +232,8 @@ def camera(
         core, rig, adc_bits = _core(preset, config)
         cal = measure_camera(core, frames=frames, levels=levels, exposures_ms=exposure,
                              bit_depth=bit_depth or adc_bits, ask=_ask(yes))  # fmt: skip
-        p = _profile(profile, core, rig).updated(camera=cal.camera, measured={
-            **_profile(profile, core, rig).measured, "camera": cal.ptc})  # fmt: skip
+        p = _profile(profile, core, rig)
+        p = p.updated(camera=cal.camera, measured={**p.measured, "camera": cal.ptc})
         p = p.with_arrays(
             offset_map=cal.offset_map, read_noise_map=cal.read_noise_map,
             flat_field=cal.flat_field, hot_pixels=cal.hot_pixels, dead_pixels=cal.dead_pixels,

@@ -58,7 +58,8 @@ log = logging.getLogger(__name__)
 DEFAULT_LISTEN = "tcp://127.0.0.1:5555"
 DEFAULT_PUBLISH = "tcp://127.0.0.1:5556"
 DEFAULT_CONTROL = "tcp://127.0.0.1:5557"
-STAGES = ("transport", "queue", "preprocess", "inference", "postprocess", "publish", "total")
+STAGES = ("transport", "queue", "preprocess", "inference", "postprocess", "fidelity", "publish",
+          "total")  # fmt: skip
 
 
 class ServerConfig(BaseModel):
@@ -130,9 +131,7 @@ class Scheduler:
                 key = job.header.key
                 if key in self._pending:
                     self.skipped += 1
-                    self._pending[key] = job  # keeps its place: the key waited since then
-                else:
-                    self._pending[key] = job
+                self._pending[key] = job  # a replaced job keeps its place: the key waited since
             else:
                 if self._in_memory + job.header.nbytes > self.backlog_bytes and self._fifo:
                     self._spill(job)
@@ -181,7 +180,7 @@ class Scheduler:
     def _spill(self, job: Job) -> None:
         assert self.spill_dir is not None
         self.spill_dir.mkdir(parents=True, exist_ok=True)
-        job.spill = self.spill_dir / f"{job.header.stream}-{job.header.seq:012d}.npy"
+        job.spill = self.spill_dir / f"{self.spilled:012d}.npy"  # unique across acquisitions
         np.save(job.spill, job.frame, allow_pickle=False)
         job.frame = None
         self.spilled += 1
@@ -430,36 +429,38 @@ class EngineServer:
                     return
                 continue
             job, window = got
-            start_ns = time.monotonic_ns()
             h = job.header
-            frames = window.frames
-            if self.config.correct_bidir:
-                phase = self.profile.scan.phase_px
-                frames = [_as_dtype(correct_phase(f, phase), f.dtype) for f in frames]
             try:
-                result = self.chain.enhance(frames, window.previous, window.background)
+                self._enhance(job, window)
             except EngineError as e:
                 self.engine_errors(e.kind, f"{h.key} seq {h.seq}: {e}")
-                continue
             except Exception as e:  # a backend failure must not stop the other streams
                 self.engine_errors("backend", f"{h.key} seq {h.seq}: {type(e).__name__}: {e}")
-                continue
-            for stage in result.stages:
-                self.rings.set_previous(h.key, stage.stage, stage.output, window.generation)
-            timings = {"queue": (start_ns - job.recv_ns) / 1e6, **result.timings_ms}
-            timings["transport"] = (job.recv_ns - h.mono_ns) / 1e6
-            for k, v in timings.items():
-                if k != "transport":
-                    self.times.add(k, v)
-            self.enhanced += 1
-            out = result.frame
-            extra = {}
-            if self.profile is not None:
-                t = time.perf_counter()
-                extra["fidelity"] = self._fidelity(result.stages[-1].output, job.frame)
-                timings["fidelity"] = (time.perf_counter() - t) * 1e3
-            self._writer_q.put(("enhanced", h, out, timings, extra), out.nbytes)
-            self._publish(h, out, kind="enhanced", timings=timings, **extra)
+
+    def _enhance(self, job: Job, window: Window) -> None:
+        """Run the chain on one job; hand the result to the writer and the publisher."""
+        start_ns = time.monotonic_ns()
+        h = job.header
+        frames = window.frames
+        if self.config.correct_bidir:
+            phase = self.profile.scan.phase_px
+            frames = [_as_dtype(correct_phase(f, phase), f.dtype) for f in frames]
+        result = self.chain.enhance(frames, window.previous, window.background)
+        for stage in result.stages:
+            self.rings.set_previous(h.key, stage.stage, stage.output, window.generation)
+        timings = {"queue": (start_ns - job.recv_ns) / 1e6, **result.timings_ms}
+        extra = {}
+        if self.profile is not None:
+            t = time.perf_counter()
+            extra["fidelity"] = self._fidelity(result.stages[-1].output, job.frame)
+            timings["fidelity"] = (time.perf_counter() - t) * 1e3
+        for k, v in timings.items():
+            self.times.add(k, v)
+        timings["transport"] = (job.recv_ns - h.mono_ns) / 1e6
+        self.enhanced += 1
+        out = result.frame
+        self._writer_q.put(("enhanced", h, out, timings, extra), out.nbytes)
+        self._publish(h, out, kind="enhanced", timings=timings, **extra)
 
     def _writer_loop(self) -> None:
         while (item := self._writer_q.get()) is not None:
