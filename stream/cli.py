@@ -545,5 +545,7 @@ def _add_groups() -> None:
 
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # importing pymmcore-plus sets the root logger to DEBUG; keep our handler at WARNING anyway
+    logging.getLogger().handlers[0].setLevel(logging.WARNING)
     _add_groups()
     app(prog_name="scopecast")
