@@ -534,8 +534,12 @@ def _add_groups() -> None:
 
     from .calibrate import app as calibrate_app
 
+    from engines.train.cli import export, train
+
     app.add_typer(engines_app, name="engines")
     app.add_typer(calibrate_app, name="calibrate")
+    app.command()(train)
+    app.command()(export)
     for ep in entry_points(group="scopecast.commands"):
         try:
             app.add_typer(ep.load(), name=ep.name)

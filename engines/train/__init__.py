@@ -1,0 +1,1 @@
+"""Offline training of scopecast engines (torch): configs, data, losses, the loop, checkpoints."""

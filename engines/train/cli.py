@@ -1,0 +1,98 @@
+"""``scopecast train`` and ``scopecast export``. torch is imported only when they run, so the
+``scopecast`` command works on machines installed without the ``train`` extra."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+err = Console(stderr=True, soft_wrap=True)
+
+
+def _need_torch() -> None:
+    try:
+        import safetensors  # noqa: F401
+        import torch  # noqa: F401
+    except ImportError as e:
+        err.print(
+            f"[red]error:[/red] training needs the train extra ({e.name} is missing): "
+            "pip install -c constraints-cpu.txt -e '.[train]'",
+            highlight=False,
+        )
+        raise typer.Exit(2) from None
+
+
+def train(
+    config: Annotated[Path, typer.Argument(help="training config (YAML), see engines/zoo/configs")],
+    out: Annotated[
+        Path | None, typer.Option(help="run folder (default: runs/train/NAME)")
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="continue the run in --out where it stopped")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
+) -> None:
+    """Train a generator: pre-train, then the discriminator, then the adversarial game.
+
+    Writes checkpoints (safetensors), log.jsonl and samples.png into the run folder; export
+    the best checkpoint with `scopecast export RUN/best.safetensors --out ENGINE_DIR`.
+    """
+    _need_torch()
+    from .config import ConfigError, load_config
+    from .loop import Trainer
+
+    try:
+        cfg = load_config(config)
+        run = out or Path("runs/train") / cfg.name
+        trainer = Trainer(cfg, run, resume=resume)
+    except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False)
+        raise typer.Exit(2) from None
+    bar = Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=err, transient=True,
+    )  # fmt: skip
+    with bar:
+        task = bar.add_task(cfg.name, total=cfg.schedule.total, completed=trainer.step, status="")
+
+        def show(p) -> None:
+            shown = "  ".join(f"{k} {v:.4g}" for k, v in list(p.losses.items())[:4])
+            best = f"  best PSNR {p.val_psnr:.2f} dB" if p.val_psnr not in (None, float("-inf")) else ""
+            bar.update(task, completed=p.step, status=f"{p.phase}  {shown}{best}")
+
+        summary = trainer.run(show)
+    if as_json:
+        print(json.dumps(summary), flush=True)
+        return
+    first, best = summary["first"], summary["best"]
+    err.print(
+        f"{summary['steps']} steps{' (stopped early)' if summary['stopped_early'] else ''}; "
+        f"validation PSNR {first.get('val_psnr', float('nan')):.2f} -> {best['psnr']:.2f} dB, "
+        f"SSIM {first.get('val_ssim', float('nan')):.3f} -> {best.get('ssim', float('nan')):.3f}"
+        f" (best at step {best.get('step')})\nbest checkpoint: {run / 'best.safetensors'}",
+        highlight=False,
+    )
+
+
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="a checkpoint from `scopecast train`")],
+    out: Annotated[Path, typer.Option(help="engine package folder to write")],
+    name: Annotated[str | None, typer.Option(help="engine name (default: the config's)")] = None,
+) -> None:
+    """Export a checkpoint to an engine package: ONNX checked against torch, plus manifest."""
+    _need_torch()
+    from engines.export import export as run_export
+
+    try:
+        package, error = run_export(checkpoint, out, name=name)
+    except (ValueError, FileNotFoundError) as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False)
+        raise typer.Exit(2) from None
+    m = package.manifest
+    print(
+        f"{package.path}: {m.name} ({m.architecture}, x{m.scale}, window {m.temporal.window}, "
+        f"tile {m.tile.size}/{m.tile.overlap}), ONNX vs torch max relative error {error:.2e}"
+    )

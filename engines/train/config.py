@@ -1,0 +1,155 @@
+"""A training run, as one YAML file validated by pydantic (``scopecast train CONFIG.yaml``)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from engines.package import ENGINE_NAME, Normalization
+
+from .data import DataConfig
+
+#: generator loss terms a config may weight (see engines.train.losses)
+GENERATOR_LOSSES = ("l1", "mse", "ssim", "ms_ssim", "tv", "perceptual", "style", "temporal",
+                    "adversarial")  # fmt: skip
+
+
+class ModelConfig(BaseModel):
+    """An architecture from engines.models, at a named size, with keyword overrides."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    arch: str
+    size: str = "small"
+    overrides: dict[str, Any] = {}
+
+
+class Schedule(BaseModel):
+    """CIEGAN's schedule: pre-train the generator, then the discriminator, then the game."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    pretrain_steps: int = Field(500, ge=0)
+    discriminator_steps: int = Field(0, ge=0)
+    adversarial_steps: int = Field(0, ge=0)
+
+    @property
+    def total(self) -> int:
+        return self.pretrain_steps + self.discriminator_steps + self.adversarial_steps
+
+    def phase(self, step: int) -> str:
+        """'pretrain', 'discriminator' or 'adversarial' for a 0-based step."""
+        if step < self.pretrain_steps:
+            return "pretrain"
+        if step < self.pretrain_steps + self.discriminator_steps:
+            return "discriminator"
+        return "adversarial"
+
+
+class TrainConfig(BaseModel):
+    """Everything one training run needs; its hash goes into the exported manifest."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(description="engine name the export gets")
+    task: Literal["denoise", "deblur", "super-resolution", "denoise-super-resolution"]
+    description: str = ""
+    generator: ModelConfig
+    scale: Literal[1, 2, 4] = 1
+    window: int = Field(1, ge=1, description="consecutive frames in (temporal engines)")
+    previous: bool = Field(False, description="the generator also takes its previous output")
+    background: bool = Field(False, description="the generator also takes a background")
+    discriminator: ModelConfig | None = None
+    data: DataConfig
+    normalization: Normalization | None = Field(None, description="None: from the data")
+    losses: dict[str, float] = Field(default_factory=lambda: {"l1": 1.0})
+    adversarial: Literal["lsgan", "bce", "ragan", "wgan"] = "lsgan"
+    gp_weight: float = Field(10.0, ge=0, description="WGAN-GP gradient penalty weight")
+    vgg_weights: Path | None = Field(None, description="VGG-19 weights for perceptual/style")
+    schedule: Schedule = Schedule()
+    batch: int = Field(8, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    lr_d: float = Field(1e-4, gt=0)
+    validate_every: int = Field(100, ge=1)
+    patience: int = Field(10, ge=1, description="validations without improvement before stop")
+    log_every: int = Field(10, ge=1)
+    seed: int = 0
+    init_from: Path | None = Field(None, description="checkpoint to fine-tune from")
+    tile: int | None = Field(256, description="tile side the exported engine runs at")
+
+    @field_validator("name")
+    @classmethod
+    def _engine_name(cls, v: str) -> str:
+        if not ENGINE_NAME.match(v):
+            raise ValueError(f"name {v!r} must be 1-64 of [a-z0-9._-], starting alphanumeric")
+        return v
+
+    @field_validator("losses")
+    @classmethod
+    def _known_losses(cls, v: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(v) - set(GENERATOR_LOSSES))
+        if unknown:
+            raise ValueError(f"unknown losses {unknown}; choose from {list(GENERATOR_LOSSES)}")
+        if any(w < 0 for w in v.values()):
+            raise ValueError(f"loss weights must be >= 0, got {v}")
+        return v
+
+    def model_post_init(self, _: Any) -> None:
+        s = self.schedule
+        if (s.discriminator_steps or s.adversarial_steps) and self.discriminator is None:
+            raise ValueError(
+                "the schedule has discriminator or adversarial steps but no discriminator: "
+                "add `discriminator: {arch: patchgan}` or set those steps to 0"
+            )
+        if s.adversarial_steps and not self.losses.get("adversarial"):
+            raise ValueError("adversarial_steps > 0 needs a weight for losses.adversarial")
+        if s.total == 0:
+            raise ValueError("the schedule has no steps: set schedule.pretrain_steps")
+
+    def digest(self) -> str:
+        """sha256 of the config as JSON (sorted keys): the manifest's training-config hash."""
+        text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+class ConfigError(ValueError):
+    """A training config that cannot be used; the message says where and why."""
+
+
+def load_config(path: Path) -> TrainConfig:
+    """Read and validate a YAML training config; relative paths resolve against its folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"training config {path} not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping of settings, got {type(raw).__name__}")
+    try:
+        cfg = TrainConfig.model_validate(raw)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(map(str, err['loc'])) or 'config'}: {err['msg']}" for err in e.errors()
+        )
+        raise ConfigError(f"{path}: {problems}") from e
+    return _resolve_paths(cfg, path.parent)
+
+
+def _resolve_paths(cfg: TrainConfig, base: Path) -> TrainConfig:
+    def fix(p: Path | None) -> Path | None:
+        return None if p is None or p.is_absolute() else (base / p).resolve()
+
+    data = cfg.data.model_copy(
+        update={"folder": fix(cfg.data.folder), "profile": fix(cfg.data.profile)}
+    )
+    return cfg.model_copy(
+        update={"data": data, "vgg_weights": fix(cfg.vgg_weights), "init_from": fix(cfg.init_from)}
+    )
+
+
+__all__ = ["ConfigError", "ModelConfig", "Schedule", "TrainConfig", "load_config"]

@@ -1,0 +1,714 @@
+"""Training data: raw low frames and raw-equivalent targets, cut into normalized torch crops.
+
+Pairs come from real paired data (``paired``: single images, ``stacks``: time-lapse stacks) or
+from the calibration forward model (``simulated``: the simulated microscope's fast and slow
+scans of the same instant; ``synthetic``: clean images degraded by a rig's forward model), never
+from bicubic downsampling alone.
+
+Units. Low frames stay in raw ADU. Targets are in RAW-EQUIVALENT ADU: the mean of a target over
+``scale x scale`` blocks has the expected value of the raw low frame, offset included, so the
+live fidelity check (forward model of the enhanced frame vs raw) and the engine's
+``y * scale + offset`` mapping hold. A target made from ADU ``x`` of the same camera (offset
+``o``) is ``o + k * (x - o)``. Derivation of ``k`` for the simulated rig, whose specimens give
+
+- fluorescence: photons per pixel proportional to pixel AREA (flux is conserved), and
+- transmitted light (``brightfield-cells``): photons per pixel whatever its size, summed over the
+  ``d x d`` fine pixels of each recorded pixel (``d`` = ``scan.downsample``):
+
+a slow-scan pixel is ``f`` (``high_quality_factor``) times smaller per side and collects
+``dwell`` (``high_quality_dwell``) times longer, so it holds ``dwell / f**2`` (fluorescence) or
+``dwell`` (transmitted) times the photons per pixel of a fast-scan pixel of the same brightness,
+hence ``k = f**2 / dwell`` or ``1 / dwell``; the slow scan is then mean-binned by ``f / scale``
+(mean keeps the per-pixel level). The confocal preset (f = 2, dwell = 16) gives ``k = 1/4`` at
+scale 2 and at scale 1. A noise-free ``clean`` target on a grid ``s`` times finer than the fast
+scan (fast dwell) gets ``k = s**2`` (fluorescence) or ``1``. Synthetic data read a clean image
+as raw-equivalent ADU on the target grid and turn it into fine-grid photons
+``(clean - o) / (gain * qe * scale**2)`` for the forward model (fine grid = target grid).
+Paired data from two systems are mapped onto raw-equivalent ADU by a linear fit of the
+block-binned high image to the low image, both smoothed (blur-insensitive); see ``match_intensity``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import tifffile
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from scipy import ndimage
+from torch.utils.data import Dataset
+
+from calibration.forward import ForwardModel
+from calibration.optics import psf_kernel
+from calibration.profile import CalibrationProfile
+from engines.package import Normalization
+
+if TYPE_CHECKING:
+    from stream.simulated import Preset, Scene
+
+Progress = Callable[[int, int], None]
+"""``progress(done, total)``, called as pairs are generated or read."""
+
+BACKGROUND_FRAMES = 9
+"""Low frames in a background median: the server ring's default running-median length."""
+_SPAN_S = 300.0  # simulated pairs are drawn from this much acquisition time (x time_scale)
+_MAX_BYTES = 8 << 30  # refuse to hold more generated data than this in memory
+_FIT_SIGMA = 4.0  # smoothing (low pixels) before the paired intensity fit
+_MIN_FIT_CORRELATION = 0.5
+_NAMES_SHOWN = 5
+
+
+class DataConfig(BaseModel):
+    """Where training pairs come from and how they are cropped (``build_datasets`` reads it)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["simulated", "paired", "stacks", "synthetic"]
+    preset: str = Field("confocal-20fps", description="simulated rig (simulated, synthetic)")
+    channel: str | None = Field(None, description="preset channel; None: its first")
+    seed: int = Field(0, ge=0, description="seeds generation, noise and the train/val split")
+    target: Literal["high-quality", "clean"] = Field(
+        "high-quality", description="simulated: noisy slow scan (as real data) or noise-free"
+    )
+    defocus_um: tuple[float, float] = Field(
+        (0.0, 0.0), description="|dz| range applied to the low frames (target in focus)"
+    )
+    folder: Path | None = Field(
+        None, description="paired/stacks: low/ and high/ TIFFs by name; synthetic: clean TIFFs"
+    )
+    profile: Path | None = Field(
+        None, description="calibration profile: the rig simulated/synthetic data are made with"
+    )
+    pairs: int = Field(64, ge=1, description="simulated/synthetic: training pairs to generate")
+    val_pairs: int = Field(16, ge=0, description="simulated/synthetic: validation pairs")
+    val_fraction: float = Field(
+        0.2, ge=0, lt=1, description="paired/stacks/synthetic TIFFs: share held out by name"
+    )
+    patch: int = Field(64, ge=4, description="training crop side at the input (low) resolution")
+    dt_s: float = Field(
+        0.05, ge=0, allow_inf_nan=False, description="simulated seconds between frames"
+    )
+    field: int | None = Field(
+        None, ge=8, description="render (or crop) only this many low pixels per side per pair"
+    )
+    match_intensity: bool = Field(
+        True, description="paired/stacks: fit high images linearly onto the low images' ADU"
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DataConfig:
+        lo, hi = self.defocus_um
+        if not (0 <= lo <= hi and math.isfinite(hi)):
+            raise ValueError(
+                f"defocus_um={self.defocus_um} must be a range (low, high) of |dz| with "
+                "0 <= low <= high, e.g. (1.0, 3.0)"
+            )
+        files = self.kind in ("paired", "stacks")
+        if files and self.folder is None:
+            raise ValueError(
+                f"kind={self.kind!r} needs folder: a folder holding low/ and high/ TIFFs "
+                "matched by name (what `scopecast calibrate register` writes)"
+            )
+        if self.kind == "simulated" and self.folder is not None:
+            raise ValueError(
+                f"kind='simulated' does not read folder={self.folder}: drop folder, or use "
+                "kind='paired' (low/ and high/) or kind='synthetic' (clean images)"
+            )
+        if files and self.profile is not None:
+            raise ValueError(
+                f"kind={self.kind!r} takes its pairs as recorded and does not use "
+                f"profile={self.profile}: drop profile, or use kind='synthetic'"
+            )
+        if files and self.target == "clean":
+            raise ValueError(
+                f"target='clean' needs a simulated scene; kind={self.kind!r} uses the recorded "
+                "high images: drop target or use kind='simulated'"
+            )
+        return self
+
+
+@dataclass(frozen=True)
+class Series:
+    """One field over time: raw low frames (T, C, H, W), oldest first, and the raw-equivalent
+    targets (C, H*scale, W*scale) known for some time indices."""
+
+    low: np.ndarray
+    targets: dict[int, np.ndarray]
+    meta: dict[str, Any]
+
+
+_Items = list[tuple[int, int]]
+_Made = tuple[list[Series], _Items, _Items, float | None, dict[str, Any]]
+"""What each source gives: series, train and validation items (series, time), offset, info."""
+
+
+class PairDataset(Dataset):
+    """Items of normalized float32 tensors: "frames", "target", optionally "previous" and
+    "background"; random crops for training, fixed centre crops for validation."""
+
+    def __init__(
+        self,
+        series: list[Series],
+        items: list[tuple[int, int]],
+        *,
+        scale: int,
+        window: int,
+        patch: int,
+        previous: bool,
+        background: bool,
+        normalization: Normalization,
+        train: bool,
+        info: dict[str, Any] | None = None,
+    ) -> None:
+        self.series, self.items = series, items
+        self.scale, self.window, self.patch = scale, window, patch
+        self.previous, self.background, self.train = previous, background, train
+        self.normalization = normalization
+        self.info = info or {}
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        s_idx, t = self.items[index]
+        s, p, k = self.series[s_idx], self.patch, self.scale
+        r, c = self._corner(*s.low.shape[-2:])
+        low = s.low[:, :, r : r + p, c : c + p]
+        frames = low[np.clip(np.arange(t - self.window + 1, t + 1), 0, None)]
+        hi = (slice(None), slice(r * k, (r + p) * k), slice(c * k, (c + p) * k))
+        out = {"frames": frames.reshape(-1, p, p), "target": s.targets[t][hi]}
+        if self.previous:
+            prev = s.targets.get(t - 1)
+            if prev is None:  # first frame of a sequence: the current frame, upsampled
+                out["previous"] = np.repeat(np.repeat(low[t], k, -2), k, -1)
+            else:
+                out["previous"] = prev[hi]
+        if self.background:
+            out["background"] = np.median(low[max(0, t - BACKGROUND_FRAMES + 1) : t + 1], axis=0)
+        norm = self.normalization
+        return {
+            key: torch.from_numpy(
+                (np.asarray(a, np.float32) - np.float32(norm.offset)) / np.float32(norm.scale)
+            )
+            for key, a in out.items()
+        }
+
+    def _corner(self, height: int, width: int) -> tuple[int, int]:
+        """Top-left of the crop; rows start even so bidirectional-scan line parity is kept."""
+        p = self.patch
+        if not self.train:
+            return (height - p) // 2 // 2 * 2, (width - p) // 2
+        r = 2 * int(torch.randint(0, (height - p) // 2 + 1, ()))
+        return r, int(torch.randint(0, width - p + 1, ()))
+
+
+def build_datasets(
+    cfg: DataConfig,
+    *,
+    scale: int,
+    window: int,
+    previous: bool,
+    background: bool,
+    normalization: Normalization | None = None,
+    progress: Progress | None = None,
+) -> tuple[PairDataset, PairDataset, Normalization]:
+    """Train and validation datasets for ``cfg``, and the normalization their items use.
+
+    With ``normalization`` None it comes from the training low frames: offset = the camera
+    offset (simulated/synthetic) or their 0.1th percentile (paired/stacks), scale = their
+    99.9th percentile minus the offset, rounded to 3 significant digits.
+    """
+    if scale not in (1, 2, 4):
+        raise ValueError(f"scale={scale} is not supported: use 1 (denoise/deblur), 2 or 4 (SR)")
+    if not (isinstance(window, int) and window >= 1):
+        raise ValueError(f"window={window!r} must be an int >= 1 (frames per input)")
+    if cfg.kind == "simulated":
+        made = _simulated(cfg, scale, window, previous, background, progress)
+    elif cfg.kind == "synthetic":
+        made = _synthetic(cfg, scale, window, previous, background, progress)
+    else:
+        made = _recorded(cfg, scale, progress)
+    series, train_items, val_items, offset, info = made
+    for i, s in enumerate(series):
+        height, width = s.low.shape[-2:]
+        if min(height, width) < cfg.patch:
+            raise ValueError(
+                f"{s.meta.get('name', f'pair {i}')} is {height}x{width} low pixels, smaller than "
+                f"patch={cfg.patch}: lower patch, or use larger images (or a larger field)"
+            )
+    if normalization is None:
+        normalization = _normalization(series, train_items, offset)
+    kw: dict[str, Any] = {"scale": scale, "window": window, "patch": cfg.patch,
+                          "previous": previous, "background": background,
+                          "normalization": normalization, "info": info}  # fmt: skip
+    return (
+        PairDataset(series, train_items, train=True, **kw),
+        PairDataset(series, val_items, train=False, **kw),
+        normalization,
+    )
+
+
+# -- normalization ----------------------------------------------------------------------------
+
+
+def _round_sig(x: float, digits: int = 3) -> float:
+    return float(f"{x:.{digits}g}")
+
+
+def _normalization(
+    series: list[Series], items: list[tuple[int, int]], offset: float | None
+) -> Normalization:
+    """Offset (camera offset, else 0.1th percentile) and 99.9th-percentile scale of train lows."""
+    if not items:
+        raise ValueError("no training pairs to take the normalization from: add training data")
+    picks = items[:: max(1, len(items) // 64)]
+    step = max(1, int(math.sqrt(sum(series[s].low[t].size for s, t in picks) / 4e6)))
+    values = np.concatenate(
+        [series[s].low[t][..., ::step, ::step].ravel().astype(np.float32) for s, t in picks]
+    )
+    if offset is None:
+        offset = _round_sig(float(np.percentile(values, 0.1)), 4)
+    top = float(np.percentile(values, 99.9))
+    if not top > offset:
+        raise ValueError(
+            f"the training low frames are dark: 99.9th percentile {top:g} ADU is not above the "
+            f"offset {offset:g} ADU; check exposure and data, or pass a normalization"
+        )
+    return Normalization(offset=offset, scale=_round_sig(top - offset))
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def _bin_mean(image: np.ndarray, factor: int) -> np.ndarray:
+    """Mean over factor x factor blocks of the last two axes (keeps the per-pixel level)."""
+    image = np.asarray(image, np.float32)
+    if factor == 1:
+        return image
+    *lead, h, w = image.shape
+    blocks = image.reshape(*lead, h // factor, factor, w // factor, factor)
+    return blocks.mean(axis=(-3, -1), dtype=np.float32)
+
+
+def _raw_equivalent(adu: np.ndarray, offset: float, k: float) -> np.ndarray:
+    """``offset + k * (adu - offset)`` as float32."""
+    out = np.asarray(adu, np.float32) - np.float32(offset)
+    out *= np.float32(k)
+    out += np.float32(offset)
+    return out
+
+
+def _split_names(names: list[str], fraction: float, seed: int, what: str) -> set[str]:
+    """A seeded, reproducible set of names held out for validation."""
+    if fraction == 0:
+        return set()
+    if len(names) < 2:
+        raise ValueError(
+            f"{what}: {len(names)} found, need at least 2 to hold some out for validation; "
+            "add more, or set val_fraction=0"
+        )
+    n_val = min(len(names) - 1, max(1, round(fraction * len(names))))
+    order = np.random.default_rng([seed, 3]).permutation(len(names))
+    return {names[i] for i in order[:n_val]}
+
+
+def _check_memory(n: int, frames: int, low_px: int, targets: int, target_px: int) -> None:
+    total = n * (frames * low_px * 2 + targets * target_px * 4)
+    if total > _MAX_BYTES:
+        raise ValueError(
+            f"{n} pairs would hold {total / 2**30:.1f} GiB in memory: set field (e.g. 256) to "
+            "render a smaller field of view per pair, or generate fewer pairs"
+        )
+
+
+def _even_up(n: int) -> int:
+    return n + n % 2
+
+
+# -- the simulated rig ------------------------------------------------------------------------
+
+
+class _Rig:
+    """One channel of the simulated microscope, rendering any field of view with its physics."""
+
+    def __init__(self, cfg: DataConfig) -> None:
+        from stream.simulated import Scene, get_preset
+
+        preset: Preset = get_preset(cfg.preset)
+        self.profile = CalibrationProfile.load(cfg.profile) if cfg.profile is not None else None
+        if self.profile is not None:
+            preset = preset.with_profile(self.profile)
+        self.preset = preset
+        self.channel = cfg.channel or next(iter(preset.channels))
+        if self.channel not in preset.channels:
+            raise ValueError(
+                f"channel {self.channel!r} is not in preset {preset.name!r}: use one of "
+                f"{sorted(preset.channels)}"
+            )
+        self.scene: Scene = Scene(preset, cfg.seed)
+        self.spec = preset.channels[self.channel]
+        self.transmitted = self.spec.specimen == "brightfield-cells"
+        self.fast = self.scene.forward_model(self.channel)
+        self.slow = self.scene.forward_model(self.channel, high_quality=True)
+        self.dwell = preset.exposure_ms * self.spec.photons_per_ms
+        self.shape = (cfg.field, cfg.field) if cfg.field else preset.shape
+        if cfg.folder is None and min(self.shape) < cfg.patch:
+            raise ValueError(
+                f"field {self.shape[0]}x{self.shape[1]} is smaller than patch={cfg.patch}: "
+                "raise field (or leave it None for the full frame), or lower patch"
+            )
+        # a smaller field is rendered with a margin (even: keeps scan-line parity) that is cut
+        # off again, so PSF and line-phase edges match the inside of a full frame
+        self.margin = 0
+        if cfg.field:
+            size = psf_kernel(self.fast.optics, preset.pixel_size_um, cfg.defocus_um[1]).shape[0]
+            self.margin = _even_up(size // 2 + 2 + math.ceil(abs(preset.scan.phase_px)))
+
+    def fine(self, t_s: float, xy: tuple[float, float], model: ForwardModel, dwell: float,
+             grid: int) -> np.ndarray:  # fmt: skip
+        """Photons on ``model``'s fine grid for the field (margin included) at ``grid`` x the
+        fast pixel density, exactly as ``Scene.fine_photons`` renders a full frame."""
+        from stream.specimen import View
+
+        d, m = model.scan.downsample, self.margin
+        rows, cols = ((n + 2 * m) * grid * d for n in self.shape)
+        view = View(shape=(rows, cols), pixel_size_um=model.fine_pixel_size_um, center_um=xy)
+        return self.scene.specimen(self.channel).render(t_s, view) * np.float32(dwell)
+
+    def crop(self, image: np.ndarray, grid: int) -> np.ndarray:
+        """Cut the margin off an image on a grid ``grid`` x finer than the fast scan."""
+        m = self.margin * grid
+        return image[m : image.shape[0] - m, m : image.shape[1] - m] if m else image
+
+    def low(self, t_s: float, xy: tuple[float, float], dz: float,
+            rng: np.random.Generator) -> np.ndarray:  # fmt: skip
+        """One noisy fast-scan frame (uint16) at defocus ``dz``."""
+        frame = self.fast.record(self.fine(t_s, xy, self.fast, self.dwell, 1), rng, z_um=dz)
+        return self.crop(frame, 1)
+
+    def target_gain(self, kind: str, scale: int) -> float:
+        """``k`` taking the target's ADU to raw-equivalent ADU (module docstring)."""
+        if kind == "clean":
+            return 1.0 if self.transmitted else float(scale**2)
+        f = self.preset.high_quality_factor
+        return (1 if self.transmitted else f**2) / self.preset.high_quality_dwell
+
+    def target(self, t_s: float, xy: tuple[float, float], scale: int, kind: str,
+               rng: np.random.Generator) -> np.ndarray:  # fmt: skip
+        """The in-focus target at ``scale`` in raw-equivalent ADU."""
+        offset, k = self.fast.camera.offset_adu, self.target_gain(kind, scale)
+        if kind == "clean":
+            model = self.fast.model_copy(update={
+                "scan": self.fast.scan.model_copy(update={"bidirectional": False}),
+                "pixel_size_um": self.fast.pixel_size_um / scale,
+            })  # fmt: skip
+            adu = model.expected_adu(self.fine(t_s, xy, model, self.dwell, scale))
+            return _raw_equivalent(self.crop(adu, scale), offset, k)
+        f, dwell = self.preset.high_quality_factor, self.preset.high_quality_dwell
+        hq = self.slow.record(self.fine(t_s, xy, self.slow, self.dwell * dwell, f), rng)
+        return _raw_equivalent(_bin_mean(self.crop(hq, f), f // scale), offset, k)
+
+    def clean(self, t_s: float, xy: tuple[float, float], scale: int) -> np.ndarray:
+        """The specimen itself (no blur, no noise) on the target grid, raw-equivalent ADU."""
+        model = self.fast.model_copy(
+            update={"scan": self.fast.scan.model_copy(update={"downsample": scale})}
+        )
+        photons = self.fine(t_s, xy, model, self.dwell, 1)
+        k = self.fast.scan.downsample**2 if self.transmitted else scale**2
+        cam = self.fast.camera
+        photons *= np.float32(k * cam.gain_adu_per_electron * cam.quantum_efficiency)
+        return photons + np.float32(cam.offset_adu)
+
+    def draw(self, rng: np.random.Generator, span: float,
+             defocus: tuple[float, float]) -> tuple[float, tuple[float, float], float]:  # fmt: skip
+        """A random instant (after ``span`` s of history), field centre and signed defocus."""
+        p = self.preset
+        t = span + float(rng.uniform(0.0, _SPAN_S * p.time_scale))
+        x0, y0, _ = p.positions[int(rng.integers(len(p.positions)))]
+        reach = max(50.0, 4 * max(self.shape) * p.pixel_size_um)
+        xy = (x0 + float(rng.uniform(-reach, reach)), y0 + float(rng.uniform(-reach, reach)))
+        dz = float(rng.uniform(*defocus)) * float(rng.choice([-1.0, 1.0]))
+        return t, xy, dz
+
+
+def _history(window: int, previous: bool, background: bool) -> int:
+    """Low frames per simulated pair: the window, the background median's, one before the last."""
+    return max(window, BACKGROUND_FRAMES if background else 1, 2 if previous else 1)
+
+
+def _simulated(
+    cfg: DataConfig, scale: int, window: int, previous: bool, background: bool,
+    progress: Progress | None,
+) -> _Made:
+    """True pairs: fast-scan frames at t - (L-1) dt ... t and the slow (or clean) target at t."""
+    rig = _Rig(cfg)
+    f = rig.preset.high_quality_factor
+    if cfg.target == "high-quality" and (scale > f or f % scale):
+        raise ValueError(
+            f"preset {rig.preset.name!r} has a high-quality scan only {f}x finer than its fast "
+            f"scan, so scale={scale} cannot have a high-quality target: use scale <= {f} (a "
+            "divisor of it), or target='clean'"
+        )
+    n_low = _history(window, previous, background)
+    rows, cols = rig.shape
+    _check_memory(cfg.pairs + cfg.val_pairs, n_low, rows * cols,
+                  1 + previous, rows * cols * scale**2)  # fmt: skip
+    series: list[Series] = []
+    splits: list[list[tuple[int, int]]] = [[], []]
+    total = cfg.pairs + cfg.val_pairs
+    for split, n in enumerate((cfg.pairs, cfg.val_pairs)):
+        rng = np.random.default_rng([cfg.seed, split])
+        for _ in range(n):
+            t, xy, dz = rig.draw(rng, (n_low - 1) * cfg.dt_s, cfg.defocus_um)
+            times = [t - (n_low - 1 - i) * cfg.dt_s for i in range(n_low)]
+            low = np.stack([rig.low(ti, xy, dz, rng) for ti in times])[:, None]
+            targets = {n_low - 1: rig.target(t, xy, scale, cfg.target, rng)[None]}
+            if previous:
+                targets[n_low - 2] = rig.target(times[-2], xy, scale, cfg.target, rng)[None]
+            meta = {"name": f"{('train', 'val')[split]}-{len(splits[split])}", "t_s": times,
+                    "xy_um": xy, "dz_um": dz, "margin": rig.margin}  # fmt: skip
+            splits[split].append((len(series), n_low - 1))
+            series.append(Series(low, targets, meta))
+            if progress is not None:
+                progress(len(series), total)
+    info = {"kind": "simulated", "preset": rig.preset.name, "channel": rig.channel,
+            "target": cfg.target, "target_gain": rig.target_gain(cfg.target, scale)}  # fmt: skip
+    return series, splits[0], splits[1], rig.fast.camera.offset_adu, info
+
+
+# -- synthetic: clean images through a forward model ------------------------------------------
+
+
+def _degrader(rig: _Rig, scale: int) -> ForwardModel:
+    """The rig's forward model (profile, else the preset's fast scan) with the target grid as
+    its fine grid."""
+    model = rig.profile.forward_model() if rig.profile is not None else rig.fast
+    return model.model_copy(update={"scan": model.scan.model_copy(update={"downsample": scale})})
+
+
+def _degrade(model: ForwardModel, clean: np.ndarray, scale: int, dz: float,
+             rng: np.random.Generator) -> np.ndarray:  # fmt: skip
+    """A noisy low frame (uint16) of a raw-equivalent clean image on the target grid."""
+    cam = model.camera
+    photons = np.asarray(clean, np.float32) - np.float32(cam.offset_adu)
+    np.maximum(photons, 0, out=photons)
+    photons *= np.float32(1 / (cam.gain_adu_per_electron * cam.quantum_efficiency * scale**2))
+    return model.record(photons, rng, z_um=model.focus_z_um + dz)
+
+
+def _read_clean(folder: Path, scale: int) -> dict[str, np.ndarray]:
+    files = sorted([*folder.glob("*.tif"), *folder.glob("*.tiff")])
+    if not files:
+        raise ValueError(
+            f"no clean images (*.tif, *.tiff) in {folder}: put 2-D clean TIFFs there, or drop "
+            "folder to use the simulated specimens"
+        )
+    images = {}
+    for path in files:
+        image = np.asarray(tifffile.imread(path), np.float32)
+        if image.ndim != 2 or image.shape[0] % scale or image.shape[1] % scale:
+            raise ValueError(
+                f"clean image {path.name} has shape {image.shape}: need a 2-D image whose sides "
+                f"are multiples of scale={scale}; crop it"
+            )
+        if not np.isfinite(image).all():
+            raise ValueError(f"clean image {path.name} has NaN or inf values: replace them")
+        images[path.stem.split(".")[0]] = image
+    return images
+
+
+def _synthetic(
+    cfg: DataConfig, scale: int, window: int, previous: bool, background: bool,
+    progress: Progress | None,
+) -> _Made:
+    """Clean images (TIFFs, or the simulated specimens over time) degraded by the forward model."""
+    rig = _Rig(cfg)
+    model = _degrader(rig, scale)
+    series: list[Series] = []
+    splits: list[list[tuple[int, int]]] = [[], []]
+    total = cfg.pairs + cfg.val_pairs
+    if cfg.folder is None:
+        n_low = _history(window, previous, background)
+        rows, cols = rig.shape
+        _check_memory(total, n_low, rows * cols, n_low, rows * cols * scale**2)
+    else:
+        images = _read_clean(cfg.folder, scale)
+        names = sorted(images)
+        held = _split_names(names, cfg.val_fraction, cfg.seed, f"clean images in {cfg.folder}")
+        pools = [[n for n in names if n not in held], sorted(held)]
+        if cfg.val_pairs and not pools[1]:
+            raise ValueError(
+                f"val_pairs={cfg.val_pairs} but val_fraction=0 holds no clean image out of "
+                f"{cfg.folder}: set val_fraction > 0, or val_pairs=0"
+            )
+        n_low = max(window, BACKGROUND_FRAMES if background else 1)
+        side = cfg.field * scale if cfg.field else max(max(im.shape) for im in images.values())
+        _check_memory(total, n_low, side**2 // scale**2, 1, side**2)
+    for split, n in enumerate((cfg.pairs, cfg.val_pairs)):
+        rng = np.random.default_rng([cfg.seed, split])
+        for i in range(n):
+            if cfg.folder is None:
+                t, xy, dz = rig.draw(rng, (n_low - 1) * cfg.dt_s, cfg.defocus_um)
+                times = [t - (n_low - 1 - j) * cfg.dt_s for j in range(n_low)]
+                cleans = [rig.clean(ti, xy, scale) for ti in times]
+                low = np.stack([rig.crop(_degrade(model, c, scale, dz, rng), 1) for c in cleans])
+                targets = {n_low - 1: rig.crop(cleans[-1], scale)[None]}
+                if previous:  # the specimen moves: the previous time point's clean image
+                    targets[n_low - 2] = rig.crop(cleans[-2], scale)[None]
+                meta = {"t_s": times, "xy_um": xy, "dz_um": dz, "margin": rig.margin}
+            else:
+                name = pools[split][i % len(pools[split])]
+                clean = _field_crop(images[name], cfg.field, scale, rng)
+                dz = float(rng.uniform(*cfg.defocus_um)) * float(rng.choice([-1.0, 1.0]))
+                # a clean image has no time axis: its frames are independent exposures of a
+                # static field, and "previous" follows the first-frame rule
+                low = np.stack([_degrade(model, clean, scale, dz, rng) for _ in range(n_low)])
+                targets = {n_low - 1: clean[None]}
+                meta = {"source": name, "dz_um": dz}
+            meta["name"] = f"{('train', 'val')[split]}-{len(splits[split])}"
+            splits[split].append((len(series), n_low - 1))
+            series.append(Series(low[:, None], targets, meta))
+            if progress is not None:
+                progress(len(series), total)
+    info = {"kind": "synthetic", "source": str(cfg.folder) if cfg.folder else rig.preset.name,
+            "forward_model": "profile" if rig.profile is not None else rig.preset.name}  # fmt: skip
+    return series, splits[0], splits[1], model.camera.offset_adu, info
+
+
+def _field_crop(image: np.ndarray, field: int | None, scale: int,
+                rng: np.random.Generator) -> np.ndarray:  # fmt: skip
+    """A random field x field (low pixels) crop of a clean image, starting on an even low row."""
+    if field is None:
+        return image
+    side = field * scale
+    h, w = image.shape
+    if side > min(h, w):
+        return image
+    r = 2 * scale * int(rng.integers(0, (h - side) // (2 * scale) + 1))
+    c = scale * int(rng.integers(0, (w - side) // scale + 1))
+    return image[r : r + side, c : c + side]
+
+
+# -- recorded pairs: low/ and high/ folders ---------------------------------------------------
+
+
+def _tiffs(folder: Path) -> dict[str, Path]:
+    paths = sorted([*folder.glob("*.tif"), *folder.glob("*.tiff")])
+    return {p.stem.split(".")[0]: p for p in paths}
+
+
+def _few(names: list[str] | set[str]) -> str:
+    names = sorted(names)
+    more = f", ... ({len(names)} in all)" if len(names) > _NAMES_SHOWN else ""
+    return (", ".join(names[:_NAMES_SHOWN]) or "none") + more
+
+
+def _matched(folder: Path) -> list[tuple[str, Path, Path]]:
+    """(name, low file, high file) for every name in folder/low and folder/high."""
+    low_dir, high_dir = folder / "low", folder / "high"
+    if not (low_dir.is_dir() and high_dir.is_dir()):
+        there = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+        raise ValueError(
+            f"{folder} must hold low/ and high/ folders of TIFFs matched by name (what "
+            f"`scopecast calibrate register` writes); it holds: {_few(there)}"
+        )
+    lows, highs = _tiffs(low_dir), _tiffs(high_dir)
+    only_low, only_high = set(lows) - set(highs), set(highs) - set(lows)
+    if not lows.keys() & highs.keys() or only_low or only_high:
+        raise ValueError(
+            f"low and high TIFFs in {folder} must match by name: low/ only has "
+            f"[{_few(only_low)}], high/ only has [{_few(only_high)}] (low/: [{_few(set(lows))}], "
+            f"high/: [{_few(set(highs))}]); rename or remove the unmatched files"
+        )
+    return [(n, lows[n], highs[n]) for n in sorted(lows)]
+
+
+def match_intensity(
+    low: np.ndarray, high: np.ndarray, scale: int, name: str
+) -> tuple[float, float]:
+    """(a, b) with ``low ~ a * binned(high) + b``, fitted on smoothed images so blur or noise
+    differences between the two do not bias it; a ValueError if they do not correspond."""
+    lo = ndimage.gaussian_filter(np.asarray(low, np.float64), (0, _FIT_SIGMA, _FIT_SIGMA))
+    hb = _bin_mean(high, scale).astype(np.float64)
+    hb = ndimage.gaussian_filter(hb, (0, _FIT_SIGMA, _FIT_SIGMA))
+    lo, hb = lo.ravel() - lo.mean(), hb.ravel() - hb.mean()
+    var_h, var_l = float(hb @ hb), float(lo @ lo)
+    r = float(lo @ hb) / math.sqrt(var_h * var_l) if var_h > 0 and var_l > 0 else 0.0
+    if not r >= _MIN_FIT_CORRELATION:
+        raise ValueError(
+            f"high image of {name} does not follow its low image (correlation {r:.2f} of the "
+            f"smoothed images, need >= {_MIN_FIT_CORRELATION}): check that the pair shows the "
+            "same field and is registered, or set match_intensity=False"
+        )
+    a = float(lo @ hb) / var_h
+    b = float(np.mean(low, dtype=np.float64)) - a * float(np.mean(_bin_mean(high, scale)))
+    return a, b
+
+
+def _recorded(
+    cfg: DataConfig, scale: int, progress: Progress | None
+) -> _Made:
+    """Paired images (T = 1) or time-lapse stacks, split by name (one stack: split in time)."""
+    assert cfg.folder is not None
+    stacks = cfg.kind == "stacks"
+    files = _matched(Path(cfg.folder))
+    series: list[Series] = []
+    fits: dict[str, tuple[float, float]] = {}
+    for i, (name, low_path, high_path) in enumerate(files):
+        low, high = tifffile.imread(low_path), tifffile.imread(high_path)
+        dims = 3 if stacks else 2
+        need = "(T, H, W) stacks" if stacks else "2-D images (kind='stacks' for time-lapse)"
+        for what, path, a in (("low", low_path, low), ("high", high_path, high)):
+            if a.ndim != dims:
+                raise ValueError(
+                    f"{what}/{path.name} has shape {a.shape}: kind={cfg.kind!r} needs {need}"
+                )
+        if stacks and len(low) != len(high):
+            raise ValueError(
+                f"stacks {name!r} differ in length: low has {len(low)} frames, high has "
+                f"{len(high)}; give both the same time points"
+            )
+        want = (low.shape[-2] * scale, low.shape[-1] * scale)
+        if high.shape[-2:] != want:
+            raise ValueError(
+                f"high/{high_path.name} is {high.shape[-2]}x{high.shape[-1]} but low/"
+                f"{low_path.name} is {low.shape[-2]}x{low.shape[-1]}: for scale={scale} the high "
+                f"image must be {want[0]}x{want[1]} (`scopecast calibrate register --upsample "
+                f"{scale}`)"
+            )
+        high = np.asarray(high, np.float32).reshape(-1, 1, *want)
+        if not np.isfinite(high).all():
+            raise ValueError(f"high/{high_path.name} has NaN or inf values: crop or replace them")
+        low = low.reshape(-1, 1, *low.shape[-2:])
+        if cfg.match_intensity:
+            picks = np.linspace(0, len(low) - 1, min(len(low), 8)).round().astype(int)
+            a, b = match_intensity(low[picks, 0], high[picks, 0], scale, f"pair {name!r}")
+            fits[name] = (a, b)
+            high = high * np.float32(a) + np.float32(b)
+        series.append(Series(low, dict(enumerate(high)), {"name": name}))
+        if progress is not None:
+            progress(i + 1, len(files))
+    names = [s.meta["name"] for s in series]
+    if stacks and len(series) == 1:
+        length = len(series[0].low)
+        n_val = 0 if cfg.val_fraction == 0 else round(cfg.val_fraction * length)
+        n_val = min(length - 1, max(1 if cfg.val_fraction else 0, n_val))
+        if cfg.val_fraction and length < 2:
+            raise ValueError(
+                f"stack {names[0]!r} has 1 frame: need 2 or more to hold some out for "
+                "validation; add frames, or set val_fraction=0"
+            )
+        train = [(0, t) for t in range(length - n_val)]
+        val = [(0, t) for t in range(length - n_val, length)]
+    else:
+        held = _split_names(names, cfg.val_fraction, cfg.seed, f"{cfg.kind} in {cfg.folder}")
+        items = [(i, t) for i, s in enumerate(series) for t in range(len(s.low))]
+        train = [(i, t) for i, t in items if names[i] not in held]
+        val = [(i, t) for i, t in items if names[i] in held]
+    info = {"kind": cfg.kind, "folder": str(cfg.folder), "intensity_fit": fits}
+    return series, train, val, None, info

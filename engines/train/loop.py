@@ -1,0 +1,341 @@
+"""The training loop: pre-train the generator, then the discriminator, then the adversarial
+game (CIEGAN's schedule); validate, keep the best model, stop early; checkpoint and resume.
+
+A run folder holds ``config.json``, ``log.jsonl`` (one line per log step and per validation),
+``last.safetensors`` and ``best.safetensors`` (weights, optimizer and RNG state, metadata) and
+``samples.png`` (input | output | target of the validation set, refreshed at each validation).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from calibration.metrics import psnr, ssim
+from engines.models import build_discriminator, build_generator
+from engines.package import Normalization
+
+from . import losses as L
+from .augment import diff_augment, sample_params
+from .checkpoint import (
+    load_checkpoint,
+    load_optimizer,
+    optimizer_tensors,
+    save_checkpoint,
+    strip_prefix,
+    with_prefix,
+)
+from .config import TrainConfig
+from .data import build_datasets
+
+LAST, BEST = "last.safetensors", "best.safetensors"
+
+
+@dataclass
+class Progress:
+    """What the loop reports to whoever shows it (the CLI's progress bar)."""
+
+    step: int
+    total: int
+    phase: str
+    losses: dict[str, float] = field(default_factory=dict)
+    val_psnr: float | None = None
+
+
+class Trainer:
+    """One training run in ``out``; ``resume`` continues from ``out/last.safetensors``."""
+
+    def __init__(self, cfg: TrainConfig, out: Path, *, resume: bool = False) -> None:
+        self.cfg, self.out = cfg, Path(out)
+        if not resume and (self.out / LAST).exists():
+            raise FileExistsError(
+                f"{self.out} already holds a run: pass --resume to continue it, or choose "
+                "another --out"
+            )
+        self.out.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        start = None  # (tensors, metadata) of the checkpoint this run starts from
+        if resume:
+            start = load_checkpoint(self.out / LAST)
+        elif cfg.init_from is not None:
+            start = load_checkpoint(cfg.init_from)
+        # a continued or fine-tuned model keeps the normalization it was trained with
+        norm = cfg.normalization
+        if start is not None:
+            norm = Normalization.model_validate(start[1]["normalization"])
+        self.train_set, self.val_set, self.norm = build_datasets(
+            cfg.data, scale=cfg.scale, window=cfg.window, previous=cfg.previous,
+            background=cfg.background, normalization=norm,
+        )  # fmt: skip
+        self.g = build_generator(
+            cfg.generator.arch, cfg.generator.size, scale=cfg.scale, window=cfg.window,
+            previous=cfg.previous, background=cfg.background, **cfg.generator.overrides,
+        )  # fmt: skip
+        self.opt_g = torch.optim.Adam(self.g.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
+        self.d = self.opt_d = None
+        if cfg.discriminator is not None:
+            self.d = build_discriminator(
+                cfg.discriminator.arch, cfg.discriminator.size,
+                in_channels=1 + cfg.window, **cfg.discriminator.overrides,
+            )  # fmt: skip
+            self.opt_d = torch.optim.Adam(self.d.parameters(), lr=cfg.lr_d, betas=(0.9, 0.99))
+        self.flow = self.opt_flow = None
+        if cfg.losses.get("temporal"):
+            if cfg.window < 2:
+                raise ValueError("losses.temporal needs window >= 2 (two input frames)")
+            from engines.models.flow import FlowNet
+
+            self.flow = FlowNet()
+            self.opt_flow = torch.optim.Adam(self.flow.parameters(), lr=cfg.lr)
+        self.vgg = None
+        if cfg.losses.get("perceptual") or cfg.losses.get("style"):
+            self.vgg = L.VGGFeatures.from_file(cfg.vgg_weights)
+        self.step = 0
+        self.best: dict[str, Any] = {"psnr": -math.inf}
+        self.history: list[dict[str, Any]] = []
+        self.stale = 0
+        if resume:
+            self._resume(*start)
+        elif start is not None:
+            self._fine_tune_from(*start)
+        (self.out / "config.json").write_text(cfg.model_dump_json(indent=2))
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def run(
+        self, on_progress: Callable[[Progress], None] | None = None, *, until: int | None = None
+    ) -> dict[str, Any]:
+        """Train to the end of the schedule (or step ``until``, or an early stop); return the
+        run's summary. Ctrl-C saves ``last.safetensors`` first, so ``--resume`` goes on."""
+        try:
+            return self._run(on_progress, min(until or self.cfg.schedule.total,
+                                              self.cfg.schedule.total))  # fmt: skip
+        except KeyboardInterrupt:
+            self._save(LAST)
+            raise
+
+    def _run(self, on_progress: Callable[[Progress], None] | None, end: int) -> dict[str, Any]:
+        cfg = self.cfg
+        batches = self._batches()
+        stopped_early = False
+        if self.step == 0:
+            self._validate(on_progress)
+        while self.step < end:
+            phase = cfg.schedule.phase(self.step)
+            batch = next(batches)
+            terms = self._train_step(phase, batch)
+            self.step += 1
+            if self.step % cfg.log_every == 0:
+                self._log({"step": self.step, "phase": phase, **terms})
+            if on_progress is not None:
+                on_progress(Progress(self.step, cfg.schedule.total, phase, terms,
+                                     self.best.get("psnr")))  # fmt: skip
+            if self.step % cfg.validate_every == 0 or self.step == end:
+                improved = self._validate(on_progress)
+                self._save(LAST)
+                self.stale = 0 if improved else self.stale + 1
+                if self.stale >= cfg.patience and phase != "discriminator":
+                    stopped_early = True
+                    break
+        self._save(LAST)
+        first = self.history[0] if self.history else {}
+        return {
+            "steps": self.step,
+            "stopped_early": stopped_early,
+            "first": first,
+            "best": self.best,
+            "normalization": self.norm.model_dump(),
+            "files": [str(self.out / n) for n in (LAST, BEST, "log.jsonl", "samples.png")],
+        }
+
+    def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        gen = torch.Generator().manual_seed(self.cfg.seed * 1000 + self.step)
+        while True:
+            loader = DataLoader(self.train_set, batch_size=self.cfg.batch, shuffle=True,
+                                drop_last=len(self.train_set) > self.cfg.batch,
+                                generator=gen)  # fmt: skip
+            yield from loader
+
+    def _forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.g(batch["frames"], batch.get("previous"), batch.get("background"))
+
+    def _train_step(self, phase: str, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        self.g.train()
+        if phase == "discriminator":
+            with torch.no_grad():
+                fake = self._forward(batch)
+            return self._d_step(batch, fake)
+        terms: dict[str, float] = {}
+        fake = self._forward(batch)
+        if phase == "adversarial":
+            terms.update(self._d_step(batch, fake.detach()))
+        loss, g_terms = self._g_loss(batch, fake, adversarial=phase == "adversarial")
+        self.opt_g.zero_grad(set_to_none=True)
+        if self.opt_flow is not None:
+            self.opt_flow.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt_g.step()
+        if self.opt_flow is not None:
+            self.opt_flow.step()
+        return {**terms, **g_terms}
+
+    def _g_loss(
+        self, batch: dict[str, torch.Tensor], fake: torch.Tensor, *, adversarial: bool
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        w, target = self.cfg.losses, batch["target"]
+        parts: dict[str, torch.Tensor] = {}
+        pixel = {"l1": L.l1, "mse": L.mse, "ssim": L.ssim_loss, "ms_ssim": L.ms_ssim_loss}
+        for name, fn in pixel.items():
+            if w.get(name):
+                parts[name] = fn(fake, target)
+        if w.get("tv"):
+            parts["tv"] = L.total_variation(fake)
+        if w.get("perceptual"):
+            parts["perceptual"] = L.perceptual(fake, target, self.vgg)
+        if w.get("style"):
+            parts["style"] = L.style(fake, target, self.vgg)
+        if w.get("temporal"):
+            frames = batch["frames"]
+            prev_pred = batch.get("previous", target)
+            parts["temporal"] = L.temporal_warp_loss(
+                fake, prev_pred, frames[:, -1:], frames[:, -2:-1], self.flow
+            ) + L.flow_self_supervised_loss(self.flow, frames[:, -2:-1], frames[:, -1:])
+        if adversarial and w.get("adversarial"):
+            cond = batch["frames"]
+            params = sample_params(fake.shape, self._policy)
+            fake_logits = self.d(diff_augment(fake, params=params), cond)
+            real_logits = None
+            if self.cfg.adversarial == "ragan":
+                with torch.no_grad():
+                    real_logits = self.d(diff_augment(target, params=params), cond)
+            parts["adversarial"] = L.adversarial_g(self.cfg.adversarial, fake_logits, real_logits)
+        total = sum(w[k] * v for k, v in parts.items())
+        return total, {f"g_{k}": float(v.detach()) for k, v in parts.items()}
+
+    _policy = "translation,cutout,brightness,contrast"
+
+    def _d_step(self, batch: dict[str, torch.Tensor], fake: torch.Tensor) -> dict[str, float]:
+        assert self.d is not None and self.opt_d is not None
+        real, cond = batch["target"], batch["frames"]
+        params = sample_params(real.shape, self._policy)  # the same augmentation for both
+        real_aug, fake_aug = diff_augment(real, params=params), diff_augment(fake, params=params)
+        loss = L.adversarial_d(self.cfg.adversarial, self.d(real_aug, cond), self.d(fake_aug, cond))
+        if self.cfg.adversarial == "wgan" and self.cfg.gp_weight:
+            loss = loss + self.cfg.gp_weight * L.gradient_penalty(self.d, real_aug, fake_aug, cond)
+        self.opt_d.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt_d.step()
+        return {"d_loss": float(loss.detach())}
+
+    # -- validation, logging, checkpoints ----------------------------------------------------
+
+    @torch.no_grad()
+    def _validate(self, on_progress: Callable[[Progress], None] | None = None) -> bool:
+        self.g.eval()
+        scores, losses, panels = [], [], []
+        for i in range(len(self.val_set)):
+            item = {k: v[None] for k, v in self.val_set[i].items()}
+            out = self._forward(item)
+            losses.append(float(L.l1(out, item["target"])))
+            pred, truth = out[0, 0].numpy(), item["target"][0, 0].numpy()
+            rng = float(truth.max() - truth.min()) or 1.0
+            scores.append((psnr(truth, pred, data_range=rng), ssim(truth, pred, data_range=rng)))
+            if i < 3:
+                panels.append((item["frames"][0, -1].numpy(), pred, truth))
+        p, s = (float(np.mean(c)) for c in zip(*scores, strict=True))
+        record = {"step": self.step, "val_l1": float(np.mean(losses)), "val_psnr": p, "val_ssim": s}
+        self.history.append(record)
+        self._log(record)
+        self._plot(panels)
+        improved = p > self.best["psnr"]
+        if improved:
+            self.best = {"psnr": p, "ssim": s, "step": self.step, "val_l1": record["val_l1"]}
+            self._save(BEST)
+        if on_progress is not None:
+            on_progress(Progress(self.step, self.cfg.schedule.total, "validate", {}, p))
+        return improved
+
+    def _log(self, record: dict[str, Any]) -> None:
+        with (self.out / "log.jsonl").open("a") as f:
+            f.write(json.dumps({"time": time.time(), **record}) + "\n")
+
+    def _plot(self, panels: list[tuple[np.ndarray, ...]]) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(len(panels), 3, figsize=(9, 3 * len(panels)), squeeze=False)
+        for row, images in zip(axes, panels, strict=True):
+            lo, hi = np.percentile(images[2], [0.5, 99.5])
+            for ax, im, title in zip(row, images, ("input", "output", "target"), strict=True):
+                ax.imshow(im, cmap="gray", vmin=lo, vmax=hi)
+                ax.set_title(f"{title} (step {self.step})")
+                ax.axis("off")
+        fig.tight_layout()
+        fig.savefig(self.out / "samples.png", dpi=80)
+        plt.close(fig)
+
+    def _save(self, name: str) -> Path:
+        tensors = with_prefix("g", self.g.state_dict())
+        groups: dict[str, list] = {}
+        for prefix, model, opt in (("d", self.d, self.opt_d), ("flow", self.flow, self.opt_flow)):
+            if model is not None:
+                tensors.update(with_prefix(prefix, model.state_dict()))
+                t, groups[f"opt_{prefix}"] = optimizer_tensors(f"opt_{prefix}", opt)
+                tensors.update(t)
+        t, groups["opt_g"] = optimizer_tensors("opt_g", self.opt_g)
+        tensors.update(t)
+        tensors["rng.torch"] = torch.get_rng_state()
+        meta = {
+            "step": self.step,
+            "best": self.best,
+            "stale": self.stale,
+            "history": self.history,
+            "generator": {"arch": self.cfg.generator.arch, "config": self.g.config()},
+            "normalization": self.norm.model_dump(),
+            "train_config": self.cfg.model_dump(mode="json"),
+            "config_sha256": self.cfg.digest(),
+            "optimizer_groups": groups,
+            "torch": torch.__version__,
+        }
+        return save_checkpoint(self.out / name, tensors, meta)
+
+    def _resume(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        if meta["config_sha256"] != self.cfg.digest():
+            raise ValueError(
+                f"{self.out / LAST} was trained with another config (sha256 "
+                f"{meta['config_sha256'][:12]}): resume with the same config, or fine-tune "
+                "with init_from"
+            )
+        self.g.load_state_dict(strip_prefix("g", tensors))
+        groups = meta["optimizer_groups"]
+        load_optimizer(self.opt_g, "opt_g", tensors, groups["opt_g"])
+        for prefix, model, opt in (("d", self.d, self.opt_d), ("flow", self.flow, self.opt_flow)):
+            if model is not None:
+                model.load_state_dict(strip_prefix(prefix, tensors))
+                load_optimizer(opt, f"opt_{prefix}", tensors, groups[f"opt_{prefix}"])
+        torch.set_rng_state(tensors["rng.torch"])
+        self.step, self.best, self.stale = meta["step"], meta["best"], meta["stale"]
+        self.history = meta["history"]
+
+    def _fine_tune_from(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """Start from another run's generator weights (fine-tuning with few pairs)."""
+        if meta["generator"]["config"] != self.g.config():
+            raise ValueError(
+                f"{self.cfg.init_from} holds a {meta['generator']['arch']} generator with "
+                f"{meta['generator']['config']}; this config builds {self.g.config()}: "
+                "fine-tune with the same architecture and size"
+            )
+        self.g.load_state_dict(strip_prefix("g", tensors))
+

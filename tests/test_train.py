@@ -1,0 +1,157 @@
+"""Training end to end on simulated pairs (tiny), resume, fine-tuning, and export to an engine
+package that the server's ONNX Runtime backend runs like torch."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+torch = pytest.importorskip("torch", reason="training needs the train extra")
+
+from engines.engine import EngineChain  # noqa: E402
+from engines.models import GENERATORS  # noqa: E402
+from engines.train.checkpoint import load_checkpoint, strip_prefix  # noqa: E402
+from engines.train.config import ConfigError, TrainConfig, load_config  # noqa: E402
+from engines.train.loop import Trainer  # noqa: E402
+
+TINY_UNET = {"arch": "unet", "size": "small", "overrides": {"features": 8, "depth": 2}}
+
+
+def config(**over) -> dict:
+    base = {
+        "name": "tiny-denoise",
+        "task": "denoise",
+        "generator": TINY_UNET,
+        "data": {"kind": "simulated", "preset": "confocal-20fps", "pairs": 12, "val_pairs": 4,
+                 "patch": 32, "field": 64, "seed": 0},  # fmt: skip
+        "losses": {"l1": 1.0},
+        "schedule": {"pretrain_steps": 60},
+        "batch": 4,
+        "lr": 2e-3,
+        "validate_every": 20,
+        "log_every": 5,
+    }
+    base.update(over)
+    return base
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    cfg = TrainConfig.model_validate(config())
+    summary = Trainer(cfg, out).run()
+    return cfg, out, summary
+
+
+def test_short_training_lowers_loss_and_raises_psnr(trained):
+    _, out, summary = trained
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    val = [r for r in log if "val_psnr" in r]
+    assert val[0]["step"] == 0 and len(val) >= 3
+    assert summary["best"]["psnr"] > val[0]["val_psnr"] + 1.0  # measurably better
+    assert min(r["val_l1"] for r in val[1:]) < val[0]["val_l1"]
+    assert (out / "samples.png").read_bytes()[:4] == b"\x89PNG"
+    assert any("g_l1" in r for r in log)
+
+
+def test_resume_continues_where_it_stopped(tmp_path):
+    cfg = TrainConfig.model_validate(config(schedule={"pretrain_steps": 40}))
+    Trainer(cfg, tmp_path).run(until=20)  # as if stopped after step 20
+    _, meta = load_checkpoint(tmp_path / "last.safetensors")
+    assert meta["step"] == 20
+    resumed = Trainer(cfg, tmp_path, resume=True)
+    assert resumed.step == 20
+    assert resumed.opt_g.state_dict()["state"][0]["step"].item() == 20  # Adam state came back
+    summary = resumed.run()
+    assert summary["steps"] == 40
+    steps = [json.loads(x)["step"] for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and steps[-1] == 40  # no step trained twice
+    with pytest.raises(FileExistsError, match="--resume"):
+        Trainer(cfg, tmp_path)
+    other = cfg.model_copy(update={"lr": 1e-3})
+    with pytest.raises(ValueError, match="another config"):
+        Trainer(other, tmp_path, resume=True)
+
+
+def test_export_runs_in_the_server_backend_like_torch(trained, tmp_path):
+    cfg, out, _ = trained
+    run = subprocess.run(
+        [sys.executable, "-m", "stream", "export", str(out / "best.safetensors"), "--out",
+         str(tmp_path / "engine")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    chain = EngineChain.open([tmp_path / "engine"])
+    m = chain.engines[0].manifest
+    assert m.task == "denoise" and m.architecture == "unet" and not m.baseline
+    assert m.provenance["train_config_sha256"] == cfg.digest()
+    assert m.metrics["psnr"] > 0
+    # the same frame through the server's engine path and through torch
+    tensors, meta = load_checkpoint(out / "best.safetensors")
+    g = GENERATORS["unet"].from_config(meta["generator"]["config"])
+    g.load_state_dict(strip_prefix("g", tensors))
+    g.eval()
+    frame = np.random.default_rng(0).poisson(80, (256, 256)).astype(np.uint16) + 50  # one tile
+    served = chain.enhance([frame], {}, None).stages[-1].output
+    n = m.normalization
+    with torch.no_grad():
+        x = torch.from_numpy((frame.astype(np.float32) - n.offset) / n.scale)[None, None]
+        ref = g(x)[0, 0].numpy() * n.scale + n.offset
+    assert np.abs(served - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_adversarial_schedule_runs(tmp_path):
+    cfg = TrainConfig.model_validate(config(
+        discriminator={"arch": "patchgan", "size": "small", "overrides": {"features": 8}},
+        losses={"l1": 1.0, "adversarial": 0.01},
+        schedule={"pretrain_steps": 4, "discriminator_steps": 4, "adversarial_steps": 4},
+        validate_every=6,
+        log_every=1,
+    ))  # fmt: skip
+    summary = Trainer(cfg, tmp_path).run()
+    assert summary["steps"] == 12
+    log = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    phases = {r.get("phase") for r in log}
+    assert {"pretrain", "discriminator", "adversarial"} <= phases
+    assert any("g_adversarial" in r and "d_loss" in r for r in log)
+
+
+def test_fine_tuning_starts_from_a_checkpoint(trained, tmp_path):
+    _, out, summary = trained
+    cfg = TrainConfig.model_validate(config(init_from=str(out / "best.safetensors"),
+                                            schedule={"pretrain_steps": 5}))  # fmt: skip
+    t = Trainer(cfg, tmp_path)
+    t.run()
+    first = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[0])
+    assert first["val_psnr"] == pytest.approx(summary["best"]["psnr"], abs=0.5)
+
+
+def test_bad_configs_say_what_is_wrong(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(config(losses={"l3": 1.0})))
+    with pytest.raises(ConfigError, match="unknown losses"):
+        load_config(bad)
+    bad.write_text(yaml.safe_dump(config(schedule={"pretrain_steps": 5, "adversarial_steps": 5})))
+    with pytest.raises(ConfigError, match="discriminator"):
+        load_config(bad)
+    run = subprocess.run([sys.executable, "-m", "stream", "train", str(tmp_path / "none.yaml")],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert run.returncode == 2 and "not found" in run.stderr
+
+
+def test_perceptual_loss_without_vgg_weights_is_explained(tmp_path):
+    cfg = TrainConfig.model_validate(config(losses={"l1": 1.0, "perceptual": 0.1}))
+    with pytest.raises(FileNotFoundError, match="VGG-19"):
+        Trainer(cfg, tmp_path)
+
+
+def test_config_file_round_trip(tmp_path):
+    path = Path(tmp_path / "c.yaml")
+    path.write_text(yaml.safe_dump(config()))
+    assert load_config(path).name == "tiny-denoise"

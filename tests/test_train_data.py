@@ -1,0 +1,283 @@
+"""Training data: simulated true pairs in raw-equivalent units, paired folders and stacks,
+synthetic pairs through the forward model, and celldiscoverer deblur pairs (all tiny)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tifffile
+from scipy import ndimage
+
+torch = pytest.importorskip("torch", reason="training data needs the train extra")
+
+from calibration.camera import CameraParams  # noqa: E402
+from calibration.optics import psf_sigma_um  # noqa: E402
+from calibration.profile import CalibrationProfile  # noqa: E402
+from engines.package import Normalization  # noqa: E402
+from engines.train.data import DataConfig, build_datasets  # noqa: E402
+from stream.simulated import Scene, get_preset  # noqa: E402
+from stream.specimen import View  # noqa: E402
+
+TINY = {"pairs": 4, "val_pairs": 4, "patch": 32, "field": 64}
+CONFOCAL = get_preset("confocal-20fps")
+
+
+def build(scale: int = 2, window: int = 1, previous: bool = False, background: bool = False,
+          **cfg):  # fmt: skip
+    return build_datasets(DataConfig(**cfg), scale=scale, window=window, previous=previous,
+                          background=background)  # fmt: skip
+
+
+def expected_low(t_s: float, xy_um: tuple[float, float], field: int) -> np.ndarray:
+    """The fast scan's noiseless ADU of a field, straight from the simulated microscope's scene."""
+    scene = Scene(CONFOCAL, 0)
+    model = scene.forward_model("FITC")
+    d = model.scan.downsample
+    view = View((field * d, field * d), model.fine_pixel_size_um, xy_um)
+    photons = scene.specimen("FITC").render(t_s, view) * np.float32(CONFOCAL.exposure_ms)
+    return model.expected_adu(photons)
+
+
+def normalized(a: np.ndarray, norm: Normalization) -> np.ndarray:
+    return (np.asarray(a, np.float32) - np.float32(norm.offset)) / np.float32(norm.scale)
+
+
+def centre(h: int, w: int, p: int) -> tuple[slice, slice]:
+    r, c = (h - p) // 2 // 2 * 2, (w - p) // 2
+    return slice(r, r + p), slice(c, c + p)
+
+
+@pytest.mark.parametrize("scale", [2, 1])
+def test_simulated_items_shapes_and_normalization(scale):
+    train, val, norm = build(scale, window=3, previous=True, background=True, kind="simulated",
+                             **TINY)  # fmt: skip
+    assert len(train) == 4 and len(val) == 4
+    assert norm.offset == CONFOCAL.camera.offset_adu
+    assert norm.scale > 0 and norm.scale == float(f"{norm.scale:.3g}")
+    q = 32 * scale
+    shapes = {"frames": (3, 32, 32), "target": (1, q, q), "previous": (1, q, q),
+              "background": (1, 32, 32)}  # fmt: skip
+    for ds in (train, val):
+        for i in range(len(ds)):
+            item = ds[i]
+            assert {k: tuple(v.shape) for k, v in item.items()} == shapes
+            assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in item.values())
+
+    # validation items are fixed crops; training crops move from read to read
+    a, b = val[1], val[1]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    torch.manual_seed(0)
+    assert not torch.equal(train[0]["frames"], train[0]["frames"])
+
+    # a validation item is the normalized centre crop of its pair: frames oldest first,
+    # "previous" the target one time point earlier, "background" the median of the history
+    s_idx, t = val.items[1]
+    s = val.series[s_idx]
+    assert list(s.meta["t_s"]) == sorted(s.meta["t_s"]) and len(s.low) == 9 and t == 8
+    lo = centre(64, 64, 32)
+    hi = tuple(slice(x.start * scale, x.stop * scale) for x in lo)
+    item = val[1]
+    np.testing.assert_allclose(item["frames"], normalized(s.low[6:9, 0, lo[0], lo[1]], norm))
+    np.testing.assert_allclose(item["target"], normalized(s.targets[8][:, hi[0], hi[1]], norm))
+    np.testing.assert_allclose(item["previous"], normalized(s.targets[7][:, hi[0], hi[1]], norm))
+    median = np.median(s.low[:, :, lo[0], lo[1]], axis=0)
+    np.testing.assert_allclose(item["background"].numpy(), normalized(median, norm), atol=1e-6)
+
+
+@pytest.mark.parametrize("scale", [2, 1])
+@pytest.mark.parametrize("target", ["high-quality", "clean"])
+def test_simulated_targets_are_raw_equivalent(scale, target):
+    """Binned by the scale, a target has the expected ADU of the raw frame of the same instant."""
+    train, val, _ = build(scale, kind="simulated", target=target, **TINY)
+    ratios = []
+    for s_idx, t in train.items + val.items:
+        s = train.series[s_idx]
+        expected = expected_low(s.meta["t_s"][t], s.meta["xy_um"], 64)
+        binned = s.targets[t][0].reshape(64, scale, 64, scale).mean(axis=(1, 3))
+        inner = (slice(8, -8, 2), slice(8, -8))  # even rows: no bidirectional line phase
+        e, b = expected[inner] - 50, binned[inner] - 50
+        ratios.append(b.mean() / e.mean())
+        if target == "clean":  # noiseless: equal pixel by pixel
+            np.testing.assert_allclose(b, e, atol=0.01 * e.max() + 1e-3)
+    assert np.mean(ratios) == pytest.approx(1.0, abs=0.02)
+    assert all(abs(r - 1) < 0.05 for r in ratios)
+    assert train.info["target_gain"] == (0.25 if target == "high-quality" else scale**2)
+
+
+def test_simulated_window_holds_consecutive_time_points_oldest_first():
+    train, _, _ = build(2, window=3, kind="simulated", dt_s=2.0, **TINY)
+    checked = 0
+    for s_idx, _t in train.items:
+        s = train.series[s_idx]
+        times = s.meta["t_s"]
+        assert np.allclose(np.diff(times), 2.0)
+        assert not np.array_equal(s.low[0], s.low[-1])
+        expected = [expected_low(t, s.meta["xy_um"], 64).ravel() for t in times]
+        for i, frame in enumerate(s.low[:, 0]):
+            if any(e.std() == 0 for e in expected):
+                continue  # an empty field: nothing moves
+            corr = [np.corrcoef(frame.ravel().astype(np.float64), e)[0, 1] for e in expected]
+            assert int(np.argmax(corr)) == i  # each frame shows its own instant
+            checked += 1
+    assert checked >= 6
+
+
+def test_simulated_errors():
+    with pytest.raises(ValueError, match="target='clean'"):
+        build(4, kind="simulated", **TINY)
+    with pytest.raises(ValueError, match="channel 'GFP'"):
+        build(2, kind="simulated", channel="GFP", **TINY)
+    with pytest.raises(ValueError, match="smaller than patch=32"):
+        build(2, kind="simulated", **{**TINY, "field": 16})
+    with pytest.raises(ValueError, match="folder"):
+        DataConfig(kind="paired")
+    with pytest.raises(ValueError, match="defocus_um"):
+        DataConfig(kind="simulated", defocus_um=(3.0, 1.0))
+
+
+def structure(shape: tuple[int, int], seed: int) -> np.ndarray:
+    """Smooth random blobs in [0, 1]."""
+    image = ndimage.gaussian_filter(np.random.default_rng(seed).random(shape), 3.0)
+    return (image - image.min()) / (image.max() - image.min())
+
+
+def write_pairs(root, names, scale=2, low_side=48, high_side=None, gain=3.0, bias=7.0):
+    (root / "low").mkdir(parents=True)
+    (root / "high").mkdir()
+    rng = np.random.default_rng(1)
+    truth = {}
+    for i, name in enumerate(names):
+        hi = 100 + 400 * structure((low_side * scale,) * 2, i)
+        lo = hi.reshape(low_side, scale, low_side, scale).mean(axis=(1, 3))
+        lo = rng.poisson(lo).astype(np.uint16)
+        side = high_side or low_side * scale
+        tifffile.imwrite(root / "low" / f"{name}.tif", lo)
+        tifffile.imwrite(root / "high" / f"{name}.tif",
+                         (gain * hi[:side, :side] + bias).astype(np.float32))  # fmt: skip
+        truth[name] = hi
+    return truth
+
+
+def test_paired_folder_matched_by_name_split_and_raw_equivalent(tmp_path):
+    names = ["a", "b", "c", "d"]
+    truth = write_pairs(tmp_path, names)
+    train, val, norm = build(2, previous=True, background=True, kind="paired",
+                             folder=tmp_path, val_fraction=0.25, patch=32)  # fmt: skip
+    held = {val.series[i].meta["name"] for i, _ in val.items}
+    used = {train.series[i].meta["name"] for i, _ in train.items}
+    assert len(held) == 1 and len(used) == 3 and held | used == set(names)
+    assert norm.offset == pytest.approx(np.percentile(
+        np.concatenate([tifffile.imread(tmp_path / "low" / f"{n}.tif").ravel() for n in used]), 0.1
+    ), rel=1e-3)  # fmt: skip
+    fits = train.info["intensity_fit"]
+    assert set(fits) == set(names)
+    for name, (a, _) in fits.items():  # high = 3 * truth + 7
+        assert a == pytest.approx(1 / 3, rel=0.05)
+        s = next(s for s in train.series if s.meta["name"] == name)
+        target = s.targets[0][0]
+        assert target.mean() == pytest.approx(s.low.mean(), rel=1e-4)  # raw-equivalent
+        np.testing.assert_allclose(target, truth[name], rtol=0.05, atol=5.0)
+    item = val[0]
+    assert tuple(item["frames"].shape) == (1, 32, 32) and tuple(item["target"].shape) == (1, 64, 64)
+    # single images are first frames: "previous" is the current frame, upsampled
+    up = item["frames"][0].repeat_interleave(2, 0).repeat_interleave(2, 1)
+    assert torch.equal(item["previous"][0], up)
+    assert torch.equal(item["background"], item["frames"])
+
+
+def test_paired_folder_errors(tmp_path):
+    with pytest.raises(ValueError, match="low/ and high/"):
+        build(2, kind="paired", folder=tmp_path, patch=32)
+    write_pairs(tmp_path / "names", ["a", "b"])
+    (tmp_path / "names" / "high" / "b.tif").rename(tmp_path / "names" / "high" / "x.tif")
+    with pytest.raises(ValueError, match=r"low/ only has \[b\], high/ only has \[x\]"):
+        build(2, kind="paired", folder=tmp_path / "names", patch=32)
+    write_pairs(tmp_path / "shape", ["a", "b"], high_side=90)
+    with pytest.raises(ValueError, match="must be 96x96"):
+        build(2, kind="paired", folder=tmp_path / "shape", patch=32)
+    write_pairs(tmp_path / "small", ["a", "b"], low_side=24)
+    with pytest.raises(ValueError, match="smaller than patch=32"):
+        build(2, kind="paired", folder=tmp_path / "small", patch=32)
+
+
+def test_stacks_teacher_forcing_and_errors(tmp_path):
+    (tmp_path / "low").mkdir()
+    (tmp_path / "high").mkdir()
+    hi = 100 + 400 * np.stack([structure((64, 64), t) for t in range(5)])
+    lo = hi.reshape(5, 32, 2, 32, 2).mean(axis=(2, 4)).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "low" / "s.tif", lo, photometric="minisblack")
+    tifffile.imwrite(tmp_path / "high" / "s.tif", hi.astype(np.float32), photometric="minisblack")
+    train, val, norm = build(2, window=2, previous=True, kind="stacks", folder=tmp_path,
+                             patch=32, val_fraction=0.2, match_intensity=False)  # fmt: skip
+    assert [t for _, t in train.items] == [0, 1, 2, 3] and [t for _, t in val.items] == [4]
+    first, later = train[0], train[2]
+    assert torch.equal(first["frames"][0], first["frames"][1])  # padded with the oldest frame
+    np.testing.assert_allclose(later["frames"].numpy(), normalized(lo[1:3], norm))
+    np.testing.assert_allclose(later["previous"][0].numpy(), normalized(hi[1], norm), rtol=1e-6)
+    up = first["frames"][1].repeat_interleave(2, 0).repeat_interleave(2, 1)
+    assert torch.equal(first["previous"][0], up)
+    tifffile.imwrite(tmp_path / "high" / "s.tif", hi[:4].astype(np.float32),
+                     photometric="minisblack")
+    with pytest.raises(ValueError, match="low has 5 frames, high has 4"):
+        build(2, kind="stacks", folder=tmp_path, patch=32)
+
+
+def test_synthetic_from_clean_tiffs(tmp_path):
+    offset = CONFOCAL.camera.offset_adu
+    for i in range(3):
+        tifffile.imwrite(tmp_path / f"clean{i}.tif",
+                         (offset + 2000 * structure((128, 128), i)).astype(np.float32))  # fmt: skip
+    train, val, norm = build(2, window=3, kind="synthetic", folder=tmp_path, pairs=4, val_pairs=2,
+                             patch=32)  # fmt: skip
+    assert norm.offset == offset
+    sigma = psf_sigma_um(CONFOCAL.optics) / (CONFOCAL.pixel_size_um / 2)  # target pixels
+    for s_idx, t in train.items + val.items:
+        s = train.series[s_idx]
+        clean = tifffile.imread(tmp_path / f"{s.meta['source']}.tif")
+        np.testing.assert_array_equal(s.targets[t][0], clean)  # the target is the clean image
+        blurred = ndimage.gaussian_filter(clean - offset, sigma).reshape(64, 2, 64, 2).sum((1, 3))
+        for frame in s.low[:, 0]:  # independent noisy, blurred, binned exposures
+            assert np.corrcoef(frame.ravel(), blurred.ravel())[0, 1] > 0.8
+            assert frame.mean() - offset == pytest.approx((clean - offset).mean(), rel=0.05)
+        assert not np.array_equal(s.low[0], s.low[1])
+    held = {train.series[i].meta["source"] for i, _ in val.items}
+    assert held.isdisjoint(train.series[i].meta["source"] for i, _ in train.items)
+    item = val[0]
+    s = val.series[val.items[0][0]]
+    clean = tifffile.imread(tmp_path / f"{s.meta['source']}.tif")
+    np.testing.assert_allclose(item["target"][0].numpy(), normalized(clean[32:96, 32:96], norm))
+
+
+def test_synthetic_from_simulated_specimens_with_a_profile(tmp_path):
+    camera = CameraParams(offset_adu=300, gain_adu_per_electron=2.0, read_noise_electrons=1.0,
+                          quantum_efficiency=0.7, bit_depth=16)  # fmt: skip
+    CalibrationProfile(pixel_size_um=0.1, camera=camera).save(tmp_path)
+    train, _, norm = build(2, previous=True, kind="synthetic", profile=tmp_path, dt_s=1.0, **TINY)
+    assert norm.offset == 300
+    for s_idx, t in train.items:
+        s = train.series[s_idx]
+        assert s.low.shape == (2, 1, 64, 64) and s.targets[t].shape == (1, 128, 128)
+        assert not np.array_equal(s.targets[t], s.targets[t - 1])  # the specimen moved
+        target = s.targets[t][0].reshape(64, 2, 64, 2).mean(axis=(1, 3))
+        assert s.low[t, 0].mean() == pytest.approx(target.mean(), rel=0.02)  # same ADU scale
+
+
+def focus(image: np.ndarray) -> float:
+    """Gradient energy after light smoothing: falls as an image blurs."""
+    g = ndimage.gaussian_filter(np.asarray(image, np.float64), 1.0)
+    return float(np.mean(ndimage.sobel(g, 0) ** 2 + ndimage.sobel(g, 1) ** 2))
+
+
+def test_celldiscoverer_deblur_pairs_blur_the_low_frames():
+    calls: list[tuple[int, int]] = []
+    cfg = DataConfig(kind="simulated", preset="celldiscoverer", pairs=4, val_pairs=2, patch=32,
+                     field=128, defocus_um=(1.0, 3.0))  # fmt: skip
+    train, val, norm = build_datasets(cfg, scale=1, window=1, previous=False, background=False,
+                                      progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(i, 6) for i in range(1, 7)]
+    assert norm.offset == get_preset("celldiscoverer").camera.offset_adu
+    for s_idx, t in train.items + val.items:
+        s = train.series[s_idx]
+        assert s.low.shape == (1, 1, 128, 128) and 1.0 <= abs(s.meta["dz_um"]) <= 3.0
+        assert focus(s.low[t, 0]) < focus(s.targets[t][0])
+    assert tuple(train[0]["target"].shape) == (1, 32, 32)
