@@ -176,7 +176,7 @@ def dihedral(x: ArrayT, op: int) -> ArrayT:
     if op & 1:
         y = y[..., ::-1]
     if op & 2:
-        y = y[..., ::-1]
+        y = y[..., ::-1, :]
     if op & 4:
         y = np.swapaxes(y, -1, -2)
     return np.ascontiguousarray(y)
