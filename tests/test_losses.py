@@ -362,9 +362,8 @@ def test_weighted_loss_sums_and_logs() -> None:
     assert loss.terms == ("l1", "ssim", "adversarial")
     fake_logits = torch.randn(2, 1, 4, 4)
     total, terms = loss(pred, target, fake_logits=fake_logits)
-    expected = (
-        l1(pred, target) + 0.2 * ssim_loss(pred, target) + 0.01 * adversarial_g("lsgan", fake_logits)
-    )
+    adv = adversarial_g("lsgan", fake_logits)
+    expected = l1(pred, target) + 0.2 * ssim_loss(pred, target) + 0.01 * adv
     assert total.item() == pytest.approx(expected.item(), rel=1e-6)
     assert set(terms) == {"l1", "ssim", "adversarial", "total"}
     assert all(isinstance(v, float) for v in terms.values())

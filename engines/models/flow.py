@@ -38,14 +38,19 @@ def _sample_grid(flow: Tensor) -> Tensor:
 
 
 def warp(image: Tensor, flow: Tensor, *, padding_mode: str = "zeros") -> Tensor:
-    """Backward-warp ``image`` by ``flow`` (pixels, (dx, dy)): out(p) = image(p + flow(p)), bilinear."""
+    """Backward-warp ``image`` by ``flow`` (pixels, (dx, dy)): out(p) = image(p + flow(p)).
+
+    Bilinear (grid_sample, align_corners=True: pixel centres at integer coordinates).
+    """
     _check_flow(image, flow)
     grid = _sample_grid(flow.to(image.dtype))
-    return F.grid_sample(image, grid, mode="bilinear", padding_mode=padding_mode, align_corners=True)
+    return F.grid_sample(
+        image, grid, mode="bilinear", padding_mode=padding_mode, align_corners=True
+    )
 
 
 def warp_valid_mask(flow: Tensor) -> Tensor:
-    """(N, 1, H, W) float mask: 1 where p + flow(p) lies inside the image, 0 where the warp leaves it."""
+    """(N, 1, H, W) mask: 1 where p + flow(p) lies inside the image, 0 where the warp leaves it."""
     if flow.dim() != 4 or flow.shape[1] != 2:
         raise ValueError(f"flow must be (N, 2, H, W), got {tuple(flow.shape)}")
     _, _, h, w = flow.shape

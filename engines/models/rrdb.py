@@ -56,7 +56,7 @@ class RRDBNet(Generator):
     ARCH = "rrdb"
     SIZES: ClassVar[dict[str, dict[str, Any]]] = {
         "tiny": {"features": 8, "growth": 4, "blocks": 1, "unshuffle": False},
-        "small": {"features": 24, "growth": 12, "blocks": 2, "unshuffle": True},
+        "small": {"features": 32, "growth": 16, "blocks": 2, "unshuffle": True},
         "large": {"features": 64, "growth": 32, "blocks": 23, "unshuffle": False},
     }
 

@@ -151,7 +151,7 @@ class TemporalGenerator(Generator):
     ARCH = "tgan"
     SIZES: ClassVar[dict[str, dict[str, Any]]] = {
         "tiny": {"features": 4, "depth": 1, "style_dim": 8},
-        "small": {"features": 12, "depth": 2, "style_dim": 32},
+        "small": {"features": 8, "depth": 3, "style_dim": 32},
         "large": {"features": 32, "depth": 3, "style_dim": 128},
     }
 
@@ -163,8 +163,8 @@ class TemporalGenerator(Generator):
         previous: bool = False,
         background: bool = False,
         *,
-        features: int = 12,
-        depth: int = 2,
+        features: int = 8,
+        depth: int = 3,
         style_dim: int = 32,
         noise: str = "train",
         noise_seed: int = 0,

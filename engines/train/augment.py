@@ -34,7 +34,9 @@ def parse_policy(policy: str) -> tuple[str, ...]:
     ops = tuple(p.strip() for p in policy.split(",") if p.strip())
     unknown = [op for op in ops if op not in POLICY_OPS]
     if unknown:
-        raise ValueError(f"unknown DiffAugment operations {unknown} in {policy!r}: use {POLICY_OPS}")
+        raise ValueError(
+            f"unknown DiffAugment operations {unknown} in {policy!r}: use {POLICY_OPS}"
+        )
     return ops
 
 
@@ -109,7 +111,7 @@ def _cutout_mask(params: AugmentParams, like: Tensor) -> Tensor:
 
 
 def apply(x: Tensor, params: AugmentParams) -> Tensor:
-    """Apply one draw of DiffAugment to x (N, C, H, W); differentiable in x, same draw -> same op."""
+    """Apply one draw of DiffAugment to x (N, C, H, W): differentiable; same draw, same result."""
     if x.dim() != 4 or x.shape[0] != params.batch or tuple(x.shape[-2:]) != params.size:
         raise ValueError(
             f"these DiffAugment parameters were drawn for batch {params.batch} of size "

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from calibration.metrics import psnr, ssim
@@ -97,9 +98,10 @@ class Trainer:
 
             self.flow = FlowNet()
             self.opt_flow = torch.optim.Adam(self.flow.parameters(), lr=cfg.lr)
-        self.vgg = None
-        if cfg.losses.get("perceptual") or cfg.losses.get("style"):
-            self.vgg = L.VGGFeatures.from_file(cfg.vgg_weights)
+        # the generator's losses: without the adversarial term before the game starts
+        self.gan_loss = L.WeightedLoss(cfg.losses, vgg=cfg.vgg_weights, adversarial=cfg.adversarial)
+        pixel = {k: v for k, v in cfg.losses.items() if k != "adversarial"}
+        self.pixel_loss = L.WeightedLoss(pixel, vgg=self.gan_loss.vgg, adversarial=cfg.adversarial)
         self.step = 0
         self.best: dict[str, Any] = {"psnr": -math.inf}
         self.history: list[dict[str, Any]] = []
@@ -192,42 +194,44 @@ class Trainer:
     def _g_loss(
         self, batch: dict[str, torch.Tensor], fake: torch.Tensor, *, adversarial: bool
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        w, target = self.cfg.losses, batch["target"]
-        parts: dict[str, torch.Tensor] = {}
-        pixel = {"l1": L.l1, "mse": L.mse, "ssim": L.ssim_loss, "ms_ssim": L.ms_ssim_loss}
-        for name, fn in pixel.items():
-            if w.get(name):
-                parts[name] = fn(fake, target)
-        if w.get("tv"):
-            parts["tv"] = L.total_variation(fake)
-        if w.get("perceptual"):
-            parts["perceptual"] = L.perceptual(fake, target, self.vgg)
-        if w.get("style"):
-            parts["style"] = L.style(fake, target, self.vgg)
-        if w.get("temporal"):
-            frames = batch["frames"]
-            prev_pred = batch.get("previous", target)
-            parts["temporal"] = L.temporal_warp_loss(
-                fake, prev_pred, frames[:, -1:], frames[:, -2:-1], self.flow
-            ) + L.flow_self_supervised_loss(self.flow, frames[:, -2:-1], frames[:, -1:])
-        if adversarial and w.get("adversarial"):
-            cond = batch["frames"]
+        """The configured weighted sum (the adversarial term only in the game), plus the flow
+        net's own self-supervised loss when the temporal term trains it alongside."""
+        target, frames = batch["target"], batch["frames"]
+        kw: dict[str, Any] = {}
+        loss = self.gan_loss if adversarial else self.pixel_loss
+        if "adversarial" in loss.terms:
             params = sample_params(fake.shape, self._policy)
-            fake_logits = self.d(diff_augment(fake, params=params), cond)
-            real_logits = None
+            cond = self._condition(frames, fake, params)
+            kw["fake_logits"] = self.d(diff_augment(fake, params=params), cond)
             if self.cfg.adversarial == "ragan":
                 with torch.no_grad():
-                    real_logits = self.d(diff_augment(target, params=params), cond)
-            parts["adversarial"] = L.adversarial_g(self.cfg.adversarial, fake_logits, real_logits)
-        total = sum(w[k] * v for k, v in parts.items())
-        return total, {f"g_{k}": float(v.detach()) for k, v in parts.items()}
+                    kw["real_logits"] = self.d(diff_augment(target, params=params), cond)
+        if "temporal" in loss.terms:
+            kw.update(pred_prev=batch.get("previous", target), frame_t=frames[:, -1:],
+                      frame_prev=frames[:, -2:-1], flow_net=self.flow)  # fmt: skip
+        total, terms = loss(fake, target, **kw)
+        if self.flow is not None:
+            flow_loss = L.flow_self_supervised_loss(self.flow, frames[:, -2:-1], frames[:, -1:])
+            total = total + flow_loss
+            terms["flow"] = float(flow_loss.detach())
+        return total, {f"g_{k}": v for k, v in terms.items()}
 
     _policy = "translation,cutout,brightness,contrast"
 
+    @staticmethod
+    def _condition(frames: torch.Tensor, like: torch.Tensor, params: Any) -> torch.Tensor:
+        """The input frames at the candidate's resolution, augmented exactly like it, so that
+        DiffAugment's shifts and cutouts keep candidate and condition aligned."""
+        if frames.shape[-2:] != like.shape[-2:]:
+            frames = F.interpolate(frames, size=like.shape[-2:], mode="bilinear",
+                                   align_corners=False)  # fmt: skip
+        return diff_augment(frames, params=params)
+
     def _d_step(self, batch: dict[str, torch.Tensor], fake: torch.Tensor) -> dict[str, float]:
         assert self.d is not None and self.opt_d is not None
-        real, cond = batch["target"], batch["frames"]
-        params = sample_params(real.shape, self._policy)  # the same augmentation for both
+        real = batch["target"]
+        params = sample_params(real.shape, self._policy)  # the same augmentation for all three
+        cond = self._condition(batch["frames"], real, params)
         real_aug, fake_aug = diff_augment(real, params=params), diff_augment(fake, params=params)
         loss = L.adversarial_d(self.cfg.adversarial, self.d(real_aug, cond), self.d(fake_aug, cond))
         if self.cfg.adversarial == "wgan" and self.cfg.gp_weight:

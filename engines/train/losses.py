@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from engines.models.flow import warp, warp_valid_mask
+# flow_self_supervised_loss is re-exported: the flow net trains beside the generator's losses.
+from engines.models.flow import flow_self_supervised_loss, warp, warp_valid_mask
 
 __all__ = [
     "ADVERSARIAL_KINDS",
@@ -26,6 +27,7 @@ __all__ = [
     "WeightedLoss",
     "adversarial_d",
     "adversarial_g",
+    "flow_self_supervised_loss",
     "gradient_penalty",
     "l1",
     "ms_ssim_levels",
@@ -64,7 +66,10 @@ def mse(pred: Tensor, target: Tensor) -> Tensor:
 
 
 def total_variation(x: Tensor) -> Tensor:
-    """Anisotropic total variation (Rudin 1992): mean |x[i+1, j] - x[i, j]| + mean |x[i, j+1] - x[i, j]|."""
+    """Anisotropic total variation (Rudin 1992): mean |dx| + mean |dy| of neighbour differences.
+
+    Averaged, so it does not grow with the image size.
+    """
     _check_images("total_variation", x)
     if min(x.shape[-2:]) < 2:
         raise ValueError(f"total_variation needs images of at least 2x2, got {tuple(x.shape)}")
@@ -114,7 +119,7 @@ def _check_range(data_range: float) -> None:
 
 
 def ssim_loss(pred: Tensor, target: Tensor, *, data_range: float = 1.0) -> Tensor:
-    """1 - SSIM (Wang 2004), Gaussian window 11 / sigma 1.5, averaged over valid pixels and channels.
+    """1 - SSIM (Wang 2004), Gaussian window 11, sigma 1.5, mean over valid pixels and channels.
 
     Equals 1 - skimage's structural_similarity(gaussian_weights=True, sigma=1.5,
     use_sample_covariance=False); images need at least 11x11 pixels.
@@ -295,7 +300,7 @@ class VGGFeatures(nn.Module):
         return model
 
     def load_features(self, state: Mapping[str, Tensor], *, source: str = "state dict") -> None:
-        """Copy conv weights from a torchvision-layout state dict; extra deeper VGG-19 keys are ignored."""
+        """Copy conv weights from a torchvision-layout state dict; deeper VGG-19 keys ignored."""
         if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
             raise ValueError(f"{source} must be a mapping of names to tensors, got {type(state)}")
         if any(k.startswith("features.") for k in state):
@@ -378,7 +383,8 @@ def perceptual(
     feats = vgg(pred)
     with torch.no_grad():
         ref = vgg(target.detach())
-    return sum(w * F.l1_loss(feats[name], ref[name]) for name, w in weights.items())  # type: ignore[return-value]
+    terms = [w * F.l1_loss(feats[name], ref[name]) for name, w in weights.items()]
+    return torch.stack(terms).sum()
 
 
 def _gram(f: Tensor) -> Tensor:
@@ -393,16 +399,17 @@ def style(
     vgg: VGGFeatures,
     layer_weights: Mapping[str, float] | None = None,
 ) -> Tensor:
-    """Style loss (Gatys 2016): MSE between Gram matrices (normalized by C*H*W) of VGG-19 features."""
+    """Style loss (Gatys 2016): MSE between Gram matrices (divided by C*H*W) of VGG-19 features."""
     _check_images("style", pred, target)
     weights = _layer_weights(vgg, layer_weights)
     feats = vgg(pred)
     with torch.no_grad():
         ref = vgg(target.detach())
-    return sum(  # type: ignore[return-value]
+    terms = [
         w * F.mse_loss(_gram(feats[name].float()), _gram(ref[name].float()))
         for name, w in weights.items()
-    )
+    ]
+    return torch.stack(terms).sum()
 
 
 # --- adversarial --------------------------------------------------------------------------------
