@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import tempfile
@@ -137,6 +138,11 @@ def main() -> None:
                 f"{1e3 / r['onnxruntime_ms']:.1f}",
             )
     console.print(table)
+    load = os.getloadavg()
+    console.print(
+        f"load average after the run (1/5/15 min): {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on "
+        f"{os.cpu_count()} CPUs; other processes on the machine slow torch's OpenMP threads most"
+    )
     if args.json_out:
         results = {
             "machine": {
@@ -145,6 +151,8 @@ def main() -> None:
                 "torch": torch.__version__,
                 "onnxruntime": ort.__version__,
                 "numpy": np.__version__,
+                "cpus": os.cpu_count(),
+                "load_average": load,
             },
             "threads": args.threads,
             "frame": [args.hw, args.hw],

@@ -531,10 +531,9 @@ def _add_groups() -> None:
     """Mount the engines group, and groups other packages register under
     ``scopecast.commands``."""
     from engines.cli import app as engines_app
+    from engines.train.cli import export, train
 
     from .calibrate import app as calibrate_app
-
-    from engines.train.cli import export, train
 
     app.add_typer(engines_app, name="engines")
     app.add_typer(calibrate_app, name="calibrate")

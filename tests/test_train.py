@@ -28,8 +28,15 @@ def config(**over) -> dict:
         "name": "tiny-denoise",
         "task": "denoise",
         "generator": TINY_UNET,
-        "data": {"kind": "simulated", "preset": "confocal-20fps", "pairs": 12, "val_pairs": 4,
-                 "patch": 32, "field": 64, "seed": 0},  # fmt: skip
+        "data": {
+            "kind": "simulated",
+            "preset": "confocal-20fps",
+            "pairs": 12,
+            "val_pairs": 4,
+            "patch": 32,
+            "field": 64,
+            "seed": 0,
+        },  # fmt: skip
         "losses": {"l1": 1.0},
         "schedule": {"pretrain_steps": 60},
         "batch": 4,

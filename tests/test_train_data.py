@@ -216,8 +216,9 @@ def test_stacks_teacher_forcing_and_errors(tmp_path):
     np.testing.assert_allclose(later["previous"][0].numpy(), normalized(hi[1], norm), rtol=1e-6)
     up = first["frames"][1].repeat_interleave(2, 0).repeat_interleave(2, 1)
     assert torch.equal(first["previous"][0], up)
-    tifffile.imwrite(tmp_path / "high" / "s.tif", hi[:4].astype(np.float32),
-                     photometric="minisblack")
+    tifffile.imwrite(
+        tmp_path / "high" / "s.tif", hi[:4].astype(np.float32), photometric="minisblack"
+    )
     with pytest.raises(ValueError, match="low has 5 frames, high has 4"):
         build(2, kind="stacks", folder=tmp_path, patch=32)
 
@@ -272,8 +273,14 @@ def test_celldiscoverer_deblur_pairs_blur_the_low_frames():
     calls: list[tuple[int, int]] = []
     cfg = DataConfig(kind="simulated", preset="celldiscoverer", pairs=4, val_pairs=2, patch=32,
                      field=128, defocus_um=(1.0, 3.0))  # fmt: skip
-    train, val, norm = build_datasets(cfg, scale=1, window=1, previous=False, background=False,
-                                      progress=lambda done, total: calls.append((done, total)))
+    train, val, norm = build_datasets(
+        cfg,
+        scale=1,
+        window=1,
+        previous=False,
+        background=False,
+        progress=lambda done, total: calls.append((done, total)),
+    )
     assert calls == [(i, 6) for i in range(1, 7)]
     assert norm.offset == get_preset("celldiscoverer").camera.offset_adu
     for s_idx, t in train.items + val.items:

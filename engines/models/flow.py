@@ -114,9 +114,7 @@ class FlowNet(nn.Module):
             head = nn.Conv2d(16, 2, 3, padding=1)
             nn.init.zeros_(head.weight)
             nn.init.zeros_(head.bias)
-            self.estimators.append(
-                nn.Sequential(_conv(corr + width + 2, 32), _conv(32, 16), head)
-            )
+            self.estimators.append(nn.Sequential(_conv(corr + width + 2, 32), _conv(32, 16), head))
 
     @property
     def levels(self) -> int:

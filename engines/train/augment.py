@@ -79,9 +79,7 @@ def sample_params(
         cutout_size = (int(h * CUTOUT_RATIO + 0.5), int(w * CUTOUT_RATIO + 0.5))
         cy = torch.randint(0, h, (n,), generator=generator)
         cx = torch.randint(0, w, (n,), generator=generator)
-        values["cutout"] = torch.stack(
-            (cy - cutout_size[0] // 2, cx - cutout_size[1] // 2), dim=1
-        )
+        values["cutout"] = torch.stack((cy - cutout_size[0] // 2, cx - cutout_size[1] // 2), dim=1)
     return AugmentParams(ops=ops, batch=n, size=(h, w), cutout_size=cutout_size, **values)
 
 

@@ -29,10 +29,10 @@ def _need_torch() -> None:
 
 def train(
     config: Annotated[Path, typer.Argument(help="training config (YAML), see engines/zoo/configs")],
-    out: Annotated[
-        Path | None, typer.Option(help="run folder (default: runs/train/NAME)")
-    ] = None,
-    resume: Annotated[bool, typer.Option(help="continue the run in --out where it stopped")] = False,
+    out: Annotated[Path | None, typer.Option(help="run folder (default: runs/train/NAME)")] = None,
+    resume: Annotated[
+        bool, typer.Option(help="continue the run in --out where it stopped")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
 ) -> None:
     """Train a generator: pre-train, then the discriminator, then the adversarial game.
@@ -60,7 +60,11 @@ def train(
 
         def show(p) -> None:
             shown = "  ".join(f"{k} {v:.4g}" for k, v in list(p.losses.items())[:4])
-            best = f"  best PSNR {p.val_psnr:.2f} dB" if p.val_psnr not in (None, float("-inf")) else ""
+            best = (
+                f"  best PSNR {p.val_psnr:.2f} dB"
+                if p.val_psnr not in (None, float("-inf"))
+                else ""
+            )
             bar.update(task, completed=p.step, status=f"{p.phase}  {shown}{best}")
 
         summary = trainer.run(show)

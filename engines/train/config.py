@@ -77,6 +77,11 @@ class TrainConfig(BaseModel):
     patience: int = Field(10, ge=1, description="validations without improvement before stop")
     log_every: int = Field(10, ge=1)
     seed: int = 0
+    video_augment: bool = Field(
+        True,
+        description="random flips/rotations, the same for the window, target, previous and "
+        "background; off for data whose artifacts have an orientation (bidirectional scan lines)",
+    )
     init_from: Path | None = Field(None, description="checkpoint to fine-tune from")
     tile: int | None = Field(256, description="tile side the exported engine runs at")
 

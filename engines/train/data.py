@@ -442,7 +442,11 @@ def _history(window: int, previous: bool, background: bool) -> int:
 
 
 def _simulated(
-    cfg: DataConfig, scale: int, window: int, previous: bool, background: bool,
+    cfg: DataConfig,
+    scale: int,
+    window: int,
+    previous: bool,
+    background: bool,
     progress: Progress | None,
 ) -> _Made:
     """True pairs: fast-scan frames at t - (L-1) dt ... t and the slow (or clean) target at t."""
@@ -523,7 +527,11 @@ def _read_clean(folder: Path, scale: int) -> dict[str, np.ndarray]:
 
 
 def _synthetic(
-    cfg: DataConfig, scale: int, window: int, previous: bool, background: bool,
+    cfg: DataConfig,
+    scale: int,
+    window: int,
+    previous: bool,
+    background: bool,
     progress: Progress | None,
 ) -> _Made:
     """Clean images (TIFFs, or the simulated specimens over time) degraded by the forward model."""
@@ -650,9 +658,7 @@ def match_intensity(
     return a, b
 
 
-def _recorded(
-    cfg: DataConfig, scale: int, progress: Progress | None
-) -> _Made:
+def _recorded(cfg: DataConfig, scale: int, progress: Progress | None) -> _Made:
     """Paired images (T = 1) or time-lapse stacks, split by name (one stack: split in time)."""
     assert cfg.folder is not None
     stacks = cfg.kind == "stacks"

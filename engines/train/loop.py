@@ -19,14 +19,14 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from calibration.metrics import psnr, ssim
 from engines.models import build_discriminator, build_generator
 from engines.package import Normalization
 
 from . import losses as L
-from .augment import diff_augment, sample_params
+from .augment import diff_augment, sample_params, video_augment
 from .checkpoint import (
     load_checkpoint,
     load_optimizer,
@@ -50,6 +50,30 @@ class Progress:
     phase: str
     losses: dict[str, float] = field(default_factory=dict)
     val_psnr: float | None = None
+
+
+class VideoAugmented(Dataset):
+    """Training items with one random flip/rotation applied alike to every tensor of a sample
+    (input window, target, previous output, background), whatever their resolution."""
+
+    def __init__(self, data: Dataset, rng: np.random.Generator) -> None:
+        self.data, self.rng = data, rng
+
+    def __len__(self) -> int:
+        return len(self.data)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        item = dict(self.data[index])
+        frames, target, previous, background = video_augment(
+            item["frames"], item["target"], item.get("previous"), item.get("background"),
+            rng=self.rng,
+        )  # fmt: skip
+        item.update(frames=frames, target=target)
+        if previous is not None:
+            item["previous"] = previous
+        if background is not None:
+            item["background"] = background
+        return {k: v.contiguous() for k, v in item.items()}
 
 
 class Trainer:
@@ -162,8 +186,11 @@ class Trainer:
 
     def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
         gen = torch.Generator().manual_seed(self.cfg.seed * 1000 + self.step)
+        data = self.train_set
+        if self.cfg.video_augment:
+            data = VideoAugmented(data, np.random.default_rng([self.cfg.seed, self.step]))
         while True:
-            loader = DataLoader(self.train_set, batch_size=self.cfg.batch, shuffle=True,
+            loader = DataLoader(data, batch_size=self.cfg.batch, shuffle=True,
                                 drop_last=len(self.train_set) > self.cfg.batch,
                                 generator=gen)  # fmt: skip
             yield from loader
@@ -342,4 +369,3 @@ class Trainer:
                 "fine-tune with the same architecture and size"
             )
         self.g.load_state_dict(strip_prefix("g", tensors))
-
