@@ -129,6 +129,21 @@ def test_adversarial_schedule_runs(tmp_path):
     assert any("g_adversarial" in r and "d_loss" in r for r in log)
 
 
+def test_early_stopping_ends_pretraining_then_the_run(tmp_path):
+    """A learning rate too small to improve anything: pre-training is declared converged
+    after `patience` validations, the discriminator phase follows, then the game stops too."""
+    cfg = TrainConfig.model_validate(config(
+        lr=1e-9, patience=2, validate_every=2, log_every=1,
+        discriminator={"arch": "cnn", "size": "tiny"}, losses={"l1": 1.0, "adversarial": 1e-9},
+        schedule={"pretrain_steps": 100, "discriminator_steps": 2, "adversarial_steps": 100},
+    ))  # fmt: skip
+    summary = Trainer(cfg, tmp_path).run()
+    log = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert any(r.get("event") == "pretraining converged" for r in log)
+    assert "discriminator" in {r.get("phase") for r in log}
+    assert summary["stopped_early"] and summary["steps"] < cfg.schedule.total
+
+
 def test_fine_tuning_starts_from_a_checkpoint(trained, tmp_path):
     _, out, summary = trained
     cfg = TrainConfig.model_validate(config(init_from=str(out / "best.safetensors"),

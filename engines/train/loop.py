@@ -39,6 +39,7 @@ from .config import TrainConfig
 from .data import build_datasets
 
 LAST, BEST = "last.safetensors", "best.safetensors"
+MIN_GAIN_DB = 0.01  # a validation PSNR gain smaller than this is not an improvement
 
 
 @dataclass
@@ -171,8 +172,13 @@ class Trainer:
                 self._save(LAST)
                 self.stale = 0 if improved else self.stale + 1
                 if self.stale >= cfg.patience and phase != "discriminator":
-                    stopped_early = True
-                    break
+                    s = cfg.schedule
+                    if phase == "adversarial" or s.total == s.pretrain_steps:
+                        stopped_early = True
+                        break
+                    # pre-training has converged: go on with the discriminator and the game
+                    self._log({"step": self.step, "event": "pretraining converged"})
+                    self.step, self.stale = s.pretrain_steps, 0
         self._save(LAST)
         first = self.history[0] if self.history else {}
         return {
@@ -288,7 +294,7 @@ class Trainer:
         self.history.append(record)
         self._log(record)
         self._plot(panels)
-        improved = p > self.best["psnr"]
+        improved = p > self.best["psnr"] + MIN_GAIN_DB
         if improved:
             self.best = {"psnr": p, "ssim": s, "step": self.step, "val_l1": record["val_l1"]}
             self._save(BEST)
