@@ -74,7 +74,8 @@ def _fail(message: str) -> None:
 def _without_samples(result: dict[str, Any]) -> dict[str, Any]:
     engines = result.get("engines")
     if isinstance(engines, dict):
-        engines = {k: {kk: vv for kk, vv in v.items() if kk != "samples"}
+        drop = ("samples", "sample_times_s")
+        engines = {k: {kk: vv for kk, vv in v.items() if kk not in drop}
                    for k, v in engines.items()}  # fmt: skip
         return {**result, "engines": engines}
     return result
@@ -172,7 +173,7 @@ def _latency_table(result: dict[str, Any]) -> Table:
                   f"{result['duration_s']:g} s per engine, one run")  # fmt: skip
     for name, e in result["engines"].items():
         for stage in STAGES:
-            p = e["stages"].get(stage) or {}
+            p = e["latency_ms"].get(stage) or {}
             table.add_row(name, stage, *(fmt(p.get(k)) for k in ("p50", "p90", "p99", "max")))
         table.add_row(
             name, "frames",

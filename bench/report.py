@@ -13,6 +13,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
 from rich.table import Table
 
 PACKAGES = ("scopecast", "numpy", "onnxruntime", "onnxruntime-gpu", "pyzmq", "tifffile",
@@ -91,7 +92,7 @@ def numbers(tree: Any, prefix: str = "") -> dict[str, float]:
     flat: dict[str, float] = {}
     if isinstance(tree, dict):
         for key, value in tree.items():
-            if key in ("machine", "versions", "created", "samples", "per_pair"):
+            if key in ("machine", "versions", "created", "samples", "sample_times_s", "per_pair"):
                 continue
             flat.update(numbers(value, f"{prefix}.{key}" if prefix else str(key)))
     elif isinstance(tree, list):
@@ -118,7 +119,7 @@ def compare(new: dict[str, Any], old: dict[str, Any], *, threshold: float = 0.05
             continue
         change = (after - before) / abs(before) if before else float("inf")
         if abs(change) >= threshold:
-            table.add_row(key, f"{before:.4g}", f"{after:.4g}", f"{change:+.0%}")
+            table.add_row(escape(key), f"{before:.4g}", f"{after:.4g}", f"{change:+.0%}")
     only = sorted(set(a) ^ set(b))
     if only:
         table.caption = f"{len(only)} numbers are in only one of the runs"
@@ -129,5 +130,5 @@ def fmt(value: Any) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
-        return f"{value:.3g}"
+        return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.3g}"
     return str(value)

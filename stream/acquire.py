@@ -181,9 +181,13 @@ def run_with_server(
     on_progress: Callable[[HookStats, dict[str, Any] | None], None] | None = None,
     status_every_s: float = 0.5,
     also: Sequence[Any] = (),
+    on_started: Callable[[dict[str, str]], None] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Run ``sequence`` into ``scopecast serve`` started in another process on free loopback
-    ports; stop it once every sent frame arrived; return (hook summary, server summary)."""
+    ports; stop it once every sent frame arrived; return (hook summary, server summary).
+
+    ``on_started`` gets the endpoints ``{"listen", "publish", "control"}`` once the server is
+    ready and before the acquisition starts (e.g. to connect a PUB subscriber)."""
     from .control import ControlError, request, wait_ready
 
     listen, publish, control = free_endpoint(), free_endpoint(), free_endpoint()
@@ -198,6 +202,8 @@ def run_with_server(
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log_file, text=True)
     try:
         wait_ready(control, process=server, timeout_s=60)
+        if on_started is not None:
+            on_started({"listen": listen, "publish": publish, "control": control})
         hook = FrameHook(listen, stream=stream, on_finished=lambda stats: None)
         last: dict[str, Any] = {"at": 0.0, "status": None}
 

@@ -582,6 +582,7 @@ class EngineServer:
             "out_dir": str(self.run_dir),
             "uptime_s": time.monotonic() - self.started,
             "rss_mb": _rss_mb(),
+            "cpu_s": time.process_time(),
             "frames_received": sum(self.received.values()),
             "frames_received_by_stream": dict(self.received),
             "frames_missing": rx.gaps,

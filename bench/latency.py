@@ -1,0 +1,396 @@
+"""Where every millisecond goes, frameReady -> subscriber, for each engine on a real acquisition.
+
+Each engine gets its own run: the simulated microscope (or a real rig's Micro-Manager config)
+runs an MDA through the real :class:`~stream.hook.FrameHook` into ``scopecast serve`` in another
+process (files written to a temporary folder, deleted afterwards), while a ZeroMQ SUB socket in
+this process records when every enhanced frame arrives. The ``identity`` engine always runs
+first: its numbers are the pipeline's own overhead, the baseline for every other engine.
+
+Stages, in milliseconds per frame:
+
+===========  ===================================================================================
+hook         frameReady -> frame handed to ZeroMQ (copy into the hook's buffer, header, send)
+transport    frameReady -> received by the server (from the published header; includes hook)
+queue        received -> the engine took it (waiting behind other frames)
+preprocess   normalization, tiling, stacking the temporal window
+inference    the backend's own time
+postprocess  de-normalization, output checks, conversion to the raw dtype
+publish      end of enhancement -> arrival at the subscriber (PUB hand-over, network, wake-up)
+disk         one OME-TIFF plane plus its index line (raw and enhanced writes together)
+total        frameReady -> arrival of the enhanced frame at the subscriber
+===========  ===================================================================================
+
+transport + queue + preprocess + inference + postprocess + publish = total, frame by frame.
+Frames whose frameReady falls within ``warmup_s`` of the first frame are left out of every
+stage. Same-host clocks only: the subscriber and the server must share ``time.monotonic_ns``.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import useq
+import zmq
+
+from engines.package import PackageError, load_package
+from engines.runtime import BACKENDS
+from stream.acquire import load_config, run_with_server, simulated
+from stream.control import ControlError, request
+from stream.hook import HookStats
+from stream.protocol import ProtocolError, PublishedHeader, decode_header
+from stream.simulated import time_plan
+from stream.sinks import read_index
+from stream.sinks.store import INDEX_NAME
+from stream.stats import percentiles
+
+STAGES = ("hook", "transport", "queue", "preprocess", "inference", "postprocess", "publish",
+          "disk", "total")  # fmt: skip
+SERVER_STAGES = ("transport", "queue", "preprocess", "inference", "postprocess")
+MODES = ("live", "complete")
+BASELINE = "identity"
+MIN_FRAMES = 5
+
+Progress = Callable[[str], None]
+
+
+def run_latency(
+    *,
+    engines: Sequence[str],
+    preset: str | None = "confocal-20fps",
+    config: Path | None = None,
+    duration_s: float = 60.0,
+    backend: str = "auto",
+    mode: str = "live",
+    warmup_s: float = 2.0,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Per-stage latency percentiles (p50/p90/p99/max, ms) and counters for every engine, each
+    measured on its own acquisition of ``duration_s`` (``config`` wins over ``preset``).
+
+    ``hook`` is per frame after the warm-up when every sent frame reached the server (the usual
+    case); otherwise it falls back to the hook's own summary, which cannot exclude the warm-up
+    (``hook_warmup_excluded`` says which). Each engine's ``samples`` and ``sample_times_s`` hold
+    the per-frame values (ms) and their frame times (s since the first frame) for the plots.
+    """
+    names = _engine_order(engines)
+    _check(duration_s=duration_s, warmup_s=warmup_s, mode=mode, backend=backend)
+    for name in names:
+        try:
+            load_package(name)
+        except PackageError as e:
+            raise ValueError(str(e)) from e
+    say = progress or (lambda message: None)
+    rig = None
+    if config is not None:
+        rig = load_config(Path(config))  # SetupError is a ValueError
+        interval_s = max(rig.getExposure() / 1000, 0.001)
+        sequence = useq.MDASequence(time_plan=time_plan(duration_s, interval_s))
+    elif preset is None:
+        raise ValueError("give a simulated preset or a Micro-Manager config to acquire from")
+    else:
+        first = simulated(preset, seed)  # an unknown preset fails here, listing the presets
+        sequence = first.preset.sequence(duration_s)
+    result: dict[str, Any] = {
+        "kind": "latency",
+        "preset": None if config is not None else preset,
+        "config": str(config) if config is not None else None,
+        "duration_s": duration_s,
+        "warmup_s": warmup_s,
+        "mode": mode,
+        "backend_requested": backend,
+        "engines": {},
+    }
+    for i, name in enumerate(names):
+        if rig is not None:
+            core = rig
+        else:
+            core = (first if i == 0 else simulated(preset, seed)).core  # type: ignore[arg-type]
+        say(f"{name}: acquiring {duration_s:g} s ({sum(1 for _ in sequence)} frames)")
+        result["engines"][name] = _measure(
+            name, core, sequence, duration_s=duration_s, warmup_s=warmup_s, backend=backend,
+            mode=mode, say=say,
+        )  # fmt: skip
+        total = result["engines"][name]["latency_ms"]["total"]
+        say(f"{name}: total p50 {total['p50']:.2f} ms, p99 {total['p99']:.2f} ms")
+    return result
+
+
+def _engine_order(engines: Sequence[str]) -> list[str]:
+    """``identity`` first, then the others in the order given, each once."""
+    names = [BASELINE]
+    for name in engines:
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"engine names must be non-empty strings, got {name!r}")
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def _check(*, duration_s: float, warmup_s: float, mode: str, backend: str) -> None:
+    if warmup_s < 0:
+        raise ValueError(f"warm-up {warmup_s:g} s must be 0 or more")
+    if duration_s < warmup_s + 1:
+        raise ValueError(
+            f"duration {duration_s:g} s is too short to measure after a {warmup_s:g} s warm-up: "
+            f"raise --duration to at least {warmup_s + 1:g} s (60 s gives steady percentiles)"
+        )
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+
+
+class _Subscriber:
+    """A PUB subscriber in a thread: arrival time and header bytes of every enhanced frame."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.enhanced: list[tuple[int, bytes]] = []
+        self.raw = 0
+        self._stop = threading.Event()
+        self._ctx = zmq.Context()  # its own I/O thread: the hook's sends do not wait on ours
+        self._sock = self._ctx.socket(zmq.SUB)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.RCVHWM, 100_000)
+        self._sock.setsockopt(zmq.SUBSCRIBE, b"")
+        self._sock.connect(endpoint)
+        self._thread = threading.Thread(target=self._run, name="latency-subscriber", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        sock = self._sock
+        while True:
+            if not sock.poll(300 if self._stop.is_set() else 50):
+                if self._stop.is_set():
+                    return  # stopped, and nothing more arrived for 0.3 s
+                continue
+            frames = sock.recv_multipart(copy=False)
+            now = time.monotonic_ns()
+            if frames[0].bytes.endswith(b"/enhanced"):
+                self.enhanced.append((now, frames[1].bytes))
+            else:
+                self.raw += 1
+
+    def stop(self) -> None:
+        """Take what is still on its way, then close."""
+        self._stop.set()
+        self._thread.join()
+        self._sock.close(0)
+        self._ctx.term()
+
+
+def _wait_for_viewer(control: str, timeout_s: float = 10.0) -> dict[str, Any]:
+    """The server's status once it has accepted our subscriber's connection."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = request(control, "status", timeout_s=2.0)
+        if status.get("viewers", {}).get("connected", 0) >= 1:
+            time.sleep(0.1)  # the subscription itself follows the accepted connection
+            return status
+        if time.monotonic() > deadline:
+            raise ControlError(f"the subscriber did not connect to the server within {timeout_s} s")
+        time.sleep(0.02)
+
+
+def _measure(
+    name: str,
+    core: Any,
+    sequence: useq.MDASequence,
+    *,
+    duration_s: float,
+    warmup_s: float,
+    backend: str,
+    mode: str,
+    say: Progress,
+) -> dict[str, Any]:
+    """One acquisition through the server running ``name``; its latency summary."""
+    state: dict[str, Any] = {"sub": None, "start": None, "stats": None, "said": 0.0}
+    rss: list[float] = []
+    t0 = time.monotonic()
+
+    def on_started(endpoints: dict[str, str]) -> None:
+        state["sub"] = _Subscriber(endpoints["publish"])
+        state["start"] = _wait_for_viewer(endpoints["control"])
+
+    def on_progress(stats: HookStats, status: dict[str, Any] | None) -> None:
+        state["stats"] = stats
+        if status is not None and status.get("rss_mb") is not None:
+            rss.append(status["rss_mb"])
+        if time.monotonic() - state["said"] >= 2.0:
+            state["said"] = time.monotonic()
+            enhanced = status["frames_enhanced"] if status else 0
+            say(f"{name}: {time.monotonic() - t0:.0f} s, {stats.frames_seen} frames, "
+                f"{enhanced} enhanced")  # fmt: skip
+
+    with tempfile.TemporaryDirectory(prefix="scopecast-latency-") as tmp:
+        try:
+            sent, server = run_with_server(
+                core, sequence, engines=[name], out_dir=Path(tmp), mode=mode, backend=backend,
+                on_progress=on_progress, on_started=on_started,
+            )  # fmt: skip
+        finally:
+            if state["sub"] is not None:
+                state["sub"].stop()
+        index = read_index(Path(server["out_dir"]) / INDEX_NAME)
+    sub: _Subscriber = state["sub"]
+    if server.get("rss_mb") is not None:
+        rss.append(server["rss_mb"])
+    raw = [r for r in index if r.get("kind") == "raw"]
+    if not raw:
+        raise RuntimeError(f"engine {name!r}: the server wrote no raw frame; see its log above")
+    first_ns = min(r["header"]["mono_ns"] for r in raw)
+    warm_end_ns = first_ns + int(warmup_s * 1e9)
+
+    samples: dict[str, list[float]] = {s: [] for s in STAGES}
+    times: dict[str, list[float]] = {s: [] for s in STAGES}
+
+    def add(stage: str, mono_ns: int, ms: float) -> None:
+        samples[stage].append(float(ms))
+        times[stage].append((mono_ns - first_ns) / 1e9)
+
+    measured = 0
+    for arrival_ns, raw_header in sub.enhanced:
+        try:
+            h = decode_header(raw_header, PublishedHeader)
+        except ProtocolError:
+            continue
+        if h.mono_ns < warm_end_ns:
+            continue
+        measured += 1
+        t = h.timings_ms
+        for stage in SERVER_STAGES:
+            if stage in t:
+                add(stage, h.mono_ns, t[stage])
+        total = (arrival_ns - h.mono_ns) / 1e6
+        add("publish", h.mono_ns, total - sum(t.values()))  # fidelity, if any, is server work
+        add("total", h.mono_ns, total)
+    if measured < MIN_FRAMES:
+        raise ValueError(
+            f"engine {name!r}: only {measured} enhanced frames after the {warmup_s:g} s warm-up "
+            f"reached the subscriber (need {MIN_FRAMES}): raise --duration (now {duration_s:g} s)"
+        )
+    for r in index:
+        mono_ns = r["header"]["mono_ns"]
+        if mono_ns >= warm_end_ns and "disk" in r.get("timings_ms", {}):
+            add("disk", mono_ns, r["timings_ms"]["disk"])
+    hook_exact = _hook_samples(state["stats"], raw, warm_end_ns, add)
+
+    engine = server.get("engine", {})
+    described = (engine.get("backend") or [{}])[0]
+    start = state["start"] or {}
+    cpu_s = wall_s = cpu_percent = None
+    if server.get("cpu_s") is not None and start.get("cpu_s") is not None:
+        cpu_s = server["cpu_s"] - start["cpu_s"]
+        wall_s = server["uptime_s"] - start["uptime_s"]
+        cpu_percent = 100 * cpu_s / wall_s if wall_s > 0 else None
+    latency = {s: percentiles(samples[s]) for s in STAGES}
+    if not hook_exact:
+        latency["hook"] = dict(sent["hook_ms"])
+    return {
+        "engine": engine.get("engine", name),
+        "latency_ms": latency,
+        "frames_measured": {s: len(samples[s]) for s in STAGES},
+        "fps_acquired": sent.get("fps"),
+        "frames_expected": sent.get("frames_expected"),
+        "frames_acquired": sent["frames_seen"],
+        "frames_enhanced": server["frames_enhanced"],
+        "frames_skipped": server["frames_skipped"],
+        "frames_not_handed_over": sent["frames_not_handed_over"],
+        "frames_received_by_subscriber": len(sub.enhanced),
+        "raw_frames_received_by_subscriber": sub.raw,
+        "publish_dropped": server.get("publish_dropped"),
+        "warmup_frames_dropped": sum(1 for r in raw if r["header"]["mono_ns"] < warm_end_ns),
+        "hook_warmup_excluded": hook_exact,
+        "engine_errors": server.get("engine_errors", {}),
+        "disk_errors": server.get("disk_errors", {}),
+        "rss_mb": max(rss) if rss else None,
+        "cpu_s": cpu_s,
+        "cpu_s_total": server.get("cpu_s"),
+        "wall_s": wall_s,
+        "cpu_percent": cpu_percent,
+        "backend": " ".join(str(described[k]) for k in ("name", "device") if described.get(k)),
+        "backend_reason": (engine.get("reason") or [None])[0],
+        "samples": samples,
+        "sample_times_s": times,
+    }
+
+
+def _hook_samples(
+    stats: HookStats | None,
+    raw: list[dict[str, Any]],
+    warm_end_ns: int,
+    add: Callable[[str, int, float], None],
+) -> bool:
+    """Add the hook's per-frame times after the warm-up; False when frames cannot be matched.
+
+    The hook keeps one time per sent frame, in order; when every sent frame reached the server,
+    the n-th time belongs to the raw frame with the n-th smallest seq."""
+    if stats is None:
+        return False
+    values = stats.send_us.values() / 1e3
+    ordered = sorted(raw, key=lambda r: r["header"]["seq"])
+    if len(values) != len(ordered) or len(values) != stats.frames_sent:
+        return False
+    for ms, r in zip(values, ordered, strict=True):
+        if r["header"]["mono_ns"] >= warm_end_ns:
+            add("hook", r["header"]["mono_ns"], ms)
+    return True
+
+
+def plot_latency(result: dict[str, Any], out_dir: Path) -> list[Path]:
+    """Per engine, ``latency_ENGINE_hist.png`` (histogram per stage) and
+    ``latency_ENGINE_timeline.png`` (per-frame stage times vs frame time); the written paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    for name, r in result.get("engines", {}).items():
+        samples = r.get("samples")
+        if not samples:
+            raise ValueError(
+                f"engine {name!r} has no per-frame samples to plot: plot the result of "
+                "run_latency before its samples are stripped"
+            )
+        times = r.get("sample_times_s", {})
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(name))
+        for kind in ("hist", "timeline"):
+            fig, axes = plt.subplots(3, 3, figsize=(13, 10), constrained_layout=True)
+            for ax, stage in zip(axes.flat, STAGES, strict=True):
+                values = np.asarray(samples.get(stage, []), dtype=float)
+                ax.set_title(f"{stage} (n={values.size})", fontsize=10)
+                if values.size == 0:
+                    ax.text(0.5, 0.5, "no samples", ha="center", va="center",
+                            transform=ax.transAxes)  # fmt: skip
+                    continue
+                p = percentiles(values)
+                if kind == "hist":
+                    ax.hist(values, bins=min(60, max(10, values.size // 10)), color="tab:blue")
+                    for q, style in (("p50", "-"), ("p99", "--")):
+                        ax.axvline(p[q], color="tab:red", linestyle=style, label=f"{q} {p[q]:.2f}")
+                    ax.set_xlabel("ms")
+                    ax.legend(fontsize=8)
+                else:
+                    t = np.asarray(times.get(stage, []), dtype=float)
+                    ax.plot(t[: values.size], values[: t.size], ".", markersize=2)
+                    ax.axhline(p["p99"], color="tab:red", linestyle="--", linewidth=0.8,
+                               label=f"p99 {p['p99']:.2f}")  # fmt: skip
+                    ax.set_xlabel("frame time (s)")
+                    ax.set_ylabel("ms")
+                    ax.legend(fontsize=8)
+            what = "histograms" if kind == "hist" else "per frame"
+            fig.suptitle(f"latency per stage, engine {name} ({what}; backend {r.get('backend')})")
+            path = out_dir / f"latency_{safe}_{kind}.png"
+            fig.savefig(path, dpi=80)
+            plt.close(fig)
+            written.append(path)
+    return written

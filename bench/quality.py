@@ -1,0 +1,687 @@
+"""Image quality: engines against classical baselines on held-out true pairs.
+
+    result = run_quality(engines=["gaussian"], simulated="confocal-20fps", pairs=8)
+
+Every method (the raw frame itself, each baseline of :mod:`bench.baselines` at the engines'
+scale, each engine run through an :class:`EngineChain` fed from a :class:`stream.ring.Ring` as
+the server feeds it) is scored per pair against the truth: PSNR, SSIM, MS-SSIM, NRMSE, its own
+decorrelation resolution, the fidelity residual against the raw frame, and flicker over a short
+sequence of one position. Decorrelation analysis assumes white noise (Descloux et al. 2019):
+smoothed or interpolated outputs (nearest-upsampled raw included) can show a spurious cut-off,
+so read it beside the truth's own value (``result["truth"]``). The fidelity chi-square is about
+1 for an output that explains the raw frame within the noise; the raw frame itself scores below
+1 (it reproduces its own noise), an output that invents or removes structure far above 1.
+
+Pairs come from a folder (``low/`` and ``high/`` TIFFs matched by name, the high image fitted
+linearly onto the low image's ADU as training does) or from a simulated preset: the fast scan
+and the slow high-quality scan of one instant, in raw-equivalent ADU exactly as
+``engines.train.data`` makes them (see its docstring for the units), but held out: a different
+specimen (scene seed ``seed + 1000``; training uses 0), instants after the training time span
+and stage positions outside the region training draws from. No torch needed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tifffile
+from scipy import ndimage
+
+from calibration.camera import CameraParams
+from calibration.fidelity import fidelity
+from calibration.forward import ForwardModel
+from calibration.metrics import (
+    MS_SSIM_WEIGHTS,
+    decorrelation_resolution,
+    flicker,
+    ms_ssim,
+    nrmse,
+    psnr,
+    ssim,
+)
+from calibration.optics import psf_kernel, psf_sigma_um
+from calibration.scan import ScanParams
+from engines.engine import EngineChain, EngineError
+from engines.package import PackageError
+from stream.protocol import DTYPES, FrameHeader
+from stream.ring import Ring
+from stream.simulated import Preset, Scene, get_preset
+from stream.specimen import View
+
+from .baselines import BASELINES, upsample_nearest
+
+Progress = Callable[[str], None]
+"""``progress(message)``, called as pairs are made and methods scored."""
+
+METRICS = (
+    "psnr", "ssim", "ms_ssim", "nrmse", "decorrelation_px", "decorrelation_um",
+    "fidelity_chi2", "fidelity_worst_block", "flicker",
+)  # fmt: skip
+"""Every method's metrics; a metric that cannot be computed for the data is None."""
+
+HELD_OUT_SEED = 1000
+"""Added to ``seed`` for the held-out scene and noise: training's default seed is 0."""
+TRAIN_SPAN_S = 300.0
+"""Simulated seconds (x time_scale) training draws instants from (engines.train.data._SPAN_S)."""
+BACKGROUND_FRAMES = 9
+"""Frames in a temporal engine's background median: the server ring's default."""
+PANEL_PAIRS = 3
+"""Pairs whose images are kept for :func:`plot_quality`."""
+DEFAULT_PSF_SIGMA_PX = 1.0
+"""Richardson-Lucy's PSF sigma (raw px) for folder data, when none is given."""
+
+_SSIM_WINDOW_PX = 11  # Wang et al.'s Gaussian window, as calibration.metrics sizes it
+_MS_SSIM_MIN_SIDE = _SSIM_WINDOW_PX * 2 ** (len(MS_SSIM_WEIGHTS) - 1)
+_DECORRELATION_MIN_SIDE = 32
+_FIT_SIGMA = 4.0  # engines.train.data's smoothing before the paired intensity fit
+_MIN_FIT_CORRELATION = 0.5
+_MIN_FIELD = 16
+
+
+@dataclass
+class _Pair:
+    """One held-out pair: raw frames (oldest first, the last is scored) and its truth."""
+
+    name: str
+    frames: list[np.ndarray]
+    truth: np.ndarray
+    offset: float
+
+
+@dataclass
+class _Data:
+    """Pairs and what is known about the rig that recorded them."""
+
+    pairs: list[_Pair]
+    scale: int
+    camera: CameraParams | None = None
+    scan: ScanParams | None = None
+    pixel_size_um: float | None = None
+    psf_sigma_px: float = DEFAULT_PSF_SIGMA_PX
+    sequence: list[np.ndarray] | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Samples:
+    """Images of the first pairs for :func:`plot_quality`: raw, truth and every method's output.
+
+    Not a dict or array on purpose: a result written as JSON shows this as one short string.
+    """
+
+    pairs: list[dict[str, np.ndarray]]
+
+    def __str__(self) -> str:
+        return f"<{len(self.pairs)} sample pairs of images, for plots only>"
+
+
+# -- simulated held-out pairs -----------------------------------------------------------------
+
+
+def _even_up(n: int) -> int:
+    return n + n % 2
+
+
+def _bin_mean(image: np.ndarray, factor: int) -> np.ndarray:
+    """Mean over factor x factor blocks (keeps the per-pixel level)."""
+    image = np.asarray(image, np.float32)
+    if factor == 1:
+        return image
+    h, w = image.shape
+    return image.reshape(h // factor, factor, w // factor, factor).mean(axis=(1, 3))
+
+
+class _HeldOutRig:
+    """One channel of a simulated preset rendering true pairs with engines.train.data's physics
+    (margins, grids, raw-equivalent targets) on a specimen, instants and positions training
+    never draws."""
+
+    def __init__(self, preset: Preset, seed: int, frame_field: int | None) -> None:
+        self.preset = preset
+        self.channel = next(iter(preset.channels))
+        self.scene = Scene(preset, seed + HELD_OUT_SEED)
+        spec = preset.channels[self.channel]
+        self.transmitted = spec.specimen == "brightfield-cells"
+        self.fast: ForwardModel = self.scene.forward_model(self.channel)
+        self.slow: ForwardModel = self.scene.forward_model(self.channel, high_quality=True)
+        self.dwell = preset.exposure_ms * spec.photons_per_ms
+        self.shape = (frame_field, frame_field) if frame_field else preset.shape
+        self.dt_s = preset.frame_interval_s * preset.time_scale
+        # a smaller field is rendered with a margin cut off again, as training does, so PSF and
+        # line-phase edges match the inside of a full frame
+        self.margin = 0
+        if frame_field:
+            size = psf_kernel(self.fast.optics, preset.pixel_size_um).shape[0]
+            self.margin = _even_up(size // 2 + 2 + math.ceil(abs(preset.scan.phase_px)))
+
+    def draw(self, rng: np.random.Generator, history_s: float) -> tuple[float, tuple[float, float]]:
+        """An instant after training's time span and a field centre outside training's region."""
+        p = self.preset
+        span = TRAIN_SPAN_S * p.time_scale
+        t = history_s + span + float(rng.uniform(0.0, span))
+        x0, y0, _ = p.positions[int(rng.integers(len(p.positions)))]
+        reach = max(50.0, 4 * max(self.shape) * p.pixel_size_um)  # training: +-reach per axis
+        angle, radius = float(rng.uniform(0, 2 * math.pi)), float(rng.uniform(1.5, 2.5)) * reach
+        return t, (x0 + radius * math.cos(angle), y0 + radius * math.sin(angle))
+
+    def _fine(self, t_s: float, xy: tuple[float, float], model: ForwardModel, dwell: float,
+              grid: int) -> np.ndarray:  # fmt: skip
+        """Photons on ``model``'s fine grid for the field and its margin, ``grid`` x finer."""
+        d, m = model.scan.downsample, self.margin
+        rows, cols = ((n + 2 * m) * grid * d for n in self.shape)
+        view = View(shape=(rows, cols), pixel_size_um=model.fine_pixel_size_um, center_um=xy)
+        return self.scene.specimen(self.channel).render(t_s, view) * np.float32(dwell)
+
+    def _crop(self, image: np.ndarray, grid: int) -> np.ndarray:
+        m = self.margin * grid
+        return image[m : image.shape[0] - m, m : image.shape[1] - m] if m else image
+
+    def low(self, t_s: float, xy: tuple[float, float], rng: np.random.Generator) -> np.ndarray:
+        """One noisy fast-scan frame (uint16), in focus."""
+        return self._crop(self.fast.record(self._fine(t_s, xy, self.fast, self.dwell, 1), rng), 1)
+
+    def truth(self, t_s: float, xy: tuple[float, float], scale: int,
+              rng: np.random.Generator) -> np.ndarray:  # fmt: skip
+        """The slow scan at ``scale``, in raw-equivalent ADU: ``o + k (adu - o)`` with
+        ``k = f**2 / dwell`` (fluorescence) or ``1 / dwell`` (transmitted light)."""
+        p = self.preset
+        f, dwell = p.high_quality_factor, p.high_quality_dwell
+        hq = self.slow.record(self._fine(t_s, xy, self.slow, self.dwell * dwell, f), rng)
+        k = (1 if self.transmitted else f**2) / dwell
+        offset = np.float32(self.fast.camera.offset_adu)
+        return (_bin_mean(self._crop(hq, f), f // scale) - offset) * np.float32(k) + offset
+
+
+def _simulated(preset: Preset, *, scale: int, pairs: int, history: int, sequence: int,
+               seed: int, frame_field: int | None, progress: Progress | None) -> _Data:  # fmt: skip
+    """Held-out pairs (``history`` raw frames each, truth at the last) and one raw sequence."""
+    f = preset.high_quality_factor
+    if scale > f or f % scale:
+        scales = [s for s in range(1, f + 1) if f % s == 0]
+        raise ValueError(
+            f"the engines have scale {scale}, but preset {preset.name!r} has truth only at "
+            f"scale {' or '.join(map(str, scales))} (its slow scan is {f}x finer than its fast "
+            "scan): benchmark engines of that scale on it, or use paired data (data=FOLDER)"
+        )
+    rig = _HeldOutRig(preset, seed, frame_field)
+    offset = float(preset.camera.offset_adu)
+    out: list[_Pair] = []
+    rng = np.random.default_rng([seed + HELD_OUT_SEED, 1])
+    for i in range(pairs):
+        t, xy = rig.draw(rng, (history - 1) * rig.dt_s)
+        frames = [rig.low(t - (history - 1 - j) * rig.dt_s, xy, rng) for j in range(history)]
+        out.append(_Pair(f"sim-{i}", frames, rig.truth(t, xy, scale, rng), offset))
+        if progress is not None:
+            progress(f"pair {i + 1}/{pairs} simulated ({preset.name}, t={t:.1f} s)")
+    frames_seq = None
+    if sequence:
+        seq_rng = np.random.default_rng([seed + HELD_OUT_SEED, 2])
+        t, xy = rig.draw(seq_rng, 0.0)
+        frames_seq = [rig.low(t + j * rig.dt_s, xy, seq_rng) for j in range(sequence)]
+    info = {"preset": preset.name, "channel": rig.channel, "scene_seed": seed + HELD_OUT_SEED,
+            "field": list(rig.shape), "dt_s": rig.dt_s}  # fmt: skip
+    return _Data(
+        pairs=out,
+        scale=scale,
+        camera=preset.camera,
+        scan=preset.scan,
+        pixel_size_um=preset.pixel_size_um,
+        psf_sigma_px=psf_sigma_um(rig.fast.optics) / preset.pixel_size_um,
+        sequence=frames_seq,
+        info=info,
+    )
+
+
+# -- folder pairs -----------------------------------------------------------------------------
+
+
+def _tiffs(folder: Path) -> dict[str, Path]:
+    paths = sorted([*folder.glob("*.tif"), *folder.glob("*.tiff")])
+    return {p.stem.split(".")[0]: p for p in paths}
+
+
+def match_intensity(
+    low: np.ndarray, high: np.ndarray, scale: int, name: str
+) -> tuple[float, float]:
+    """(a, b) with ``low ~ a * binned(high) + b`` fitted on smoothed images, as
+    engines.train.data.match_intensity does for training; ValueError if they do not correspond."""
+    lo = ndimage.gaussian_filter(np.asarray(low, np.float64), _FIT_SIGMA)
+    hb = ndimage.gaussian_filter(_bin_mean(high, scale).astype(np.float64), _FIT_SIGMA)
+    lo, hb = lo.ravel() - lo.mean(), hb.ravel() - hb.mean()
+    var_h, var_l = float(hb @ hb), float(lo @ lo)
+    r = float(lo @ hb) / math.sqrt(var_h * var_l) if var_h > 0 and var_l > 0 else 0.0
+    if not r >= _MIN_FIT_CORRELATION:
+        raise ValueError(
+            f"high image of {name} does not follow its low image (correlation {r:.2f} of the "
+            f"smoothed images, need >= {_MIN_FIT_CORRELATION}): check that the pair shows the "
+            "same field and is registered, or pass match=False"
+        )
+    a = float(lo @ hb) / var_h
+    b = float(np.mean(low, dtype=np.float64)) - a * float(np.mean(_bin_mean(high, scale)))
+    return a, b
+
+
+def _folder(folder: Path, match: bool, progress: Progress | None) -> _Data:
+    """Every low/high pair of ``folder``; the scale is the high/low side ratio."""
+    if not folder.is_dir():
+        raise ValueError(f"no pairs in {folder}: the folder does not exist")
+    lows = _tiffs(folder / "low") if (folder / "low").is_dir() else {}
+    highs = _tiffs(folder / "high") if (folder / "high").is_dir() else {}
+    names = sorted(lows.keys() & highs.keys())
+    if not names:
+        raise ValueError(
+            f"no pairs in {folder}: it needs low/ and high/ folders of TIFFs matched by name "
+            f"(found {len(lows)} low and {len(highs)} high TIFFs, none matched)"
+        )
+    unmatched = sorted(lows.keys() ^ highs.keys())
+    if unmatched:
+        raise ValueError(
+            f"TIFFs in {folder} without a partner of the same name in low/ or high/: "
+            f"{', '.join(unmatched[:5])}{' ...' if len(unmatched) > 5 else ''}; rename or remove"
+        )
+    pairs: list[_Pair] = []
+    scale: int | None = None
+    for i, name in enumerate(names):
+        low, high = tifffile.imread(lows[name]), tifffile.imread(highs[name])
+        if low.ndim != 2 or high.ndim != 2:
+            raise ValueError(
+                f"pair {name!r} in {folder}: low {low.shape} and high {high.shape} must both be "
+                "2-D images (one plane each)"
+            )
+        ratio = high.shape[0] // low.shape[0]
+        if ratio < 1 or high.shape != (low.shape[0] * ratio, low.shape[1] * ratio):
+            raise ValueError(
+                f"pair {name!r} in {folder}: high {high.shape} is not an integer multiple of low "
+                f"{low.shape} on both axes; register it (`scopecast calibrate register`)"
+            )
+        if scale is not None and ratio != scale:
+            raise ValueError(
+                f"pairs in {folder} differ in scale: {names[0]!r} is x{scale}, {name!r} is "
+                f"x{ratio}; keep one scale per folder"
+            )
+        scale = ratio
+        if str(low.dtype) not in DTYPES:
+            low = low.astype(np.float32)
+        truth = np.asarray(high, np.float32)
+        if not (np.isfinite(truth).all() and np.isfinite(low).all()):
+            raise ValueError(f"pair {name!r} in {folder} has NaN or inf values: replace them")
+        if match:
+            a, b = match_intensity(low, truth, ratio, f"pair {name!r}")
+            truth = truth * np.float32(a) + np.float32(b)
+        offset = float(np.percentile(low, 0.1))
+        pairs.append(_Pair(name, [np.ascontiguousarray(low)], truth, offset))
+        if progress is not None:
+            progress(f"pair {i + 1}/{len(names)} read ({name})")
+    assert scale is not None
+    return _Data(pairs=pairs, scale=scale, info={"match_intensity": match})
+
+
+# -- methods ----------------------------------------------------------------------------------
+
+
+def _open(name: str, backend: str) -> EngineChain:
+    """One engine (or an ``a+b`` chain) by name or package folder; ValueError if unknown."""
+    parts: list[str | Path] = [name] if Path(name).exists() else list(name.split("+"))
+    try:
+        return EngineChain.open(parts, backend)
+    except PackageError as e:
+        raise ValueError(f"engine {name!r} cannot be opened: {e}") from e
+
+
+def _history(chain: EngineChain) -> int:
+    """Raw frames a chain should see before the scored one: window, background, previous."""
+    first = chain.engines[0].manifest.temporal
+    return max(first.window, BACKGROUND_FRAMES if first.background else 1,
+               2 if first.previous_output else 1)  # fmt: skip
+
+
+def _run_chain(
+    chain: EngineChain, frames: Sequence[np.ndarray]
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(frame, float output) for each of ``frames`` in order, fed through one fresh ring exactly
+    as the server feeds a key: push, snapshot, enhance, keep each stage's previous output."""
+    ring = Ring(chain.window, background=chain.background, max_pause_s=None)
+    out = []
+    for t, frame in enumerate(frames):
+        frame = np.ascontiguousarray(frame)
+        header = FrameHeader(stream="bench", seq=t, index={"t": t}, shape=frame.shape,
+                             dtype=str(frame.dtype), mono_ns=t, wall_time=0.0)  # fmt: skip
+        ring.push(header, frame)
+        window = ring.snapshot()
+        try:
+            result = chain.enhance(window.frames, window.previous, window.background)
+        except EngineError as e:
+            raise ValueError(f"engine {chain.name!r} failed on a {frame.shape} frame: {e}") from e
+        for stage in result.stages:
+            ring.set_previous(stage.stage, stage.output, window.generation)
+        out.append((result.frame, result.stages[-1].output))
+    return out
+
+
+def _score(output: np.ndarray, fid_output: np.ndarray, pair: _Pair, data: _Data) -> dict[str, Any]:
+    """Every per-pair metric of one output against the pair's truth and raw frame."""
+    truth, raw = pair.truth, pair.frames[-1]
+    value_range = float(np.ptp(truth))
+    side = min(truth.shape)
+    scores: dict[str, Any] = {
+        "psnr": psnr(truth, output, data_range=value_range),
+        "ssim": ssim(truth, output, data_range=value_range),
+        "ms_ssim": ms_ssim(truth, output, data_range=value_range)
+        if side >= _MS_SSIM_MIN_SIDE else None,
+        "nrmse": nrmse(truth, output, normalization="min-max"),
+        "decorrelation_px": None,
+        "decorrelation_um": None,
+        "fidelity_chi2": None,
+        "fidelity_worst_block": None,
+    }  # fmt: skip
+    if side >= _DECORRELATION_MIN_SIDE:
+        px = None if data.pixel_size_um is None else data.pixel_size_um / data.scale
+        d = decorrelation_resolution(output, pixel_size_um=px)
+        scores["decorrelation_px"], scores["decorrelation_um"] = d.resolution_px, d.resolution_um
+    if data.camera is not None:
+        fid = fidelity(np.asarray(fid_output, np.float32), raw, data.camera, scale=data.scale,
+                       scan=data.scan)  # fmt: skip
+        scores["fidelity_chi2"], scores["fidelity_worst_block"] = fid.chi2, fid.worst_block
+    return scores
+
+
+def _mean(values: list[Any]) -> float | None:
+    known = [float(v) for v in values if v is not None]
+    return float(np.mean(known)) if known else None
+
+
+def _truth_reference(data: _Data) -> dict[str, float | None]:
+    """What a perfect method would score on the resolution and fidelity metrics."""
+    res_px, res_um, chi2 = [], [], []
+    for pair in data.pairs:
+        if min(pair.truth.shape) >= _DECORRELATION_MIN_SIDE:
+            px = None if data.pixel_size_um is None else data.pixel_size_um / data.scale
+            d = decorrelation_resolution(pair.truth, pixel_size_um=px)
+            res_px.append(d.resolution_px)
+            res_um.append(d.resolution_um)
+        if data.camera is not None:
+            chi2.append(
+                fidelity(
+                    pair.truth, pair.frames[-1], data.camera, scale=data.scale, scan=data.scan
+                ).chi2  # fmt: skip
+            )
+    return {"decorrelation_px": _mean(res_px), "decorrelation_um": _mean(res_um),
+            "fidelity_chi2": _mean(chi2)}  # fmt: skip
+
+
+# -- the benchmark ----------------------------------------------------------------------------
+
+
+def _check_args(engines: Sequence[str], data: Path | None, simulated: str | None, pairs: int,
+                sequence: int, seed: int, baselines: Sequence[str],
+                frame_field: int | None) -> None:  # fmt: skip
+    if (data is None) == (simulated is None):
+        raise ValueError(
+            "give exactly one of data (a folder with low/ and high/ TIFFs) or simulated "
+            f"(a preset name); got data={data!r}, simulated={simulated!r}"
+        )
+    if isinstance(engines, str):
+        raise ValueError(f"engines must be a list of names, got the string {engines!r}")
+    if not (isinstance(pairs, int) and pairs >= 1):
+        raise ValueError(f"pairs must be an integer >= 1, got {pairs!r}")
+    if not (isinstance(sequence, int) and (sequence == 0 or sequence >= 2)):
+        raise ValueError(f"sequence must be 0 (no flicker) or an integer >= 2, got {sequence!r}")
+    if not (isinstance(seed, int) and seed >= 0):
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    if frame_field is not None and not (isinstance(frame_field, int) and frame_field >= _MIN_FIELD):
+        raise ValueError(f"field must be None (whole frame) or an int >= {_MIN_FIELD}, got "
+                         f"{frame_field!r}")  # fmt: skip
+    unknown = [b for b in baselines if b not in BASELINES]
+    if unknown:
+        raise ValueError(f"unknown baseline(s) {unknown}: choose from {', '.join(BASELINES)}")
+
+
+def _common_scale(chains: dict[str, EngineChain]) -> int | None:
+    scales = {name: c.scale for name, c in chains.items()}
+    if len(set(scales.values())) > 1:
+        listed = ", ".join(f"{n} x{s}" for n, s in scales.items())
+        raise ValueError(
+            f"the engines differ in scale ({listed}): run the engines of each scale in a "
+            "separate call, so every method is scored on one truth grid"
+        )
+    return next(iter(scales.values()), None)
+
+
+def run_quality(
+    *,
+    engines: Sequence[str],
+    data: Path | None = None,
+    simulated: str | None = None,
+    pairs: int = 8,
+    sequence: int = 8,
+    seed: int = 0,
+    baselines: Sequence[str] = tuple(BASELINES),
+    field: int | None = None,
+    psf_sigma_px: float | None = None,
+    match: bool = True,
+    backend: str = "auto",
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Score every baseline and engine on held-out pairs from ``data`` or ``simulated``.
+
+    ``field`` renders simulated frames of that many raw px per side (None: the preset's frame);
+    ``psf_sigma_px`` overrides Richardson-Lucy's PSF (default: the preset's optics, or 1 px for
+    folder data); ``match`` fits folder high images onto the low images' ADU. With no engines the
+    baselines run at the data's scale (1 for simulated data).
+    """
+    frame_field = field
+    _check_args(engines, data, simulated, pairs, sequence, seed, baselines, frame_field)
+    preset = get_preset(simulated) if simulated is not None else None
+    chains: dict[str, EngineChain] = {}
+    try:
+        for name in engines:
+            if name in chains:
+                raise ValueError(f"engine {name!r} is listed twice")
+            chains[name] = _open(name, backend)
+        scale = _common_scale(chains)
+        if preset is not None:
+            history = max([_history(c) for c in chains.values()] + [1])
+            d = _simulated(preset, scale=scale or 1, pairs=pairs, history=history,
+                           sequence=sequence, seed=seed, frame_field=frame_field,
+                           progress=progress)  # fmt: skip
+        else:
+            assert data is not None
+            d = _folder(Path(data), match, progress)
+            if scale is not None and scale != d.scale:
+                name = next(iter(chains))
+                raise ValueError(
+                    f"engine {name!r} has scale {scale}, but the data in {data} have scale "
+                    f"{d.scale} (high/low side ratio): use engines of scale {d.scale}, or pairs "
+                    f"whose high images are {scale}x the low images"
+                )
+        if psf_sigma_px is not None:
+            d.psf_sigma_px = float(psf_sigma_px)
+        for name, chain in chains.items():
+            try:
+                chain.check(d.pairs[0].frames[-1].shape)
+            except EngineError as e:
+                raise ValueError(f"engine {name!r} cannot take these frames: {e}") from e
+        return _evaluate(d, chains, list(baselines), data, simulated, seed, progress)
+    finally:
+        for chain in chains.values():
+            chain.close()
+
+
+def _evaluate(d: _Data, chains: dict[str, EngineChain], baselines: list[str],
+              data: Path | None, simulated: str | None, seed: int,
+              progress: Progress | None) -> dict[str, Any]:  # fmt: skip
+    """Score the raw frame, every baseline and every engine; aggregate per method."""
+    kw = {"scale": d.scale, "psf_sigma_px": d.psf_sigma_px}
+    outputs: dict[str, Callable[[_Pair], tuple[np.ndarray, np.ndarray]]] = {}
+    sequences: dict[str, Callable[[list[np.ndarray]], list[np.ndarray]]] = {}
+    kinds: dict[str, dict[str, Any]] = {"raw": {"kind": "raw"}}
+
+    def raw(p: _Pair) -> tuple[np.ndarray, np.ndarray]:
+        up = upsample_nearest(p.frames[-1], d.scale)
+        return up, up
+
+    outputs["raw"] = raw
+    sequences["raw"] = lambda frames: list(frames)
+    for b in baselines:
+        fn = BASELINES[b]
+
+        def baseline(p: _Pair, fn: Callable[..., np.ndarray] = fn) -> tuple[np.ndarray, np.ndarray]:
+            est = fn(p.frames[-1], offset=p.offset, **kw)
+            return est, est
+
+        outputs[b] = baseline
+        offset = float(np.mean([p.offset for p in d.pairs]))
+        sequences[b] = lambda frames, fn=fn, offset=offset: [
+            fn(f, offset=offset, **kw) for f in frames
+        ]
+        kinds[b] = {"kind": "baseline"}
+    for name, chain in chains.items():
+        key = f"engine:{name}"
+
+        def engine(p: _Pair, chain: EngineChain = chain) -> tuple[np.ndarray, np.ndarray]:
+            return _run_chain(chain, p.frames)[-1]
+
+        outputs[key] = engine
+        sequences[key] = lambda frames, chain=chain: [f for f, _ in _run_chain(chain, frames)]
+        manifest = chain.engines[-1].manifest
+        kinds[key] = {"kind": "engine", "engine": name, "task": manifest.task}
+
+    methods: dict[str, dict[str, Any]] = {}
+    samples: list[dict[str, np.ndarray]] = [
+        {"truth": p.truth.astype(np.float32)} for p in d.pairs[:PANEL_PAIRS]
+    ]
+    for method, run in outputs.items():
+        per_pair: dict[str, list[Any]] = {m: [] for m in METRICS if m != "flicker"}
+        for i, pair in enumerate(d.pairs):
+            shown, for_fidelity = run(pair)
+            for m, v in _score(shown, for_fidelity, pair, d).items():
+                per_pair[m].append(v)
+            if i < PANEL_PAIRS:
+                samples[i][method] = np.asarray(shown, np.float32)
+        flick = None
+        if d.sequence:
+            outs = sequences[method](d.sequence)
+            flick = flicker(np.stack([np.asarray(f, np.float64) for f in outs]))
+        methods[method] = {
+            **kinds[method],
+            **{m: _mean(v) for m, v in per_pair.items()},
+            "flicker": flick,
+            "per_pair": per_pair,
+        }
+        if progress is not None:
+            psnr_mean = methods[method]["psnr"]
+            progress(f"{method}: PSNR {psnr_mean:.2f} dB over {len(d.pairs)} pairs")
+    best = _best_baseline(methods, baselines)
+    keep = {"raw", "truth", *([best] if best else []), *(f"engine:{n}" for n in chains)}
+    for s in samples:
+        for k in [k for k in s if k not in keep]:
+            del s[k]
+    return {
+        "kind": "quality",
+        "data": None if data is None else str(data),
+        "simulated": simulated,
+        "pairs": len(d.pairs),
+        "scale": d.scale,
+        "seed": seed,
+        "sequence": len(d.sequence) if d.sequence else 0,
+        "engines": list(chains),
+        "baselines": baselines,
+        "best_baseline": best,
+        "pixel_size_um": d.pixel_size_um,
+        "psf_sigma_px": d.psf_sigma_px,
+        "pair_names": [p.name for p in d.pairs],
+        "info": d.info,
+        "truth": _truth_reference(d),
+        "methods": methods,
+        "samples": Samples(samples),
+    }
+
+
+def _best_baseline(methods: dict[str, dict[str, Any]], baselines: list[str]) -> str | None:
+    """The baseline with the highest mean PSNR (ties: the earlier one)."""
+    scored = [(methods[b]["psnr"], -i, b) for i, b in enumerate(baselines)]
+    return max(scored)[2] if scored else None
+
+
+# -- plots ------------------------------------------------------------------------------------
+
+
+def plot_quality(result: dict[str, Any], out_dir: Path) -> list[Path]:
+    """``quality_metrics.png`` (mean PSNR and SSIM per method) and, when the result still holds
+    its images, ``quality_panels.png``: raw | best baseline | each engine | truth, one contrast
+    per row (the truth's 0.5-99.5th percentiles)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [_plot_metrics(result, out_dir, plt)]
+    samples = result.get("samples")
+    if isinstance(samples, Samples) and samples.pairs:
+        paths.append(_plot_panels(result, samples, out_dir, plt))
+    return paths
+
+
+def _plot_metrics(result: dict[str, Any], out_dir: Path, plt: Any) -> Path:
+    methods = result["methods"]
+    names = list(methods)
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, 0.9 * len(names) + 3), 4), squeeze=False)
+    for ax, metric, label in zip(axes[0], ("psnr", "ssim"), ("PSNR (dB)", "SSIM"), strict=True):
+        values = [methods[n].get(metric) for n in names]
+        colors = ["tab:gray" if methods[n]["kind"] == "raw" else
+                  "tab:orange" if methods[n]["kind"] == "engine" else "tab:blue"
+                  for n in names]  # fmt: skip
+        ax.bar(range(len(names)), [np.nan if v is None else v for v in values], color=colors)
+        ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+        ax.set_ylabel(label)
+        finite = [v for v in values if v is not None and math.isfinite(v)]
+        if finite:
+            lo, hi = min(finite), max(finite)
+            ax.set_ylim(lo - 0.1 * (hi - lo + 1e-9), hi + 0.1 * (hi - lo + 1e-9))
+    source = result.get("simulated") or result.get("data")
+    fig.suptitle(f"quality on {source}, {result['pairs']} pairs, x{result['scale']} "
+                 "(gray raw, blue baselines, orange engines)", fontsize=9)  # fmt: skip
+    fig.tight_layout()
+    path = out_dir / "quality_metrics.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _plot_panels(result: dict[str, Any], samples: Samples, out_dir: Path, plt: Any) -> Path:
+    best = result.get("best_baseline")
+    columns = ["raw", *([best] if best else []), *(f"engine:{n}" for n in result["engines"]),
+               "truth"]  # fmt: skip
+    rows = len(samples.pairs)
+    fig, axes = plt.subplots(rows, len(columns), figsize=(2.6 * len(columns), 2.7 * rows),
+                             squeeze=False)  # fmt: skip
+    names = result.get("pair_names", [])
+    for r, images in enumerate(samples.pairs):
+        lo, hi = np.percentile(images["truth"], (0.5, 99.5))
+        for c, column in enumerate(columns):
+            ax = axes[r][c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            image = images.get(column)
+            if image is None:
+                continue
+            ax.imshow(image, cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
+            title = "baseline: " + column if column == best else column
+            per_pair = result["methods"].get(column, {}).get("per_pair", {})
+            if per_pair.get("psnr"):
+                title += f"\n{per_pair['psnr'][r]:.2f} dB"
+            ax.set_title(title, fontsize=8)
+        if r < len(names):
+            axes[r][0].set_ylabel(names[r], fontsize=8)
+    fig.tight_layout()
+    path = out_dir / "quality_panels.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,261 @@
+"""bench.quality and bench.baselines: held-out pairs, every method scored, clear errors, plots."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from scipy import ndimage
+
+from bench.baselines import BASELINES, gaussian_psf, noise_sigma, upsample_cubic
+from bench.quality import (
+    HELD_OUT_SEED,
+    METRICS,
+    TRAIN_SPAN_S,
+    Samples,
+    _simulated,
+    match_intensity,
+    plot_quality,
+    run_quality,
+)
+from stream.simulated import get_preset
+
+FIELD = 96  # raw px per side: small, but large enough to hold specimen structure
+
+
+@pytest.fixture(scope="module")
+def x1() -> dict:
+    return run_quality(engines=["identity", "gaussian"], simulated="confocal-20fps", pairs=2,
+                       sequence=3, field=FIELD)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def x2() -> dict:
+    return run_quality(engines=["bicubic-x2"], simulated="confocal-20fps", pairs=2, sequence=3,
+                       field=FIELD)  # fmt: skip
+
+
+def _pairs_folder(root: Path, scale: int, n: int = 2, side: int = 64) -> Path:
+    """low/ and high/ TIFFs: sparse blobs (high) and their binned, Poisson-noisy low images."""
+    rng = np.random.default_rng(5)
+    for sub in ("low", "high"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        spots = (rng.random((side * scale, side * scale)) > 0.995).astype(np.float64)
+        high = 100 + 3000 * ndimage.gaussian_filter(spots, 2.0 * scale)
+        binned = high.reshape(side, scale, side, scale).mean(axis=(1, 3))
+        low = rng.poisson(binned).astype(np.uint16)
+        tifffile.imwrite(root / "low" / f"cell{i}.tif", low)
+        tifffile.imwrite(root / "high" / f"cell{i}.tif", high.astype(np.float32))
+    return root
+
+
+# -- simulated data ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["x1", "x2"])
+def test_every_method_has_every_metric(which: str, request: pytest.FixtureRequest) -> None:
+    result = request.getfixturevalue(which)
+    scale = 1 if which == "x1" else 2
+    engines = ["identity", "gaussian"] if scale == 1 else ["bicubic-x2"]
+    assert result["kind"] == "quality" and result["scale"] == scale
+    assert result["simulated"] == "confocal-20fps" and result["data"] is None
+    assert result["pairs"] == 2 and result["engines"] == engines
+    assert result["baselines"] == list(BASELINES)
+    expected = ["raw", *BASELINES, *(f"engine:{e}" for e in engines)]
+    assert list(result["methods"]) == expected
+    for name, m in result["methods"].items():
+        for metric in METRICS:
+            assert metric in m, (name, metric)
+        assert set(m["per_pair"]) == set(METRICS) - {"flicker"}
+        assert all(len(v) == 2 for v in m["per_pair"].values())
+        assert math.isfinite(m["psnr"]), name
+        assert 0 < m["ssim"] <= 1 and m["nrmse"] > 0
+        assert m["fidelity_chi2"] > 0 and m["flicker"] > 0
+        assert m["decorrelation_px"] > 0 and m["decorrelation_um"] is not None
+        # MS-SSIM needs 176 px per side: 96 px at x1 is too small, 192 px at x2 is not
+        assert (m["ms_ssim"] is None) == (scale == 1)
+    truth = result["truth"]
+    assert truth["fidelity_chi2"] == pytest.approx(1.0, abs=0.5)  # the slow scan explains raw
+
+
+def test_gaussian_engine_beats_raw_and_identity_engine_is_raw(x1: dict) -> None:
+    methods = x1["methods"]
+    assert methods["engine:gaussian"]["psnr"] > methods["raw"]["psnr"] + 3
+    assert methods["engine:gaussian"]["ssim"] > methods["raw"]["ssim"]
+    assert methods["engine:gaussian"]["flicker"] < methods["raw"]["flicker"]
+    for name in ("engine:identity", "identity"):
+        for metric in METRICS:
+            assert methods[name][metric] == methods["raw"][metric], (name, metric)
+        assert methods[name]["per_pair"] == methods["raw"]["per_pair"]
+    assert methods["engine:gaussian"]["task"] == "denoise"
+    assert x1["best_baseline"] in BASELINES
+
+
+def test_x2_engine_beats_nearest_raw(x2: dict) -> None:
+    methods = x2["methods"]
+    assert methods["engine:bicubic-x2"]["psnr"] > methods["raw"]["psnr"]
+    assert x2["pixel_size_um"] == pytest.approx(0.1)
+    px = methods["raw"]["per_pair"]["decorrelation_px"][0]
+    assert methods["raw"]["per_pair"]["decorrelation_um"][0] == pytest.approx(px * 0.1 / 2)
+
+
+def test_held_out_pairs_are_raw_equivalent_and_unseen() -> None:
+    preset = get_preset("confocal-20fps")
+    data = _simulated(preset, scale=2, pairs=2, history=2, sequence=4, seed=3,
+                      frame_field=FIELD, progress=None)  # fmt: skip
+    assert data.info["scene_seed"] == 3 + HELD_OUT_SEED != 0
+    assert data.sequence is not None and len(data.sequence) == 4
+    for pair in data.pairs:
+        low = pair.frames[-1]
+        assert len(pair.frames) == 2 and low.shape == (FIELD, FIELD) and low.dtype == np.uint16
+        assert pair.truth.shape == (2 * FIELD, 2 * FIELD)
+        # raw-equivalent ADU: the truth's 2x2 block means have the raw frame's expected value
+        binned = pair.truth.reshape(FIELD, 2, FIELD, 2).mean(axis=(1, 3))
+        assert binned.mean() == pytest.approx(low.mean(), rel=0.02)
+        assert np.corrcoef(binned.ravel(), low.ravel().astype(float))[0, 1] > 0.5
+
+
+def test_constants_follow_training() -> None:
+    data = pytest.importorskip("engines.train.data")  # needs torch (the train extra)
+    assert data._SPAN_S == TRAIN_SPAN_S
+    rng = np.random.default_rng(1)
+    high = ndimage.gaussian_filter(rng.random((64, 64)), 3) * 500 + 20
+    low = rng.poisson(high.reshape(32, 2, 32, 2).mean(axis=(1, 3)) * 0.3 + 40).astype(np.uint16)
+    ours = match_intensity(low, high, 2, "p")
+    theirs = data.match_intensity(low[None], high[None], 2, "p")
+    assert ours == pytest.approx(theirs, rel=1e-9)
+
+
+def test_no_engines_runs_baselines_only() -> None:
+    result = run_quality(engines=[], simulated="confocal-20fps", pairs=1, sequence=0,
+                         field=FIELD, baselines=["gaussian"])  # fmt: skip
+    assert list(result["methods"]) == ["raw", "gaussian"]
+    assert result["scale"] == 1 and result["methods"]["gaussian"]["flicker"] is None
+
+
+# -- folder data ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("scale", "engines"), [(1, ["identity", "gaussian"]), (2, ["bicubic-x2"])])
+def test_folder_pairs(tmp_path: Path, scale: int, engines: list[str]) -> None:
+    folder = _pairs_folder(tmp_path / "pairs", scale)
+    result = run_quality(engines=engines, data=folder, baselines=["bicubic", "nlm"])
+    assert result["data"] == str(folder) and result["simulated"] is None
+    assert result["pairs"] == 2 and result["scale"] == scale
+    assert result["pair_names"] == ["cell0", "cell1"]
+    for name, m in result["methods"].items():
+        assert set(METRICS) <= set(m)
+        assert math.isfinite(m["psnr"]), name
+        # no camera, no sequence, no pixel size for folder data
+        assert m["fidelity_chi2"] is None and m["flicker"] is None
+        assert m["decorrelation_um"] is None and m["decorrelation_px"] is not None
+    if scale == 1:
+        assert result["methods"]["engine:gaussian"]["psnr"] > result["methods"]["raw"]["psnr"]
+
+
+def test_empty_folder_has_no_pairs(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=f"no pairs in {tmp_path}"):
+        run_quality(engines=["identity"], data=tmp_path)
+    (tmp_path / "low").mkdir()
+    (tmp_path / "high").mkdir()
+    with pytest.raises(ValueError, match="no pairs in .*none matched"):
+        run_quality(engines=["identity"], data=tmp_path)
+    with pytest.raises(ValueError, match="does not exist"):
+        run_quality(engines=["identity"], data=tmp_path / "missing")
+
+
+def test_wrong_scale_engine_names_both(tmp_path: Path) -> None:
+    folder = _pairs_folder(tmp_path / "pairs", 1)
+    with pytest.raises(ValueError, match=r"'bicubic-x2' has scale 2.*have scale 1"):
+        run_quality(engines=["bicubic-x2"], data=folder)
+    with pytest.raises(ValueError, match=r"differ in scale \(identity x1, bicubic-x2 x2\)"):
+        run_quality(engines=["identity", "bicubic-x2"], simulated="confocal-20fps")
+    with pytest.raises(ValueError, match=r"scale 2, but preset 'celldiscoverer'.*scale 1"):
+        run_quality(engines=["bicubic-x2"], simulated="celldiscoverer")
+
+
+def test_bad_input_is_a_clear_value_error(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="'no-such-engine'"):
+        run_quality(engines=["no-such-engine"], simulated="confocal-20fps")
+    with pytest.raises(ValueError, match="unknown preset 'nope'"):
+        run_quality(engines=["identity"], simulated="nope")
+    with pytest.raises(ValueError, match="exactly one of data"):
+        run_quality(engines=["identity"])
+    with pytest.raises(ValueError, match="exactly one of data"):
+        run_quality(engines=["identity"], data=tmp_path, simulated="confocal-20fps")
+    with pytest.raises(ValueError, match="unknown baseline"):
+        run_quality(engines=[], simulated="confocal-20fps", baselines=["magic"])
+    with pytest.raises(ValueError, match="sequence must be"):
+        run_quality(engines=[], simulated="confocal-20fps", sequence=1)
+
+
+# -- plots and JSON ---------------------------------------------------------------------------
+
+
+def test_plot_quality_writes_pngs(x2: dict, tmp_path: Path) -> None:
+    paths = plot_quality(x2, tmp_path / "plots")
+    assert [p.name for p in paths] == ["quality_metrics.png", "quality_panels.png"]
+    for p in paths:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    samples = x2["samples"]
+    assert isinstance(samples, Samples) and len(samples.pairs) == 2
+    assert set(samples.pairs[0]) == {"raw", "truth", x2["best_baseline"], "engine:bicubic-x2"}
+
+
+def test_result_json_stays_small_and_replots(x1: dict, tmp_path: Path) -> None:
+    from bench.report import write_result
+
+    path = write_result(x1, tmp_path)
+    assert path.stat().st_size < 100_000  # images are not written out
+    loaded = json.loads(path.read_text())
+    assert loaded["methods"]["raw"]["psnr"] == pytest.approx(x1["methods"]["raw"]["psnr"])
+    assert [p.name for p in plot_quality(loaded, tmp_path)] == ["quality_metrics.png"]
+
+
+# -- baselines --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(BASELINES))
+@pytest.mark.parametrize("scale", [1, 2])
+def test_baseline_shape_and_units(name: str, scale: int) -> None:
+    rng = np.random.default_rng(0)
+    clean = 50 + 400 * ndimage.gaussian_filter((rng.random((48, 48)) > 0.97).astype(float), 1.5)
+    raw = rng.poisson(clean).astype(np.uint16)
+    out = BASELINES[name](raw, scale=scale, psf_sigma_px=1.0, offset=50.0)
+    assert out.shape == (48 * scale, 48 * scale) and out.dtype == np.float64
+    assert np.isfinite(out).all()
+    assert out.mean() == pytest.approx(raw.mean(), rel=0.1)  # raw-equivalent ADU, not [0, 1]
+
+
+def test_baselines_do_what_they_say() -> None:
+    raw = np.arange(16.0).reshape(4, 4)
+    assert np.array_equal(BASELINES["identity"](raw, scale=1, psf_sigma_px=1, offset=0), raw)
+    up = BASELINES["identity"](raw, scale=2, psf_sigma_px=1, offset=0)
+    assert np.array_equal(up.reshape(4, 2, 4, 2).mean(axis=(1, 3)), raw)
+    ramp = np.tile(np.arange(8.0), (8, 1))
+    means = upsample_cubic(ramp, 2).reshape(8, 2, 8, 2).mean(axis=(1, 3))
+    assert means[:, 2:-2] == pytest.approx(ramp[:, 2:-2], abs=0.01)  # pixel areas aligned
+    # Richardson-Lucy sharpens a blurred point source back towards a point
+    point = np.zeros((33, 33))
+    point[16, 16] = 1000.0
+    blurred = 10 + ndimage.convolve(point, gaussian_psf(1.5))
+    rl = BASELINES["richardson-lucy"](blurred, scale=1, psf_sigma_px=1.5, offset=10)
+    assert rl[16, 16] - 10 > 2 * (blurred[16, 16] - 10)
+    assert rl.sum() == pytest.approx(blurred.sum(), rel=0.01)
+    assert noise_sigma(np.random.default_rng(0).normal(0, 3, (128, 128))) == pytest.approx(3, 0.1)
+
+
+def test_baseline_bad_input() -> None:
+    with pytest.raises(ValueError, match="2-D"):
+        BASELINES["gaussian"](np.zeros((2, 3, 4)), scale=1, psf_sigma_px=1.0, offset=0)
+    with pytest.raises(ValueError, match="scale"):
+        BASELINES["bicubic"](np.zeros((8, 8)), scale=0, psf_sigma_px=1.0, offset=0)
+    with pytest.raises(ValueError, match="psf_sigma_px"):
+        BASELINES["richardson-lucy"](np.zeros((8, 8)), scale=1, psf_sigma_px=0.0, offset=0)
+    with pytest.raises(ValueError, match="NaN"):
+        BASELINES["nlm"](np.full((8, 8), np.nan), scale=1, psf_sigma_px=1.0, offset=0)
