@@ -72,6 +72,8 @@ def _fail(message: str) -> None:
 
 
 def _without_samples(result: dict[str, Any]) -> dict[str, Any]:
+    """The result without per-frame samples and images (the plots show those)."""
+    result = {k: v for k, v in result.items() if k != "samples"}
     engines = result.get("engines")
     if isinstance(engines, dict):
         drop = ("samples", "sample_times_s")

@@ -30,7 +30,6 @@ from typing import Any
 
 import numpy as np
 import tifffile
-from scipy import ndimage
 
 from calibration.camera import CameraParams
 from calibration.fidelity import fidelity
@@ -48,6 +47,7 @@ from calibration.optics import psf_kernel, psf_sigma_um
 from calibration.scan import ScanParams
 from engines.engine import EngineChain, EngineError
 from engines.package import PackageError
+from engines.pairs import TRAIN_SPAN_S, bin_mean, match_intensity
 from stream.protocol import DTYPES, FrameHeader
 from stream.ring import Ring
 from stream.simulated import Preset, Scene, get_preset
@@ -66,8 +66,6 @@ METRICS = (
 
 HELD_OUT_SEED = 1000
 """Added to ``seed`` for the held-out scene and noise: training's default seed is 0."""
-TRAIN_SPAN_S = 300.0
-"""Simulated seconds (x time_scale) training draws instants from (engines.train.data._SPAN_S)."""
 BACKGROUND_FRAMES = 9
 """Frames in a temporal engine's background median: the server ring's default."""
 PANEL_PAIRS = 3
@@ -78,8 +76,6 @@ DEFAULT_PSF_SIGMA_PX = 1.0
 _SSIM_WINDOW_PX = 11  # Wang et al.'s Gaussian window, as calibration.metrics sizes it
 _MS_SSIM_MIN_SIDE = _SSIM_WINDOW_PX * 2 ** (len(MS_SSIM_WEIGHTS) - 1)
 _DECORRELATION_MIN_SIDE = 32
-_FIT_SIGMA = 4.0  # engines.train.data's smoothing before the paired intensity fit
-_MIN_FIT_CORRELATION = 0.5
 _MIN_FIELD = 16
 
 
@@ -125,15 +121,6 @@ class Samples:
 
 def _even_up(n: int) -> int:
     return n + n % 2
-
-
-def _bin_mean(image: np.ndarray, factor: int) -> np.ndarray:
-    """Mean over factor x factor blocks (keeps the per-pixel level)."""
-    image = np.asarray(image, np.float32)
-    if factor == 1:
-        return image
-    h, w = image.shape
-    return image.reshape(h // factor, factor, w // factor, factor).mean(axis=(1, 3))
 
 
 class _HeldOutRig:
@@ -194,7 +181,7 @@ class _HeldOutRig:
         hq = self.slow.record(self._fine(t_s, xy, self.slow, self.dwell * dwell, f), rng)
         k = (1 if self.transmitted else f**2) / dwell
         offset = np.float32(self.fast.camera.offset_adu)
-        return (_bin_mean(self._crop(hq, f), f // scale) - offset) * np.float32(k) + offset
+        return (bin_mean(self._crop(hq, f), f // scale) - offset) * np.float32(k) + offset
 
 
 def _simulated(preset: Preset, *, scale: int, pairs: int, history: int, sequence: int,
@@ -243,27 +230,6 @@ def _simulated(preset: Preset, *, scale: int, pairs: int, history: int, sequence
 def _tiffs(folder: Path) -> dict[str, Path]:
     paths = sorted([*folder.glob("*.tif"), *folder.glob("*.tiff")])
     return {p.stem.split(".")[0]: p for p in paths}
-
-
-def match_intensity(
-    low: np.ndarray, high: np.ndarray, scale: int, name: str
-) -> tuple[float, float]:
-    """(a, b) with ``low ~ a * binned(high) + b`` fitted on smoothed images, as
-    engines.train.data.match_intensity does for training; ValueError if they do not correspond."""
-    lo = ndimage.gaussian_filter(np.asarray(low, np.float64), _FIT_SIGMA)
-    hb = ndimage.gaussian_filter(_bin_mean(high, scale).astype(np.float64), _FIT_SIGMA)
-    lo, hb = lo.ravel() - lo.mean(), hb.ravel() - hb.mean()
-    var_h, var_l = float(hb @ hb), float(lo @ lo)
-    r = float(lo @ hb) / math.sqrt(var_h * var_l) if var_h > 0 and var_l > 0 else 0.0
-    if not r >= _MIN_FIT_CORRELATION:
-        raise ValueError(
-            f"high image of {name} does not follow its low image (correlation {r:.2f} of the "
-            f"smoothed images, need >= {_MIN_FIT_CORRELATION}): check that the pair shows the "
-            "same field and is registered, or pass match=False"
-        )
-    a = float(lo @ hb) / var_h
-    b = float(np.mean(low, dtype=np.float64)) - a * float(np.mean(_bin_mean(high, scale)))
-    return a, b
 
 
 def _folder(folder: Path, match: bool, progress: Progress | None) -> _Data:
@@ -527,6 +493,7 @@ def _evaluate(d: _Data, chains: dict[str, EngineChain], baselines: list[str],
 
     outputs["raw"] = raw
     sequences["raw"] = lambda frames: list(frames)
+    offset = float(np.mean([p.offset for p in d.pairs]))  # the sequence's frames (flicker)
     for b in baselines:
         fn = BASELINES[b]
 
@@ -535,7 +502,6 @@ def _evaluate(d: _Data, chains: dict[str, EngineChain], baselines: list[str],
             return est, est
 
         outputs[b] = baseline
-        offset = float(np.mean([p.offset for p in d.pairs]))
         sequences[b] = lambda frames, fn=fn, offset=offset: [
             fn(f, offset=offset, **kw) for f in frames
         ]

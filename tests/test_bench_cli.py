@@ -51,6 +51,19 @@ def test_throughput_and_compare(tmp_path):
     assert "compared with the older run" in again.stdout
 
 
+def test_quality_against_the_baselines(tmp_path):
+    run = bench("quality", "--engine", "gaussian", "--simulated", "confocal-20fps", "--pairs",
+                "2", "--out", str(tmp_path))  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    result = json.loads((tmp_path / "quality.json").read_text())
+    methods = result["methods"]
+    assert {"raw", "identity", "bicubic", "gaussian", "nlm", "richardson-lucy", "unsharp-clahe",
+            "engine:gaussian"} <= set(methods)  # fmt: skip
+    assert methods["engine:gaussian"]["psnr"] > methods["raw"]["psnr"]
+    assert all(0 < m["ssim"] <= 1 for m in methods.values())
+    assert "samples" not in result and (tmp_path / "quality_panels.png").exists()
+
+
 def test_bad_input_is_one_clear_line(tmp_path):
     for args, words in (
         (("throughput", "--engine", "nope", "--size", "64"), "nope"),

@@ -15,13 +15,12 @@ from bench.baselines import BASELINES, gaussian_psf, noise_sigma, upsample_cubic
 from bench.quality import (
     HELD_OUT_SEED,
     METRICS,
-    TRAIN_SPAN_S,
     Samples,
     _simulated,
-    match_intensity,
     plot_quality,
     run_quality,
 )
+from engines.pairs import match_intensity
 from stream.simulated import get_preset
 
 FIELD = 96  # raw px per side: small, but large enough to hold specimen structure
@@ -120,15 +119,14 @@ def test_held_out_pairs_are_raw_equivalent_and_unseen() -> None:
         assert np.corrcoef(binned.ravel(), low.ravel().astype(float))[0, 1] > 0.5
 
 
-def test_constants_follow_training() -> None:
-    data = pytest.importorskip("engines.train.data")  # needs torch (the train extra)
-    assert data._SPAN_S == TRAIN_SPAN_S
+def test_intensity_fit_is_the_same_for_images_and_stacks() -> None:
+    """Training fits stacks (T, H, W), the benchmark single images: one shared function."""
     rng = np.random.default_rng(1)
     high = ndimage.gaussian_filter(rng.random((64, 64)), 3) * 500 + 20
     low = rng.poisson(high.reshape(32, 2, 32, 2).mean(axis=(1, 3)) * 0.3 + 40).astype(np.uint16)
-    ours = match_intensity(low, high, 2, "p")
-    theirs = data.match_intensity(low[None], high[None], 2, "p")
-    assert ours == pytest.approx(theirs, rel=1e-9)
+    a, b = match_intensity(low, high, 2, "p")
+    assert (a, b) == pytest.approx(match_intensity(low[None], high[None], 2, "p"), rel=1e-9)
+    assert a == pytest.approx(0.3, rel=0.1)
 
 
 def test_no_engines_runs_baselines_only() -> None:

@@ -40,13 +40,13 @@ import numpy as np
 import tifffile
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from scipy import ndimage
 from torch.utils.data import Dataset
 
 from calibration.forward import ForwardModel
 from calibration.optics import psf_kernel
 from calibration.profile import CalibrationProfile
 from engines.package import Normalization
+from engines.pairs import TRAIN_SPAN_S, bin_mean, match_intensity
 
 if TYPE_CHECKING:
     from stream.simulated import Preset, Scene
@@ -56,10 +56,7 @@ Progress = Callable[[int, int], None]
 
 BACKGROUND_FRAMES = 9
 """Low frames in a background median: the server ring's default running-median length."""
-_SPAN_S = 300.0  # simulated pairs are drawn from this much acquisition time (x time_scale)
 _MAX_BYTES = 8 << 30  # refuse to hold more generated data than this in memory
-_FIT_SIGMA = 4.0  # smoothing (low pixels) before the paired intensity fit
-_MIN_FIT_CORRELATION = 0.5
 _NAMES_SHOWN = 5
 
 
@@ -285,16 +282,6 @@ def _normalization(
 # -- helpers ----------------------------------------------------------------------------------
 
 
-def _bin_mean(image: np.ndarray, factor: int) -> np.ndarray:
-    """Mean over factor x factor blocks of the last two axes (keeps the per-pixel level)."""
-    image = np.asarray(image, np.float32)
-    if factor == 1:
-        return image
-    *lead, h, w = image.shape
-    blocks = image.reshape(*lead, h // factor, factor, w // factor, factor)
-    return blocks.mean(axis=(-3, -1), dtype=np.float32)
-
-
 def _raw_equivalent(adu: np.ndarray, offset: float, k: float) -> np.ndarray:
     """``offset + k * (adu - offset)`` as float32."""
     out = np.asarray(adu, np.float32) - np.float32(offset)
@@ -411,7 +398,7 @@ class _Rig:
             return _raw_equivalent(self.crop(adu, scale), offset, k)
         f, dwell = self.preset.high_quality_factor, self.preset.high_quality_dwell
         hq = self.slow.record(self.fine(t_s, xy, self.slow, self.dwell * dwell, f), rng)
-        return _raw_equivalent(_bin_mean(self.crop(hq, f), f // scale), offset, k)
+        return _raw_equivalent(bin_mean(self.crop(hq, f), f // scale), offset, k)
 
     def clean(self, t_s: float, xy: tuple[float, float], scale: int) -> np.ndarray:
         """The specimen itself (no blur, no noise) on the target grid, raw-equivalent ADU."""
@@ -428,7 +415,7 @@ class _Rig:
              defocus: tuple[float, float]) -> tuple[float, tuple[float, float], float]:  # fmt: skip
         """A random instant (after ``span`` s of history), field centre and signed defocus."""
         p = self.preset
-        t = span + float(rng.uniform(0.0, _SPAN_S * p.time_scale))
+        t = span + float(rng.uniform(0.0, TRAIN_SPAN_S * p.time_scale))
         x0, y0, _ = p.positions[int(rng.integers(len(p.positions)))]
         reach = max(50.0, 4 * max(self.shape) * p.pixel_size_um)
         xy = (x0 + float(rng.uniform(-reach, reach)), y0 + float(rng.uniform(-reach, reach)))
@@ -634,28 +621,6 @@ def _matched(folder: Path) -> list[tuple[str, Path, Path]]:
             f"high/: [{_few(set(highs))}]); rename or remove the unmatched files"
         )
     return [(n, lows[n], highs[n]) for n in sorted(lows)]
-
-
-def match_intensity(
-    low: np.ndarray, high: np.ndarray, scale: int, name: str
-) -> tuple[float, float]:
-    """(a, b) with ``low ~ a * binned(high) + b``, fitted on smoothed images so blur or noise
-    differences between the two do not bias it; a ValueError if they do not correspond."""
-    lo = ndimage.gaussian_filter(np.asarray(low, np.float64), (0, _FIT_SIGMA, _FIT_SIGMA))
-    hb = _bin_mean(high, scale).astype(np.float64)
-    hb = ndimage.gaussian_filter(hb, (0, _FIT_SIGMA, _FIT_SIGMA))
-    lo, hb = lo.ravel() - lo.mean(), hb.ravel() - hb.mean()
-    var_h, var_l = float(hb @ hb), float(lo @ lo)
-    r = float(lo @ hb) / math.sqrt(var_h * var_l) if var_h > 0 and var_l > 0 else 0.0
-    if not r >= _MIN_FIT_CORRELATION:
-        raise ValueError(
-            f"high image of {name} does not follow its low image (correlation {r:.2f} of the "
-            f"smoothed images, need >= {_MIN_FIT_CORRELATION}): check that the pair shows the "
-            "same field and is registered, or set match_intensity=False"
-        )
-    a = float(lo @ hb) / var_h
-    b = float(np.mean(low, dtype=np.float64)) - a * float(np.mean(_bin_mean(high, scale)))
-    return a, b
 
 
 def _recorded(cfg: DataConfig, scale: int, progress: Progress | None) -> _Made:
