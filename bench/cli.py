@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 from .report import compare, fmt, write_result
 
@@ -181,8 +181,10 @@ def _latency_table(result: dict[str, Any]) -> Table:
             name, "frames",
             f"{e['frames_enhanced']}/{e['frames_acquired']} enhanced",
             f"{e['frames_skipped']} skipped", f"{e['frames_not_handed_over']} not handed over",
-            f"{fmt(e.get('fps_acquired'))} fps", end_section=True,
+            f"{fmt(e.get('fps_acquired'))} fps",
         )  # fmt: skip
+        table.add_row(name, "server", f"{fmt(e.get('rss_mb'))} MB", f"{fmt(e.get('cpu_percent'))}% CPU",
+                      e.get("backend") or "", "", end_section=True)  # fmt: skip
     return table
 
 
@@ -200,9 +202,11 @@ def _throughput_table(result: dict[str, Any]) -> Table:
 
 
 def _quality_table(result: dict[str, Any]) -> Table:
-    metrics = ("psnr", "ssim", "ms_ssim", "nrmse", "decorrelation_px", "fidelity_chi2", "flicker")
-    table = Table("method", *metrics, title=f"quality, {result.get('simulated') or result.get('data')}"
-                  f", {result['pairs']} pairs (mean)")  # fmt: skip
+    metrics = {"psnr": "PSNR dB", "ssim": "SSIM", "ms_ssim": "MS-SSIM", "nrmse": "NRMSE",
+               "decorrelation_px": "decorr px", "fidelity_chi2": "chi2", "flicker": "flicker"}  # fmt: skip
+    table = Table(Column("method", no_wrap=True), *metrics.values(),
+                  title=f"quality, {result.get('simulated') or result.get('data')}, "
+                  f"{result['pairs']} pairs (mean)")  # fmt: skip
     for name, m in result["methods"].items():
-        table.add_row(name, *(fmt(m.get(k)) for k in metrics))
+        table.add_row(name.replace("engine:", "engine "), *(fmt(m.get(k)) for k in metrics))
     return table
