@@ -33,7 +33,6 @@ import tifffile
 
 from calibration.camera import CameraParams
 from calibration.fidelity import fidelity
-from calibration.forward import ForwardModel
 from calibration.metrics import (
     MS_SSIM_WEIGHTS,
     decorrelation_resolution,
@@ -43,15 +42,15 @@ from calibration.metrics import (
     psnr,
     ssim,
 )
-from calibration.optics import psf_kernel, psf_sigma_um
+from calibration.optics import psf_sigma_um
 from calibration.scan import ScanParams
 from engines.engine import EngineChain, EngineError
 from engines.package import PackageError
-from engines.pairs import TRAIN_SPAN_S, bin_mean, match_intensity
+from engines.pairs import TRAIN_SPAN_S, match_intensity
 from stream.protocol import DTYPES, FrameHeader
 from stream.ring import Ring
-from stream.simulated import Preset, Scene, get_preset
-from stream.specimen import View
+from stream.simulated import Preset, get_preset
+from stream.simulated_pairs import PairRig
 
 from .baselines import BASELINES, upsample_nearest
 
@@ -119,32 +118,13 @@ class Samples:
 # -- simulated held-out pairs -----------------------------------------------------------------
 
 
-def _even_up(n: int) -> int:
-    return n + n % 2
-
-
-class _HeldOutRig:
-    """One channel of a simulated preset rendering true pairs with engines.train.data's physics
-    (margins, grids, raw-equivalent targets) on a specimen, instants and positions training
-    never draws."""
+class _HeldOutRig(PairRig):
+    """The simulated rig training renders pairs with, on a specimen, instants and positions
+    training never draws."""
 
     def __init__(self, preset: Preset, seed: int, frame_field: int | None) -> None:
-        self.preset = preset
-        self.channel = next(iter(preset.channels))
-        self.scene = Scene(preset, seed + HELD_OUT_SEED)
-        spec = preset.channels[self.channel]
-        self.transmitted = spec.specimen == "brightfield-cells"
-        self.fast: ForwardModel = self.scene.forward_model(self.channel)
-        self.slow: ForwardModel = self.scene.forward_model(self.channel, high_quality=True)
-        self.dwell = preset.exposure_ms * spec.photons_per_ms
-        self.shape = (frame_field, frame_field) if frame_field else preset.shape
+        super().__init__(preset, seed=seed + HELD_OUT_SEED, field=frame_field)
         self.dt_s = preset.frame_interval_s * preset.time_scale
-        # a smaller field is rendered with a margin cut off again, as training does, so PSF and
-        # line-phase edges match the inside of a full frame
-        self.margin = 0
-        if frame_field:
-            size = psf_kernel(self.fast.optics, preset.pixel_size_um).shape[0]
-            self.margin = _even_up(size // 2 + 2 + math.ceil(abs(preset.scan.phase_px)))
 
     def draw(self, rng: np.random.Generator, history_s: float) -> tuple[float, tuple[float, float]]:
         """An instant after training's time span and a field centre outside training's region."""
@@ -156,32 +136,10 @@ class _HeldOutRig:
         angle, radius = float(rng.uniform(0, 2 * math.pi)), float(rng.uniform(1.5, 2.5)) * reach
         return t, (x0 + radius * math.cos(angle), y0 + radius * math.sin(angle))
 
-    def _fine(self, t_s: float, xy: tuple[float, float], model: ForwardModel, dwell: float,
-              grid: int) -> np.ndarray:  # fmt: skip
-        """Photons on ``model``'s fine grid for the field and its margin, ``grid`` x finer."""
-        d, m = model.scan.downsample, self.margin
-        rows, cols = ((n + 2 * m) * grid * d for n in self.shape)
-        view = View(shape=(rows, cols), pixel_size_um=model.fine_pixel_size_um, center_um=xy)
-        return self.scene.specimen(self.channel).render(t_s, view) * np.float32(dwell)
-
-    def _crop(self, image: np.ndarray, grid: int) -> np.ndarray:
-        m = self.margin * grid
-        return image[m : image.shape[0] - m, m : image.shape[1] - m] if m else image
-
-    def low(self, t_s: float, xy: tuple[float, float], rng: np.random.Generator) -> np.ndarray:
-        """One noisy fast-scan frame (uint16), in focus."""
-        return self._crop(self.fast.record(self._fine(t_s, xy, self.fast, self.dwell, 1), rng), 1)
-
     def truth(self, t_s: float, xy: tuple[float, float], scale: int,
               rng: np.random.Generator) -> np.ndarray:  # fmt: skip
-        """The slow scan at ``scale``, in raw-equivalent ADU: ``o + k (adu - o)`` with
-        ``k = f**2 / dwell`` (fluorescence) or ``1 / dwell`` (transmitted light)."""
-        p = self.preset
-        f, dwell = p.high_quality_factor, p.high_quality_dwell
-        hq = self.slow.record(self._fine(t_s, xy, self.slow, self.dwell * dwell, f), rng)
-        k = (1 if self.transmitted else f**2) / dwell
-        offset = np.float32(self.fast.camera.offset_adu)
-        return (bin_mean(self._crop(hq, f), f // scale) - offset) * np.float32(k) + offset
+        """The slow high-quality scan at ``scale``, in raw-equivalent ADU."""
+        return self.target(t_s, xy, scale, "high-quality", rng)
 
 
 def _simulated(preset: Preset, *, scale: int, pairs: int, history: int, sequence: int,

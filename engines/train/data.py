@@ -43,13 +43,13 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch.utils.data import Dataset
 
 from calibration.forward import ForwardModel
-from calibration.optics import psf_kernel
 from calibration.profile import CalibrationProfile
 from engines.package import Normalization
-from engines.pairs import TRAIN_SPAN_S, bin_mean, match_intensity
+from engines.pairs import TRAIN_SPAN_S, match_intensity
+from stream.simulated_pairs import PairRig  # training draws on the simulated microscope
 
 if TYPE_CHECKING:
-    from stream.simulated import Preset, Scene
+    from stream.simulated import Preset
 
 Progress = Callable[[int, int], None]
 """``progress(done, total)``, called as pairs are generated or read."""
@@ -282,14 +282,6 @@ def _normalization(
 # -- helpers ----------------------------------------------------------------------------------
 
 
-def _raw_equivalent(adu: np.ndarray, offset: float, k: float) -> np.ndarray:
-    """``offset + k * (adu - offset)`` as float32."""
-    out = np.asarray(adu, np.float32) - np.float32(offset)
-    out *= np.float32(k)
-    out += np.float32(offset)
-    return out
-
-
 def _split_names(names: list[str], fraction: float, seed: int, what: str) -> set[str]:
     """A seeded, reproducible set of names held out for validation."""
     if fraction == 0:
@@ -313,103 +305,26 @@ def _check_memory(n: int, frames: int, low_px: int, targets: int, target_px: int
         )
 
 
-def _even_up(n: int) -> int:
-    return n + n % 2
-
-
 # -- the simulated rig ------------------------------------------------------------------------
 
 
-class _Rig:
-    """One channel of the simulated microscope, rendering any field of view with its physics."""
+class _Rig(PairRig):
+    """The simulated rig a DataConfig asks for (profile applied), and where training draws."""
 
     def __init__(self, cfg: DataConfig) -> None:
-        from stream.simulated import Scene, get_preset
+        from stream.simulated import get_preset
 
         preset: Preset = get_preset(cfg.preset)
         self.profile = CalibrationProfile.load(cfg.profile) if cfg.profile is not None else None
         if self.profile is not None:
             preset = preset.with_profile(self.profile)
-        self.preset = preset
-        self.channel = cfg.channel or next(iter(preset.channels))
-        if self.channel not in preset.channels:
-            raise ValueError(
-                f"channel {self.channel!r} is not in preset {preset.name!r}: use one of "
-                f"{sorted(preset.channels)}"
-            )
-        self.scene: Scene = Scene(preset, cfg.seed)
-        self.spec = preset.channels[self.channel]
-        self.transmitted = self.spec.specimen == "brightfield-cells"
-        self.fast = self.scene.forward_model(self.channel)
-        self.slow = self.scene.forward_model(self.channel, high_quality=True)
-        self.dwell = preset.exposure_ms * self.spec.photons_per_ms
-        self.shape = (cfg.field, cfg.field) if cfg.field else preset.shape
+        super().__init__(preset, channel=cfg.channel, seed=cfg.seed, field=cfg.field,
+                         max_defocus_um=cfg.defocus_um[1])  # fmt: skip
         if cfg.folder is None and min(self.shape) < cfg.patch:
             raise ValueError(
                 f"field {self.shape[0]}x{self.shape[1]} is smaller than patch={cfg.patch}: "
                 "raise field (or leave it None for the full frame), or lower patch"
             )
-        # a smaller field is rendered with a margin (even: keeps scan-line parity) that is cut
-        # off again, so PSF and line-phase edges match the inside of a full frame
-        self.margin = 0
-        if cfg.field:
-            size = psf_kernel(self.fast.optics, preset.pixel_size_um, cfg.defocus_um[1]).shape[0]
-            self.margin = _even_up(size // 2 + 2 + math.ceil(abs(preset.scan.phase_px)))
-
-    def fine(self, t_s: float, xy: tuple[float, float], model: ForwardModel, dwell: float,
-             grid: int) -> np.ndarray:  # fmt: skip
-        """Photons on ``model``'s fine grid for the field (margin included) at ``grid`` x the
-        fast pixel density, exactly as ``Scene.fine_photons`` renders a full frame."""
-        from stream.specimen import View
-
-        d, m = model.scan.downsample, self.margin
-        rows, cols = ((n + 2 * m) * grid * d for n in self.shape)
-        view = View(shape=(rows, cols), pixel_size_um=model.fine_pixel_size_um, center_um=xy)
-        return self.scene.specimen(self.channel).render(t_s, view) * np.float32(dwell)
-
-    def crop(self, image: np.ndarray, grid: int) -> np.ndarray:
-        """Cut the margin off an image on a grid ``grid`` x finer than the fast scan."""
-        m = self.margin * grid
-        return image[m : image.shape[0] - m, m : image.shape[1] - m] if m else image
-
-    def low(self, t_s: float, xy: tuple[float, float], dz: float,
-            rng: np.random.Generator) -> np.ndarray:  # fmt: skip
-        """One noisy fast-scan frame (uint16) at defocus ``dz``."""
-        frame = self.fast.record(self.fine(t_s, xy, self.fast, self.dwell, 1), rng, z_um=dz)
-        return self.crop(frame, 1)
-
-    def target_gain(self, kind: str, scale: int) -> float:
-        """``k`` taking the target's ADU to raw-equivalent ADU (module docstring)."""
-        if kind == "clean":
-            return 1.0 if self.transmitted else float(scale**2)
-        f = self.preset.high_quality_factor
-        return (1 if self.transmitted else f**2) / self.preset.high_quality_dwell
-
-    def target(self, t_s: float, xy: tuple[float, float], scale: int, kind: str,
-               rng: np.random.Generator) -> np.ndarray:  # fmt: skip
-        """The in-focus target at ``scale`` in raw-equivalent ADU."""
-        offset, k = self.fast.camera.offset_adu, self.target_gain(kind, scale)
-        if kind == "clean":
-            model = self.fast.model_copy(update={
-                "scan": self.fast.scan.model_copy(update={"bidirectional": False}),
-                "pixel_size_um": self.fast.pixel_size_um / scale,
-            })  # fmt: skip
-            adu = model.expected_adu(self.fine(t_s, xy, model, self.dwell, scale))
-            return _raw_equivalent(self.crop(adu, scale), offset, k)
-        f, dwell = self.preset.high_quality_factor, self.preset.high_quality_dwell
-        hq = self.slow.record(self.fine(t_s, xy, self.slow, self.dwell * dwell, f), rng)
-        return _raw_equivalent(bin_mean(self.crop(hq, f), f // scale), offset, k)
-
-    def clean(self, t_s: float, xy: tuple[float, float], scale: int) -> np.ndarray:
-        """The specimen itself (no blur, no noise) on the target grid, raw-equivalent ADU."""
-        model = self.fast.model_copy(
-            update={"scan": self.fast.scan.model_copy(update={"downsample": scale})}
-        )
-        photons = self.fine(t_s, xy, model, self.dwell, 1)
-        k = self.fast.scan.downsample**2 if self.transmitted else scale**2
-        cam = self.fast.camera
-        photons *= np.float32(k * cam.gain_adu_per_electron * cam.quantum_efficiency)
-        return photons + np.float32(cam.offset_adu)
 
     def draw(self, rng: np.random.Generator, span: float,
              defocus: tuple[float, float]) -> tuple[float, tuple[float, float], float]:  # fmt: skip
@@ -457,7 +372,7 @@ def _simulated(
         for _ in range(n):
             t, xy, dz = rig.draw(rng, (n_low - 1) * cfg.dt_s, cfg.defocus_um)
             times = [t - (n_low - 1 - i) * cfg.dt_s for i in range(n_low)]
-            low = np.stack([rig.low(ti, xy, dz, rng) for ti in times])[:, None]
+            low = np.stack([rig.low(ti, xy, rng, dz) for ti in times])[:, None]
             targets = {n_low - 1: rig.target(t, xy, scale, cfg.target, rng)[None]}
             if previous:
                 targets[n_low - 2] = rig.target(times[-2], xy, scale, cfg.target, rng)[None]
