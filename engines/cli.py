@@ -181,3 +181,97 @@ def verify(target: Target) -> None:
         raise _fail(f"{path}: {len(errors)} problem(s) found", code=1)
     package = load_package(path)
     out.print(f"ok: {len(package.manifest.files)} files verified in {path}", highlight=False)
+
+
+def build(
+    target: Target,
+    precision: Annotated[
+        str, typer.Option(help="fp32, fp16 or int8 (int8 needs --calibration)")
+    ] = "fp16",
+    calibration: Annotated[
+        Path | None,
+        typer.Option(
+            help="frames from the rig for int8 scales and the numerics guard: a TIFF stack, a "
+            "folder of TIFFs, .npy or .npz (N, H, W); default for fp32/fp16: synthetic frames"
+        ),
+    ] = None,
+    workspace_mb: Annotated[
+        int, typer.Option("--workspace-mb", help="TensorRT builder workspace in MiB")
+    ] = 1024,
+    timing_cache: Annotated[
+        Path | None,
+        typer.Option(
+            help="timing cache file, read and updated (default: one per TensorRT "
+            "version and GPU kind under ~/.cache/scopecast/tensorrt)"
+        ),
+    ] = None,
+    batch: Annotated[
+        list[int] | None,
+        typer.Option(help="tiles per call a profile must take (repeat); default: the manifest's"),
+    ] = None,
+    tile: Annotated[
+        list[int] | None, typer.Option(help="tile side to build for (repeat); default: manifest's")
+    ] = None,
+    max_size: Annotated[
+        int, typer.Option(help="largest frame side for whole-frame (untiled) engines")
+    ] = 2048,
+    out_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            help="write the package with its new plan here (default: in "
+            "place; needed for zoo packages)",
+        ),
+    ] = None,
+    max_error: Annotated[
+        float | None,
+        typer.Option(
+            help="largest error allowed, as a fraction of the output range "
+            "(default per precision: fp32 0.01, fp16 0.03, int8 0.15)"
+        ),
+    ] = None,
+    min_psnr: Annotated[
+        float | None,
+        typer.Option(help="lowest PSNR in dB allowed (default per precision: 60, 45, 30)"),
+    ] = None,
+) -> None:
+    """Build a TensorRT plan for this GPU, check its numbers against ONNX Runtime, package it.
+
+    The plan carries the precision of the ONNX it is built from (fp16 weights; int8 Q/DQ from
+    calibration frames); optimization profiles cover the package's tile and batch sizes. A plan
+    whose output strays beyond tolerance (or has NaN, inf or a constant frame) is rejected.
+    """
+    from .build import BuildError, BuildRejected, build_plan
+    from .runtime.guard import PRECISIONS, tolerance_for
+
+    if precision not in PRECISIONS:
+        raise _fail(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    tolerance = None
+    if max_error is not None or min_psnr is not None:
+        base = tolerance_for(precision)
+        update = {"max_error": max_error, "min_psnr_db": min_psnr}
+        tolerance = base.model_copy(update={k: v for k, v in update.items() if v is not None})
+    path = _find(target)
+
+    def say(message: str) -> None:
+        err.print(escape(message), highlight=False)
+
+    try:
+        result = build_plan(
+            path, precision, calibration=calibration, workspace_mb=workspace_mb,
+            timing_cache=timing_cache, batches=batch, tiles=tile, max_side=max_size, out=out_dir,
+            tolerance=tolerance, progress=say,
+        )  # fmt: skip
+    except BuildRejected as e:
+        raise _fail(str(e), code=1) from None
+    except (BuildError, PackageError) as e:
+        raise _fail(str(e)) from None
+    plan = result.plan
+    size_mb = (result.package.path / plan.file).stat().st_size / 2**20
+    out.print(
+        f"ok: {plan.file} ({size_mb:.1f} MiB, {plan.precision}, TensorRT {plan.tensorrt}, "
+        f"{plan.gpu}, sm {plan.compute_capability}) built in {result.seconds:.1f} s, written to "
+        f"{result.package.path}",
+        highlight=False,
+        markup=False,
+    )

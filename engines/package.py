@@ -118,7 +118,13 @@ class Normalization(_Frozen):
 
 
 class PlanInfo(_Frozen):
-    """A TensorRT plan inside the package and what it was built for."""
+    """A TensorRT plan inside the package and what it was built for.
+
+    A plan runs only where every tag matches (TensorRT version, GPU, compute capability); it is
+    rebuilt from ``onnx`` elsewhere. ``profiles`` holds one ``{input: {"min", "opt", "max"}}``
+    dict per optimization profile. Fields after ``profiles`` are optional, so manifests written
+    before they existed still load.
+    """
 
     file: str
     tensorrt: str
@@ -126,11 +132,23 @@ class PlanInfo(_Frozen):
     compute_capability: str
     precision: str
     profiles: list[dict[str, Any]] = []
+    onnx: str | None = Field(
+        None, description="The listed ONNX file the plan was built from (its precision's model)."
+    )
+    build_seconds: float | None = Field(None, ge=0, allow_inf_nan=False)
+    numerics: dict[str, Any] = Field(
+        {}, description="The numerics guard's report from the build (errors vs ONNX Runtime fp32)."
+    )
 
     @field_validator("file")
     @classmethod
     def _file(cls, v: str) -> str:
         return _safe_name(v)
+
+    @field_validator("onnx")
+    @classmethod
+    def _onnx(cls, v: str | None) -> str | None:
+        return None if v is None else _safe_name(v)
 
 
 class Manifest(_Frozen):

@@ -1,6 +1,8 @@
 """The backend interface every runtime implements, and the pure choice of which one to open.
 
-``choose_backend`` only looks at names (requested backend, providers the runtime offers, the ones
+``tensorrt`` is the native TensorRT backend (plans run with pycuda, chosen by
+``plans.select_plan``); the ``onnxruntime*`` backends are chosen here. ``choose_backend`` only
+looks at names (requested backend, providers the runtime offers, the ones
 that already failed here), so the selection rules are unit-tested without any hardware.
 """
 
@@ -14,6 +16,7 @@ from pydantic import BaseModel, ConfigDict
 
 BACKENDS = (
     "auto",
+    "tensorrt",
     "onnxruntime",
     "onnxruntime-cpu",
     "onnxruntime-cuda",
@@ -87,6 +90,11 @@ def choose_backend(
     failed = dict(failed or {})
     if requested not in BACKENDS:
         raise BackendError(f"unknown backend {requested!r}: choose one of {', '.join(BACKENDS)}")
+    if requested == "tensorrt":
+        raise BackendError(
+            "backend 'tensorrt' runs TensorRT plans with pycuda, not an onnxruntime provider: "
+            "open it with open_backend (or use onnxruntime-tensorrt for the provider)"
+        )
     available = set(available_providers)
     if requested in _EXPLICIT:
         device = _EXPLICIT[requested]
