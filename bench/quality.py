@@ -17,16 +17,21 @@ linearly onto the low image's ADU as training does) or from a simulated preset: 
 and the slow high-quality scan of one instant, in raw-equivalent ADU exactly as
 ``engines.train.data`` makes them (see its docstring for the units), but held out: a different
 specimen (scene seed ``seed + 1000``; training uses 0), instants after the training time span
-and stage positions outside the region training draws from. No torch needed.
+and stage positions outside the region training draws from. With ``defocus_um=(lo, hi)`` the
+raw frames of each pair (and of the flicker sequence) are recorded at one defocus ``dz`` drawn
+as training draws it (``|dz|`` uniform in the range, random sign); the truth stays in focus.
+A folder's low TIFF may be a (T, H, W) stack: T history frames, oldest first, the last scored
+(what ``bench real-pairs --history`` writes). No torch needed.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import tifffile
@@ -63,6 +68,9 @@ METRICS = (
 )  # fmt: skip
 """Every method's metrics; a metric that cannot be computed for the data is None."""
 
+Truth = Literal["high-quality", "expected"]
+TRUTHS: tuple[Truth, ...] = ("high-quality", "expected")
+"""Simulated truth: the slow scan as recorded, or its noise-free expectation."""
 HELD_OUT_SEED = 1000
 """Added to ``seed`` for the held-out scene and noise: training's default seed is 0."""
 BACKGROUND_FRAMES = 9
@@ -122,8 +130,10 @@ class _HeldOutRig(PairRig):
     """The simulated rig training renders pairs with, on a specimen, instants and positions
     training never draws."""
 
-    def __init__(self, preset: Preset, seed: int, frame_field: int | None) -> None:
-        super().__init__(preset, seed=seed + HELD_OUT_SEED, field=frame_field)
+    def __init__(self, preset: Preset, seed: int, frame_field: int | None,
+                 max_defocus_um: float = 0.0) -> None:  # fmt: skip
+        super().__init__(preset, seed=seed + HELD_OUT_SEED, field=frame_field,
+                         max_defocus_um=max_defocus_um)  # fmt: skip
         self.dt_s = preset.frame_interval_s * preset.time_scale
 
     def draw(self, rng: np.random.Generator, history_s: float) -> tuple[float, tuple[float, float]]:
@@ -136,15 +146,45 @@ class _HeldOutRig(PairRig):
         angle, radius = float(rng.uniform(0, 2 * math.pi)), float(rng.uniform(1.5, 2.5)) * reach
         return t, (x0 + radius * math.cos(angle), y0 + radius * math.sin(angle))
 
-    def truth(self, t_s: float, xy: tuple[float, float], scale: int,
-              rng: np.random.Generator) -> np.ndarray:  # fmt: skip
-        """The slow high-quality scan at ``scale``, in raw-equivalent ADU."""
-        return self.target(t_s, xy, scale, "high-quality", rng)
+    def truth(self, t_s: float, xy: tuple[float, float], scale: int, rng: np.random.Generator,
+              kind: Truth = "high-quality") -> np.ndarray:  # fmt: skip
+        """The slow high-quality scan at ``scale`` (or its noise-free expectation), in
+        raw-equivalent ADU."""
+        return self.target(t_s, xy, scale, kind, rng)
+
+
+def _draw_dz(rng: np.random.Generator, defocus_um: tuple[float, float]) -> float:
+    """A signed defocus, ``|dz|`` uniform in ``defocus_um`` with a random sign (training's
+    draw). Drawn from a stream of its own, so the same seed gives the same instants, positions
+    and noise in focus and out of focus: only the blur differs."""
+    return float(rng.uniform(*defocus_um)) * float(rng.choice([-1.0, 1.0]))
+
+
+def check_defocus(defocus_um: Sequence[float]) -> tuple[float, float]:
+    """``(lo, hi)`` as floats, or a ValueError unless it is a finite ``0 <= lo <= hi`` range."""
+    try:
+        lo, hi = (float(v) for v in defocus_um)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"defocus {defocus_um!r} must be a range (lo, hi) of |dz| in um, e.g. (1.5, 3.0)"
+        ) from None
+    if not (math.isfinite(lo) and math.isfinite(hi) and 0 <= lo <= hi):
+        raise ValueError(
+            f"defocus ({lo:g}, {hi:g}) must be a |dz| range in um with 0 <= lo <= hi, both "
+            "finite, e.g. (1.5, 3.0); (0, 0) is in focus"
+        )
+    return lo, hi
 
 
 def _simulated(preset: Preset, *, scale: int, pairs: int, history: int, sequence: int,
-               seed: int, frame_field: int | None, progress: Progress | None) -> _Data:  # fmt: skip
-    """Held-out pairs (``history`` raw frames each, truth at the last) and one raw sequence."""
+               seed: int, frame_field: int | None, progress: Progress | None,
+               defocus_um: tuple[float, float] = (0.0, 0.0),
+               truth: Truth = "high-quality") -> _Data:  # fmt: skip
+    """Held-out pairs (``history`` raw frames each, truth at the last) and one raw sequence,
+    the raw frames of each at one defocus drawn from ``defocus_um`` (a ``|dz|`` range)."""
+    defocus_um = check_defocus(defocus_um)
+    if truth not in TRUTHS:
+        raise ValueError(f"truth {truth!r} must be one of {', '.join(TRUTHS)}")
     f = preset.high_quality_factor
     if scale > f or f % scale:
         scales = [s for s in range(1, f + 1) if f % s == 0]
@@ -153,23 +193,31 @@ def _simulated(preset: Preset, *, scale: int, pairs: int, history: int, sequence
             f"scale {' or '.join(map(str, scales))} (its slow scan is {f}x finer than its fast "
             "scan): benchmark engines of that scale on it, or use paired data (data=FOLDER)"
         )
-    rig = _HeldOutRig(preset, seed, frame_field)
+    rig = _HeldOutRig(preset, seed, frame_field, defocus_um[1])
     offset = float(preset.camera.offset_adu)
     out: list[_Pair] = []
+    dzs: list[float] = []
     rng = np.random.default_rng([seed + HELD_OUT_SEED, 1])
+    dz_rng = np.random.default_rng([seed + HELD_OUT_SEED, 3])
+    truth_rng = np.random.default_rng([seed + HELD_OUT_SEED, 5])  # the same raw for each truth
     for i in range(pairs):
         t, xy = rig.draw(rng, (history - 1) * rig.dt_s)
-        frames = [rig.low(t - (history - 1 - j) * rig.dt_s, xy, rng) for j in range(history)]
-        out.append(_Pair(f"sim-{i}", frames, rig.truth(t, xy, scale, rng), offset))
+        dz = _draw_dz(dz_rng, defocus_um)
+        frames = [rig.low(t - (history - 1 - j) * rig.dt_s, xy, rng, dz) for j in range(history)]
+        out.append(_Pair(f"sim-{i}", frames, rig.truth(t, xy, scale, truth_rng, truth), offset))
+        dzs.append(dz)
         if progress is not None:
-            progress(f"pair {i + 1}/{pairs} simulated ({preset.name}, t={t:.1f} s)")
-    frames_seq = None
+            at = f", dz={dz:+.2f} um" if defocus_um[1] > 0 else ""
+            progress(f"pair {i + 1}/{pairs} simulated ({preset.name}, t={t:.1f} s{at})")
+    frames_seq, seq_dz = None, None
     if sequence:
         seq_rng = np.random.default_rng([seed + HELD_OUT_SEED, 2])
         t, xy = rig.draw(seq_rng, 0.0)
-        frames_seq = [rig.low(t + j * rig.dt_s, xy, seq_rng) for j in range(sequence)]
+        seq_dz = _draw_dz(np.random.default_rng([seed + HELD_OUT_SEED, 4]), defocus_um)
+        frames_seq = [rig.low(t + j * rig.dt_s, xy, seq_rng, seq_dz) for j in range(sequence)]
     info = {"preset": preset.name, "channel": rig.channel, "scene_seed": seed + HELD_OUT_SEED,
-            "field": list(rig.shape), "dt_s": rig.dt_s}  # fmt: skip
+            "field": list(rig.shape), "dt_s": rig.dt_s, "defocus_um": list(defocus_um),
+            "dz_um": dzs, "sequence_dz_um": seq_dz, "truth": truth}  # fmt: skip
     return _Data(
         pairs=out,
         scale=scale,
@@ -190,10 +238,35 @@ def _tiffs(folder: Path) -> dict[str, Path]:
     return {p.stem.split(".")[0]: p for p in paths}
 
 
+def _real_pairs_rig(folder: Path) -> dict[str, Any] | None:
+    """The ``info.json`` that ``bench real-pairs`` writes beside its pairs, if there is one:
+    which preset's forward model degraded them (so camera, scan, pixel size and PSF are known,
+    and the high images are raw-equivalent already)."""
+    path = folder / "info.json"
+    if not path.is_file():
+        return None
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read {path}: {e}; fix or remove it") from e
+    if not isinstance(info, dict) or info.get("kind") != "real-pairs":
+        return None
+    return info
+
+
 def _folder(folder: Path, match: bool, progress: Progress | None) -> _Data:
-    """Every low/high pair of ``folder``; the scale is the high/low side ratio."""
+    """Every low/high pair of ``folder``; the scale is the high/low side ratio. A low TIFF of
+    shape (T, H, W) holds T raw frames of the pair, oldest first (the last is scored); the
+    first such pair's frames are also the flicker sequence (a static field, T exposures).
+
+    Pairs written by ``bench real-pairs`` (its info.json beside them) are scored with their
+    preset's camera, scan, pixel size and PSF, and their high images, raw-equivalent by
+    construction, are not refitted (a fit would dim the truth of defocused pairs)."""
     if not folder.is_dir():
         raise ValueError(f"no pairs in {folder}: the folder does not exist")
+    rig_info = _real_pairs_rig(folder)
+    if rig_info is not None:
+        match = False
     lows = _tiffs(folder / "low") if (folder / "low").is_dir() else {}
     highs = _tiffs(folder / "high") if (folder / "high").is_dir() else {}
     names = sorted(lows.keys() & highs.keys())
@@ -212,16 +285,18 @@ def _folder(folder: Path, match: bool, progress: Progress | None) -> _Data:
     scale: int | None = None
     for i, name in enumerate(names):
         low, high = tifffile.imread(lows[name]), tifffile.imread(highs[name])
-        if low.ndim != 2 or high.ndim != 2:
+        if low.ndim not in (2, 3) or high.ndim != 2 or (low.ndim == 3 and len(low) < 1):
             raise ValueError(
-                f"pair {name!r} in {folder}: low {low.shape} and high {high.shape} must both be "
-                "2-D images (one plane each)"
+                f"pair {name!r} in {folder}: low {low.shape} must be a 2-D image or a (T, H, W) "
+                f"stack of T raw frames (oldest first, the last scored), and high {high.shape} "
+                "a 2-D image"
             )
-        ratio = high.shape[0] // low.shape[0]
-        if ratio < 1 or high.shape != (low.shape[0] * ratio, low.shape[1] * ratio):
+        side = low.shape[-2:]
+        ratio = high.shape[0] // side[0]
+        if ratio < 1 or high.shape != (side[0] * ratio, side[1] * ratio):
             raise ValueError(
                 f"pair {name!r} in {folder}: high {high.shape} is not an integer multiple of low "
-                f"{low.shape} on both axes; register it (`scopecast calibrate register`)"
+                f"{side} on both axes; register it (`scopecast calibrate register`)"
             )
         if scale is not None and ratio != scale:
             raise ValueError(
@@ -234,15 +309,38 @@ def _folder(folder: Path, match: bool, progress: Progress | None) -> _Data:
         truth = np.asarray(high, np.float32)
         if not (np.isfinite(truth).all() and np.isfinite(low).all()):
             raise ValueError(f"pair {name!r} in {folder} has NaN or inf values: replace them")
-        if match:
-            a, b = match_intensity(low, truth, ratio, f"pair {name!r}")
+        frames = [np.ascontiguousarray(f) for f in low.reshape(-1, *side)]
+        if match:  # on the mean of the frames: less noise, the same expected value
+            mean = np.mean(np.stack(frames), axis=0, dtype=np.float64)
+            a, b = match_intensity(mean, truth, ratio, f"pair {name!r}")
             truth = truth * np.float32(a) + np.float32(b)
-        offset = float(np.percentile(low, 0.1))
-        pairs.append(_Pair(name, [np.ascontiguousarray(low)], truth, offset))
+        offset = float(np.percentile(frames[-1], 0.1))
+        if rig_info is not None:
+            offset = float(rig_info["intensity"]["offset_adu"])
+        pairs.append(_Pair(name, frames, truth, offset))
         if progress is not None:
-            progress(f"pair {i + 1}/{len(names)} read ({name})")
+            progress(f"pair {i + 1}/{len(names)} read ({name}, {len(frames)} frame(s))")
     assert scale is not None
-    return _Data(pairs=pairs, scale=scale, info={"match_intensity": match})
+    history = {len(p.frames) for p in pairs}
+    sequence = next((p.frames for p in pairs if len(p.frames) >= 2), None)
+    info: dict[str, Any] = {"match_intensity": match, "history": sorted(history)}
+    if sequence is not None:
+        info["sequence_from"] = next(p.name for p in pairs if len(p.frames) >= 2)
+    data = _Data(pairs=pairs, scale=scale, sequence=sequence, info=info)
+    if rig_info is not None:
+        if rig_info.get("scale") != scale:
+            raise ValueError(
+                f"{folder / 'info.json'} says scale {rig_info.get('scale')}, but the pairs in "
+                f"{folder} have scale {scale}: the folder mixes runs; write it anew"
+            )
+        preset = get_preset(rig_info["preset"])
+        rig = PairRig(preset, channel=rig_info.get("channel"))
+        data.camera, data.scan = preset.camera, rig.fast.scan
+        data.pixel_size_um = preset.pixel_size_um
+        data.psf_sigma_px = psf_sigma_um(rig.fast.optics) / preset.pixel_size_um
+        info["real_pairs"] = {k: rig_info.get(k) for k in
+                              ("preset", "channel", "scale", "defocus_um", "history", "seed")}  # fmt: skip
+    return data
 
 
 # -- methods ----------------------------------------------------------------------------------
@@ -343,11 +441,16 @@ def _truth_reference(data: _Data) -> dict[str, float | None]:
 
 def _check_args(engines: Sequence[str], data: Path | None, simulated: str | None, pairs: int,
                 sequence: int, seed: int, baselines: Sequence[str],
-                frame_field: int | None) -> None:  # fmt: skip
+                frame_field: int | None, defocus_um: tuple[float, float]) -> None:  # fmt: skip
     if (data is None) == (simulated is None):
         raise ValueError(
             "give exactly one of data (a folder with low/ and high/ TIFFs) or simulated "
             f"(a preset name); got data={data!r}, simulated={simulated!r}"
+        )
+    if data is not None and defocus_um[1] > 0:
+        raise ValueError(
+            f"defocus {defocus_um} applies to simulated pairs only; folder pairs are used as "
+            "recorded (`scopecast bench real-pairs --defocus LO,HI` writes defocused pairs)"
         )
     if isinstance(engines, str):
         raise ValueError(f"engines must be a list of names, got the string {engines!r}")
@@ -389,17 +492,29 @@ def run_quality(
     psf_sigma_px: float | None = None,
     match: bool = True,
     backend: str = "auto",
+    defocus_um: tuple[float, float] = (0.0, 0.0),
+    truth: Truth = "high-quality",
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Score every baseline and engine on held-out pairs from ``data`` or ``simulated``.
 
     ``field`` renders simulated frames of that many raw px per side (None: the preset's frame);
+    ``defocus_um`` is a ``|dz|`` range (um): each simulated pair's raw frames are recorded at
+    one defocus drawn from it with a random sign, the truth in focus (a deblur benchmark);
+    ``truth`` is the simulated slow scan as recorded ("high-quality", noisy like real data) or
+    its noise-free expectation ("expected": what a perfect estimator returns; the noise of a
+    recorded truth caps every method's PSNR and squeezes their differences);
     ``psf_sigma_px`` overrides Richardson-Lucy's PSF (default: the preset's optics, or 1 px for
     folder data); ``match`` fits folder high images onto the low images' ADU. With no engines the
     baselines run at the data's scale (1 for simulated data).
     """
     frame_field = field
-    _check_args(engines, data, simulated, pairs, sequence, seed, baselines, frame_field)
+    defocus_um = check_defocus(defocus_um)
+    _check_args(engines, data, simulated, pairs, sequence, seed, baselines, frame_field,
+                defocus_um)  # fmt: skip
+    if data is not None and truth != "high-quality":
+        raise ValueError(f"truth {truth!r} needs simulated pairs; folder pairs are scored "
+                         "against their high images")  # fmt: skip
     preset = get_preset(simulated) if simulated is not None else None
     chains: dict[str, EngineChain] = {}
     try:
@@ -412,7 +527,8 @@ def run_quality(
             history = max([_history(c) for c in chains.values()] + [1])
             d = _simulated(preset, scale=scale or 1, pairs=pairs, history=history,
                            sequence=sequence, seed=seed, frame_field=frame_field,
-                           progress=progress)  # fmt: skip
+                           progress=progress, defocus_um=defocus_um,
+                           truth=truth)  # fmt: skip
         else:
             assert data is not None
             d = _folder(Path(data), match, progress)

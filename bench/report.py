@@ -67,12 +67,28 @@ def versions() -> dict[str, str]:
     return found
 
 
+def backends() -> dict[str, str]:
+    """Each inference backend and whether it runs here: ONNX Runtime with its providers, and
+    TensorRT with its version and GPU, or ``not available here (reason)``."""
+    from engines.runtime import backend_status
+
+    return backend_status()
+
+
+def default_backends() -> list[str]:
+    """What to measure when no backend is named: TensorRT beside ONNX Runtime where TensorRT
+    runs, else ``auto`` (the backend the server would pick)."""
+    tensorrt_runs = not backends()["tensorrt"].startswith("not available")
+    return ["tensorrt", "onnxruntime"] if tensorrt_runs else ["auto"]
+
+
 def write_result(result: dict[str, Any], out_dir: Path) -> Path:
-    """``out_dir/KIND.json`` with the machine, versions and time added."""
+    """``out_dir/KIND.json`` with the machine, backends, versions and time added."""
     out_dir.mkdir(parents=True, exist_ok=True)
     full = {
         **result,
         "machine": machine(),
+        "backends": backends(),
         "versions": versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -92,7 +108,8 @@ def numbers(tree: Any, prefix: str = "") -> dict[str, float]:
     flat: dict[str, float] = {}
     if isinstance(tree, dict):
         for key, value in tree.items():
-            if key in ("machine", "versions", "created", "samples", "sample_times_s", "per_pair"):
+            if key in ("machine", "backends", "versions", "created", "samples", "sample_times_s",
+                       "per_pair"):  # fmt: skip
                 continue
             flat.update(numbers(value, f"{prefix}.{key}" if prefix else str(key)))
     elif isinstance(tree, list):

@@ -1,6 +1,7 @@
-"""What training (engines.train.data) and the quality benchmark (bench.quality) share about
-image pairs, without torch: block means, the paired intensity fit, and the simulated time span
-training draws from (so held-out data can avoid it)."""
+"""What training (engines.train.data) and the benchmarks (bench.quality, bench.real_images)
+share about image pairs, without torch: block means, the paired intensity fit, degrading a
+clean image with a forward model, and the simulated time span training draws from (so held-out
+data can avoid it)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import math
 
 import numpy as np
 from scipy import ndimage
+
+from calibration.forward import ForwardModel
 
 #: simulated pairs are drawn from this much acquisition time (x the preset's time_scale)
 TRAIN_SPAN_S = 300.0
@@ -46,3 +49,18 @@ def match_intensity(
     a = float(lo @ hb) / var_h
     b = float(np.mean(low, dtype=np.float64)) - a * float(np.mean(bin_mean(high, scale)))
     return a, b
+
+
+def degrade(model: ForwardModel, clean: np.ndarray, scale: int, dz: float,
+            rng: np.random.Generator) -> np.ndarray:  # fmt: skip
+    """A noisy low frame (uint16) of a raw-equivalent clean image on the target grid.
+
+    ``model``'s fine grid is the target grid (``scan.downsample == scale``); the clean image's
+    ADU above the camera offset become fine-grid photons ``(clean - offset) / (gain * qe *
+    scale**2)``, recorded at defocus ``dz`` from the model's focal plane.
+    """
+    cam = model.camera
+    photons = np.asarray(clean, np.float32) - np.float32(cam.offset_adu)
+    np.maximum(photons, 0, out=photons)
+    photons *= np.float32(1 / (cam.gain_adu_per_electron * cam.quantum_efficiency * scale**2))
+    return model.record(photons, rng, z_um=model.focus_z_um + dz)

@@ -369,6 +369,46 @@ def status(
 
 
 @app.command()
+def view(
+    publish: Annotated[str, typer.Option(help="the engine server's PUB endpoint")] = (
+        "tcp://127.0.0.1:5556"
+    ),
+    control: Annotated[
+        str, typer.Option(help="the server's control endpoint, polled for numbers; 'none'")
+    ] = "tcp://127.0.0.1:5557",
+    host: Annotated[
+        str, typer.Option(help="interface to serve the page on; off loopback a token is required")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="web port (0: any free one)")] = 8765,
+    token: Annotated[
+        str | None,
+        typer.Option(help="token browsers must present (?token=); generated off loopback"),
+    ] = None,
+    keys: Annotated[
+        Path | None, typer.Option(help="CURVE key folder (client keys) for a remote server")
+    ] = None,
+) -> None:
+    """Serve the live viewer: raw and enhanced side by side in a browser, with fps, latency,
+    skipped frames, fidelity, engine and backend. Prints the URL to open; Ctrl-C stops."""
+    from .viewer import ViewerConfig, ViewerError, serve
+
+    def ready(url: str) -> None:
+        print(url, flush=True)
+        err.print(f"live viewer of {publish}: open {url}   Ctrl-C stops", highlight=False)
+
+    with _expected_errors(ViewerError):
+        config = ViewerConfig(
+            publish=publish,
+            control=None if control == "none" else control,
+            host=host,
+            port=port,
+            token=token,
+            keys=keys,
+        )
+        serve(config, on_ready=ready)
+
+
+@app.command()
 def keys(
     directory: Annotated[Path, typer.Argument(help="folder to create the key pairs in")],
 ) -> None:
@@ -421,6 +461,10 @@ def demo(
         Path, typer.Option("--out", help="folder for runs; the demo writes a new run in it")
     ] = Path("scopecast-runs"),
     seed: Annotated[int, typer.Option(help="simulated specimen and noise seed")] = 0,
+    view: Annotated[
+        bool, typer.Option(help="also run the live viewer (`scopecast view`) and print its URL")
+    ] = False,
+    view_port: Annotated[int, typer.Option(help="the viewer's web port (0: any free one)")] = 8765,
     as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
 ) -> None:
     """Simulated microscope -> hook -> engine server (another process) -> OME-TIFF + PUB.
@@ -430,7 +474,7 @@ def demo(
     """
     from . import acquire as acq
 
-    with _expected_errors(RuntimeError):
+    with _expected_errors(RuntimeError), ExitStack() as stack:
         if duration <= 0:
             raise acq.SetupError(f"--duration {duration} must be > 0")
         if mode not in ("live", "complete"):
@@ -448,6 +492,15 @@ def demo(
                 f"not handed over {hook.frames_not_handed_over}  p99 {_fmt(p99)} ms"
             )
 
+        def start_viewer(endpoints: dict[str, str]) -> None:
+            """Once the server is ready: the viewer on its PUB and control sockets."""
+            from .viewer import ViewerProcess
+
+            viewer = stack.enter_context(
+                ViewerProcess(endpoints["publish"], endpoints["control"], port=view_port)
+            )
+            err.print(f"live viewer: open {viewer.url}", highlight=False)
+
         with _progress() as bar:
             task = bar.add_task(f"{preset} -> {'+'.join(engines)}", total=sum(1 for _ in seq),
                                 status="starting the server")  # fmt: skip
@@ -461,6 +514,7 @@ def demo(
                 on_progress=lambda h, s: bar.update(
                     task, completed=h.frames_seen, status=status_line(h, s)
                 ),
+                on_started=start_viewer if view else None,
             )
     stages = {"hook": sent["hook_ms"], **server["latency_ms"]}
     result = {
@@ -531,6 +585,7 @@ def _add_groups() -> None:
     """Mount the engines group, and groups other packages register under
     ``scopecast.commands``."""
     from engines.cli import app as engines_app
+    from engines.cli import build as engines_build
     from engines.train.cli import export, train
 
     from .calibrate import app as calibrate_app
@@ -539,6 +594,7 @@ def _add_groups() -> None:
     app.add_typer(calibrate_app, name="calibrate")
     app.command()(train)
     app.command()(export)
+    app.command("build")(engines_build)
     for ep in entry_points(group="scopecast.commands"):
         try:
             app.add_typer(ep.load(), name=ep.name)

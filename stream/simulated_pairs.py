@@ -92,7 +92,9 @@ class PairRig:
     def target(self, t_s: float, xy: tuple[float, float], scale: int, kind: str,
                rng: np.random.Generator) -> np.ndarray:  # fmt: skip
         """The in-focus target at ``scale`` in raw-equivalent ADU: the slow high-quality scan
-        (``kind="high-quality"``) or the noise-free expected image (``"clean"``)."""
+        (``kind="high-quality"``), that scan's noise-free expectation (``"expected"``: what a
+        perfect estimator of the slow scan returns; ``rng`` unused) or the noise-free image on
+        the fast scan's optics at ``scale`` x finer pixels (``"clean"``)."""
         offset, k = self.fast.camera.offset_adu, self.target_gain(kind, scale)
         if kind == "clean":
             model = self.fast.model_copy(update={
@@ -102,7 +104,11 @@ class PairRig:
             adu = model.expected_adu(self.fine(t_s, xy, model, self.dwell, scale))
             return raw_equivalent(self.crop(adu, scale), offset, k)
         f, dwell = self.preset.high_quality_factor, self.preset.high_quality_dwell
-        hq = self.slow.record(self.fine(t_s, xy, self.slow, self.dwell * dwell, f), rng)
+        photons = self.fine(t_s, xy, self.slow, self.dwell * dwell, f)
+        if kind == "expected":
+            hq = self.slow.expected_adu(photons)
+        else:
+            hq = self.slow.record(photons, rng)
         return raw_equivalent(bin_mean(self.crop(hq, f), f // scale), offset, k)
 
     def clean(self, t_s: float, xy: tuple[float, float], scale: int) -> np.ndarray:

@@ -20,6 +20,7 @@ from bench.quality import (
     plot_quality,
     run_quality,
 )
+from calibration.metrics import psnr
 from engines.pairs import match_intensity
 from stream.simulated import get_preset
 
@@ -129,6 +130,80 @@ def test_intensity_fit_is_the_same_for_images_and_stacks() -> None:
     assert a == pytest.approx(0.3, rel=0.1)
 
 
+def _bright_celldiscoverer():
+    """celldiscoverer with 16x the light: its truth (one noisy frame, dwell 1) then resolves the
+    cells' 2-6% contrast, so blur shows in PSNR instead of drowning in the truth's noise."""
+    preset = get_preset("celldiscoverer")
+    spec = preset.channels["BF"]
+    return preset.model_copy(
+        update={"channels": {"BF": spec.model_copy(update={"photons_per_ms": 8.0})}}
+    )
+
+
+@pytest.mark.parametrize("seed", [1, 2, 7])  # seeds whose first field holds cells
+def test_defocus_blurs_the_raw_frames_and_keeps_the_truth_in_focus(seed: int) -> None:
+    preset = _bright_celldiscoverer()
+
+    def first_pair(defocus):  # the first pair shows the same field whatever the defocus
+        data = _simulated(preset, scale=1, pairs=1, history=2, sequence=3, seed=seed,
+                          frame_field=64, progress=None, defocus_um=defocus)  # fmt: skip
+        return data, data.pairs[0]
+
+    focused, p0 = first_pair((0.0, 0.0))
+    blurred, p1 = first_pair((1.5, 3.0))
+    assert focused.info["dz_um"] == [0.0] and focused.info["defocus_um"] == [0.0, 0.0]
+    (dz,) = blurred.info["dz_um"]
+    assert 1.5 <= abs(dz) <= 3.0 and blurred.info["defocus_um"] == [1.5, 3.0]
+    assert 1.5 <= abs(blurred.info["sequence_dz_um"]) <= 3.0
+    assert len(p1.frames) == 2 and p1.frames[-1].shape == p1.truth.shape == (64, 64)
+
+    def score(pair):
+        return psnr(pair.truth, pair.frames[-1].astype(np.float32),
+                    data_range=float(np.ptp(pair.truth)))  # fmt: skip
+
+    assert score(p1) < score(p0) - 0.3
+    # the truth is the same in-focus field (up to its own noise): defocus touches raw frames only
+    t0, t1 = (ndimage.gaussian_filter(p.truth, 2).ravel() for p in (p0, p1))
+    assert np.corrcoef(t0, t1)[0, 1] > 0.9
+
+
+def test_defocus_in_run_quality_is_recorded() -> None:
+    result = run_quality(engines=[], simulated="celldiscoverer", pairs=2, sequence=0, field=32,
+                         baselines=[], defocus_um=(1.5, 3.0))  # fmt: skip
+    info = result["info"]
+    assert info["defocus_um"] == [1.5, 3.0] and len(info["dz_um"]) == 2
+    assert all(1.5 <= abs(dz) <= 3.0 for dz in info["dz_um"])
+    assert math.isfinite(result["methods"]["raw"]["psnr"])
+
+
+@pytest.mark.parametrize(
+    "defocus", [(3.0, 1.0), (-1.0, 2.0), (float("nan"), 1.0), (0.0, float("inf")), (1.0,), "ab"]
+)
+def test_bad_defocus_is_rejected(defocus) -> None:
+    with pytest.raises(ValueError, match="defocus"):
+        run_quality(engines=[], simulated="celldiscoverer", defocus_um=defocus)
+
+
+def test_defocus_needs_simulated_pairs(tmp_path: Path) -> None:
+    folder = _pairs_folder(tmp_path / "pairs", 1)
+    with pytest.raises(ValueError, match="simulated pairs only.*real-pairs"):
+        run_quality(engines=[], data=folder, defocus_um=(1.0, 2.0))
+
+
+def test_cli_defocus_option(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from bench.cli import app
+
+    runner = CliRunner(env={"COLUMNS": "300"})
+    args = ["quality", "--engine", "identity", "--simulated", "celldiscoverer", "--out",
+            str(tmp_path), "--defocus"]  # fmt: skip
+    for value in ("3,1", "2", "1,x", "nan,1"):
+        bad = runner.invoke(app, [*args, value])
+        assert bad.exit_code == 2 and "LO,HI" in bad.output, (value, bad.output)
+        assert not (tmp_path / "quality.json").exists()
+
+
 def test_no_engines_runs_baselines_only() -> None:
     result = run_quality(engines=[], simulated="confocal-20fps", pairs=1, sequence=0,
                          field=FIELD, baselines=["gaussian"])  # fmt: skip
@@ -154,6 +229,30 @@ def test_folder_pairs(tmp_path: Path, scale: int, engines: list[str]) -> None:
         assert m["decorrelation_um"] is None and m["decorrelation_px"] is not None
     if scale == 1:
         assert result["methods"]["engine:gaussian"]["psnr"] > result["methods"]["raw"]["psnr"]
+
+
+def test_folder_low_stacks_are_history_frames(tmp_path: Path) -> None:
+    """A (T, H, W) low TIFF: T exposures, oldest first, the last scored; they also give flicker."""
+    folder = _pairs_folder(tmp_path / "pairs", 1)
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        high = tifffile.imread(folder / "high" / f"cell{i}.tif")
+        stack = rng.poisson(np.stack([high] * 3)).astype(np.uint16)
+        tifffile.imwrite(folder / "low" / f"cell{i}.tif", stack, photometric="minisblack")
+    stacked = run_quality(engines=["gaussian"], data=folder, baselines=["gaussian"], match=False)
+    assert stacked["info"]["history"] == [3] and stacked["sequence"] == 3
+    assert stacked["info"]["sequence_from"] == "cell0"
+    methods = stacked["methods"]
+    assert methods["engine:gaussian"]["flicker"] < methods["raw"]["flicker"]
+    for i in range(2):  # the last frame alone, as a 2-D TIFF, scores the same
+        path = folder / "low" / f"cell{i}.tif"
+        tifffile.imwrite(path, tifffile.imread(path)[-1])
+    flat = run_quality(engines=[], data=folder, baselines=[], match=False)
+    assert flat["sequence"] == 0 and flat["methods"]["raw"]["flicker"] is None
+    assert flat["methods"]["raw"]["per_pair"]["psnr"] == methods["raw"]["per_pair"]["psnr"]
+    tifffile.imwrite(folder / "low" / "cell0.tif", np.zeros((2, 2, 64, 64), np.uint16))
+    with pytest.raises(ValueError, match=r"2-D image or a \(T, H, W\) stack"):
+        run_quality(engines=[], data=folder)
 
 
 def test_empty_folder_has_no_pairs(tmp_path: Path) -> None:

