@@ -51,6 +51,16 @@ class BackendError(RuntimeError):
     """A backend cannot be opened or run here; the message says which and what to install."""
 
 
+def feed(
+    engine: str, needed: Sequence[str], inputs: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """The model's inputs as C-contiguous float32, in its order; BackendError naming any missing."""
+    missing = [n for n in needed if n not in inputs]
+    if missing:
+        raise BackendError(f"engine {engine!r} needs inputs {missing}; got {sorted(inputs)}")
+    return {n: np.ascontiguousarray(inputs[n], dtype=np.float32) for n in needed}
+
+
 @runtime_checkable
 class Backend(Protocol):
     """Runs one engine: float32 inputs by name in, the model's first output (float32) out."""

@@ -12,7 +12,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ..package import EnginePackage, PackageError
-from .base import INSTALL_GPU, BackendChoice, BackendError, Device
+from .base import INSTALL_GPU, BackendChoice, BackendError, Device, feed
 
 
 class OnnxRuntimeBackend:
@@ -86,17 +86,11 @@ class OnnxRuntimeBackend:
         """Run the model on the inputs it has (others are ignored) and return its first output."""
         if self._session is None:
             raise BackendError(f"backend for {self.package.manifest.name!r} is closed")
-        missing = [n for n in self._inputs if n not in inputs]
-        if missing:
-            raise BackendError(
-                f"engine {self.package.manifest.name!r} needs inputs {missing}; "
-                f"got {sorted(inputs)}"
-            )
-        feed = {n: np.ascontiguousarray(inputs[n], dtype=np.float32) for n in self._inputs}
+        arrays = feed(self.package.manifest.name, self._inputs, inputs)
         try:
-            out = self._session.run(None, feed)[0]
+            out = self._session.run(None, arrays)[0]
         except Exception as e:  # onnxruntime raises its own untyped errors
-            shapes = {n: a.shape for n, a in feed.items()}
+            shapes = {n: a.shape for n, a in arrays.items()}
             raise BackendError(
                 f"engine {self.package.manifest.name!r} failed on inputs {shapes}: {e}"
             ) from e

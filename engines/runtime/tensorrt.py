@@ -30,7 +30,7 @@ from typing import Any, Self
 import numpy as np
 
 from ..package import EnginePackage, PackageError, PlanInfo
-from .base import BackendError
+from .base import BackendError, feed
 from .plans import (
     INSTALL_TENSORRT,
     MachineFacts,
@@ -388,13 +388,7 @@ class TensorRtBackend:
         with self._lock:
             if self._closed:
                 raise BackendError(f"backend for {self.package.manifest.name!r} is closed")
-            missing = [n for n in self._inputs if n not in inputs]
-            if missing:
-                raise BackendError(
-                    f"engine {self.package.manifest.name!r} needs inputs {missing}; "
-                    f"got {sorted(inputs)}"
-                )
-            arrays = {n: np.ascontiguousarray(inputs[n], np.float32) for n in self._inputs}
+            arrays = feed(self.package.manifest.name, self._inputs, inputs)
             ticket = self._ticket
             self._ticket += 1
             slot = self._slots[ticket % len(self._slots)]
