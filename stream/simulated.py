@@ -132,7 +132,7 @@ PRESETS: dict[str, Preset] = {
         Preset(
             name="confocal-20fps",
             description="256x256 video-rate bidirectional confocal scan, shot-noise limited",
-            engine="gaussian",
+            engine="confocal-denoise-sr2x",
             shape=(256, 256),
             pixel_size_um=0.1,
             exposure_ms=30.0,
@@ -158,6 +158,7 @@ PRESETS: dict[str, Preset] = {
         Preset(
             name="celldiscoverer",
             description="2048x2048 brightfield well plate, multi-position time-lapse, focus drift",
+            engine="brightfield-deblur",
             beads_per_100um2=0.005,  # about 25 beads in the 0.7 mm field: isolated out of focus
             shape=(2048, 2048),
             pixel_size_um=0.345,

@@ -168,13 +168,13 @@ def test_demo_runs_end_to_end_and_its_files_open(tmp_path):
     for key in ("frames_acquired", "frames_enhanced", "frames_skipped", "frames_not_handed_over",
                 "latency_ms", "files"):  # fmt: skip
         assert key in result
-    assert result["engine"] == "gaussian"
+    assert result["engine"] == "confocal-denoise-sr2x"  # the preset's shipped default
     assert result["frames_acquired"] >= 25
     assert result["frames_enhanced"] + result["frames_skipped"] == result["frames_received"]
     for stage in ("hook", "transport", "inference", "total"):
         assert 0 <= result["latency_ms"][stage]["p50"] <= result["latency_ms"][stage]["p99"]
     raw = [f for f in result["files"] if f.endswith("_raw.ome.tif")]
-    enhanced = [f for f in result["files"] if f.endswith("_gaussian.ome.tif")]
+    enhanced = [f for f in result["files"] if f.endswith("_confocal-denoise-sr2x.ome.tif")]
     assert len(raw) == 1 and len(enhanced) == 1
     with tifffile.TiffFile(raw[0]) as tif:
         assert tif.is_ome
@@ -183,6 +183,8 @@ def test_demo_runs_end_to_end_and_its_files_open(tmp_path):
         assert tif.series[0].shape[-2:] == (256, 256)
     with tifffile.TiffFile(enhanced[0]) as tif:
         assert tif.is_ome and len(tif.pages) == result["frames_enhanced"]
+        assert tif.series[0].shape[-2:] == (512, 512)
+        assert 'PhysicalSizeX="0.05"' in tif.ome_metadata
 
 
 @pytest.mark.slow
