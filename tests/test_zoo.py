@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from bench.quality import run_quality
-from engines.package import ZOO_DIR, find_package
+from engines.package import ZOO_DIR, find_package, load_package
 from stream.simulated import PRESETS
 
 CONFIGS = ZOO_DIR / "configs"
@@ -20,7 +20,7 @@ MAX_ONNX_BYTES = 5 * 2**20
 def test_every_preset_demo_engine_is_shipped() -> None:
     assert {"confocal-denoise", "confocal-denoise-sr2x", "brightfield-deblur"} <= set(LEARNED)
     for preset in PRESETS.values():
-        package = find_package(preset.engine)
+        package = load_package(find_package(preset.engine))
         assert package.path.parent == ZOO_DIR, preset.name
         assert not package.manifest.baseline, f"{preset.name} demo runs a baseline"
 
@@ -31,7 +31,7 @@ def test_learned_engine_matches_its_config(name: str) -> None:
     from engines.train.config import load_config
 
     cfg = load_config(CONFIGS / f"{name}.yaml")
-    package = find_package(name)
+    package = load_package(find_package(name))
     m = package.manifest
     assert (package.path / m.model).stat().st_size <= MAX_ONNX_BYTES
     assert m.provenance["train_config_sha256"] == cfg.digest(), (
@@ -55,7 +55,7 @@ def test_learned_engine_beats_the_classical_baseline(
     engines: list[str], preset: str, reference: str, extra: dict, tmp_path: Path
 ) -> None:
     r = run_quality(engines=engines, simulated=preset, pairs=2, sequence=0, field=96,
-                    baselines=["identity", reference], **extra)  # fmt: skip
+                    baselines=["identity", reference], truth="expected", **extra)  # fmt: skip
     engine = r["methods"][f"engine:{engines[0]}"]
     assert engine["psnr"] > r["methods"][reference]["psnr"] + 1.0
     assert engine["psnr"] > r["methods"]["identity"]["psnr"] + 3.0
