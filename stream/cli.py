@@ -243,7 +243,10 @@ def serve(
         ),
     ] = "live",
     backend: Annotated[
-        str, typer.Option(help="auto, onnxruntime, onnxruntime-cpu, -cuda or -tensorrt")
+        str,
+        typer.Option(
+            help="auto, tensorrt (plans, extra gpu), onnxruntime, onnxruntime-cpu, -cuda or -tensorrt"
+        ),
     ] = "auto",
     threads: Annotated[
         int | None, typer.Option(help="inference threads (default: the backend's choice)")
