@@ -92,7 +92,8 @@ def servers():
 
 
 class Viewer:
-    """A PUB subscriber in a thread, keeping every (header, pixels) until 2 s of silence."""
+    """A PUB subscriber in a thread, keeping every (header, pixels) until 5 s of silence
+    (a loaded 2-core CI machine can pause a server for seconds)."""
 
     def __init__(self, endpoint: str, topic: bytes = b"") -> None:
         self.got: list = []
@@ -103,7 +104,7 @@ class Viewer:
             sub.setsockopt(zmq.SUBSCRIBE, topic)
             sub.connect(endpoint)
             connected.set()
-            while sub.poll(2000):
+            while sub.poll(5000):
                 self.got.append(decode_published(sub.recv_multipart()))
             sub.close(0)
 
