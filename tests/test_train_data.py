@@ -56,7 +56,8 @@ def test_simulated_items_shapes_and_normalization(scale):
     assert norm.scale > 0 and norm.scale == float(f"{norm.scale:.3g}")
     q = 32 * scale
     shapes = {"frames": (3, 32, 32), "target": (1, q, q), "previous": (1, q, q),
-              "background": (1, 32, 32)}  # fmt: skip
+              "background": (1, 32, 32), "frames_prev": (3, 32, 32),
+              "previous_prev": (1, q, q)}  # fmt: skip
     for ds in (train, val):
         for i in range(len(ds)):
             item = ds[i]
@@ -80,6 +81,10 @@ def test_simulated_items_shapes_and_normalization(scale):
     np.testing.assert_allclose(item["frames"], normalized(s.low[6:9, 0, lo[0], lo[1]], norm))
     np.testing.assert_allclose(item["target"], normalized(s.targets[8][:, hi[0], hi[1]], norm))
     np.testing.assert_allclose(item["previous"], normalized(s.targets[7][:, hi[0], hi[1]], norm))
+    # the rollout's step before: the window ending one frame earlier, its newest frame upsampled
+    np.testing.assert_allclose(item["frames_prev"], normalized(s.low[5:8, 0, lo[0], lo[1]], norm))
+    up = np.repeat(np.repeat(s.low[7, :, lo[0], lo[1]], scale, -2), scale, -1)
+    np.testing.assert_allclose(item["previous_prev"], normalized(up, norm))
     median = np.median(s.low[:, :, lo[0], lo[1]], axis=0)
     np.testing.assert_allclose(item["background"].numpy(), normalized(median, norm), atol=1e-6)
 
@@ -288,3 +293,19 @@ def test_celldiscoverer_deblur_pairs_blur_the_low_frames():
         assert s.low.shape == (1, 1, 128, 128) and 1.0 <= abs(s.meta["dz_um"]) <= 3.0
         assert focus(s.low[t, 0]) < focus(s.targets[t][0])
     assert tuple(train[0]["target"].shape) == (1, 32, 32)
+
+
+def test_video_augment_moves_the_rollout_inputs_with_the_rest():
+    from engines.train.loop import VideoAugmented
+
+    g = torch.Generator().manual_seed(0)
+    frames, previous = torch.rand(2, 8, 8, generator=g), torch.rand(1, 16, 16, generator=g)
+    item = {"frames": frames, "target": torch.rand(1, 16, 16, generator=g), "previous": previous,
+            "background": torch.rand(1, 8, 8, generator=g), "frames_prev": frames.clone(),
+            "previous_prev": previous.clone()}  # fmt: skip
+    data = VideoAugmented([item], np.random.default_rng(3))
+    for _ in range(8):
+        out = data[0]
+        assert {k: v.shape for k, v in out.items()} == {k: v.shape for k, v in item.items()}
+        assert torch.equal(out["frames_prev"], out["frames"])
+        assert torch.equal(out["previous_prev"], out["previous"])

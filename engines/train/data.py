@@ -181,10 +181,14 @@ class PairDataset(Dataset):
         out = {"frames": frames.reshape(-1, p, p), "target": s.targets[t][hi]}
         if self.previous:
             prev = s.targets.get(t - 1)
-            if prev is None:  # first frame of a sequence: the current frame, upsampled
-                out["previous"] = np.repeat(np.repeat(low[t], k, -2), k, -1)
-            else:
-                out["previous"] = prev[hi]
+            # first frame of a sequence: the current frame, upsampled
+            out["previous"] = _upsample(low[t], k) if prev is None else prev[hi]
+            # the step before, for a rollout: the generator makes its own previous output from
+            # these (first-frame rule), as it runs live, instead of seeing a target it never has
+            out["frames_prev"] = low[np.clip(np.arange(t - self.window, t), 0, None)].reshape(
+                -1, p, p
+            )
+            out["previous_prev"] = _upsample(low[max(t - 1, 0)], k)
         if self.background:
             out["background"] = np.median(low[max(0, t - BACKGROUND_FRAMES + 1) : t + 1], axis=0)
         norm = self.normalization
@@ -339,8 +343,14 @@ class _Rig(PairRig):
 
 
 def _history(window: int, previous: bool, background: bool) -> int:
-    """Low frames per simulated pair: the window, the background median's, one before the last."""
-    return max(window, BACKGROUND_FRAMES if background else 1, 2 if previous else 1)
+    """Low frames per simulated pair: the window, the background median's, and with a previous
+    output the window before the last (the rollout step)."""
+    return max(window, BACKGROUND_FRAMES if background else 1, window + 1 if previous else 1)
+
+
+def _upsample(low: np.ndarray, k: int) -> np.ndarray:
+    """Nearest-neighbour ``k`` x upsampling of the last two axes: the first frame's previous."""
+    return np.repeat(np.repeat(low, k, -2), k, -1)
 
 
 def _simulated(

@@ -65,13 +65,24 @@ class VideoAugmented(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         item = dict(self.data[index])
+        # a rollout's earlier window and previous output ride along with frames and previous
+        n, m = item["frames"].shape[0], item["previous"].shape[0] if "previous" in item else 0
+        frames = (
+            torch.cat([item["frames"], item["frames_prev"]])
+            if "frames_prev" in item
+            else item["frames"]
+        )
+        previous = item.get("previous")
+        if "previous_prev" in item:
+            previous = torch.cat([item["previous"], item["previous_prev"]])
         frames, target, previous, background = video_augment(
-            item["frames"], item["target"], item.get("previous"), item.get("background"),
-            rng=self.rng,
-        )  # fmt: skip
-        item.update(frames=frames, target=target)
+            frames, item["target"], previous, item.get("background"), rng=self.rng
+        )
+        item.update(frames=frames[:n], target=target)
+        if "frames_prev" in item:
+            item.update(frames_prev=frames[n:], previous_prev=previous[m:])
         if previous is not None:
-            item["previous"] = previous
+            item["previous"] = previous[:m]
         if background is not None:
             item["background"] = background
         return {k: v.contiguous() for k, v in item.items()}
@@ -202,7 +213,14 @@ class Trainer:
             yield from loader
 
     def _forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.g(batch["frames"], batch.get("previous"), batch.get("background"))
+        """The generator's output; a temporal one gets its OWN output of the step before as
+        ``previous`` (a one-step rollout, no gradient through it), as it runs live, rather
+        than the target of the step before, which it never sees live."""
+        previous, background = batch.get("previous"), batch.get("background")
+        if "frames_prev" in batch:
+            with torch.no_grad():
+                previous = self.g(batch["frames_prev"], batch["previous_prev"], background)
+        return self.g(batch["frames"], previous, background)
 
     def _train_step(self, phase: str, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         self.g.train()
