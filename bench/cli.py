@@ -185,13 +185,21 @@ def quality(
     defocus: Defocus = None,
     truth: Annotated[
         str,
-        typer.Option(help="simulated truth: high-quality (the slow scan, noisy) or expected "
-                     "(its noise-free expectation)"),
+        typer.Option(
+            help="simulated truth: high-quality (the slow scan, noisy) or expected "
+            "(its noise-free expectation)"
+        ),
     ] = "high-quality",
     field: Annotated[
         int | None, typer.Option(help="simulated field side in raw px (default: whole frame)")
     ] = None,
-    sequence: Annotated[int, typer.Option(help="frames of the flicker sequence (0: none)")] = 8,
+    sequence: Annotated[
+        int,
+        typer.Option(
+            help="frames of the flicker sequence, after the temporal "
+            "engines' warm-up frames (0: none)"
+        ),
+    ] = 8,
     out_dir: Out = Path("bench-results"),
     older: Compare = None,
 ) -> None:

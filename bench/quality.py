@@ -6,7 +6,10 @@ Every method (the raw frame itself, each baseline of :mod:`bench.baselines` at t
 scale, each engine run through an :class:`EngineChain` fed from a :class:`stream.ring.Ring` as
 the server feeds it) is scored per pair against the truth: PSNR, SSIM, MS-SSIM, NRMSE, its own
 decorrelation resolution, the fidelity residual against the raw frame, and flicker over a short
-sequence of one position. Decorrelation analysis assumes white noise (Descloux et al. 2019):
+sequence of one position. Every method first runs on the frames a temporal engine needs before
+that sequence (its window, background and previous output: the engines' longest history less
+one), which flicker does not score: it measures the steady state an engine has live, not its
+ring filling up. Decorrelation analysis assumes white noise (Descloux et al. 2019):
 smoothed or interpolated outputs (nearest-upsampled raw included) can show a spurious cut-off,
 so read it beside the truth's own value (``result["truth"]``). The fidelity chi-square is about
 1 for an output that explains the raw frame within the noise; the raw frame itself scores below
@@ -107,6 +110,9 @@ class _Data:
     pixel_size_um: float | None = None
     psf_sigma_px: float = DEFAULT_PSF_SIGMA_PX
     sequence: list[np.ndarray] | None = None
+    warmup: int = 0
+    """Leading frames of ``sequence`` every method runs on but flicker does not score: a
+    temporal engine's ring fills and its previous output settles, as it has live."""
     info: dict[str, Any] = field(default_factory=dict)
 
 
@@ -209,12 +215,13 @@ def _simulated(preset: Preset, *, scale: int, pairs: int, history: int, sequence
         if progress is not None:
             at = f", dz={dz:+.2f} um" if defocus_um[1] > 0 else ""
             progress(f"pair {i + 1}/{pairs} simulated ({preset.name}, t={t:.1f} s{at})")
-    frames_seq, seq_dz = None, None
+    frames_seq, seq_dz, warmup = None, None, history - 1
     if sequence:
         seq_rng = np.random.default_rng([seed + HELD_OUT_SEED, 2])
-        t, xy = rig.draw(seq_rng, 0.0)
+        t, xy = rig.draw(seq_rng, warmup * rig.dt_s)
         seq_dz = _draw_dz(np.random.default_rng([seed + HELD_OUT_SEED, 4]), defocus_um)
-        frames_seq = [rig.low(t + j * rig.dt_s, xy, seq_rng, seq_dz) for j in range(sequence)]
+        frames_seq = [rig.low(t + (j - warmup) * rig.dt_s, xy, seq_rng, seq_dz)
+                      for j in range(warmup + sequence)]  # fmt: skip
     info = {"preset": preset.name, "channel": rig.channel, "scene_seed": seed + HELD_OUT_SEED,
             "field": list(rig.shape), "dt_s": rig.dt_s, "defocus_um": list(defocus_um),
             "dz_um": dzs, "sequence_dz_um": seq_dz, "truth": truth}  # fmt: skip
@@ -226,6 +233,7 @@ def _simulated(preset: Preset, *, scale: int, pairs: int, history: int, sequence
         pixel_size_um=preset.pixel_size_um,
         psf_sigma_px=psf_sigma_um(rig.fast.optics) / preset.pixel_size_um,
         sequence=frames_seq,
+        warmup=warmup if sequence else 0,
         info=info,
     )
 
@@ -523,8 +531,8 @@ def run_quality(
                 raise ValueError(f"engine {name!r} is listed twice")
             chains[name] = _open(name, backend)
         scale = _common_scale(chains)
+        history = max([_history(c) for c in chains.values()] + [1])
         if preset is not None:
-            history = max([_history(c) for c in chains.values()] + [1])
             d = _simulated(preset, scale=scale or 1, pairs=pairs, history=history,
                            sequence=sequence, seed=seed, frame_field=frame_field,
                            progress=progress, defocus_um=defocus_um,
@@ -532,6 +540,8 @@ def run_quality(
         else:
             assert data is not None
             d = _folder(Path(data), match, progress)
+            if d.sequence is not None:  # keep two scored frames at least
+                d.warmup = max(0, min(history - 1, len(d.sequence) - 2))
             if scale is not None and scale != d.scale:
                 name = next(iter(chains))
                 raise ValueError(
@@ -605,7 +615,7 @@ def _evaluate(d: _Data, chains: dict[str, EngineChain], baselines: list[str],
                 samples[i][method] = np.asarray(shown, np.float32)
         flick = None
         if d.sequence:
-            outs = sequences[method](d.sequence)
+            outs = sequences[method](d.sequence)[d.warmup :]
             flick = flicker(np.stack([np.asarray(f, np.float64) for f in outs]))
         methods[method] = {
             **kinds[method],
@@ -628,7 +638,8 @@ def _evaluate(d: _Data, chains: dict[str, EngineChain], baselines: list[str],
         "pairs": len(d.pairs),
         "scale": d.scale,
         "seed": seed,
-        "sequence": len(d.sequence) if d.sequence else 0,
+        "sequence": len(d.sequence) - d.warmup if d.sequence else 0,
+        "sequence_warmup": d.warmup,
         "engines": list(chains),
         "baselines": baselines,
         "best_baseline": best,

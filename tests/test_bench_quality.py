@@ -109,7 +109,8 @@ def test_held_out_pairs_are_raw_equivalent_and_unseen() -> None:
     data = _simulated(preset, scale=2, pairs=2, history=2, sequence=4, seed=3,
                       frame_field=FIELD, progress=None)  # fmt: skip
     assert data.info["scene_seed"] == 3 + HELD_OUT_SEED != 0
-    assert data.sequence is not None and len(data.sequence) == 4
+    # the sequence: one warm-up frame (history 2) before the 4 frames flicker scores
+    assert data.sequence is not None and len(data.sequence) == 5 and data.warmup == 1
     for pair in data.pairs:
         low = pair.frames[-1]
         assert len(pair.frames) == 2 and low.shape == (FIELD, FIELD) and low.dtype == np.uint16

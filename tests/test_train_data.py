@@ -89,6 +89,27 @@ def test_simulated_items_shapes_and_normalization(scale):
     np.testing.assert_allclose(item["background"].numpy(), normalized(median, norm), atol=1e-6)
 
 
+def test_simulated_rollout_items_hold_every_earlier_window():
+    """rollout=3 with window 2: the windows ending at t-3, t-2, t-1 oldest first, and the
+    first-frame rule's previous for the step at t-3."""
+    _, val, norm = build_datasets(DataConfig(kind="simulated", **TINY), scale=2, window=2,
+                                  previous=True, background=False, rollout=3)  # fmt: skip
+    s_idx, t = val.items[0]
+    s = val.series[s_idx]
+    assert len(s.low) == 5 and t == 4
+    item = val[0]
+    lo = centre(64, 64, 32)
+    windows = s.low[[0, 1, 1, 2, 2, 3], 0][:, lo[0], lo[1]]
+    assert item["frames_prev"].shape == (6, 32, 32)
+    np.testing.assert_allclose(item["frames_prev"], normalized(windows, norm))
+    up = np.repeat(np.repeat(s.low[1, :, lo[0], lo[1]], 2, -2), 2, -1)
+    np.testing.assert_allclose(item["previous_prev"], normalized(up, norm))
+    np.testing.assert_allclose(item["frames"], normalized(s.low[3:5, 0, lo[0], lo[1]], norm))
+    with pytest.raises(ValueError, match="rollout=0"):
+        build_datasets(DataConfig(kind="simulated", **TINY), scale=2, window=2, previous=True,
+                       background=False, rollout=0)  # fmt: skip
+
+
 @pytest.mark.parametrize("scale", [2, 1])
 @pytest.mark.parametrize("target", ["high-quality", "clean"])
 def test_simulated_targets_are_raw_equivalent(scale, target):

@@ -49,6 +49,10 @@ class Schedule(BaseModel):
         return "adversarial"
 
 
+_ADDED_LATER = ("rollout",)
+"""TrainConfig settings newer than the first shipped engines (see ``TrainConfig.digest``)."""
+
+
 class TrainConfig(BaseModel):
     """Everything one training run needs; its hash goes into the exported manifest."""
 
@@ -62,6 +66,13 @@ class TrainConfig(BaseModel):
     window: int = Field(1, ge=1, description="consecutive frames in (temporal engines)")
     previous: bool = Field(False, description="the generator also takes its previous output")
     background: bool = Field(False, description="the generator also takes a background")
+    rollout: int = Field(
+        1,
+        ge=1,
+        description="with previous: steps the generator runs on its own output before the step "
+        "that is scored (the first from the first-frame rule, none with a gradient); more steps "
+        "show it the well-settled previous output it gets live",
+    )
     discriminator: ModelConfig | None = None
     data: DataConfig
     normalization: Normalization | None = Field(None, description="None: from the data")
@@ -113,10 +124,22 @@ class TrainConfig(BaseModel):
             raise ValueError("adversarial_steps > 0 needs a weight for losses.adversarial")
         if s.total == 0:
             raise ValueError("the schedule has no steps: set schedule.pretrain_steps")
+        if self.rollout > 1 and not self.previous:
+            raise ValueError(
+                f"rollout={self.rollout} needs previous: true (it rolls the generator's own "
+                "previous output forward); set previous: true or rollout: 1"
+            )
 
     def digest(self) -> str:
-        """sha256 of the config as JSON (sorted keys): the manifest's training-config hash."""
-        text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        """sha256 of the config as JSON (sorted keys): the manifest's training-config hash.
+
+        Settings added after engines shipped (``_ADDED_LATER``) are left out while they hold
+        their default, so a config that does not use them keeps the hash it had."""
+        data = self.model_dump(mode="json")
+        for key in _ADDED_LATER:
+            if data[key] == type(self).model_fields[key].default:
+                del data[key]
+        text = json.dumps(data, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()
 
 

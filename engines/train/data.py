@@ -146,7 +146,11 @@ _Made = tuple[list[Series], _Items, _Items, float | None, dict[str, Any]]
 
 class PairDataset(Dataset):
     """Items of normalized float32 tensors: "frames", "target", optionally "previous" and
-    "background"; random crops for training, fixed centre crops for validation."""
+    "background"; random crops for training, fixed centre crops for validation.
+
+    With ``previous`` an item also holds the rollout: "frames_prev", the windows of the
+    ``rollout`` steps before (oldest first, stacked on the channel axis), and "previous_prev",
+    the first-frame rule's previous output for the oldest of them."""
 
     def __init__(
         self,
@@ -160,11 +164,13 @@ class PairDataset(Dataset):
         background: bool,
         normalization: Normalization,
         train: bool,
+        rollout: int = 1,
         info: dict[str, Any] | None = None,
     ) -> None:
         self.series, self.items = series, items
         self.scale, self.window, self.patch = scale, window, patch
         self.previous, self.background, self.train = previous, background, train
+        self.rollout = rollout
         self.normalization = normalization
         self.info = info or {}
 
@@ -183,12 +189,13 @@ class PairDataset(Dataset):
             prev = s.targets.get(t - 1)
             # first frame of a sequence: the current frame, upsampled
             out["previous"] = _upsample(low[t], k) if prev is None else prev[hi]
-            # the step before, for a rollout: the generator makes its own previous output from
-            # these (first-frame rule), as it runs live, instead of seeing a target it never has
-            out["frames_prev"] = low[np.clip(np.arange(t - self.window, t), 0, None)].reshape(
-                -1, p, p
-            )
-            out["previous_prev"] = _upsample(low[max(t - 1, 0)], k)
+            # the rollout: the windows of the `rollout` steps before, oldest first, and the
+            # first-frame rule's previous for the oldest; the generator makes its own previous
+            # output from them, as it runs live, instead of seeing a target it never has
+            first = t - self.rollout
+            windows = np.arange(first, t)[:, None] + np.arange(1 - self.window, 1)[None]
+            out["frames_prev"] = low[np.clip(windows.ravel(), 0, None)].reshape(-1, p, p)
+            out["previous_prev"] = _upsample(low[max(first, 0)], k)
         if self.background:
             out["background"] = np.median(low[max(0, t - BACKGROUND_FRAMES + 1) : t + 1], axis=0)
         norm = self.normalization
@@ -215,6 +222,7 @@ def build_datasets(
     window: int,
     previous: bool,
     background: bool,
+    rollout: int = 1,
     normalization: Normalization | None = None,
     progress: Progress | None = None,
 ) -> tuple[PairDataset, PairDataset, Normalization]:
@@ -228,10 +236,13 @@ def build_datasets(
         raise ValueError(f"scale={scale} is not supported: use 1 (denoise/deblur), 2 or 4 (SR)")
     if not (isinstance(window, int) and window >= 1):
         raise ValueError(f"window={window!r} must be an int >= 1 (frames per input)")
+    if not (isinstance(rollout, int) and rollout >= 1):
+        raise ValueError(f"rollout={rollout!r} must be an int >= 1 (steps before the scored one)")
+    history = _history(window, previous, background, rollout)
     if cfg.kind == "simulated":
-        made = _simulated(cfg, scale, window, previous, background, progress)
+        made = _simulated(cfg, scale, history, previous, progress)
     elif cfg.kind == "synthetic":
-        made = _synthetic(cfg, scale, window, previous, background, progress)
+        made = _synthetic(cfg, scale, history, previous, window, background, progress)
     else:
         made = _recorded(cfg, scale, progress)
     series, train_items, val_items, offset, info = made
@@ -245,7 +256,7 @@ def build_datasets(
     if normalization is None:
         normalization = _normalization(series, train_items, offset)
     kw: dict[str, Any] = {"scale": scale, "window": window, "patch": cfg.patch,
-                          "previous": previous, "background": background,
+                          "previous": previous, "background": background, "rollout": rollout,
                           "normalization": normalization, "info": info}  # fmt: skip
     return (
         PairDataset(series, train_items, train=True, **kw),
@@ -342,10 +353,11 @@ class _Rig(PairRig):
         return t, xy, dz
 
 
-def _history(window: int, previous: bool, background: bool) -> int:
+def _history(window: int, previous: bool, background: bool, rollout: int = 1) -> int:
     """Low frames per simulated pair: the window, the background median's, and with a previous
-    output the window before the last (the rollout step)."""
-    return max(window, BACKGROUND_FRAMES if background else 1, window + 1 if previous else 1)
+    output the windows of the ``rollout`` steps before the last."""
+    return max(window, BACKGROUND_FRAMES if background else 1,
+               window + rollout if previous else 1)  # fmt: skip
 
 
 def _upsample(low: np.ndarray, k: int) -> np.ndarray:
@@ -354,12 +366,7 @@ def _upsample(low: np.ndarray, k: int) -> np.ndarray:
 
 
 def _simulated(
-    cfg: DataConfig,
-    scale: int,
-    window: int,
-    previous: bool,
-    background: bool,
-    progress: Progress | None,
+    cfg: DataConfig, scale: int, n_low: int, previous: bool, progress: Progress | None
 ) -> _Made:
     """True pairs: fast-scan frames at t - (L-1) dt ... t and the slow (or clean) target at t."""
     rig = _Rig(cfg)
@@ -370,7 +377,6 @@ def _simulated(
             f"scan, so scale={scale} cannot have a high-quality target: use scale <= {f} (a "
             "divisor of it), or target='clean'"
         )
-    n_low = _history(window, previous, background)
     rows, cols = rig.shape
     _check_memory(cfg.pairs + cfg.val_pairs, n_low, rows * cols,
                   1 + previous, rows * cols * scale**2)  # fmt: skip
@@ -431,8 +437,9 @@ def _read_clean(folder: Path, scale: int) -> dict[str, np.ndarray]:
 def _synthetic(
     cfg: DataConfig,
     scale: int,
-    window: int,
+    history: int,
     previous: bool,
+    window: int,
     background: bool,
     progress: Progress | None,
 ) -> _Made:
@@ -443,7 +450,7 @@ def _synthetic(
     splits: list[list[tuple[int, int]]] = [[], []]
     total = cfg.pairs + cfg.val_pairs
     if cfg.folder is None:
-        n_low = _history(window, previous, background)
+        n_low = history
         rows, cols = rig.shape
         _check_memory(total, n_low, rows * cols, n_low, rows * cols * scale**2)
     else:

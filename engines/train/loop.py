@@ -112,6 +112,7 @@ class Trainer:
             norm = Normalization.model_validate(start[1]["normalization"])
         self.train_set, self.val_set, self.norm = build_datasets(
             cfg.data, scale=cfg.scale, window=cfg.window, previous=cfg.previous,
+            rollout=cfg.rollout,
             background=cfg.background, normalization=norm,
         )  # fmt: skip
         self.g = build_generator(
@@ -214,12 +215,15 @@ class Trainer:
 
     def _forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The generator's output; a temporal one gets its OWN output of the step before as
-        ``previous`` (a one-step rollout, no gradient through it), as it runs live, rather
-        than the target of the step before, which it never sees live."""
+        ``previous``, as it runs live, rather than the target of the step before, which it
+        never sees live: it runs ``rollout`` steps from the first-frame rule first (no gradient
+        through them), each feeding its output to the next."""
         previous, background = batch.get("previous"), batch.get("background")
         if "frames_prev" in batch:
+            previous = batch["previous_prev"]
             with torch.no_grad():
-                previous = self.g(batch["frames_prev"], batch["previous_prev"], background)
+                for frames in batch["frames_prev"].split(self.g.in_channels, dim=1):
+                    previous = self.g(frames, previous, background)
         return self.g(batch["frames"], previous, background)
 
     def _train_step(self, phase: str, batch: dict[str, torch.Tensor]) -> dict[str, float]:
