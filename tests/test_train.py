@@ -202,15 +202,36 @@ def test_rollout_feeds_each_output_to_the_next_step(tmp_path):
     assert torch.equal(calls[3][0][0], batch["frames"]) and out.requires_grad
 
 
-def test_rollout_needs_previous_and_keeps_older_hashes():
+def test_rollout_needs_previous_and_later_settings_keep_older_hashes():
     with pytest.raises(ValueError, match="rollout=2 needs previous"):
         TrainConfig.model_validate(config(rollout=2))
     # a setting added later is left out of the hash at its default: shipped engines still match
-    cfg = TrainConfig.model_validate(config(rollout=1))
+    cfg = TrainConfig.model_validate(config(rollout=1, lr_decay="constant"))
     dump = cfg.model_dump(mode="json")
-    del dump["rollout"]
+    del dump["rollout"], dump["lr_decay"]
     assert cfg.digest() == hashlib.sha256(json.dumps(dump, sort_keys=True).encode()).hexdigest()
     temporal = config(task="denoise-super-resolution", scale=2, window=2, previous=True)
     assert TrainConfig.model_validate({**temporal, "rollout": 2}).digest() != (
         TrainConfig.model_validate(temporal).digest()
     )
+
+
+def test_cosine_lr_decay_falls_over_each_phase(tmp_path):
+    cfg = TrainConfig.model_validate(config(
+        lr_decay="cosine", discriminator={"arch": "patchgan", "size": "tiny"},
+        losses={"l1": 1.0, "adversarial": 0.01},
+        schedule={"pretrain_steps": 10, "discriminator_steps": 2, "adversarial_steps": 4}))  # fmt: skip
+    trainer = Trainer(cfg, tmp_path)
+    lrs = []
+    for step in range(16):
+        trainer.step = step
+        lrs.append(trainer._generator_lr())
+    assert lrs[0] == pytest.approx(2e-3) and lrs[5] == pytest.approx(2e-3 * 0.505)
+    assert all(a > b for a, b in zip(lrs[:9], lrs[1:10]))  # falls over pre-training
+    assert lrs[12] == pytest.approx(2e-3) and lrs[14] == pytest.approx(2e-3 * 0.505)  # the game
+    trainer.step = 0
+    trainer._train_step("pretrain", {k: v[None] for k, v in trainer.train_set[0].items()})
+    assert trainer.opt_g.param_groups[0]["lr"] == pytest.approx(2e-3)
+    constant = Trainer(TrainConfig.model_validate(config()), tmp_path / "constant")
+    constant.step = 7
+    assert constant._generator_lr() == 2e-3

@@ -48,8 +48,17 @@ class Schedule(BaseModel):
             return "discriminator"
         return "adversarial"
 
+    def fraction(self, step: int) -> float:
+        """How far a 0-based step is into its phase, from 0 (its first step) towards 1."""
+        starts = {"pretrain": (0, self.pretrain_steps),
+                  "discriminator": (self.pretrain_steps, self.discriminator_steps),
+                  "adversarial": (self.pretrain_steps + self.discriminator_steps,
+                                  self.adversarial_steps)}  # fmt: skip
+        start, length = starts[self.phase(step)]
+        return min(1.0, (step - start) / length) if length else 0.0
 
-_ADDED_LATER = ("rollout",)
+
+_ADDED_LATER = ("rollout", "lr_decay")
 """TrainConfig settings newer than the first shipped engines (see ``TrainConfig.digest``)."""
 
 
@@ -84,6 +93,11 @@ class TrainConfig(BaseModel):
     batch: int = Field(8, ge=1)
     lr: float = Field(2e-4, gt=0)
     lr_d: float = Field(1e-4, gt=0)
+    lr_decay: Literal["constant", "cosine"] = Field(
+        "constant",
+        description="the generator's learning rate over each phase it trains in (pre-training, "
+        "the game): constant, or a half cosine from lr down to lr/100 at the phase's end",
+    )
     validate_every: int = Field(100, ge=1)
     patience: int = Field(10, ge=1, description="validations without improvement before stop")
     log_every: int = Field(10, ge=1)

@@ -40,6 +40,7 @@ from .data import build_datasets
 
 LAST, BEST = "last.safetensors", "best.safetensors"
 MIN_GAIN_DB = 0.01  # a validation PSNR gain smaller than this is not an improvement
+LR_FLOOR = 0.01  # lr_decay "cosine" ends each phase at this fraction of lr
 
 
 @dataclass
@@ -226,12 +227,24 @@ class Trainer:
                     previous = self.g(frames, previous, background)
         return self.g(batch["frames"], previous, background)
 
+    def _generator_lr(self) -> float:
+        """The generator's (and flow net's) learning rate at this step (``cfg.lr_decay``)."""
+        cfg = self.cfg
+        if cfg.lr_decay == "constant":
+            return cfg.lr
+        cosine = 0.5 * (1.0 + math.cos(math.pi * cfg.schedule.fraction(self.step)))
+        return cfg.lr * (LR_FLOOR + (1.0 - LR_FLOOR) * cosine)
+
     def _train_step(self, phase: str, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         self.g.train()
         if phase == "discriminator":
             with torch.no_grad():
                 fake = self._forward(batch)
             return self._d_step(batch, fake)
+        lr = self._generator_lr()
+        for opt in (self.opt_g, self.opt_flow):
+            for group in opt.param_groups if opt is not None else []:
+                group["lr"] = lr
         terms: dict[str, float] = {}
         fake = self._forward(batch)
         if phase == "adversarial":
