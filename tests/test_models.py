@@ -75,22 +75,6 @@ def test_single_encoder_generators_take_temporal_inputs(arch: str) -> None:
     assert g(**inputs).shape == (2, 2, 2 * H, 2 * W)
 
 
-def test_unet_residual_on_its_previous_output() -> None:
-    """base="previous": the residual is added to the previous output, not the upsampled frame."""
-    g = build_generator("unet", "tiny", scale=2, window=2, previous=True, base="previous")
-    assert type(g).from_config(g.config()).base == "previous"
-    assert "base" not in build_generator("unet", "tiny").config()  # older configs unchanged
-    inputs = _inputs(g)
-    with torch.no_grad():
-        g.tail.conv.weight.zero_()
-        g.tail.conv.bias.zero_()
-        assert torch.equal(g(**inputs), inputs["previous"])
-    with pytest.raises(ValueError, match="base='previous' needs previous=True"):
-        build_generator("unet", "tiny", base="previous")
-    with pytest.raises(ValueError, match="base must be one of"):
-        build_generator("unet", "tiny", base="target")
-
-
 @pytest.mark.parametrize("scale", [1, 2])
 @pytest.mark.parametrize("window", [1, 3])
 @pytest.mark.parametrize("previous", [False, True])

@@ -13,10 +13,6 @@ from torch import Tensor, nn
 
 from .base import Generator, UpsampleHead, _positive_int, conv3
 
-BASES = ("frame", "previous")
-"""What the learned residual is added to: the newest frame (bilinear at the output size), or
-the generator's own previous output (a recurrent update: it only learns what changed)."""
-
 
 class ResBlock(nn.Module):
     """conv-LReLU-conv plus a (1x1 when the width changes) shortcut, no normalization (EDSR)."""
@@ -38,9 +34,7 @@ def _stage(cin: int, cout: int, blocks: int) -> nn.Sequential:
 
 class ResUNet(Generator):
     """Residual U-Net (Ronneberger 2015 + He 2016 blocks) as in cross-system widefield->confocal
-    transfer; output = newest frame (bilinearly upsampled for scale > 1) + a learned residual, or
-    with ``base="previous"`` its own previous output + the residual (a temporal engine then only
-    learns what changed since its last output).
+    transfer; output = newest frame (bilinearly upsampled for scale > 1) + a learned residual.
 
     Level ``l`` has ``features * 2**l`` channels (capped at 8x); downsampling is a strided 3x3
     conv, upsampling nearest x2 + 3x3 conv, skips are concatenated. H, W: multiples of
@@ -65,21 +59,15 @@ class ResUNet(Generator):
         features: int = 12,
         depth: int = 3,
         blocks: int = 1,
-        base: str = "frame",
     ) -> None:
         name = type(self).__name__
         features = _positive_int(name, "features", features)
         depth = _positive_int(name, "depth", depth, low=0)
         blocks = _positive_int(name, "blocks", blocks)
-        if base not in BASES:
-            raise ValueError(f"{name}: base must be one of {BASES}, got {base!r}")
-        if base == "previous" and not previous:
-            raise ValueError(f"{name}: base='previous' needs previous=True (its previous output)")
-        kwargs: dict[str, Any] = {"features": features, "depth": depth, "blocks": blocks}
-        if base != "frame":  # older checkpoints and manifests have no "base"
-            kwargs["base"] = base
-        super().__init__(channels, scale, window, previous, background, arch_kwargs=kwargs)
-        self.base = base
+        super().__init__(
+            channels, scale, window, previous, background,
+            arch_kwargs={"features": features, "depth": depth, "blocks": blocks},
+        )  # fmt: skip
         widths = [features * min(2**level, 8) for level in range(depth + 1)]
         self.head = conv3(self.fused_channels, features)
         self.encoders = nn.ModuleList(_stage(w, w, blocks) for w in widths[:-1])
@@ -108,5 +96,4 @@ class ResUNet(Generator):
         for up, decode, skip in zip(self.ups[::-1], self.decoders[::-1], skips[::-1]):
             x = self.act(up(F.interpolate(x, scale_factor=2.0, mode="nearest")))
             x = decode(torch.cat([x, skip], 1))
-        start = previous if self.base == "previous" else self.base_image(frames)
-        return start + self.tail(self.act(x))
+        return self.base_image(frames) + self.tail(self.act(x))
