@@ -242,7 +242,7 @@ def build_datasets(
     if cfg.kind == "simulated":
         made = _simulated(cfg, scale, history, previous, progress)
     elif cfg.kind == "synthetic":
-        made = _synthetic(cfg, scale, history, previous, window, background, progress)
+        made = _synthetic(cfg, scale, history, previous, progress)
     else:
         made = _recorded(cfg, scale, progress)
     series, train_items, val_items, offset, info = made
@@ -435,13 +435,7 @@ def _read_clean(folder: Path, scale: int) -> dict[str, np.ndarray]:
 
 
 def _synthetic(
-    cfg: DataConfig,
-    scale: int,
-    history: int,
-    previous: bool,
-    window: int,
-    background: bool,
-    progress: Progress | None,
+    cfg: DataConfig, scale: int, n_low: int, previous: bool, progress: Progress | None
 ) -> _Made:
     """Clean images (TIFFs, or the simulated specimens over time) degraded by the forward model."""
     rig = _Rig(cfg)
@@ -450,7 +444,6 @@ def _synthetic(
     splits: list[list[tuple[int, int]]] = [[], []]
     total = cfg.pairs + cfg.val_pairs
     if cfg.folder is None:
-        n_low = history
         rows, cols = rig.shape
         _check_memory(total, n_low, rows * cols, n_low, rows * cols * scale**2)
     else:
@@ -463,7 +456,6 @@ def _synthetic(
                 f"val_pairs={cfg.val_pairs} but val_fraction=0 holds no clean image out of "
                 f"{cfg.folder}: set val_fraction > 0, or val_pairs=0"
             )
-        n_low = max(window, BACKGROUND_FRAMES if background else 1)
         side = cfg.field * scale if cfg.field else max(max(im.shape) for im in images.values())
         _check_memory(total, n_low, side**2 // scale**2, 1, side**2)
     for split, n in enumerate((cfg.pairs, cfg.val_pairs)):
