@@ -242,8 +242,8 @@ class Trainer:
                 fake = self._forward(batch)
             return self._d_step(batch, fake)
         lr = self._generator_lr()
-        for opt in (self.opt_g, self.opt_flow):
-            for group in opt.param_groups if opt is not None else []:
+        for opt in (o for o in (self.opt_g, self.opt_flow) if o is not None):
+            for group in opt.param_groups:
                 group["lr"] = lr
         terms: dict[str, float] = {}
         fake = self._forward(batch)
