@@ -304,7 +304,7 @@ def _measure(
         "frames_not_handed_over": sent["frames_not_handed_over"],
         "frames_received_by_subscriber": len(sub.enhanced),
         "raw_frames_received_by_subscriber": sub.raw,
-        "publish_dropped": server.get("publish_dropped"),
+        "server_healthy": server.get("healthy"),
         "warmup_frames_dropped": sum(1 for r in raw if r["header"]["mono_ns"] < warm_end_ns),
         "hook_warmup_excluded": hook_exact,
         "engine_errors": server.get("engine_errors", {}),

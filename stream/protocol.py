@@ -24,6 +24,9 @@ DTYPES: dict[str, np.dtype] = {
 MAX_SIDE = 32768
 MAX_PIXELS = 1 << 28  # 256 Mpx: far above any camera, far below what would exhaust memory
 MAX_HEADER_BYTES = 64 * 1024
+MAX_INDEX = 2**31 - 1  # useq indices and sizes; far beyond any acquisition, fits every file format
+MAX_AXES = 16
+MAX_INT64 = 2**63 - 1
 STREAM_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -64,10 +67,23 @@ class BufferMismatch(ProtocolError):
     kind = "buffer"
 
 
+Index = Annotated[int, Field(ge=0, le=MAX_INDEX)]
+#: Every float a header carries must be a real number: NaN and infinities break time axes,
+#: file metadata and statistics downstream, so they are refused at the boundary.
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+
+
+def _printable(v: str | None, what: str) -> str | None:
+    """Names that end up in file metadata (OME-XML) must be short printable text."""
+    if v is not None and (len(v) > 256 or not v.isprintable()):
+        raise ValueError(f"{what} {v[:40]!r} must be at most 256 printable characters")
+    return v
+
+
 class StagePosition(BaseModel):
     """Stage position in micrometres at frame time (any axis may be unknown)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
     x: float | None = None
     y: float | None = None
     z: float | None = None
@@ -80,21 +96,30 @@ class FrameHeader(BaseModel):
 
     version: int = Field(PROTOCOL_VERSION, description="protocol version")
     stream: str = Field(description="stream id, also the PUB topic prefix: [A-Za-z0-9._-], 1-64")
-    seq: Annotated[int, Field(ge=0, description="per-stream sequence number, from 0, +1 per frame")]
-    index: dict[str, Annotated[int, Field(ge=0)]] = Field(
-        default_factory=dict, description="useq event index, e.g. {'t': 3, 'p': 0, 'c': 1, 'z': 2}"
+    seq: Annotated[
+        int, Field(ge=0, le=MAX_INT64, description="per-stream sequence number, from 0, +1 per frame")
+    ]
+    index: dict[str, Index] = Field(
+        default_factory=dict,
+        max_length=MAX_AXES,
+        description="useq event index, e.g. {'t': 3, 'p': 0, 'g': 1, 'c': 1, 'z': 2}",
     )
     shape: tuple[int, ...] = Field(description="(rows, cols) or (rows, cols, components)")
     dtype: str = Field(description="one of uint8, uint16, uint32, float32; little-endian")
-    mono_ns: int = Field(description="time.monotonic_ns() at frameReady (same-host latency)")
-    wall_time: float = Field(description="time.time() at frameReady, seconds since the epoch")
-    exposure_ms: float | None = None
-    pixel_size_um: float | None = Field(None, description="sample-plane pixel size, micrometres")
+    mono_ns: int = Field(
+        ge=0, le=MAX_INT64, description="time.monotonic_ns() at frameReady (same-host latency)"
+    )
+    wall_time: Finite = Field(description="time.time() at frameReady, seconds since the epoch")
+    exposure_ms: Finite | None = Field(None, ge=0)
+    pixel_size_um: Finite | None = Field(
+        None, gt=0, description="sample-plane pixel size, micrometres (None if unknown)"
+    )
     stage: StagePosition | None = None
     channel: str | None = Field(None, description="channel config name, e.g. 'FITC'")
     acquisition: str | None = Field(None, description="id of the acquisition (useq sequence uid)")
-    sizes: dict[str, Annotated[int, Field(ge=0)]] = Field(
+    sizes: dict[str, Index] = Field(
         default_factory=dict,
+        max_length=MAX_AXES,
         description="useq sizes of the acquisition, e.g. {'t': 100, 'p': 3, 'c': 2}; {} if unknown",
     )
 
@@ -102,6 +127,16 @@ class FrameHeader(BaseModel):
     @classmethod
     def _stream_id(cls, v: str) -> str:
         return check_stream_id(v)
+
+    @field_validator("channel")
+    @classmethod
+    def _channel_name(cls, v: str | None) -> str | None:
+        return _printable(v, "channel")
+
+    @field_validator("acquisition")
+    @classmethod
+    def _acquisition_id(cls, v: str | None) -> str | None:
+        return _printable(v, "acquisition")
 
     @field_validator("index", "sizes")
     @classmethod
@@ -137,9 +172,19 @@ class FrameHeader(BaseModel):
 
     @property
     def key(self) -> str:
-        """Stream key (stream, position, channel, z): PUB topic and ring-buffer key."""
+        """Stream key (stream, position[, grid tile], channel, z): PUB topic and file key.
+
+        The grid part ``/g{g}`` appears only when the index has a ``g`` (a grid acquisition),
+        so keys of acquisitions without grids keep their simple form."""
         i = self.index
-        return f"{self.stream}/p{i.get('p', 0)}/c{i.get('c', 0)}/z{i.get('z', 0)}"
+        grid = f"/g{i['g']}" if "g" in i else ""
+        return f"{self.stream}/p{i.get('p', 0)}{grid}/c{i.get('c', 0)}/z{i.get('z', 0)}"
+
+    @property
+    def state_key(self) -> str:
+        """Temporal-state key: the stream key within one acquisition, so acquisitions that
+        share a stream id (and interleave) never reset each other's rings."""
+        return self.key if self.acquisition is None else f"{self.key}@{self.acquisition}"
 
 
 def encode(header: FrameHeader, pixels: np.ndarray) -> list[Any]:
@@ -197,23 +242,29 @@ def decode_header(raw: bytes | memoryview, model: type[FrameHeader] = FrameHeade
         raise MalformedMessage(f"header is {len(raw)} bytes, more than {MAX_HEADER_BYTES}")
     try:
         obj = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MalformedMessage(f"header is not UTF-8 JSON: {e}; first bytes {raw[:40]!r}") from e
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        # ValueError: not JSON, or an integer past Python's digit limit; RecursionError:
+        # nesting deeper than the parser's stack (both valid JSON to a human, not to us)
+        why = str(e) if not isinstance(e, RecursionError) else "nested too deeply"
+        raise MalformedMessage(
+            f"header is not UTF-8 JSON we can parse ({why[:200]}); first bytes {raw[:40]!r}"
+        ) from e
     if not isinstance(obj, dict):
         raise MalformedMessage(f"header must be a JSON object, got {type(obj).__name__}")
     version = obj.get("version")
     if version != PROTOCOL_VERSION:
         raise UnsupportedVersion(
-            f"protocol version {version!r} is not supported (this build speaks "
+            f"protocol version {repr(version)[:40]} is not supported (this build speaks "
             f"{PROTOCOL_VERSION}): upgrade the older side so both match"
         )
     try:
         return model.model_validate(obj)
     except ValidationError as e:
         problems = "; ".join(
-            f"{'.'.join(map(str, err['loc'])) or 'header'}: {err['msg']}" for err in e.errors()
+            f"{'.'.join(map(str, err['loc']))[:60] or 'header'}: {err['msg']}"
+            for err in e.errors()[:5]
         )
-        raise InvalidHeader(f"invalid header: {problems}") from e
+        raise InvalidHeader(f"invalid header: {problems[:600]}") from e
 
 
 def decode(

@@ -1,7 +1,8 @@
 """Per-key ring buffers: the temporal state (frames, previous outputs, background) of an engine.
 
-The server keeps one :class:`Ring` per key (stream, position, channel, z) = ``FrameHeader.key``,
-so every position of a plate has its own independent state. Each push checks the header
+The server keeps one :class:`Ring` per key (stream, position, grid tile, channel, z, within one
+acquisition) = ``FrameHeader.state_key``, so every position and tile of a plate has its own
+independent state, and acquisitions that share a stream id never reset each other. Each push checks the header
 against the key's previous frame and resets the state in a defined way, checked in this
 order (the first that applies wins):
 
@@ -19,13 +20,19 @@ pause        mono_ns advanced by more than ``max_pause_s``         frames, previ
 order and gap are checked only when both frames carry a ``t`` index (multi-position streams
 interleave ``seq``, so it says nothing per key); pause is off when ``max_pause_s`` is None.
 Every reset increments ``generation``, so a previous output computed before the reset is
-refused by :meth:`Ring.set_previous`. Frames are held by reference, never copied.
+refused by :meth:`Ring.set_previous`. Frames are held by reference, never copied; a window-1
+ring lets go of its frame once the frame's window was taken.
+
+Memory is bounded (:class:`Rings` ``budget_bytes``): past the budget, the least recently used
+keys are evicted whole; a key idle for longer than ``max_pause_s`` whose next frame would reset
+it anyway (no background history) is evicted too. An evicted key starts again as ``first``.
 """
 
 from __future__ import annotations
 
 import threading
-from collections import Counter, deque
+import time
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any, Literal, overload
 
@@ -59,10 +66,12 @@ class Ring:
         background_frames: int = 9,
         reference: np.ndarray | None = None,
         max_pause_s: float | None = 10.0,
+        keep_previous: bool = True,
     ) -> None:
         _check_config(window, background_frames, max_pause_s)
         self.window = window
         self.background = background
+        self.keep_previous = keep_previous
         self.max_pause_ns = None if max_pause_s is None else int(max_pause_s * 1e9)
         self.reference = (
             np.asarray(reference, np.float32) if background and reference is not None else None
@@ -108,22 +117,27 @@ class Ring:
         return reason
 
     def snapshot(self) -> Window:
-        """The window for the latest pushed frame; the background median is computed lazily."""
+        """The window for the latest pushed frame; the background median is computed lazily.
+
+        Take it once per push: a window-1 ring releases its frame into the window."""
         if not self._frames:
             raise RuntimeError("snapshot of an empty ring: push a frame first")
         frames = list(self._frames)
         frames = [frames[0]] * (self.window - len(frames)) + frames
+        background = self._background()
+        if self.window == 1:
+            self._frames.clear()  # the window holds it now; the ring needs only the header
         return Window(
             frames=frames,
             previous=dict(self._previous),
-            background=self._background(),
+            background=background,
             generation=self.generation,
             reset=self._reset,
         )
 
     def set_previous(self, stage: int, output: np.ndarray, generation: int) -> bool:
         """Keep `output` as stage `stage`'s previous output, unless the state was reset since."""
-        if generation != self.generation:
+        if generation != self.generation or not self.keep_previous:
             return False
         self._previous[stage] = output
         return True
@@ -134,6 +148,11 @@ class Ring:
         arrays = [*self._frames, *(self._history or ()), *self._previous.values()]
         arrays += [a for a in (self._median, self.reference) if a is not None]
         return sum({id(a): a.nbytes for a in arrays}.values())
+
+    @property
+    def idle_resets(self) -> bool:
+        """Whether evicting this ring after a pause loses nothing the next frame would keep."""
+        return self._history is None
 
     def _reset_reason(self, header: FrameHeader) -> str | None:
         last = self._last
@@ -165,7 +184,8 @@ class Ring:
 
 
 class Rings:
-    """Thread-safe rings keyed by ``FrameHeader.key``, created on a key's first frame."""
+    """Thread-safe rings keyed by ``FrameHeader.state_key``, created on a key's first frame,
+    evicted least recently used past ``budget_bytes`` (None: unbounded) or when idle."""
 
     def __init__(
         self,
@@ -175,16 +195,29 @@ class Rings:
         background_frames: int = 9,
         references: dict[str, np.ndarray] | None = None,
         max_pause_s: float | None = 10.0,
+        keep_previous: bool = True,
+        budget_bytes: int | None = None,
     ) -> None:
         _check_config(window, background_frames, max_pause_s)
+        if budget_bytes is not None and budget_bytes <= 0:
+            raise ValueError(f"budget_bytes {budget_bytes} must be > 0, or None for no bound")
         self._config: dict[str, Any] = {
             "window": window,
             "background": background,
             "background_frames": background_frames,
             "max_pause_s": max_pause_s,
+            "keep_previous": keep_previous,
         }
+        self.budget_bytes = budget_bytes
+        self.idle_s = max_pause_s
         self._references = dict(references or {})
-        self._rings: dict[str, Ring] = {}
+        self._rings: OrderedDict[str, Ring] = OrderedDict()  # least recently pushed first
+        self._bytes: dict[str, int] = {}
+        self._used: dict[str, float] = {}
+        self._total = 0
+        self._next_sweep = 0.0
+        self.evicted: Counter[str] = Counter()
+        self._retired: Counter[str] = Counter()  # resets counted by rings since evicted
         self._lock = threading.Lock()
 
     @overload
@@ -200,28 +233,39 @@ class Rings:
 
         ``snapshot=False`` only records the frame (live mode: the window is taken later).
         """
-        key = header.key
+        key = header.state_key
         with self._lock:
             ring = self._rings.get(key)
             if ring is None:
-                ring = Ring(reference=self._references.get(key), **self._config)
+                ring = Ring(reference=self._references.get(header.key), **self._config)
             ring.push(header, frame)
             self._rings[key] = ring  # only once the first push was accepted
-            return ring.snapshot() if snapshot else None
+            self._rings.move_to_end(key)
+            self._used[key] = time.monotonic()
+            window = ring.snapshot() if snapshot else None
+            self._account(key, ring)
+            self._evict(keep=key)
+            return window
 
     def snapshot(self, key: str) -> Window:
-        """The window for the latest frame pushed to `key`."""
+        """The window for the latest frame pushed to `key` (a ``state_key``)."""
         with self._lock:
             ring = self._rings.get(key)
             if ring is None:
                 raise KeyError(f"no frame was pushed for key {key!r}: push one before a snapshot")
-            return ring.snapshot()
+            window = ring.snapshot()
+            self._account(key, ring)
+            return window
 
     def set_previous(self, key: str, stage: int, output: np.ndarray, generation: int) -> bool:
         """Keep a stage's output for `key` unless that key was reset since (or never seen)."""
         with self._lock:
             ring = self._rings.get(key)
-            return ring is not None and ring.set_previous(stage, output, generation)
+            if ring is None or not ring.set_previous(stage, output, generation):
+                return False
+            self._account(key, ring)
+            self._evict(keep=key)
+            return True
 
     def keys(self) -> list[str]:
         with self._lock:
@@ -232,16 +276,46 @@ class Rings:
             return len(self._rings)
 
     def stats(self) -> dict[str, Any]:
-        """{"keys": n, "resets": {reason: count}, "bytes": approximate memory held}."""
+        """Keys, resets by reason, approximate bytes held, the budget and evictions by reason."""
         with self._lock:
-            resets: Counter[str] = Counter()
+            resets: Counter[str] = Counter(self._retired)
             for ring in self._rings.values():
                 resets.update(ring.resets)
             return {
                 "keys": len(self._rings),
                 "resets": {r: resets[r] for r in RESET_REASONS},
-                "bytes": sum(ring.nbytes for ring in self._rings.values()),
+                "bytes": self._total,
+                "budget_bytes": self.budget_bytes,
+                "evicted": {"budget": self.evicted["budget"], "idle": self.evicted["idle"]},
             }
+
+    def _account(self, key: str, ring: Ring) -> None:
+        nbytes = ring.nbytes
+        self._total += nbytes - self._bytes.get(key, 0)
+        self._bytes[key] = nbytes
+
+    def _evict(self, *, keep: str) -> None:
+        """Drop least recently used keys past the budget, and idle keys (at most once a second)."""
+        now = time.monotonic()
+        if self.idle_s is not None and now >= self._next_sweep:
+            self._next_sweep = now + 1.0
+            for key in [k for k, r in self._rings.items() if r.idle_resets]:
+                if key != keep and now - self._used[key] > self.idle_s:
+                    self._drop(key, "idle")
+        if self.budget_bytes is None:
+            return
+        for key in list(self._rings):
+            if self._total <= self.budget_bytes:
+                break
+            if key != keep:
+                self._drop(key, "budget")
+
+    def _drop(self, key: str, why: str) -> None:
+        ring = self._rings.pop(key)
+        self._retired.update(ring.resets)
+        self._total -= self._bytes.pop(key)
+        del self._used[key]
+        self.evicted[why] += 1
 
 
 def _check_config(window: int, background_frames: int, max_pause_s: float | None) -> None:

@@ -15,6 +15,12 @@ publish    ZeroMQ PUB, topic ``{key}/raw`` or ``{key}/enhanced``, sent by the re
 control    REP socket answering ``status`` and ``stop`` (``scopecast status``)
 =========  ===========================================================================
 
+No message can stop a stage: each stage handles one item at a time under a guard that counts
+an unexpected exception by stage and kind (``stage_errors``), logs it once per kind, and goes
+on. If a stage thread ends anyway, the supervisor (``run``) sees it within a fraction of a
+second: ``status`` says ``healthy: false`` with the stage and its error, and the server
+drains, closes every file and returns a summary that says so (``scopecast serve`` exits 3).
+
 Modes: ``live`` enhances the newest frame of each key and records the ones it skipped;
 ``complete`` enhances every frame in order, holding a bounded backlog in memory and spilling
 the rest to disk. Raw frames are written in both modes, whatever happens to enhancement.
@@ -32,7 +38,7 @@ import time
 from collections import Counter, OrderedDict, defaultdict, deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import zmq
@@ -46,7 +52,7 @@ from engines.engine import EngineChain, EngineError
 from engines.package import PackageError
 
 from .endpoints import check_bind
-from .protocol import FrameHeader, PublishedHeader, encode_published
+from .protocol import MAX_INT64, FrameHeader, PublishedHeader, encode_published
 from .receiver import FrameReceiver
 from .ring import Rings, Window
 from .security import Curve, curve_or_none
@@ -60,6 +66,11 @@ DEFAULT_PUBLISH = "tcp://127.0.0.1:5556"
 DEFAULT_CONTROL = "tcp://127.0.0.1:5557"
 STAGES = ("transport", "queue", "preprocess", "inference", "postprocess", "fidelity", "publish",
           "total")  # fmt: skip
+#: Threads the supervisor watches, and the places where an unexpected exception is counted.
+THREADS = ("receive", "engine", "writer", "control")
+GUARDED = (*THREADS, "publish", "spill")
+#: A control ``stop`` waits at most this long for expected frames.
+MAX_STOP_WAIT_S = 3600.0
 
 
 class ServerConfig(BaseModel):
@@ -79,11 +90,27 @@ class ServerConfig(BaseModel):
     keys: Path | None = None
     backlog_mb: float = Field(512.0, gt=0, description="complete mode: backlog held in memory")
     writer_mb: float = Field(1024.0, gt=0, description="frames waiting for the disk")
+    ring_mb: float = Field(
+        1024.0, gt=0, description="temporal state (rings) kept in memory; idle keys evicted past it"
+    )
     max_pause_s: float | None = Field(10.0, gt=0)
     profile: Path | None = Field(None, description="calibration profile: fidelity residuals")
     correct_bidir: bool = Field(False, description="undo the profile's line phase first")
     rcvhwm: int = Field(64, ge=1)
     fsync: bool = False
+
+
+class ControlRequest(BaseModel):
+    """requests are JSON objects: {"cmd": "status"} or {"cmd": "stop", "expect": {"STREAM":
+    FRAMES}, "timeout_s": SECONDS}"""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cmd: Literal["status", "stop"]
+    expect: dict[str, Annotated[int, Field(ge=0, le=MAX_INT64)]] = Field(
+        default_factory=dict, max_length=1024, description="stop: frames to wait for, by stream"
+    )
+    timeout_s: Annotated[float, Field(ge=0, le=MAX_STOP_WAIT_S, allow_inf_nan=False)] = 10.0
 
 
 class ServerError(RuntimeError):
@@ -110,14 +137,22 @@ class Scheduler:
     """
 
     def __init__(
-        self, mode: str, rings: Rings, *, backlog_bytes: int, spill_dir: Path | None
+        self,
+        mode: str,
+        rings: Rings,
+        *,
+        backlog_bytes: int,
+        spill_dir: Path | None,
+        on_error: Any = None,
     ) -> None:
         self.mode = mode
         self.rings = rings
         self.backlog_bytes = backlog_bytes
         self.spill_dir = spill_dir
+        self.on_error = on_error or (lambda where, e: None)
         self.skipped = 0
         self.spilled = 0
+        self.not_enhanced = 0  # complete mode: no room in memory nor on disk; raw still written
         self._cv = threading.Condition()
         self._pending: OrderedDict[str, Job] = OrderedDict()
         self._fifo: deque[Job] = deque()
@@ -128,15 +163,19 @@ class Scheduler:
         with self._cv:
             if self.mode == "live":
                 self.rings.push(job.header, job.frame, snapshot=False)
-                key = job.header.key
+                key = job.header.state_key
                 if key in self._pending:
                     self.skipped += 1
                 self._pending[key] = job  # a replaced job keeps its place: the key waited since
             else:
-                if self._in_memory + job.header.nbytes > self.backlog_bytes and self._fifo:
+                nbytes = job.header.nbytes
+                if self._in_memory + nbytes > self.backlog_bytes and self._fifo:
                     self._spill(job)
-                else:
-                    self._in_memory += job.header.nbytes
+                if job.spill is None:
+                    if self._in_memory + nbytes > 2 * self.backlog_bytes and self._fifo:
+                        self.not_enhanced += 1  # the disk refused the spill and memory is full
+                        return
+                    self._in_memory += nbytes
                 self._fifo.append(job)
             self._cv.notify()
 
@@ -151,13 +190,22 @@ class Scheduler:
                 if not self._pending:
                     return None
                 key, job = self._pending.popitem(last=False)
-                return job, self.rings.snapshot(key)
+                try:
+                    return job, self.rings.snapshot(key)
+                except KeyError:  # the key was evicted meanwhile: it starts again
+                    return job, self.rings.push(job.header, job.frame)
             if not self._fifo:
                 return None
             job = self._fifo.popleft()
         if job.spill is not None:
-            job.frame = np.load(job.spill, allow_pickle=False)
-            job.spill.unlink()
+            try:
+                job.frame = np.load(job.spill, allow_pickle=False)
+                job.spill.unlink()
+            except Exception as e:  # removed or damaged behind our back: this one is lost
+                self.on_error("spill", e)
+                with self._cv:
+                    self.not_enhanced += 1
+                return None
         else:
             with self._cv:
                 self._in_memory -= job.header.nbytes
@@ -178,11 +226,17 @@ class Scheduler:
         return self._closed and not self.depth
 
     def _spill(self, job: Job) -> None:
+        """Move the job's pixels to disk; on a disk error keep them in memory (counted)."""
         assert self.spill_dir is not None
-        self.spill_dir.mkdir(parents=True, exist_ok=True)
-        job.spill = self.spill_dir / f"{self.spilled:012d}.npy"  # unique across acquisitions
-        np.save(job.spill, job.frame, allow_pickle=False)
-        job.frame = None
+        path = self.spill_dir / f"{self.spilled:012d}.npy"  # unique across acquisitions
+        try:
+            self.spill_dir.mkdir(parents=True, exist_ok=True)
+            np.save(path, job.frame, allow_pickle=False)
+        except Exception as e:
+            path.unlink(missing_ok=True)
+            self.on_error("spill", e)
+            return
+        job.spill, job.frame = path, None
         self.spilled += 1
 
 
@@ -239,12 +293,12 @@ class _Once:
         self.counts: Counter[str] = Counter()
         self._lock = threading.Lock()
 
-    def __call__(self, kind: str, message: str) -> None:
+    def __call__(self, kind: str, message: str, exc: BaseException | None = None) -> None:
         with self._lock:
             first = kind not in self.counts
             self.counts[kind] += 1
         if first:
-            log.warning("%s: %s (counted; logged once per kind)", kind, message)
+            log.warning("%s: %s (counted; logged once per kind)", kind, message, exc_info=exc)
 
 
 class EngineServer:
@@ -266,15 +320,22 @@ class EngineServer:
                 "phase with `scopecast calibrate bidir`"
             )
         self.rings = Rings(
-            self.chain.window, background=self.chain.background, max_pause_s=c.max_pause_s
+            self.chain.window,
+            background=self.chain.background,
+            max_pause_s=c.max_pause_s,
+            keep_previous=any(e.manifest.temporal.previous_output for e in self.chain.engines),
+            budget_bytes=int(c.ring_mb * 2**20),
         )
         self.times = StageTimes()
         self.engine_errors = _Once()
         self.disk_errors = _Once()
+        self.stage_errors = {stage: _Once() for stage in GUARDED}
+        self.requests_rejected = 0
+        self.failure: dict[str, str] | None = None
+        self._deaths: dict[str, str] = {}
         self.received: Counter[str] = Counter()
         self.enhanced = 0
         self.published = 0
-        self.publish_dropped = 0
         self.written: Counter[str] = Counter()
         self.started = time.monotonic()
         self._writer_q = ByteQueue(int(c.writer_mb * 2**20))
@@ -312,16 +373,25 @@ class EngineServer:
         self.scheduler = Scheduler(
             c.mode, self.rings,
             backlog_bytes=int(c.backlog_mb * 2**20), spill_dir=self.run_dir / "spill",
+            on_error=self._fault,
         )  # fmt: skip
-        self._threads = [
-            threading.Thread(target=f, name=f"scopecast-{n}", daemon=True)
-            for n, f in (
-                ("receive", self._receive_loop),
-                ("engine", self._engine_loop),
-                ("writer", self._writer_loop),
-                ("control", self._control_loop),
-            )
-        ]
+        self._threads = {name: self._thread(name) for name in THREADS}
+
+    def _thread(self, name: str) -> threading.Thread:
+        loop = getattr(self, f"_{name}_loop")
+
+        def stage() -> None:
+            try:
+                loop()
+            except BaseException as e:  # noqa: BLE001 - recorded for the supervisor, then ends
+                self._deaths[name] = f"{type(e).__name__}: {e}"
+                log.critical("stage %s died", name, exc_info=e)
+
+        return threading.Thread(target=stage, name=f"scopecast-{name}", daemon=True)
+
+    def _fault(self, stage: str, e: BaseException, where: str = "") -> None:
+        """Count an unexpected exception of one stage's item by kind; the stage goes on."""
+        self.stage_errors[stage](type(e).__name__, f"{stage}: {where}{type(e).__name__}: {e}", e)
 
     def _bind(self, kind: int, endpoint: str, options: dict[int, int] | None = None) -> zmq.Socket:
         sock = self.ctx.socket(kind)
@@ -353,16 +423,33 @@ class EngineServer:
     # -- lifecycle ------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
-        """Serve until stopped; then drain, flush and close everything; return the summary."""
+        """Serve until stopped, or until a stage dies (supervised); then drain, flush and close
+        everything; return the summary (``healthy`` false after a death)."""
         # A stage woken by a frame should not wait the default 5 ms for another stage's GIL.
         sys.setswitchinterval(0.0005)
-        for t in self._threads:
+        for t in self._threads.values():
             t.start()
         try:
-            self._stop.wait()
+            while not self._stop.wait(0.2):
+                if self._check_stages():
+                    break
         finally:
             summary = self._shutdown()
         return summary
+
+    def _check_stages(self) -> bool:
+        """Record the first stage found dead (not while stopping); True if one is."""
+        if self.failure is None:
+            for name, t in self._threads.items():
+                if name in self._deaths or (not t.is_alive() and not self._stop.is_set()):
+                    error = self._deaths.get(name, "the thread ended without an error")
+                    self.failure = {"stage": name, "error": error}
+                    log.critical(
+                        "stage %s is dead (%s): flushing, closing every file and exiting",
+                        name, error,
+                    )  # fmt: skip
+                    break
+        return self.failure is not None
 
     def stop(self, expect: dict[str, int] | None = None, timeout_s: float = 10.0) -> None:
         """Ask ``run`` to finish: first wait (up to ``timeout_s``) until ``expect[stream]``
@@ -372,21 +459,34 @@ class EngineServer:
         self._stop.set()
 
     def _shutdown(self) -> dict[str, Any]:
+        self._stop.set()
         deadline = time.monotonic() + self._expect_timeout_s
-        while time.monotonic() < deadline and any(
-            self.received[s] < n for s, n in self._expect.items()
+        while (
+            time.monotonic() < deadline
+            and self.failure is None
+            and self._threads["receive"].is_alive()
+            and any(self.received[s] < n for s, n in self._expect.items())
         ):
             time.sleep(0.01)
         self._stop_receiving.set()
+        if not self._threads["writer"].is_alive():
+            # the writer died: a fresh one drains the queue, so receive (which may wait on a
+            # full queue) can finish and every raw frame still reaches the disk
+            self._threads["writer"] = self._thread("writer")
+            self._threads["writer"].start()
         self._join("receive")
         self.scheduler.close()
         self._join("engine")
         self._writer_q.put(None, 0)
         self._join("writer")
-        self.chain.close()
-        spill = self.run_dir / "spill"
-        if spill.is_dir() and not any(spill.iterdir()):
-            shutil.rmtree(spill)
+        try:
+            self.chain.close()
+            spill = self.run_dir / "spill"
+            if spill.is_dir() and not any(spill.iterdir()):
+                shutil.rmtree(spill)
+        except Exception as e:
+            log.warning("closing: %s: %s", type(e).__name__, e)
+        self._check_stages()
         self._summary = self.status()
         self._finished.set()
         self._join("control")
@@ -394,39 +494,46 @@ class EngineServer:
         return self._summary
 
     def _join(self, name: str) -> None:
-        for t in self._threads:
-            if t.name == f"scopecast-{name}" and t.is_alive():
-                t.join()
+        t = self._threads[name]
+        if t.is_alive():
+            t.join()
 
     # -- stages ---------------------------------------------------------------------------
 
     def _receive_loop(self) -> None:
         while not self._stop_receiving.is_set():
-            got = self.receiver.receive(20)
-            if got is None:
-                continue
-            header, frame = got
-            recv_ns = time.monotonic_ns()
-            self.received[header.stream] += 1
-            transport = (recv_ns - header.mono_ns) / 1e6
-            self.times.add("transport", transport)
-            # raw goes to the writer queue before its enhancement can (the index links them)
-            self._writer_q.put(
-                ("raw", header, frame, {"transport": transport}, None), header.nbytes
-            )
             try:
-                self.chain.check(header.shape)
-                self.scheduler.submit(Job(header, frame, recv_ns))
-            except EngineError as e:
-                self.engine_errors(e.kind, f"{header.key}: {e}")
-            self._publish(header, frame, kind="raw", timings={"transport": transport})
+                got = self.receiver.receive(20)
+                if got is not None:
+                    self._received(*got)
+            except Exception as e:
+                self._fault("receive", e)
+
+    def _received(self, header: FrameHeader, frame: np.ndarray) -> None:
+        """A valid frame: count it, queue it for the disk, schedule it, publish it."""
+        recv_ns = time.monotonic_ns()
+        self.received[header.stream] += 1
+        transport = (recv_ns - header.mono_ns) / 1e6
+        self.times.add("transport", transport)
+        # raw goes to the writer queue before its enhancement can (the index links them)
+        self._writer_q.put(("raw", header, frame, {"transport": transport}, None), header.nbytes)
+        try:
+            self.chain.check(header.shape)
+            self.scheduler.submit(Job(header, frame, recv_ns))
+        except EngineError as e:
+            self.engine_errors(e.kind, f"{header.key}: {e}")
+        except Exception as e:  # not enhanced, but still published and written
+            self._fault("receive", e, f"scheduling {header.key} seq {header.seq}: ")
+        self._publish(header, frame, kind="raw", timings={"transport": transport})
 
     def _engine_loop(self) -> None:
-        while True:
-            got = self.scheduler.take(0.1)
+        while not self.scheduler.finished:
+            try:
+                got = self.scheduler.take(0.1)
+            except Exception as e:
+                self._fault("engine", e)
+                continue
             if got is None:
-                if self.scheduler.finished:
-                    return
                 continue
             job, window = got
             h = job.header
@@ -435,7 +542,7 @@ class EngineServer:
             except EngineError as e:
                 self.engine_errors(e.kind, f"{h.key} seq {h.seq}: {e}")
             except Exception as e:  # a backend failure must not stop the other streams
-                self.engine_errors("backend", f"{h.key} seq {h.seq}: {type(e).__name__}: {e}")
+                self.engine_errors("backend", f"{h.key} seq {h.seq}: {type(e).__name__}: {e}", e)
 
     def _enhance(self, job: Job, window: Window) -> None:
         """Run the chain on one job; hand the result to the writer and the publisher."""
@@ -447,7 +554,7 @@ class EngineServer:
             frames = [_as_dtype(correct_phase(f, phase), f.dtype) for f in frames]
         result = self.chain.enhance(frames, window.previous, window.background)
         for stage in result.stages:
-            self.rings.set_previous(h.key, stage.stage, stage.output, window.generation)
+            self.rings.set_previous(h.state_key, stage.stage, stage.output, window.generation)
         timings = {"queue": (start_ns - job.recv_ns) / 1e6, **result.timings_ms}
         extra = {}
         if self.profile is not None:
@@ -480,12 +587,17 @@ class EngineServer:
             except SinkError as e:
                 self.disk_errors(kind, str(e))
                 continue
+            except Exception as e:
+                self._fault("writer", e, f"{kind} frame {header.key} seq {header.seq}: ")
+                continue
             self.written[kind] += 1
             self.times.add("disk", rec["timings_ms"]["disk"])
         try:
             self.writer.close()
         except SinkError as e:
             self.disk_errors("close", str(e))
+        except Exception as e:
+            self._fault("writer", e, "closing the files: ")
 
     def _fidelity(self, enhanced: np.ndarray, raw: np.ndarray) -> dict[str, float]:
         """The raw frame's chi-square against the profile's forward model of ``enhanced``."""
@@ -506,8 +618,26 @@ class EngineServer:
         fidelity: dict[str, float] | None = None,
     ) -> None:
         """Send one frame on PUB from the calling stage (receive or engine). PUB never blocks:
-        a subscriber that falls behind loses frames, the server does not wait."""
+        a subscriber that falls behind loses frames, the server does not wait, and libzmq does
+        not tell (only a subscriber can count its gaps, from ``seq``)."""
         t0 = time.monotonic_ns()
+        try:
+            self._send_published(header, frame, kind, timings, fidelity)
+        except Exception as e:
+            self._fault("publish", e, f"{kind} frame {header.key} seq {header.seq}: ")
+        if kind == "enhanced":
+            now = time.monotonic_ns()
+            self.times.add("publish", (now - t0) / 1e6)
+            self.times.add("total", (now - header.mono_ns) / 1e6)
+
+    def _send_published(
+        self,
+        header: FrameHeader,
+        frame: np.ndarray,
+        kind: str,
+        timings: dict[str, float] | None,
+        fidelity: dict[str, float] | None,
+    ) -> None:
         if self._pub is not None:
             scale = self.chain.scale if kind == "enhanced" else 1
             fields = header.model_dump(exclude={"shape", "dtype", "pixel_size_um"})
@@ -524,19 +654,13 @@ class EngineServer:
                 fidelity=fidelity,
             )
             with self._pub_lock:  # one socket, used by two stages, never at the same time
-                try:
-                    # no copy: raw and enhanced arrays are never written again
-                    self._pub.send_multipart(encode_published(ph, frame), zmq.NOBLOCK, copy=False)
-                    self.published += 1
-                except zmq.Again:
-                    self.publish_dropped += 1
-        if kind == "enhanced":
-            now = time.monotonic_ns()
-            self.times.add("publish", (now - t0) / 1e6)
-            self.times.add("total", (now - header.mono_ns) / 1e6)
+                # no copy: raw and enhanced arrays are never written again
+                self._pub.send_multipart(encode_published(ph, frame), zmq.NOBLOCK, copy=False)
+                self.published += 1
 
     def _control_loop(self) -> None:
-        """Answer control requests; watch viewers connect and disappear on PUB."""
+        """Answer control requests; watch viewers connect and disappear on PUB. Every request
+        gets exactly one reply (a REP socket that misses one answers nobody again)."""
         sock = self._control
         assert sock is not None
         poller = zmq.Poller()
@@ -544,37 +668,47 @@ class EngineServer:
         if self._pub_monitor is not None:
             poller.register(self._pub_monitor, zmq.POLLIN)
         while not (self._finished.is_set() and not sock.poll(0)):
-            ready = dict(poller.poll(50))
-            if self._pub_monitor in ready:
-                event = recv_monitor_message(self._pub_monitor)["event"]
-                self.viewers["connected" if event == zmq.EVENT_ACCEPTED else "gone"] += 1
-            if sock in ready:
-                sock.send(json.dumps(self._answer(sock.recv())).encode())
+            owed = False
+            try:
+                ready = dict(poller.poll(50))
+                if self._pub_monitor in ready:
+                    event = recv_monitor_message(self._pub_monitor)["event"]
+                    self.viewers["connected" if event == zmq.EVENT_ACCEPTED else "gone"] += 1
+                if sock in ready:
+                    parts = sock.recv_multipart()
+                    owed = True
+                    reply = json.dumps(self._answer(parts)).encode()
+                    sock.send(reply)
+                    owed = False
+            except Exception as e:
+                self._fault("control", e)
+                if owed:
+                    sock.send(json.dumps({"error": f"internal error: {type(e).__name__}"}).encode())
 
-    def _answer(self, request: bytes) -> dict[str, Any] | None:
+    def _answer(self, parts: list[bytes]) -> dict[str, Any] | None:
         try:
-            req = json.loads(request)
-            if req.get("cmd") == "status":
-                return self._summary or self.status()
-            if req.get("cmd") == "stop":
-                expect = {str(k): int(v) for k, v in (req.get("expect") or {}).items()}
-                self.stop(expect, float(req.get("timeout_s", 10.0)))
-                self._finished.wait()
-                return self._summary
-        except (ValueError, TypeError, AttributeError):
-            pass
-        return {
-            "error": 'requests are JSON objects: {"cmd": "status"} or {"cmd": "stop", '
-            '"expect": {"STREAM": FRAMES}, "timeout_s": SECONDS}'
-        }
+            if len(parts) != 1:
+                raise ValueError(f"a request is one message part, not {len(parts)}")
+            req = ControlRequest.model_validate_json(parts[0])
+        except (ValueError, RecursionError) as e:  # pydantic's ValidationError is a ValueError
+            self.requests_rejected += 1
+            return {"error": f"{_first_line(e)}; {ControlRequest.__doc__}"}
+        if req.cmd == "status":
+            return self._summary or self.status()
+        self.stop(req.expect, req.timeout_s)
+        self._finished.wait()
+        return self._summary
 
     # -- reporting ------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        """Counters, latency percentiles per stage (ms), engine, backend and queue depths."""
+        """Health, counters, latency percentiles per stage (ms), engine, backend, queue depths."""
         c = self.config
         rx = self.receiver.stats
+        healthy = not self._check_stages()
         return {
+            "healthy": healthy,
+            "failure": self.failure,
             "engine": self.chain.describe(),
             "mode": c.mode,
             "listen": c.listen,
@@ -590,12 +724,14 @@ class EngineServer:
             "frames_enhanced": self.enhanced,
             "frames_skipped": self.scheduler.skipped,
             "frames_spilled": self.scheduler.spilled,
+            "frames_not_enhanced": self.scheduler.not_enhanced,
             "frames_written": {"raw": self.written["raw"], "enhanced": self.written["enhanced"]},
             "engine_errors": dict(self.engine_errors.counts),
             "disk_errors": dict(self.disk_errors.counts),
+            "stage_errors": {k: dict(v.counts) for k, v in self.stage_errors.items() if v.counts},
+            "requests_rejected": self.requests_rejected,
             "published": self.published,
             "viewers": {"connected": self.viewers["connected"], "gone": self.viewers["gone"]},
-            "publish_dropped": self.publish_dropped,
             "queues": {
                 "engine": self.scheduler.depth,
                 "writer": len(self._writer_q),
@@ -604,6 +740,12 @@ class EngineServer:
             "latency_ms": self.times.summary(),
             "files": [str(p) for p in self.writer.files],
         }
+
+
+def _first_line(e: BaseException) -> str:
+    """A short, one-line reason (pydantic's messages run over several lines)."""
+    text = str(e) or type(e).__name__
+    return " ".join(text.split())[:300]
 
 
 def _as_dtype(image: np.ndarray, dtype: np.dtype) -> np.ndarray:

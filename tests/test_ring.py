@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -262,12 +263,12 @@ def test_interleaved_positions_keep_independent_windows():
             seq += 1
             assert values(w) == [100 * p + max(t - k, 0) for k in (2, 1, 0)]
             assert w.reset == ("first" if t == 0 else None)
-    assert rings.keys() == ["scope/p0/c0/z0", "scope/p1/c0/z0", "scope/p2/c0/z0"]
+    assert rings.keys() == ["scope/p0/c0/z0@a", "scope/p1/c0/z0@a", "scope/p2/c0/z0@a"]
     assert len(rings) == 3
 
     # p1 loses a frame: only p1 resets, p0 and p2 keep their windows and previous outputs
     for p in (0, 2):
-        assert rings.set_previous(f"scope/p{p}/c0/z0", 0, np.zeros(4), 1)
+        assert rings.set_previous(f"scope/p{p}/c0/z0@a", 0, np.zeros(4), 1)
     w1 = rings.push(header(5, 1, s=12), frame(999))
     assert w1.reset == "gap" and values(w1) == [999] * 3
     w0 = rings.push(header(4, 0, s=13), frame(4))
@@ -275,7 +276,7 @@ def test_interleaved_positions_keep_independent_windows():
     assert (w0.reset, w2.reset) == (None, None)
     assert values(w0) == [2, 3, 4] and values(w2) == [202, 203, 204]
     assert 0 in w0.previous and 0 in w2.previous
-    assert not rings.set_previous("scope/p1/c0/z0", 0, np.zeros(4), 1)  # p1's generation moved on
+    assert not rings.set_previous("scope/p1/c0/z0@a", 0, np.zeros(4), 1)  # p1's generation moved on
     assert not rings.set_previous("scope/p7/c0/z0", 0, np.zeros(4), 1)  # never seen
 
     stats = rings.stats()
@@ -290,7 +291,7 @@ def test_push_without_snapshot_then_snapshot_by_key():
     rings = Rings(window=2)
     for t in range(3):
         assert rings.push(header(t), frame(t), snapshot=False) is None
-    w = rings.snapshot("scope/p0/c0/z0")
+    w = rings.snapshot("scope/p0/c0/z0@a")
     assert values(w) == [1, 2] and w.generation == 1
     with pytest.raises(KeyError, match="scope/p1/c0/z0"):
         rings.snapshot("scope/p1/c0/z0")
@@ -302,7 +303,7 @@ def test_channels_and_z_are_separate_keys():
     for c, z in ((0, 0), (1, 0), (0, 3)):
         indexed = h.model_copy(update={"index": {"t": 0, "p": 0, "c": c, "z": z}})
         assert rings.push(indexed, frame(c + z)).reset == "first"
-    assert sorted(rings.keys()) == ["scope/p0/c0/z0", "scope/p0/c0/z3", "scope/p0/c1/z0"]
+    assert sorted(rings.keys()) == ["scope/p0/c0/z0@a", "scope/p0/c0/z3@a", "scope/p0/c1/z0@a"]
 
 
 def test_references_are_per_key():
@@ -339,3 +340,65 @@ def test_concurrent_pushes_to_many_keys():
         th.join()
     assert errors == []
     assert rings.stats()["resets"]["first"] == 8 and sum(rings.stats()["resets"].values()) == 8
+
+
+# --- grid tiles, shared stream ids, memory ---------------------------------------------------
+
+
+def test_grid_tiles_are_separate_keys_and_keep_their_history():
+    """Two tiles of a grid at each t: before g was part of the key, every frame reset."""
+    rings = Rings(window=2)
+    h = header(0)
+    for t in range(3):
+        for g in (0, 1):
+            tile = h.model_copy(update={"index": {"t": t, "p": 0, "g": g}, "mono_ns": t * S})
+            w = rings.push(tile, frame(10 * g + t))
+            assert values(w) == [10 * g + max(t - 1, 0), 10 * g + t]
+    assert sorted(rings.keys()) == ["scope/p0/g0/c0/z0@a", "scope/p0/g1/c0/z0@a"]
+    assert rings.stats()["resets"]["first"] == 2 and sum(rings.stats()["resets"].values()) == 2
+
+
+def test_acquisitions_sharing_a_stream_id_do_not_reset_each_other():
+    rings = Rings(window=2)
+    for t in range(50):
+        for acq in ("one", "two"):
+            w = rings.push(header(t, acquisition=acq), frame(t))
+            assert w.reset == ("first" if t == 0 else None)
+    assert rings.stats()["resets"] == {r: 2 if r == "first" else 0 for r in RESET_REASONS}
+
+
+def test_memory_budget_evicts_the_least_recently_used_keys():
+    one = frame(0).nbytes  # 32 bytes per 4x4 uint16 frame
+    rings = Rings(window=2, budget_bytes=5 * one)
+    for p in range(4):  # each key holds 2 frames after two pushes
+        for t in range(2):
+            rings.push(header(t, p), frame(t))
+    stats = rings.stats()
+    assert stats["bytes"] <= 5 * one and stats["evicted"]["budget"] == 2
+    assert rings.keys() == ["scope/p2/c0/z0@a", "scope/p3/c0/z0@a"]
+    w = rings.push(header(2, 0), frame(2))  # an evicted key starts again
+    assert w.reset == "first" and rings.stats()["resets"]["first"] == 5
+
+
+def test_idle_keys_whose_state_would_reset_are_evicted():
+    rings = Rings(window=2, max_pause_s=0.05)
+    rings.push(header(0, 0), frame(0))
+    time.sleep(0.06)
+    rings._next_sweep = 0.0  # the sweep runs at most once a second; do not wait for it here
+    rings.push(header(0, 1), frame(0))
+    assert rings.keys() == ["scope/p1/c0/z0@a"] and rings.stats()["evicted"]["idle"] == 1
+    with_history = Rings(window=2, background=True, max_pause_s=0.05)
+    with_history.push(header(0, 0), frame(0))
+    time.sleep(0.06)
+    with_history._next_sweep = 0.0
+    with_history.push(header(0, 1), frame(0))
+    assert len(with_history) == 2  # the background history outlives a pause: kept
+
+
+def test_single_frame_engines_hold_neither_frames_nor_outputs():
+    rings = Rings(window=1, keep_previous=False)
+    for p in range(100):
+        w = rings.push(header(0, p), frame(p))
+        assert not rings.set_previous(f"scope/p{p}/c0/z0@a", 0, np.zeros((8, 8)), w.generation)
+        assert values(w) == [p]  # the window still has its frame
+    assert rings.stats()["bytes"] == 0

@@ -165,7 +165,10 @@ def test_view_refuses_bad_options() -> None:
 class FakeServer:
     """The engine server's two outward sockets: PUB (frames) and REP (status)."""
 
-    def __init__(self, ctx: zmq.asyncio.Context, publish: str, control: str) -> None:
+    def __init__(
+        self, ctx: zmq.asyncio.Context, publish: str, control: str, failure: dict | None = None
+    ) -> None:
+        self.failure = failure
         self.pub = ctx.socket(zmq.PUB)
         self.rep = ctx.socket(zmq.REP)
         for sock, ep in ((self.pub, publish), (self.rep, control)):
@@ -180,6 +183,7 @@ class FakeServer:
                 "engine": {"engine": "gaussian", "scale": 1,
                            "backend": [{"name": "onnxruntime", "device": "cpu"}]},
                 "mode": "live", "frames_received": 7, "frames_enhanced": 7, "frames_skipped": 0,
+                "healthy": self.failure is None, "failure": self.failure,
                 "latency_ms": {"total": {"p50": 10.0, "p99": 20.0, "p90": 15.0, "max": 30.0}},
             })  # fmt: skip
 
@@ -273,8 +277,11 @@ async def _restart_scenario() -> None:
             await server.close()  # the engine server goes away ...
             down = await _next(a, "status", where=lambda m: not m["ok"])
             assert "server not answering" in down["error"]
-            server = FakeServer(ctx, publish, control)  # ... and comes back on the same sockets
-            await _next(a, "status", where=lambda m: m["ok"])
+            # ... and comes back on the same sockets, with a dead stage (the page says so)
+            dead = {"stage": "writer", "error": "OSError: boom"}
+            server = FakeServer(ctx, publish, control, failure=dead)
+            sick = await _next(a, "status", where=lambda m: m["ok"])
+            assert sick["server"]["healthy"] is False and sick["server"]["failure"] == dead
             await a.send_json({"ack": "raw"})
             deadline = time.monotonic() + 10
             while True:

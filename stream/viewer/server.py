@@ -310,8 +310,8 @@ def _brief(status: dict[str, Any]) -> dict[str, Any]:
         ],
         "latency_ms": {s: {"p50": v.get("p50"), "p99": v.get("p99")} for s, v in latency.items()},
         **{k: status.get(k) for k in (
-            "mode", "uptime_s", "frames_received", "frames_enhanced", "frames_skipped",
-            "frames_missing", "publish_dropped", "engine_errors",
+            "healthy", "failure", "mode", "uptime_s", "frames_received", "frames_enhanced",
+            "frames_skipped", "frames_missing", "engine_errors", "stage_errors",
         )},
     }  # fmt: skip
 

@@ -352,7 +352,10 @@
     conn.textContent = text;
     conn.className = `state ${cls}`;
     if (!st || !state.connected) [text, cls] = ["-", "bad"];
-    else if (st.ok) [text, cls] = [`answering, up ${fmt(st.server.uptime_s, 2)} s`, "good"];
+    else if (st.ok && st.server.healthy === false) {
+      const f = st.server.failure || {};
+      [text, cls] = [`UNHEALTHY: stage ${f.stage} died (${f.error}); the server is stopping`, "bad"];
+    } else if (st.ok) [text, cls] = [`answering, up ${fmt(st.server.uptime_s, 2)} s`, "good"];
     else [text, cls] = [st.error, "bad"];
     server.textContent = text;
     server.className = `state ${cls}`;
