@@ -28,6 +28,7 @@ the rest to disk. Raw frames are written in both modes, whatever happens to enha
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -233,7 +234,8 @@ class Scheduler:
             self.spill_dir.mkdir(parents=True, exist_ok=True)
             np.save(path, job.frame, allow_pickle=False)
         except Exception as e:
-            path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)  # no half-written spill left behind
             self.on_error("spill", e)
             return
         job.spill, job.frame = path, None
@@ -373,7 +375,7 @@ class EngineServer:
         self.scheduler = Scheduler(
             c.mode, self.rings,
             backlog_bytes=int(c.backlog_mb * 2**20), spill_dir=self.run_dir / "spill",
-            on_error=self._fault,
+            on_error=self._spill_error,
         )  # fmt: skip
         self._threads = {name: self._thread(name) for name in THREADS}
 
@@ -388,6 +390,14 @@ class EngineServer:
                 log.critical("stage %s died", name, exc_info=e)
 
         return threading.Thread(target=stage, name=f"scopecast-{name}", daemon=True)
+
+    def _spill_error(self, where: str, e: BaseException) -> None:
+        """A spill the disk refused is a disk error (counted, the frame stays in memory);
+        anything else is a fault of the spill stage."""
+        if isinstance(e, OSError):
+            self.disk_errors(where, f"{type(e).__name__}: {e}")
+        else:
+            self._fault(where, e)
 
     def _fault(self, stage: str, e: BaseException, where: str = "") -> None:
         """Count an unexpected exception of one stage's item by kind; the stage goes on."""
