@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -227,8 +228,9 @@ def test_long_omexml_is_appended(tmp_path: Path) -> None:
 
 def test_sink_rejects_bad_frames(tmp_path: Path) -> None:
     sink = OmeTiffSink(tmp_path / "a.ome.tif", pixel_size_um=None)
-    with pytest.raises(SinkError, match=r"\(32, 48, 3\) is not 2-D"):
-        sink.write(np.zeros((32, 48, 3), np.uint8), header(0))
+    for shape in ((32, 48, 5), (2, 32, 48, 1), (32,), (0, 48)):
+        with pytest.raises(SinkError, match=rf"{re.escape(str(shape))} cannot be stored; send"):
+            sink.write(np.zeros(shape, np.uint8), header(0))
     sink.write(raw_frame(0), header(0))
     with pytest.raises(SinkError, match=r"\(32, 48\) uint8 does not match .* \(32, 48\) uint16"):
         sink.write(np.zeros((32, 48), np.uint8), header(1))
@@ -346,7 +348,7 @@ def test_recover_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="not written by scopecast"):
         recover(tmp_path / "other.tif")
     (tmp_path / "junk.ome.tif").write_bytes(b"not a tiff at all")
-    with pytest.raises(ValueError, match="cannot read it"):
+    with pytest.raises(ValueError, match="junk.ome.tif is not a TIFF file"):
         recover(tmp_path / "junk.ome.tif")
     with pytest.raises(FileNotFoundError, match="index"):
         recover(tmp_path / "other.tif", index=tmp_path / "index.jsonl")
@@ -453,8 +455,14 @@ FULL_DISK = """
             messages.append(str(e))
     if sys.argv[3] == "full-at-close":
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
-    files = run.close()
-    print(json.dumps({"ok": ok, "failed": failed, "messages": messages,
+    try:
+        closed = None
+        files = run.close()
+    except SinkError as e:
+        closed = str(e)
+        files = run.files
+    print(json.dumps({"ok": ok, "failed": failed, "messages": messages, "closed": closed,
+                      "close_errors": run.close_errors,
                       "errors": dict(run.errors), "files": [str(f) for f in files]}))
 """
 
@@ -480,10 +488,12 @@ def test_disk_full_keeps_every_written_plane(tmp_path: Path, when: str) -> None:
         assert tif.is_ome == (when == "recovers")
     np.testing.assert_array_equal(data[:, 0, 0], ok)
     if when == "recovers":
-        assert "close" not in report["errors"]
+        assert "close" not in report["errors"] and report["closed"] is None
         assert pixels(ome(path)).get("SizeT") == str(len(ok))
     else:  # the OME-XML no longer fits: the file stays plain BigTIFF, recover() adds it
-        assert report["errors"]["close"] == 1
+        assert report["errors"]["close"] == 1 and len(report["close_errors"]) == 1
+        assert "1 file did not close cleanly" in report["closed"]
+        assert "free disk space" in report["closed"] and path.name in report["closed"]
         result = recover(path)
         assert (result.planes, result.bad_crc) == (len(ok), 0)
         with tifffile.TiffFile(result.output) as tif:

@@ -3,15 +3,28 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from stream.sinks.tiff import SinkError
 
 
 class CorruptIndex(ValueError):
     """An index line before the last one that is not a JSON object."""
+
+
+#: How many damaged lines an :class:`IndexScan` describes (it counts them all).
+MAX_PROBLEMS = 10
+
+
+class IndexScan(NamedTuple):
+    """An index read line by line: its good records, and its damaged lines counted."""
+
+    records: list[dict[str, Any]]
+    damaged: int  # lines before the last that are not JSON objects
+    problems: list[str]  # what was wrong with the first few, e.g. "index.jsonl:7: not JSON"
 
 
 class IndexWriter:
@@ -42,7 +55,7 @@ class IndexWriter:
         """Write ``record`` as one line; on failure nothing of it stays in the file."""
         if self._fd < 0:
             raise SinkError(f"{self.path} is closed: open a new IndexWriter", path=self.path)
-        line = (json.dumps(record, separators=(",", ":"), ensure_ascii=False) + "\n").encode()
+        line = (_dumps(record) + "\n").encode()
         end = os.fstat(self._fd).st_size
         try:
             view = memoryview(line)
@@ -77,35 +90,72 @@ class IndexWriter:
             os.close(fd)
 
 
-def read_index(path: Path) -> list[dict[str, Any]]:
-    """Every record of an index; a cut-off last line (killed mid-write) is ignored."""
-    path = Path(path)
+def _dumps(record: dict[str, Any]) -> str:
+    """``record`` as one line of standard JSON: NaN and infinities (which JSON lacks) become
+    null, numpy numbers and arrays plain numbers and lists, anything else its text."""
+    options: dict[str, Any] = {"separators": (",", ":"), "ensure_ascii": False}
     try:
-        data = path.read_bytes()
+        return json.dumps(record, allow_nan=False, default=_plain, **options)
+    except ValueError:
+        return json.dumps(_finite(record), default=_plain, **options)
+
+
+def _plain(obj: Any) -> Any:
+    tolist = getattr(obj, "tolist", None)  # numpy scalars and arrays
+    return _finite(tolist()) if callable(tolist) else str(obj)
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    if callable(getattr(obj, "tolist", None)):
+        return _finite(obj.tolist())
+    return obj
+
+
+def scan_index(path: Path) -> IndexScan:
+    """Every good record of an index, and each damaged line (not a JSON object) noted instead
+    of stopping there; a cut-off last line (killed mid-write) is neither."""
+    path = Path(path)
+    records: list[dict[str, Any]] = []
+    problems: list[str] = []
+    damaged = 0
+    try:
+        f = path.open("rb")
     except FileNotFoundError:
         raise FileNotFoundError(f"index {path} not found: pass the run's index.jsonl") from None
-    lines = data.split(b"\n")
-    records: list[dict[str, Any]] = []
-    for number, raw in enumerate(lines, start=1):
-        if not raw.strip():
-            continue
-        last = number == len(lines)  # no newline after it: the write may have been cut off
-        try:
-            obj = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            if last:
-                break
-            raise CorruptIndex(
-                f"{path}:{number}: not JSON ({e}); the index is damaged before "
-                "its last line: recover files from their TIFF pages "
-                "(scopecast recover without an index)"
-            ) from e
-        if not isinstance(obj, dict):
-            if last:
-                break
-            raise CorruptIndex(
-                f"{path}:{number}: a {type(obj).__name__}, not a JSON object; "
-                "is this a scopecast index.jsonl?"
-            )
-        records.append(obj)
+    with f:
+        for number, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw)
+                problem = "" if isinstance(obj, dict) else f"a {type(obj).__name__}, not an object"
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                problem = f"not JSON ({e})"
+            if not problem:
+                records.append(obj)
+            elif raw.endswith(b"\n"):  # not the last line, which a crash may have cut off
+                damaged += 1
+                if len(problems) < MAX_PROBLEMS:
+                    problems.append(f"{path}:{number}: {problem}")
+    return IndexScan(records, damaged, problems)
+
+
+def read_index(path: Path) -> list[dict[str, Any]]:
+    """Every record of an index; a cut-off last line (killed mid-write) is ignored.
+
+    Raises CorruptIndex at a damaged line before the last; :func:`scan_index` skips them.
+    """
+    records, damaged, problems = scan_index(path)
+    if damaged:
+        more = f" (and {damaged - 1} more damaged lines)" if damaged > 1 else ""
+        raise CorruptIndex(
+            f"{problems[0]}{more}: the index is damaged before its last line; "
+            "`scopecast recover FILE` skips damaged lines and recovers from the good ones"
+        )
     return records

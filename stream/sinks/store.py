@@ -1,4 +1,5 @@
-"""The run directory: raw and enhanced OME-TIFFs per (stream, position) plus one JSONL index."""
+"""The run directory: raw and enhanced OME-TIFFs per (stream, position[, grid tile]) plus one
+JSONL index."""
 
 from __future__ import annotations
 
@@ -23,6 +24,9 @@ INDEX_NAME = "index.jsonl"
 ENGINE_NAME = re.compile(r"^[a-z0-9._-]{1,64}(\+[a-z0-9._-]{1,64}){0,7}$")
 #: How many recent raw planes an enhanced frame can be linked back to.
 RAW_LOOKUP = 4096
+#: Files kept open at once (a 96-well plate with 9 fields, raw and enhanced, needs 1,728);
+#: past it the least recently written file is closed, and its key continues in a new part.
+MAX_OPEN_FILES = 2048
 
 
 def fresh_run_dir(base: Path) -> Path:
@@ -40,14 +44,24 @@ def fresh_run_dir(base: Path) -> Path:
     raise SinkError(f"no free run directory name {stamp}-N under {base}: clean it up", path=base)
 
 
-class RunWriter:
-    """Raw and enhanced OME-TIFFs per (stream, position) plus the run's JSONL index, in one folder.
+#: One file per (stream, position p, grid tile g or None, kind).
+FileKey = tuple[str, int, int | None, str]
 
-    Thread-safe. A disk error raises SinkError after counting ``errors['disk']``; the caller
-    keeps going and later writes retry.
+
+class RunWriter:
+    """Raw and enhanced OME-TIFFs per (stream, position, grid tile) plus the run's JSONL index.
+
+    Files are named ``{stream}_p{p:03d}[_g{g:03d}]_{kind}.ome.tif`` (``_g`` only when frames
+    carry a grid index). Thread-safe. A disk error raises SinkError after counting
+    ``errors['disk']``; the caller keeps going and later writes retry.
     """
 
-    def __init__(self, out_dir: Path, *, fsync: bool = False) -> None:
+    def __init__(
+        self, out_dir: Path, *, fsync: bool = False, max_open: int = MAX_OPEN_FILES
+    ) -> None:
+        if max_open < 1:
+            raise ValueError(f"max_open={max_open} must be >= 1")
+        self.max_open = max_open
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         index = self.out_dir / INDEX_NAME
@@ -61,8 +75,10 @@ class RunWriter:
         self.index = IndexWriter(index, fsync=fsync)
         self.files: list[Path] = [index]
         self.errors: Counter[str] = Counter()
-        self._sinks: dict[tuple[str, int, str], OmeTiffSink] = {}
-        self._parts: Counter[tuple[str, int, str]] = Counter()
+        #: Why each file that failed to close failed (its OME-XML, or the index), in order.
+        self.close_errors: list[str] = []
+        self._sinks: OrderedDict[FileKey, OmeTiffSink] = OrderedDict()  # least recent first
+        self._parts: Counter[FileKey] = Counter()
         self._raw: OrderedDict[tuple[str, str | None, int], dict[str, Any]] = OrderedDict()
         self._lock = threading.Lock()
         self.closed = False
@@ -121,15 +137,29 @@ class RunWriter:
     def close(self) -> list[Path]:
         """Close every sink (writing its OME-XML) and the index; return the files written.
 
-        A sink whose OME-XML could not be written is counted in ``errors['close']`` and
-        logged; its planes stay intact for ``recover``.
+        Everything is closed even if some closes fail; then one SinkError lists every
+        failure, including files closed earlier in the run (a shape change), so the caller
+        can count them: ``close_errors`` holds one message per failure and
+        ``errors['close']`` their number. The planes of such files stay intact for
+        ``recover``. A second call returns the files and raises nothing.
         """
         with self._lock:
-            if not self.closed:
-                self.closed = True
-                for sink in self._sinks.values():
-                    self._close_sink(sink)
+            if self.closed:
+                return list(self.files)
+            self.closed = True
+            for sink in self._sinks.values():
+                self._close_sink(sink)
+            try:
                 self.index.close()
+            except Exception as e:
+                self._close_failed(f"{self.index.path}: closing the index failed ({e})")
+            if self.close_errors:
+                n = len(self.close_errors)
+                raise SinkError(
+                    f"run {self.out_dir}: {n} file{'s' if n > 1 else ''} did not close "
+                    f"cleanly: {'; '.join(self.close_errors)}",
+                    path=self.out_dir,
+                )
             return list(self.files)
 
     # -- internals --------------------------------------------------------------------------
@@ -154,9 +184,11 @@ class RunWriter:
     def _sink(
         self, kind: str, header: FrameHeader, frame: np.ndarray, pixel_size_um: float | None
     ) -> OmeTiffSink:
-        p = header.index.get("p", 0)
-        key = (header.stream, p, kind)
+        p, g = header.index.get("p", 0), header.index.get("g")
+        key = (header.stream, p, g, kind)
         sink = self._sinks.get(key)
+        if sink is not None:
+            self._sinks.move_to_end(key)
         if sink is not None and (
             sink.closed
             or sink.broken
@@ -169,22 +201,31 @@ class RunWriter:
             self._parts[key] += 1
             part = self._parts[key]
             suffix = "" if part == 1 else f"_{part}"
-            path = self.out_dir / f"{header.stream}_p{p:03d}_{kind}{suffix}.ome.tif"
+            tile = "" if g is None else f"_g{g:03d}"
+            path = self.out_dir / f"{header.stream}_p{p:03d}{tile}_{kind}{suffix}.ome.tif"
+            where = f"position {p}" + ("" if g is None else f", grid tile {g}")
             sink = OmeTiffSink(
                 path,
                 pixel_size_um=pixel_size_um,
                 fsync=self.fsync,
-                description=f"scopecast {kind} frames of stream {header.stream!r}, position {p}",
+                description=f"scopecast {kind} frames of stream {header.stream!r}, {where}",
             )
+            while len(self._sinks) >= self.max_open:  # bounded file descriptors
+                self._close_sink(self._sinks.popitem(last=False)[1])
             self._sinks[key] = sink
         return sink
 
     def _close_sink(self, sink: OmeTiffSink) -> None:
+        """Close ``sink``; a failure is recorded for close() to report, never raised here."""
         try:
             sink.close()
-        except SinkError as e:
-            self.errors["close"] += 1
-            log.warning("%s", e)
+        except Exception as e:  # one bad file must not keep the others from closing
+            self._close_failed(str(e) if isinstance(e, SinkError) else f"{sink.path}: {e!r}")
+
+    def _close_failed(self, message: str) -> None:
+        self.errors["close"] += 1
+        self.close_errors.append(message)
+        log.warning("%s", message)
 
     def _record(
         self,

@@ -1,8 +1,9 @@
-"""One growing OME-TIFF of 2-D planes that survives a SIGKILL and a full disk.
+"""One growing OME-TIFF of planes that survives a SIGKILL, a full disk and odd metadata.
 
-Every frame is its own uncompressed BigTIFF page, written by tifffile straight to the OS
-(no user-space buffer), so a killed process loses at most the plane being written and the
-file stays readable page by page. The first page carries a padded placeholder description;
+Every frame, (rows, cols) or (rows, cols, components), is its own uncompressed BigTIFF page,
+written by tifffile straight to the OS (no user-space buffer), so a killed process loses at
+most the plane being written and the file stays readable page by page. The first page
+carries a placeholder description padded to :data:`PLACEHOLDER_BYTES`;
 :meth:`OmeTiffSink.close` replaces it with OME-XML that describes the planes written.
 """
 
@@ -13,7 +14,9 @@ import io
 import itertools
 import json
 import logging
+import math
 import os
+import struct
 import sys
 import zlib
 from array import array
@@ -33,10 +36,17 @@ log = logging.getLogger(__name__)
 SOFTWARE = "scopecast"
 #: The first page's description until close; JSON after it tells recover() the pixel size.
 PLACEHOLDER_PREFIX = b"scopecast OME-TIFF not closed (run `scopecast recover`) "
-#: Bytes reserved for the OME-XML in the first page; longer XML is appended at close.
+#: Bytes reserved for the OME-XML in the first page (padded with spaces, which TIFF readers
+#: keep and XML parsers ignore); longer XML is appended at close, then linked.
 PLACEHOLDER_BYTES = 16384
+#: Samples per pixel a frame may carry as its third axis (rows, cols, components).
+MAX_COMPONENTS = 4
 _GRID_AXES = ("t", "c", "z")
 _MAX_VALUES_NOTE = 64
+#: Stage z steps within this fraction of their median count as one z spacing.
+_Z_STEP_TOLERANCE = 0.1
+#: errno values that mean "no room": the advice is then to free disk space.
+_NO_ROOM = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
 class SinkError(OSError):
@@ -58,6 +68,16 @@ class SinkError(OSError):
 
     def __str__(self) -> str:
         return str(self.args[0])
+
+
+def no_room(e: BaseException) -> bool:
+    """Whether ``e`` is the disk (or a file size limit) running out of room."""
+    return isinstance(e, OSError) and e.errno in _NO_ROOM
+
+
+def error_reason(e: BaseException) -> str:
+    """What went wrong, in words: an OSError's strerror, else the exception's repr."""
+    return e.strerror if isinstance(e, OSError) and e.strerror else repr(e)
 
 
 @dataclass(frozen=True)
@@ -149,7 +169,7 @@ class _Plane:
 
     tcz: tuple[int, int, int]
     channel: str | None
-    wall_time: float
+    wall_time: float | None
     exposure_ms: float | None
     stage: tuple[float | None, float | None, float | None]
 
@@ -165,11 +185,7 @@ class _PlaneTable:
 
     def append(self, p: _Plane) -> None:
         self._ints.extend(p.tcz)
-        nan = float("nan")
-        self._floats.extend(
-            [p.wall_time, nan if p.exposure_ms is None else p.exposure_ms]
-            + [nan if v is None else v for v in p.stage]
-        )
+        self._floats.extend(map(_known, (p.wall_time, p.exposure_ms, *p.stage)))
         self._channels.append(None if p.channel is None else sys.intern(p.channel))
 
     def __len__(self) -> int:
@@ -184,8 +200,20 @@ class _PlaneTable:
         return (self[i] for i in range(len(self)))
 
 
+def _known(value: Any) -> float:
+    """``value`` as a float, or NaN (unknown) if it is missing, not a number or not finite."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return math.nan
+    return v if math.isfinite(v) else math.nan
+
+
 class OmeTiffSink:
-    """One growing OME-TIFF (BigTIFF) of 2-D planes of one shape and dtype, crash-safe."""
+    """One growing OME-TIFF (BigTIFF) of planes of one shape and dtype, crash-safe.
+
+    A plane is (rows, cols), or (rows, cols, k) stored as k samples per pixel (axes YXS).
+    """
 
     def __init__(
         self,
@@ -247,11 +275,12 @@ class OmeTiffSink:
         link = getattr(self._writer, "_ifdoffset", None)  # previous page's next-IFD pointer
         try:
             written = self._writer.write(
-                data,
+                data[..., 0] if data.ndim == 3 and data.shape[2] == 1 else data,  # no 1-px pages
                 returnoffset=True,
                 metadata=None,
                 contiguous=False,
                 photometric="minisblack",
+                planarconfig="contig" if data.ndim == 3 and data.shape[2] > 1 else None,
                 software=SOFTWARE,
                 **self._resolution(),
                 description=self._placeholder() if self.planes == 0 else None,
@@ -262,11 +291,14 @@ class OmeTiffSink:
                 self._file.fsync()
         except Exception as e:
             self._undo(end, link)
-            reason = e.strerror if isinstance(e, OSError) and e.strerror else repr(e)
+            advice = (
+                "Free disk space and keep writing (the next write retries), or close() the sink"
+                if no_room(e)
+                else "Check the frame and the disk; the next write retries, or close() the sink"
+            )
             raise SinkError(
-                f"{self.path}: writing plane {self.planes} failed ({reason}); the "
-                f"{self.planes} planes written before are intact. Free disk space and keep "
-                "writing (the next write retries), or close() the sink",
+                f"{self.path}: writing plane {self.planes} failed ({error_reason(e)}); the "
+                f"{self.planes} planes written before are intact. {advice}",
                 path=self.path,
                 planes=self.planes,
                 code=e.errno if isinstance(e, OSError) else None,
@@ -309,32 +341,28 @@ class OmeTiffSink:
         if self.planes == 0:
             self._discard()  # only a TIFF header: no valid file to keep
             return
+        step = "describing its planes"
         try:
             if self._writer is not None:
                 self._writer.close()  # non-contiguous pages: writes nothing, keeps our handle
             xml = self.omexml().encode("utf-8")
-            self._make_room(len(xml))
+            step = "writing the OME-XML"
+            self._write_description(xml)
         except Exception as e:
+            advice = (
+                "free disk space, then run `scopecast recover` on it to get an OME-TIFF"
+                if no_room(e)
+                else "run `scopecast recover` on it to get an OME-TIFF, and report this error"
+            )
+            raise SinkError(
+                f"{self.path}: {step} failed ({error_reason(e)}); its {self.planes} planes are "
+                f"intact as BigTIFF pages: {advice}",
+                path=self.path,
+                planes=self.planes,
+                code=e.errno if isinstance(e, OSError) else None,
+            ) from e
+        finally:
             self._file.close()
-            raise SinkError(
-                f"{self.path}: could not write the OME-XML ({e}); its {self.planes} planes "
-                "are intact as BigTIFF pages: free disk space and run `scopecast recover` to "
-                "get an OME-TIFF",
-                path=self.path,
-                planes=self.planes,
-                code=e.errno if isinstance(e, OSError) else None,
-            ) from e
-        self._file.close()
-        try:
-            tifffile.tiffcomment(self.path, xml)
-        except Exception as e:
-            raise SinkError(
-                f"{self.path}: could not write the OME-XML ({e}); its {self.planes} planes "
-                "are intact: run `scopecast recover` on it",
-                path=self.path,
-                planes=self.planes,
-                code=e.errno if isinstance(e, OSError) else None,
-            ) from e
 
     def layout(self) -> Layout:
         """How the planes written so far map onto OME dimensions."""
@@ -350,7 +378,8 @@ class OmeTiffSink:
         """OME-XML describing the planes written so far."""
         assert self.shape is not None and self.dtype is not None
         layout = self.layout()
-        axes = layout.axes + "YX"
+        rows, cols, *samples = self.shape
+        axes = layout.axes + ("YXS" if samples else "YX")
         shape = (*layout.shape, *self.shape)
         meta: dict[str, Any] = {"Name": self.path.name.split(".")[0]}
         description = self.description
@@ -368,10 +397,15 @@ class OmeTiffSink:
                 PhysicalSizeY=self.pixel_size_um,
                 PhysicalSizeYUnit="µm",
             )
+        z_step = self._z_step()
+        if z_step is not None:
+            meta.update(PhysicalSizeZ=z_step, PhysicalSizeZUnit="µm")
         names = self._channel_names(layout)
         if names:
             meta["Channel"] = {"Name": names}
-        meta["Plane"] = self._plane_attributes()
+        planes = self._plane_attributes()
+        if planes:
+            meta["Plane"] = planes
         notes = {"scopecast.layout": axes}
         if layout.reason:
             notes["scopecast.reason"] = layout.reason
@@ -380,18 +414,22 @@ class OmeTiffSink:
                 notes[f"scopecast.{ax}"] = _compact(vals)
         meta["MapAnnotation"] = {"Namespace": "scopecast", "Value": notes}
         ome = tifffile.OmeXml(Creator=SOFTWARE)
-        rows, cols = self.shape
-        ome.addimage(self.dtype, shape, (self.planes, 1, 1, rows, cols, 1), axes=axes, **meta)
+        stored = (self.planes, 1, 1, rows, cols, samples[0] if samples else 1)
+        ome.addimage(self.dtype, shape, stored, axes=axes, **meta)
         return ome.tostring(declaration=True)
 
     # -- internals --------------------------------------------------------------------------
 
     def _check(self, frame: np.ndarray) -> np.ndarray:
         frame = np.asarray(frame)
-        if frame.ndim != 2:
+        if (
+            frame.ndim not in (2, 3)
+            or 0 in frame.shape
+            or (frame.ndim == 3 and frame.shape[2] > MAX_COMPONENTS)
+        ):
             raise SinkError(
-                f"{self.path}: frame shape {frame.shape} is not 2-D; this version stores "
-                "(rows, cols) planes only: send each component as its own channel",
+                f"{self.path}: frame shape {frame.shape} cannot be stored; send (rows, cols) "
+                f"or (rows, cols, components) with 1-{MAX_COMPONENTS} components",
                 path=self.path,
                 planes=self.planes,
             )
@@ -450,9 +488,14 @@ class OmeTiffSink:
         return {"resolution": (per_cm, per_cm), "resolutionunit": "CENTIMETER"}
 
     def _placeholder(self) -> bytes:
+        """The first page's description until close, ``PLACEHOLDER_BYTES`` long on disk.
+
+        Padded with spaces, not NULs: tifffile stores a description only up to its first
+        double NUL, which would leave no room for the OME-XML.
+        """
         info = json.dumps({"pixel_size_um": self.pixel_size_um}).encode()
         text = PLACEHOLDER_PREFIX + info
-        return text + b"\0" * max(0, PLACEHOLDER_BYTES - len(text))
+        return text + b" " * max(0, PLACEHOLDER_BYTES - 1 - len(text))  # + tifffile's NUL
 
     def _undo(self, end: int, link: int | None) -> None:
         """Drop a partly written page: unlink it from the page chain, cut the file to ``end``."""
@@ -467,17 +510,37 @@ class OmeTiffSink:
             self.broken = f"undoing a failed write failed: {e}"
             log.error("%s: %s", self.path, self.broken)
 
-    def _make_room(self, size: int) -> None:
-        """Fail now, before anything changes, if appending ``size`` bytes would not fit."""
+    def _write_description(self, xml: bytes) -> None:
+        """Put ``xml`` into the first page's description without ever breaking the file.
+
+        XML that fits the reserved room is written in place (the file does not grow); longer
+        XML is appended first and linked only once all of it is on disk, so a full disk
+        leaves the placeholder and every plane as they were.
+        """
         assert self._file is not None
-        if size < PLACEHOLDER_BYTES:
-            return  # written in place
-        end = self._file.size()
-        try:
-            self._file.seek(end)
-            self._file.write(b"\0" * (size + 16))
-        finally:
-            self._file.truncate(end)
+        with tifffile.TiffFile(self.path) as tif:  # the pages are in the OS: readable now
+            tag = tif.pages.first.tags.get(270)
+            if tag is None or not tif.is_bigtiff or tag.dtype != 2:
+                raise ValueError(f"the first page has no BigTIFF ImageDescription ({tag!r})")
+            entry, count, at = tag.offset, tag.count, tag.valueoffset
+        if len(xml) < count:
+            self._file.seek(at)
+            self._file.write(xml + b" " * (count - 1 - len(xml)) + b"\0")
+        else:
+            end = self._file.size()
+            at = end + end % 2  # TIFF values start on a word boundary
+            try:
+                self._file.seek(end)
+                self._file.write(b"\0" * (at - end) + xml + b"\0")
+                if self.fsync:
+                    self._file.fsync()
+            except BaseException:
+                self._file.truncate(end)
+                raise
+            self._file.seek(entry + 4)  # BigTIFF entry: code, type, count (Q), offset (Q)
+            self._file.write(struct.pack("<QQ", len(xml) + 1, at))
+        if self.fsync:
+            self._file.fsync()
 
     def _remember(self, header: FrameHeader) -> None:
         i = header.index
@@ -527,21 +590,56 @@ class OmeTiffSink:
             return None
         return [str(n) for n in names]
 
-    def _plane_attributes(self) -> dict[str, list[Any]]:
-        n = len(self._meta)
-        t0 = self._meta[0].wall_time
-        attrs: dict[str, list[Any]] = {
-            "DeltaT": [round(p.wall_time - t0, 6) for p in self._meta],
-            "DeltaTUnit": ["s"] * n,
+    def _plane_attributes(self) -> dict[str, list[Any]] | list[dict[str, Any]]:
+        """Per-plane OME attributes; an unknown value (no wall time, NaN) is left out.
+
+        Columns (one list per attribute) when every plane knows what it says, else one dict
+        per plane, so a plane with an unknown value simply lacks that attribute.
+        """
+        t0 = next((p.wall_time for p in self._meta if p.wall_time is not None), None)
+        columns: dict[str, tuple[str, list[Any]]] = {
+            "DeltaT": (
+                "s",
+                [
+                    None if p.wall_time is None or t0 is None else round(p.wall_time - t0, 6)
+                    for p in self._meta
+                ],
+            ),
+            "ExposureTime": ("ms", [p.exposure_ms for p in self._meta]),
         }
-        if all(p.exposure_ms is not None for p in self._meta):
-            attrs["ExposureTime"] = [p.exposure_ms for p in self._meta]
-            attrs["ExposureTimeUnit"] = ["ms"] * n
         for k, ax in enumerate("XYZ"):
-            if all(p.stage[k] is not None for p in self._meta):
-                attrs[f"Position{ax}"] = [p.stage[k] for p in self._meta]
-                attrs[f"Position{ax}Unit"] = ["µm"] * n
-        return attrs
+            columns[f"Position{ax}"] = ("µm", [p.stage[k] for p in self._meta])
+        known = {k: v for k, v in columns.items() if any(x is not None for x in v[1])}
+        n = len(self._meta)
+        if all(None not in values for _, values in known.values()):
+            attrs: dict[str, list[Any]] = {}
+            for name, (unit, values) in known.items():
+                attrs[name], attrs[f"{name}Unit"] = values, [unit] * n
+            return attrs
+        planes: list[dict[str, Any]] = [{} for _ in range(n)]
+        for name, (unit, values) in known.items():
+            for plane, value in zip(planes, values, strict=True):
+                if value is not None:
+                    plane[name], plane[f"{name}Unit"] = value, unit
+        return planes
+
+    def _z_step(self) -> float | None:
+        """The z spacing in µm from the stage z of planes at consecutive z indices of each
+        (t, c) stack, if the planes have more than one z and the steps agree; else None."""
+        stacks: dict[tuple[int, int], dict[int, float]] = {}
+        for p in self._meta:
+            if p.stage[2] is not None:
+                stacks.setdefault(p.tcz[:2], {}).setdefault(p.tcz[2], p.stage[2])
+        steps: list[float] = []
+        for zs in stacks.values():
+            idx = sorted(zs)
+            steps += [(zs[b] - zs[a]) / (b - a) for a, b in itertools.pairwise(idx)]
+        if not steps:
+            return None
+        step = float(np.median(steps))
+        if step == 0 or any(abs(s - step) > _Z_STEP_TOLERANCE * abs(step) for s in steps):
+            return None
+        return round(abs(step), 9) or None  # a step that rounds to 0 is no spacing
 
 
 def plane_layout(
