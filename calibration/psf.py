@@ -157,18 +157,15 @@ def fit_defocus(
     order = np.argsort(z)
     z, stack = z[order], stack[order]
     sigma = np.full(z.size, np.nan)
-    failures = []
+    failures: list[str] = []
     for i, plane in enumerate(stack):
         try:
             sigma[i] = fit_psf(plane, pixel_size_um=pixel_size_um, min_beads=min_beads).sigma_um
         except CalibrationError as err:
-            failures.append(f"z={z[i]:g} µm: {err}")
+            failures.append(str(err))
     ok = np.isfinite(sigma)
     if ok.sum() < _MIN_PLANES:
-        raise CalibrationError(
-            f"only {int(ok.sum())} of {z.size} planes gave a bead width, need {_MIN_PLANES}; "
-            + "; ".join(failures)
-        )
+        raise CalibrationError(_too_few_planes(z, ok, failures))
     s0, k, z0 = _fit_hyperbola(z[ok], sigma[ok])
     if not z[0] <= z0 <= z[-1]:
         raise CalibrationError(
@@ -176,6 +173,40 @@ def fit_defocus(
             f"[{z[0]:g}, {z[-1]:g}] µm; centre the z-series on the sharpest plane."
         )
     return DefocusFit(focus_z_um=z0, sigma_um=sigma, z_um=z, slope=k, sigma0_um=s0)
+
+
+def defocus_range_um(
+    sigma_um: float, na: float, refractive_index: float = 1.0, widen: float = 2.5
+) -> float:
+    """The +- z range over which an in-focus Gaussian width `sigma_um` grows `widen` times under
+    calibration.optics' defocus model (blur sigma = |dz| tan(asin(NA/n)) / 2): a z-series over
+    it keeps beads narrow enough to fit while the width still changes well beyond the noise."""
+    if not (math.isfinite(sigma_um) and sigma_um > 0 and na > 0 and refractive_index > 0):
+        raise ValueError(
+            f"need a positive PSF width, NA and index, got {sigma_um}, {na}, {refractive_index}."
+        )
+    tan = math.tan(math.asin(min(na / refractive_index, 0.999)))
+    return 2.0 * math.sqrt(widen**2 - 1.0) * sigma_um / tan
+
+
+def _too_few_planes(z: np.ndarray, ok: np.ndarray, failures: list[str]) -> str:
+    """A short reason for a z-series with too few fitted planes: which planes failed, the
+    first failure's reason, and what to change."""
+    bad = ", ".join(f"{v:g}" for v in z[~ok])
+    if len(bad) > 80:
+        bad = f"{z[~ok].size} planes from {z[~ok].min():g} to {z[~ok].max():g}"
+    first = failures[0].split(":")[0] if failures else "no beads"
+    crowded = sum("too dense" in f for f in failures)
+    advice = (
+        "out of focus the beads blur into each other: scan a narrower z range around focus, or "
+        "image a sparser bead field"
+        if crowded >= len(failures) / 2
+        else "check that the beads are in the field and the z range spans the focus"
+    )
+    return (
+        f"only {int(ok.sum())} of {z.size} planes gave a bead width, need {_MIN_PLANES}; "
+        f"failed at z = {bad} µm ({first}): {advice}."
+    )
 
 
 # ---- detection and selection ----------------------------------------------------------------

@@ -269,25 +269,36 @@ def _largest_rectangle(mask: np.ndarray) -> tuple[int, int, int, int]:
 def _check_image(name: str, image: np.ndarray) -> np.ndarray:
     image = np.asarray(image)
     if image.ndim != 2 or min(image.shape) < _MIN_SIDE:
-        raise ValueError(
+        raise CalibrationError(
             f"{name} must be a 2-D image of at least {_MIN_SIDE}x{_MIN_SIDE} pixels, "
             f"got shape {image.shape}."
         )
+    if image.dtype.kind not in "biuf":
+        raise CalibrationError(f"{name} must hold real numbers, got dtype {image.dtype}.")
     if not np.isfinite(image).all():
-        raise ValueError(f"{name} contains NaN or inf; register the recorded frames themselves.")
+        raise CalibrationError(
+            f"{name} contains NaN or inf; register the recorded frames themselves."
+        )
     return image
 
 
 def _check_structure(name: str, image: np.ndarray) -> None:
-    """Texture above noise: 2-px-smoothed std against the Haar-detail noise (Donoho 1994)."""
+    """Texture above noise: 2-px-smoothed std against the Haar-detail noise (Donoho 1994).
+
+    Decided here, before any scikit-image call, so a featureless image (blank, constant, pure
+    noise) is always this CalibrationError, whatever scikit-image does with one (0.26 raises its
+    own ValueError inside phase_cross_correlation). A smoothed std within rounding of the
+    image's magnitude counts as none: a constant image smooths to 1e-17, not always 0."""
     data = image.astype(np.float64)
     a = data[: data.shape[0] // 2 * 2, : data.shape[1] // 2 * 2]
     detail = (a[0::2, 0::2] - a[0::2, 1::2] - a[1::2, 0::2] + a[1::2, 1::2]) / 2
     noise = 1.4826 * float(np.median(np.abs(detail)))
     structure = float(ndimage.gaussian_filter(data, 2.0).std())
-    if structure == 0 or structure < _MIN_STRUCTURE * noise:
+    rounding = 1e-9 * max(float(np.abs(data).max()), np.finfo(np.float64).tiny)
+    if not structure > rounding or structure < _MIN_STRUCTURE * noise:
+        shown = 0.0 if structure <= rounding else structure
         raise CalibrationError(
-            f"{name} has too little structure to register: smoothed std {structure:.3g} vs pixel "
+            f"{name} has too little structure to register: smoothed std {shown:.3g} vs pixel "
             f"noise {noise:.3g} (need a ratio of at least {_MIN_STRUCTURE}); image a textured "
             "field or average more frames."
         )
@@ -306,7 +317,12 @@ def _reduce(image: np.ndarray, factor: float) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _normalize(image: np.ndarray) -> np.ndarray:
-    return (image - image.mean()) / image.std()
+    std = float(image.std())
+    if not (math.isfinite(std) and std > 0):  # _check_structure keeps these out; never NaN
+        raise CalibrationError(
+            "an image has no contrast left after resampling: image a textured field."
+        )
+    return (image - image.mean()) / std
 
 
 def _band(image: np.ndarray) -> np.ndarray:
@@ -339,15 +355,25 @@ def _rotation_scale(
     size = 2 * math.ceil(max(*moving.shape, *fixed.shape) / 2)
     lp_fixed = _log_polar_magnitude(fixed, size)
     lp_moving = _log_polar_magnitude(moving, size)
-    shift, _, _ = phase_cross_correlation(
-        lp_moving, lp_fixed, upsample_factor=_UPSAMPLE, normalization=None
-    )
+    shift = _phase_correlation(lp_moving, lp_fixed, upsample_factor=_UPSAMPLE, normalization=None)
     angle = float(shift[0]) * 360.0 / _POLAR_ROWS
     # Moving features are `scale` times larger, so its spectrum is 1/scale times narrower.
     log_scale = -float(shift[1]) * math.log(size // 2) / size
     if hint is not None and abs(log_scale - math.log(hint)) > math.log(1.5):
         log_scale = math.log(hint)  # a far-off peak is noise; the refinement starts at the hint
     return angle, 100.0 * log_scale
+
+
+def _phase_correlation(reference: np.ndarray, moving: np.ndarray, **options) -> np.ndarray:
+    """scikit-image's phase correlation; its own errors (versions differ in what they refuse)
+    become a CalibrationError, so callers see one typed error whatever is installed."""
+    try:
+        return np.asarray(phase_cross_correlation(reference, moving, **options)[0])
+    except ValueError as e:
+        raise CalibrationError(
+            f"phase correlation failed ({e}); the images share too little structure: image "
+            "a textured field."
+        ) from e
 
 
 def _candidate_angles(angle: float, max_rotation_deg: float) -> list[float]:
@@ -368,7 +394,7 @@ def _translate(moving: np.ndarray, fixed: np.ndarray, angle: float, log_scale: f
         return pose
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # masked mode has no RMS error to report
-        shift, _, _ = phase_cross_correlation(
+        shift = _phase_correlation(
             fixed,
             np.where(valid, warped, 0.0),
             reference_mask=np.ones(fixed.shape, dtype=bool),

@@ -32,6 +32,13 @@ class EngineInputError(EngineError):
     kind = "shape"
 
 
+class NonFiniteInputError(EngineInputError):
+    """An input frame (or the temporal state built from input frames) holds NaN or inf: the
+    sender's data is at fault, not the engine."""
+
+    kind = "input"
+
+
 class EngineOutputError(EngineError):
     """An engine output that must not be shown or saved (NaN, inf)."""
 
@@ -91,15 +98,26 @@ class Engine:
         stack = np.empty((len(window), *window[-1].shape), np.float32)
         for i, f in enumerate(window):
             stack[i] = f  # one pass: copy and convert to float32
+        floats = any(f.dtype.kind not in "biu" for f in window)  # integers hold no NaN/inf
+        if floats:
+            _check_finite_input(self.name, stack[-1], "the input frame")
+            if len(window) > 1:
+                _check_finite_input(self.name, stack, "an earlier frame of the temporal window")
         inputs: dict[str, tuple[np.ndarray, int]] = {"frames": (_normalize(stack, norm), 1)}
         if m.temporal.previous_output:
             if previous is None:  # first frame of a key: the current frame, upsampled
                 previous = np.repeat(np.repeat(stack[-1], m.scale, 0), m.scale, 1)
-            inputs["previous"] = (_normalize(previous[None].astype(np.float32), norm), m.scale)
+            previous = previous[None].astype(np.float32)
+            if floats:
+                _check_finite_input(self.name, previous, "the previous output (earlier inputs)")
+            inputs["previous"] = (_normalize(previous, norm), m.scale)
         if m.temporal.background:
             if background is None:
                 background = stack[-1]
-            inputs["background"] = (_normalize(background[None].astype(np.float32), norm), 1)
+            background = background[None].astype(np.float32)
+            if floats:
+                _check_finite_input(self.name, background, "the background (from earlier inputs)")
+            inputs["background"] = (_normalize(background, norm), 1)
         spent = [0.0]
 
         def infer(batch: dict[str, np.ndarray]) -> np.ndarray:
@@ -218,6 +236,17 @@ class EngineChain:
     def close(self) -> None:
         for e in self.engines:
             e.close()
+
+
+def _check_finite_input(engine: str, x: np.ndarray, what: str) -> None:
+    """Raise NonFiniteInputError when ``x`` holds NaN or inf (one pass: they survive a sum)."""
+    if np.isfinite(x.sum(dtype=np.float64)):
+        return
+    bad = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
+    raise NonFiniteInputError(
+        f"{what} holds {bad} NaN/inf values: not enhanced by {engine!r} (the input is at fault, "
+        "not the engine); send finite pixels"
+    )
 
 
 def _normalize(x: np.ndarray, norm: Any) -> np.ndarray:

@@ -240,7 +240,7 @@ class EnginePackage:
                 f"file {name!r} is not listed in {self.path / MANIFEST}; only listed, "
                 "hash-checked files are read"
             )
-        data = _resolve_inside(self.path, name).read_bytes()
+        data = _read_plain(_resolve_inside(self.path, name))
         actual = hashlib.sha256(data).hexdigest()
         if actual != expected:
             raise PackageError(_mismatch(self.path, name, expected, actual))
@@ -267,9 +267,26 @@ def _mismatch(root: Path, name: str, expected: str, actual: str) -> str:
     )
 
 
+def _symlink_problem(root: Path, name: str) -> str | None:
+    """Why ``name`` inside ``root`` is not a plain file: it, or a folder on the way, is a link."""
+    part = root
+    for piece in PurePosixPath(name).parts:
+        part = part / piece
+        if part.is_symlink():
+            what = "" if part == root / name else f" (its folder {part.relative_to(root)!s})"
+            return (
+                f"{name!r} in {root} is a symbolic link{what}: an engine package holds only "
+                "plain files; copy the file into the package instead of linking it"
+            )
+    return None
+
+
 def _resolve_inside(root: Path, name: str) -> Path:
-    """The path of a listed file, refusing links that lead out of the package folder."""
+    """The path of a listed file, refusing symbolic links (inside or out of the folder)."""
     path = root / name
+    problem = _symlink_problem(root, name)
+    if problem:
+        raise PackageError(problem)
     if not path.resolve().is_relative_to(root.resolve()):
         raise PackageError(
             f"{name!r} in {root} resolves outside the package folder ({path.resolve()}); "
@@ -278,12 +295,31 @@ def _resolve_inside(root: Path, name: str) -> Path:
     return path
 
 
+def _read_plain(path: Path) -> bytes:
+    """The bytes of ``path``, refusing a symbolic link even if one appeared since the check."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    with os.fdopen(fd, "rb") as f:
+        return f.read()
+
+
+def one_line(problems: list[str]) -> str:
+    """Several problems as one line (the CLI prints an error as one line); a prefix they share
+    ("invalid manifest: ") is said once."""
+    lines = [" ".join(p.split()) for p in problems]
+    prefix = "invalid manifest: "
+    if len(lines) > 1 and all(line.startswith(prefix) for line in lines):
+        lines = [lines[0], *(line.removeprefix(prefix) for line in lines[1:])]
+    return "; ".join(lines)
+
+
 def _describe_errors(e: ValidationError) -> list[str]:
+    """pydantic's multi-line report as one short line per field."""
     out = []
     for err in e.errors():
         where = ".".join(str(p) for p in err["loc"]) or "(top level)"
         shown = "" if err["type"] == "missing" else f" (got {err['input']!r:.80})"
-        out.append(f"invalid manifest: {where}: {err['msg']}{shown}")
+        msg = " ".join(str(err["msg"]).split())
+        out.append(f"invalid manifest: {where}: {msg}{shown}")
     return out
 
 
@@ -292,11 +328,16 @@ def _read_manifest(path: Path) -> tuple[Manifest | None, list[str]]:
     file = path / MANIFEST
     if not path.is_dir():
         return None, [f"{path} is not a folder; an engine package is a folder with {MANIFEST}"]
+    if file.is_symlink():
+        return None, [_symlink_problem(path, MANIFEST) or f"{file} is a symbolic link"]
     if not file.is_file():
         return None, [f"missing {MANIFEST} in {path}: this folder is not an engine package"]
     if file.stat().st_size > _MAX_MANIFEST_BYTES:
         return None, [f"{file} is larger than {_MAX_MANIFEST_BYTES} bytes: not a manifest"]
-    text = file.read_bytes()
+    try:
+        text = _read_plain(file)
+    except OSError as e:
+        return None, [f"{file} cannot be read: {e.strerror or e}"]
     try:
         raw = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -337,7 +378,10 @@ def _check_files(path: Path, manifest: Manifest) -> list[str]:
     for file in sorted(p for p in path.rglob("*") if p.is_file() or p.is_symlink()):
         rel = file.relative_to(path).as_posix()
         if rel != MANIFEST and rel not in manifest.files:
-            problems.append(f"{WARNING}{rel!r}: not listed, will not be loaded (not in {MANIFEST})")
+            link = " (a symbolic link)" if file.is_symlink() else ""
+            problems.append(
+                f"{WARNING}{rel!r}{link}: not listed, will not be loaded (not in {MANIFEST})"
+            )
     return problems
 
 
@@ -387,7 +431,8 @@ def find_package(name_or_path: str | Path) -> Path:
     searched = os.pathsep.join(str(d) for d in engine_dirs())
     raise PackageNotFoundError(
         f"engine {text!r} not found; available: {', '.join(names) or 'none'}; or give a path to "
-        f"a package folder (searched {searched}; add folders with ${ENGINE_PATH_ENV})"
+        f"a package folder (searched {searched}; add folders with ${ENGINE_PATH_ENV}; "
+        "`scopecast engines list` shows them)"
     )
 
 
@@ -398,8 +443,7 @@ def load_package(name_or_path: str | Path) -> EnginePackage:
     if manifest is not None:
         problems = [p for p in _check_files(path, manifest) if not is_warning(p)]
     if problems or manifest is None:
-        lines = "\n  - ".join(problems)
-        raise PackageError(f"engine package {path} cannot be loaded:\n  - {lines}")
+        raise PackageError(f"engine package {path} cannot be loaded: {one_line(problems)}")
     return EnginePackage(path=path, manifest=manifest)
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import useq
+import zmq
 from pydantic import ValidationError
 from pymmcore_plus import CMMCorePlus
 
@@ -25,6 +26,10 @@ log = logging.getLogger(__name__)
 
 class SetupError(ValueError):
     """A config, sequence or preset that cannot be used; the message says why and what to do."""
+
+
+class ServerFailed(RuntimeError):
+    """The engine server ``run_with_server`` started died or ended without a summary."""
 
 
 def load_config(path: Path) -> CMMCorePlus:
@@ -110,10 +115,34 @@ def run(
         thread.join(0.1)
         if on_progress is not None:
             on_progress(hook.stats)
+    duration = time.monotonic() - t0
+    # after the acquisition: frames still queued get time to go (a closing socket drops what
+    # it holds after 2 s); is the receiver still there? One that left (a killed server) may
+    # have taken frames with it that the hook had handed over
+    in_flight = hook.flush(10.0) if hook.receiver_connected() else hook.frames_in_flight
     summary = hook.stats.summary()
-    summary["duration_s"] = time.monotonic() - t0
+    summary["duration_s"] = duration
     summary["frames_expected"] = sum(1 for _ in sequence)
+    summary["receiver_connected"] = hook.receiver_connected()
+    summary["frames_in_flight"] = in_flight
     return summary
+
+
+def delivery_problems(summary: dict[str, Any], endpoint: str) -> list[str]:
+    """What in an acquisition summary means frames may not have reached the receiver: frames
+    not handed over (by reason), a receiver that disconnected or is gone at the end. Empty when
+    every frame was handed over to a receiver that is still there."""
+    problems = []
+    if n := summary.get("frames_not_handed_over", 0):
+        reasons = ", ".join(f"{k} {v}" for k, v in summary["not_handed_over_by_reason"].items())
+        problems.append(f"{n} of {summary['frames_seen']} frames not handed over ({reasons})")
+    if n := summary.get("receiver_disconnects", 0):
+        problems.append(f"the receiver at {endpoint} disconnected {n} time(s)")
+    if not summary.get("receiver_connected", True) and summary.get("frames_sent", 0):
+        problems.append(f"no receiver is connected at {endpoint} any more")
+    if n := summary.get("frames_in_flight", 0):
+        problems.append(f"{n} frames were still queued for sending at the end (dropped)")
+    return problems
 
 
 def free_endpoint() -> str:
@@ -187,28 +216,40 @@ def run_with_server(
     ports; stop it once every sent frame arrived; return (hook summary, server summary).
 
     ``on_started`` gets the endpoints ``{"listen", "publish", "control"}`` once the server is
-    ready and before the acquisition starts (e.g. to connect a PUB subscriber)."""
+    ready and before the acquisition starts (e.g. to connect a PUB subscriber).
+
+    A server that cannot start for an expected reason (unknown or tampered engine) raises
+    SetupError with its one-line message. A server that ends by itself because a stage died
+    stops the acquisition and its summary (``healthy`` false, ``failure``) is returned; one
+    that dies without a summary raises ServerFailed."""
     from .control import ControlError, request, wait_ready
 
     listen, publish, control = free_endpoint(), free_endpoint(), free_endpoint()
     cmd = [sys.executable, "-m", "stream", "serve", "--listen", listen, "--publish", publish,
            "--control", control, "--out", str(out_dir), "--mode", mode, "--backend", backend,
-           "--quiet"]  # fmt: skip
+           "--json"]  # fmt: skip
     for name in engines:
         cmd += ["--engine", str(name)]
     if threads:
         cmd += ["--threads", str(threads)]
     log_file = tempfile.TemporaryFile("w+")
-    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log_file, text=True)
+    out_file = tempfile.TemporaryFile("w+")
+    server = subprocess.Popen(cmd, stdout=out_file, stderr=log_file, text=True)
+    summary: dict[str, Any] | None = None
     try:
-        wait_ready(control, process=server, timeout_s=60)
+        try:
+            wait_ready(control, process=server, timeout_s=60)
+        except ControlError as e:
+            raise _start_failure(server, log_file, e) from None
         if on_started is not None:
             on_started({"listen": listen, "publish": publish, "control": control})
         hook = FrameHook(listen, stream=stream, on_finished=lambda stats: None)
         last: dict[str, Any] = {"at": 0.0, "status": None}
 
         def progress(stats: HookStats) -> None:
-            if time.monotonic() - last["at"] > status_every_s:
+            if server.poll() is not None:  # the server ended by itself: nobody to send to
+                core.mda.cancel()
+            elif time.monotonic() - last["at"] > status_every_s:
                 last["at"] = time.monotonic()
                 try:
                     last["status"] = request(control, "status", timeout_s=1.0)
@@ -222,22 +263,92 @@ def run_with_server(
             sent = run(core, sequence, hook, on_progress=progress, also=also)
         finally:
             hook.close()
-        summary = request(control, "stop", expect={stream: sent["frames_sent"]}, timeout_s=3600.0)
+        summary = _stop(control, server, expect={stream: sent["frames_sent"]})
         server.wait(60)
-    except BaseException:
+    except BaseException as e:
         if server.poll() is None:
             server.terminate()  # flushes and closes its files
             try:
                 server.wait(30)
             except subprocess.TimeoutExpired:
                 server.kill()
-        log_file.seek(0)
-        tail = log_file.read()[-2000:].strip()
-        if tail:
-            log.warning("engine server log:\n%s", tail)
-        raise
-    finally:
+        if not isinstance(e, SetupError):
+            tail = _tail(log_file, 2000)
+            if tail:
+                log.warning("engine server log:\n%s", tail)
         log_file.close()
-    if server.returncode != 0:
-        raise RuntimeError(f"scopecast serve exited with {server.returncode}")
+        out_file.close()
+        raise
+    final = _last_json(out_file)
+    out_file.close()
+    if server.returncode != 0 or summary is None:
+        if final is not None and final.get("healthy") is False:
+            log_file.close()
+            return sent, final  # a stage died: the caller reports it from the summary
+        last_line = (_tail(log_file, 2000).splitlines() or ["(no output)"])[-1]
+        log_file.close()
+        raise ServerFailed(
+            f"the engine server exited with code {server.returncode} without a summary: "
+            f"{last_line[:300]}"
+        )
+    log_file.close()
     return sent, summary
+
+
+def _stop(
+    control: str, server: subprocess.Popen, *, expect: dict[str, int], timeout_s: float = 3600.0
+) -> dict[str, Any] | None:
+    """Ask the server to stop once ``expect`` arrived; its summary, or None when the server
+    process ended without answering (a stage died: it stopped by itself). Unlike a plain
+    ``control.request`` this does not wait out ``timeout_s`` for a server that is gone."""
+    from .control import ControlError
+
+    sock = zmq.Context.instance().socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(control)
+        sock.send(json.dumps({"cmd": "stop", "expect": expect}).encode())
+        deadline = time.monotonic() + timeout_s
+        gone_at = None
+        while not sock.poll(200):
+            if gone_at is None and server.poll() is not None:
+                gone_at = time.monotonic()  # a reply already on its way still gets a second
+            if gone_at is not None and time.monotonic() - gone_at > 1.0:
+                return None
+            if time.monotonic() > deadline:
+                raise ControlError(f"the engine server at {control} did not stop in time")
+        reply = json.loads(sock.recv())
+    finally:
+        sock.close(0)
+    if isinstance(reply, dict) and "error" in reply:
+        raise ControlError(f"the engine server at {control} refused stop: {reply['error']}")
+    return reply
+
+
+def _tail(file: Any, n: int) -> str:
+    file.seek(0)
+    return file.read()[-n:].strip()
+
+
+def _last_json(file: Any) -> dict[str, Any] | None:
+    """The last line of ``file`` parsed as a JSON object (``serve --json``'s summary), or None."""
+    lines = _tail(file, 1 << 24).splitlines()
+    try:
+        value = json.loads(lines[-1]) if lines else None
+    except json.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _start_failure(server: subprocess.Popen, log_file: Any, error: Exception) -> Exception:
+    """Why the server did not become ready, as one line: its own ``error:`` line (an expected
+    mistake such as an unknown engine: SetupError), else ServerFailed."""
+    if server.poll() is None:
+        return ServerFailed(f"the engine server did not answer: {error}")
+    lines = [line.strip() for line in _tail(log_file, 20000).splitlines() if line.strip()]
+    said = [line.removeprefix("error:").strip() for line in lines if line.startswith("error:")]
+    if server.returncode == 2 and said:
+        return SetupError(said[-1])
+    last = (said or lines or ["(no output)"])[-1]
+    code = server.returncode
+    return ServerFailed(f"the engine server exited with code {code} before it was ready: {last}")

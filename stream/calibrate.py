@@ -21,7 +21,7 @@ from pymmcore_plus import CMMCorePlus
 from calibration.bidir import estimate_phase
 from calibration.errors import CalibrationError
 from calibration.profile import CalibrationProfile
-from calibration.psf import DefocusFit, PsfFit, fit_defocus, fit_psf
+from calibration.psf import DefocusFit, PsfFit, defocus_range_um, fit_defocus, fit_psf
 from calibration.ptc import CameraCalibration, fit_camera, plot_ptc
 
 Ask = Callable[[str], None]
@@ -260,8 +260,13 @@ def optics(
         float | None, typer.Option(help="emission wavelength, nm (default: the profile's)")
     ] = None,
     z_range: Annotated[
-        float, typer.Option(help="defocus series +- this many um; 0 skips it")
-    ] = 3.0,
+        float | None,
+        typer.Option(
+            help="defocus series +- this many um; 0 skips it; default: where the blur grows to "
+            "2.5x the in-focus width measured just before (under 1 um at high NA, several um "
+            "at low NA)"
+        ),
+    ] = None,
     yes: Yes = False,
 ) -> None:
     """PSF width from a bead slide, and blur versus defocus from a z-series of it."""
@@ -276,12 +281,33 @@ def optics(
                             "beads": psf.n_beads, "model": psf.model}}  # fmt: skip
         line = f"PSF sigma {psf.sigma_um * 1e3:.0f} nm (FWHM {psf.fwhm_um * 1e3:.0f} nm) " \
                f"from {psf.n_beads} beads -> NA {optics_.na:.2f}"  # fmt: skip
-        if z_range > 0:
-            d = measure_defocus(core, range_um=z_range, ask=None)
+        if z_range is not None and (z_range < 0 or not np.isfinite(z_range)):
+            raise CalibrationError(f"--z-range {z_range} must be >= 0 (0 skips the z-series)")
+        span = z_range
+        if span is None:
+            span = defocus_range_um(psf.sigma_um, optics_.na, optics_.refractive_index)
+        if span > 0:
+            try:
+                d = measure_defocus(core, range_um=span, ask=None)
+            except CalibrationError as e:
+                what = str(e).split(":")[0]  # which planes failed; the advice is given here
+                auto = defocus_range_um(psf.sigma_um, optics_.na, optics_.refractive_index)
+                change = (
+                    f"try --z-range {auto:.2g} (where the blur grows 2.5x for the PSF "
+                    "just measured) or --z-range 0 to skip it"
+                    if z_range is not None and abs(z_range - auto) > 0.2 * auto
+                    else "check the bead slide, or --z-range 0 to skip it"
+                )
+                raise CalibrationError(
+                    f"the z-series over +-{span:.2g} um failed: {what}; {change}"
+                ) from None
             fields.update(focus_z_um=d.focus_z_um, defocus_slope=d.slope)
             measured["defocus"] = {"focus_z_um": d.focus_z_um, "slope": d.slope,
                                    "z_um": d.z_um.tolist(), "sigma_um": d.sigma_um.tolist()}  # fmt: skip
-            line += f"; focus at z {d.focus_z_um:.2f} um, blur {d.slope:.3f} um per um"
+            line += (
+                f"; focus at z {d.focus_z_um:.2f} um, blur {d.slope:.3f} um per um "
+                f"(z-series +-{span:.2g} um)"
+            )
         p.updated(**fields, measured={**p.measured, **measured}).save(profile)
         typer.echo(f"{line}\n{profile / 'profile.json'}")
 
@@ -342,17 +368,18 @@ def register_pairs(
 ) -> None:
     """Align high-quality images onto low-quality images of the same fields taken on two
     systems (rotation, scale, translation) and write registered, cropped training pairs."""
-    import tifffile
-
     from calibration.register import register, registered_pair, write_pairs
 
     def step() -> None:
         names = _matched(low, high)
         pairs = []
         for name, low_file, high_file in names:
-            lo, hi = tifffile.imread(low_file), tifffile.imread(high_file)
-            sim = register(hi, lo, scale_hint=scale_hint)
-            hi_reg, lo_crop = registered_pair(hi, lo, sim, upsample=upsample)
+            lo, hi = _read_image(low_file), _read_image(high_file)
+            try:
+                sim = register(hi, lo, scale_hint=scale_hint)
+                hi_reg, lo_crop = registered_pair(hi, lo, sim, upsample=upsample)
+            except (CalibrationError, ValueError) as e:
+                raise CalibrationError(f"{name} ({low_file} and {high_file}): {e}") from None
             pairs.append((name, lo_crop, hi_reg))
             typer.echo(
                 f"{name}: rotation {sim.rotation_deg:+.2f} deg, scale {sim.scale:.4f}, shift "
@@ -363,6 +390,22 @@ def register_pairs(
         typer.echo(f"{len(pairs)} pairs in {out / 'low'} and {out / 'high'}")
 
     _run(step)
+
+
+def _read_image(path: Path) -> np.ndarray:
+    """One 2-D image from a TIFF, or a CalibrationError saying what is wrong with the file."""
+    import tifffile
+
+    try:
+        image = tifffile.imread(path)
+    except (OSError, ValueError) as e:  # tifffile.TiffFileError is a ValueError
+        raise CalibrationError(f"{path} is not a readable TIFF image: {e}") from None
+    image = np.squeeze(image)
+    if image.ndim != 2:
+        raise CalibrationError(
+            f"{path} holds an image of shape {image.shape}: give one 2-D plane per file"
+        )
+    return image
 
 
 def _matched(low: Path, high: Path) -> list[tuple[str, Path, Path]]:

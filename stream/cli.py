@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Column, Table
 
@@ -44,9 +45,43 @@ def _expected_errors(*more: type[Exception]):
     expected = (SetupError, EndpointError, ReceiverUnreachable, PackageError, CalibrationError)
     try:
         yield
+    except typer.Exit:  # a RuntimeError too: an exit already decided stays as it is
+        raise
     except (*expected, OSError, *more) as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False)
+        _error(_describe(e))
         raise typer.Exit(2) from None
+
+
+def _describe(e: BaseException) -> str:
+    """An exception's message; pydantic's several-line report as 'field: problem; ...'."""
+    from pydantic import ValidationError
+
+    if isinstance(e, ValidationError):
+        return "; ".join(
+            f"{'.'.join(map(str, x['loc'])) or e.title}: {x['msg']}" for x in e.errors()
+        )
+    return str(e) or type(e).__name__
+
+
+#: the longest error line printed; longer messages are cut (they should be short at the source)
+MAX_ERROR_CHARS = 400
+
+
+def _one_line(text: str, limit: int = MAX_ERROR_CHARS) -> str:
+    """``text`` on one line (whitespace runs, newlines included, become one space), cut to
+    ``limit`` characters."""
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[: limit - 1].rstrip() + "…"
+
+
+def _error(message: str) -> None:
+    """One red ``error:`` line on stderr."""
+    err.print(f"[red]error:[/red] {escape(_one_line(message))}", highlight=False)
+
+
+def _warning(message: str) -> None:
+    """One yellow ``warning:`` line on stderr."""
+    err.print(f"[yellow]warning:[/yellow] {escape(_one_line(message))}", highlight=False)
 
 
 def _progress() -> Progress:
@@ -113,17 +148,27 @@ def acquire(
         typer.Option(help="seconds to wait for a receiver before starting; 0 starts without one"),
     ] = 5.0,
     seed: Annotated[int, typer.Option(help="simulated specimen and noise seed")] = 0,
+    keys: Annotated[
+        Path | None,
+        typer.Option(
+            help="CURVE key folder from `scopecast keys` (client keys), for a server started "
+            "with `serve --keys`"
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
 ) -> None:
     """Run an acquisition and push every frame to an engine server over ZeroMQ.
 
     Frames the receiver cannot take in time are counted as not handed over; the acquisition
-    never waits for them.
+    never waits for them. Exit codes: 0 every frame handed over to a receiver still there at
+    the end; 1 frames not handed over, a receiver that went away, or fewer frames than
+    planned (a warning line says which); 2 an expected mistake (one red line).
     """
     from . import acquire as acq
+    from .security import KeysError, curve_or_none
     from .simulated import time_plan
 
-    with _expected_errors():
+    with _expected_errors(KeysError):
         if config and preset:
             raise acq.SetupError(
                 "give either --config (a real rig) or --preset (simulated), not both"
@@ -138,9 +183,15 @@ def acquire(
             scope = acq.simulated(preset or "confocal-20fps", seed)
             core, default_seq = scope.core, scope.preset.sequence(duration, interval)
         seq = acq.load_sequence(sequence) if sequence else default_seq
-        hook = FrameHook(to, stream=stream, hwm=hwm, on_finished=lambda stats: None)
+        curve = curve_or_none(keys)
+        hook = FrameHook(to, stream=stream, hwm=hwm, curve=curve, on_finished=lambda stats: None)
         if wait > 0:
-            hook.wait_for_receiver(wait)
+            try:
+                hook.wait_for_receiver(wait)
+            except ReceiverUnreachable as e:
+                hook.close()
+                hint = "" if curve is None else " (or it does not accept these keys)"
+                raise ReceiverUnreachable(f"{e}{hint}") from None
         total = sum(1 for _ in seq)
         with _progress() as bar:
             task = bar.add_task(f"acquiring -> {to}", total=total, status="")
@@ -159,7 +210,14 @@ def acquire(
         out.print_json(json.dumps(summary))
     else:
         _print_summary("acquisition", summary)
+    problems = acq.delivery_problems(summary, to)
     if summary["frames_seen"] < summary["frames_expected"]:
+        problems.append(
+            f"the acquisition delivered {summary['frames_seen']} of "
+            f"{summary['frames_expected']} planned frames"
+        )
+    if problems:
+        _warning("; ".join(problems) + f": frames may be missing at {to}")
         raise typer.Exit(1)
 
 
@@ -254,6 +312,10 @@ def serve(
     backlog_mb: Annotated[
         float, typer.Option(help="complete mode: backlog kept in memory before spilling to disk")
     ] = 512.0,
+    ring_mb: Annotated[
+        float,
+        typer.Option(help="memory for per-key temporal state; idle keys are evicted past it"),
+    ] = 1024.0,
     profile: Annotated[
         Path | None,
         typer.Option(
@@ -277,13 +339,20 @@ def serve(
     """Run the engine server: receive frames, enhance them, write and publish raw + enhanced.
 
     Stops on Ctrl-C, SIGTERM or `scopecast status --stop`, after flushing and closing every
-    file.
+    file; if one of its stages dies, it flushes, closes every file and stops by itself.
+
+    Exit codes: 0 stopped as asked, every stage healthy; 1 an unexpected error (a bug: the
+    traceback says where); 2 an expected mistake, one red line (unknown or tampered engine,
+    port in use, malformed endpoint, bad option); 3 a stage of the server died (one red line
+    names the stage and its error; the summary says "healthy": false).
     """
+    from pydantic import ValidationError
+
     from engines.runtime import BackendError
 
     from .server import ServerConfig, ServerError
 
-    with _expected_errors(ServerError, BackendError):
+    with _expected_errors(ServerError, BackendError, ValidationError):
         if mode not in ("live", "complete"):
             raise ServerError(f"--mode {mode!r} must be live or complete")
         config = ServerConfig(
@@ -296,6 +365,7 @@ def serve(
             backend=backend,
             threads=threads,
             backlog_mb=backlog_mb,
+            ring_mb=ring_mb,
             profile=profile,
             correct_bidir=correct_bidir,
             keys=keys,
@@ -304,8 +374,23 @@ def serve(
         summary = _serve(config, quiet=quiet or as_json)
     if as_json:
         print(json.dumps(summary), flush=True)
-    else:
+    elif "engine" in summary:
         _print_summary("server", _brief(summary))
+    _exit_if_unhealthy("engine server", summary)
+
+
+def _exit_if_unhealthy(what: str, summary: dict[str, Any]) -> None:
+    """One red line naming the dead stage and its error, and exit 3, for a summary whose
+    ``healthy`` is false."""
+    if summary.get("healthy", True) is not False:
+        return
+    failure = summary.get("failure") or {}
+    stage, error = failure.get("stage", "?"), failure.get("error", "no error recorded")
+    _error(
+        f"the {what}'s {stage} stage died ({_one_line(str(error), 200)}); it flushed and "
+        "closed its files and stopped"
+    )
+    raise typer.Exit(3)
 
 
 def _serve(config: Any, *, quiet: bool) -> dict[str, Any]:
@@ -326,8 +411,18 @@ def _serve(config: Any, *, quiet: bool) -> dict[str, Any]:
             highlight=False,
         )
     result: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            result.update(server.run())
+        except BaseException as e:  # reported as a dead server below
+            logging.getLogger(__name__).exception("the engine server failed")
+            result.update(
+                healthy=False, failure={"stage": "server", "error": f"{type(e).__name__}: {e}"}
+            )
+
     # the server runs in a thread so that signals (handled by the main thread) reach it
-    runner = threading.Thread(target=lambda: result.update(server.run()), daemon=True)
+    runner = threading.Thread(target=run, daemon=True)
     runner.start()
     status = None if quiet else err.status("waiting for frames")
     with status or ExitStack():
@@ -341,7 +436,7 @@ def _serve(config: Any, *, quiet: bool) -> dict[str, Any]:
                     f"skipped {s['frames_skipped']}  p99 {_fmt(total.get('p99'))} ms"
                 )
     if not result:
-        raise RuntimeError("the engine server stopped without a summary; see the log above")
+        result.update(healthy=False, failure={"stage": "server", "error": "no summary"})
     return result
 
 
@@ -437,15 +532,28 @@ def recover(
     ] = None,
 ) -> None:
     """Rebuild a readable OME-TIFF from a file left by a crash; the original is kept."""
-    from .sinks import SinkError
+    from .sinks import CorruptIndex, SinkError
+    from .sinks.recover import RecoverError
     from .sinks.recover import recover as rebuild
 
-    with _expected_errors(SinkError):
+    with _expected_errors(SinkError, RecoverError, CorruptIndex):
         r = rebuild(file, index=index)
+    skipped = [
+        f"{r.bad_crc} with a bad checksum" if r.bad_crc else "",
+        f"{r.missing} cut off at the end of the file" if r.missing else "",
+        f"{r.damaged} damaged index lines" if r.damaged else "",
+    ]
+    notes = [
+        ("skipped " + ", ".join(s for s in skipped if s)) if any(skipped) else "",
+        f"{r.unindexed} planes without an index line taken from the file's pages"
+        if r.unindexed
+        else "",
+    ]
     out.print(
-        f"{r.output}: {r.planes} planes recovered"
-        + (f", {r.bad_crc} with a bad checksum" if r.bad_crc else ""),
+        f"{r.output}: {r.planes} planes recovered" + "".join(f"; {n}" for n in notes if n),
         highlight=False,
+        markup=False,
+        soft_wrap=True,
     )
     if r.bad_crc:
         raise typer.Exit(1)
@@ -473,10 +581,17 @@ def demo(
     """Simulated microscope -> hook -> engine server (another process) -> OME-TIFF + PUB.
 
     The whole system on the embedded default: a real pymmcore-plus MDA, real ZeroMQ sockets,
-    the shipped engine, files you can open in Fiji.
+    the shipped engine, files you can open in Fiji. The server's endpoints are printed at the
+    start (`scopecast status --control ...` reaches it while the demo runs).
+
+    Exit codes: 0 every frame acquired, handed over and received; 1 frames missing (a warning
+    line says where); 2 an expected mistake (one red line); 3 the engine server died.
     """
+    from engines.package import find_package
+
     from . import acquire as acq
 
+    endpoints: dict[str, str] = {}
     with _expected_errors(RuntimeError), ExitStack() as stack:
         if duration <= 0:
             raise acq.SetupError(f"--duration {duration} must be > 0")
@@ -485,6 +600,8 @@ def demo(
         scope = acq.simulated(preset, seed)
         seq = scope.preset.sequence(duration)
         engines = engine or [scope.preset.engine]
+        for name in engines:  # before starting anything: an unknown engine is one line
+            find_package(name)
 
         def status_line(hook: Any, s: dict[str, Any] | None) -> str:
             if not s:
@@ -495,36 +612,54 @@ def demo(
                 f"not handed over {hook.frames_not_handed_over}  p99 {_fmt(p99)} ms"
             )
 
-        def start_viewer(endpoints: dict[str, str]) -> None:
-            """Once the server is ready: the viewer on its PUB and control sockets."""
+        def started(ready: dict[str, str]) -> None:
+            """Once the server is ready: say where it listens; start the viewer (--view)."""
+            endpoints.update(ready)
+            err.print(
+                f"engine server: frames in {ready['listen']}  publish {ready['publish']}  "
+                f"control {ready['control']}",
+                highlight=False, soft_wrap=True,
+            )  # fmt: skip
+            if not view:
+                return
             from .viewer import ViewerProcess
 
             viewer = stack.enter_context(
-                ViewerProcess(endpoints["publish"], endpoints["control"], port=view_port)
+                ViewerProcess(ready["publish"], ready["control"], port=view_port)
             )
             err.print(f"live viewer: open {viewer.url}", highlight=False)
 
         with _progress() as bar:
             task = bar.add_task(f"{preset} -> {'+'.join(engines)}", total=sum(1 for _ in seq),
                                 status="starting the server")  # fmt: skip
-            sent, server = acq.run_with_server(
-                scope.core,
-                seq,
-                engines=engines,
-                out_dir=out_dir,
-                mode=mode,
-                stream="demo",
-                on_progress=lambda h, s: bar.update(
-                    task, completed=h.frames_seen, status=status_line(h, s)
-                ),
-                on_started=start_viewer if view else None,
-            )
+            try:
+                sent, server = acq.run_with_server(
+                    scope.core,
+                    seq,
+                    engines=engines,
+                    out_dir=out_dir,
+                    mode=mode,
+                    stream="demo",
+                    on_progress=lambda h, s: bar.update(
+                        task, completed=h.frames_seen, status=status_line(h, s)
+                    ),
+                    on_started=started,
+                )
+            except acq.ServerFailed as e:
+                bar.stop()
+                _error(str(e))
+                raise typer.Exit(3) from None
+    if "engine" not in server:  # a server that died before it could describe itself
+        _exit_if_unhealthy("engine server", server)
     stages = {"hook": sent["hook_ms"], **server["latency_ms"]}
     result = {
         "preset": preset,
         "engine": server["engine"]["engine"],
         "backend": _backend(server),
         "mode": mode,
+        "healthy": server.get("healthy", True),
+        "failure": server.get("failure"),
+        "endpoints": endpoints,
         "frames_acquired": sent["frames_seen"],
         "frames_enhanced": server["frames_enhanced"],
         "frames_skipped": server["frames_skipped"],
@@ -540,7 +675,20 @@ def demo(
         print(json.dumps(result), flush=True)
     else:
         _print_summary("demo", result)
+    _exit_if_unhealthy("engine server", server)
+    problems = acq.delivery_problems(sent, endpoints.get("listen", "the server"))
     if sent["frames_seen"] < sent["frames_expected"]:
+        problems.append(
+            f"the acquisition delivered {sent['frames_seen']} of {sent['frames_expected']} "
+            "planned frames"
+        )
+    if server["frames_received"] < sent["frames_sent"]:
+        problems.append(
+            f"the server received {server['frames_received']} of the {sent['frames_sent']} "
+            "frames handed over"
+        )
+    if problems:
+        _warning("; ".join(problems))
         raise typer.Exit(1)
 
 

@@ -5,8 +5,11 @@ from __future__ import annotations
 import ipaddress
 import logging
 import re
+import threading
 
 log = logging.getLogger(__name__)
+_warned: set[str] = set()  # insecure binds already warned about, once per process
+_warned_lock = threading.Lock()
 
 _ENDPOINT = re.compile(r"^(?P<scheme>tcp|ipc|inproc)://(?P<rest>.+)$")
 _LOOPBACK_NAMES = {"localhost", "127.0.0.1", "[::1]", "::1"}
@@ -53,5 +56,11 @@ def check_bind(endpoint: str, *, insecure: bool = False, authenticated: bool = F
             "`scopecast keys DIR`), or pass --insecure to accept unauthenticated connections "
             "from the network"
         )
-    log.warning("binding %s without authentication: anyone on the network can connect", endpoint)
+    with _warned_lock:
+        first = endpoint not in _warned
+        _warned.add(endpoint)
+    if first:  # the server checks every endpoint first, its receiver checks its own again
+        log.warning(
+            "binding %s without authentication: anyone on the network can connect", endpoint
+        )
     return endpoint

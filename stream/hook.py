@@ -35,6 +35,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+#: connection events the hook follows: a receiver that came (handshake) and one that left
+_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+
+
 class ReceiverUnreachable(RuntimeError):
     """No receiver is connected at the hook's endpoint."""
 
@@ -50,6 +54,7 @@ class HookStats:
     send_us: Samples = field(default_factory=Samples, repr=False)  # flat memory over days
     first_ns: int | None = None
     last_ns: int | None = None
+    receiver_disconnects: int = 0  # a connected receiver went away (it may have lost frames)
 
     @property
     def frames_not_handed_over(self) -> int:
@@ -69,6 +74,7 @@ class HookStats:
             "frames_not_handed_over": self.frames_not_handed_over,
             "not_handed_over_by_reason": dict(self.not_handed_over),
             "bytes_sent": self.bytes_sent,
+            "receiver_disconnects": self.receiver_disconnects,
             "fps": self.fps,
             "hook_ms": percentiles(self.send_us.values() / 1e3),
         }
@@ -145,17 +151,21 @@ class FrameHook:
         self._sizes: dict[str, int] = {}
         self._lock = threading.Lock()  # frameReady runs on pymmcore-plus's relay thread
         self._pool = _BufferPool(limit=hwm + 8)
+        self._peers = 0  # receivers connected now (handshakes minus disconnects)
         self._ctx = context or zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.PUSH)
         self._sock.setsockopt(zmq.SNDHWM, hwm)
         self._sock.setsockopt(zmq.LINGER, 2000)
         self._sock.setsockopt(zmq.IMMEDIATE, 1)  # queue only for a connected receiver
         if curve is not None:
-            curve.client(self._sock)
-        # watch for the handshake from before connect, so wait_for_receiver cannot miss it
-        self._monitor: zmq.Socket | None = self._sock.get_monitor_socket(
-            zmq.EVENT_HANDSHAKE_SUCCEEDED
-        )
+            try:
+                curve.client(self._sock)
+            except BaseException:
+                self._sock.close(0)
+                raise
+        # watch the connection from before connect, so wait_for_receiver cannot miss the
+        # handshake, and a receiver that goes away (killed server) is noticed and reported
+        self._monitor: zmq.Socket | None = self._sock.get_monitor_socket(_EVENTS)
         try:
             self._sock.connect(endpoint)
         except zmq.ZMQError as e:
@@ -212,6 +222,7 @@ class FrameHook:
         wall_time: float | None,
     ) -> bool:
         stats = self.stats
+        self._drain_monitor()
         stats.frames_seen += 1
         stats.first_ns = stats.first_ns or mono_ns
         stats.last_ns = mono_ns
@@ -274,14 +285,58 @@ class FrameHook:
 
     def wait_for_receiver(self, timeout_s: float = 5.0) -> None:
         """Block until a receiver has connected, or raise ReceiverUnreachable saying what to start."""
-        if self._monitor is None:
-            return
-        if not self._monitor.poll(int(timeout_s * 1000)):
-            raise ReceiverUnreachable(
-                f"no receiver answered at {self.endpoint} within {timeout_s:g} s: start one "
-                f"first, e.g. `scopecast receive --listen {self.endpoint}`"
-            )
-        self._stop_monitor()
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with self._lock:  # the monitor socket is shared with frameReady's thread
+                if self._monitor is None:
+                    return
+                self._drain_monitor()
+                if self._peers > 0:
+                    return
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._monitor.poll(int(min(left, 0.01) * 1000))  # short: frameReady waits
+        raise ReceiverUnreachable(
+            f"no receiver answered at {self.endpoint} within {timeout_s:g} s: start the engine "
+            f"server first (`scopecast serve --listen {self.endpoint}`), or `scopecast receive "
+            f"--listen {self.endpoint}` as a plain test end point"
+        )
+
+    def receiver_connected(self) -> bool:
+        """Whether a receiver is connected now (after taking in the connection events so far;
+        a receiver that left is counted in ``stats.receiver_disconnects``)."""
+        with self._lock:
+            self._drain_monitor()
+            return self._peers > 0
+
+    def flush(self, timeout_s: float = 10.0) -> int:
+        """Wait up to ``timeout_s`` for libzmq to finish sending what it holds (frames queued
+        behind a slow link); return how many frames it still holds (dropped at close)."""
+        with self._lock:
+            self._flush(timeout_s)
+            return self._pool.in_flight
+
+    @property
+    def frames_in_flight(self) -> int:
+        """Frames handed to ZeroMQ that libzmq has not finished sending yet."""
+        with self._lock:
+            return self._pool.in_flight
+
+    def _drain_monitor(self) -> None:
+        """Take in the connection events waiting on the monitor socket (holding ``_lock``)."""
+        from zmq.utils.monitor import recv_monitor_message
+
+        while self._monitor is not None and self._monitor.poll(0):
+            event = recv_monitor_message(self._monitor, flags=zmq.NOBLOCK)["event"]
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._peers += 1
+            elif event == zmq.EVENT_DISCONNECTED and self._peers > 0:
+                # a connection that never completed its handshake (e.g. refused keys) is no
+                # receiver leaving; one that did may have taken frames with it
+                self._peers -= 1
+                self.stats.receiver_disconnects += 1
+                log.warning("the receiver at %s disconnected", self.endpoint)
 
     def _stop_monitor(self) -> None:
         if self._monitor is not None:

@@ -8,6 +8,8 @@ Copy the folder (or just the files each side needs) to the machines that take pa
 
 from __future__ import annotations
 
+import logging
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,33 +18,61 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
+log = logging.getLogger(__name__)
+
 
 class KeysError(ValueError):
     """A key folder that is missing or incomplete."""
 
 
+SECRET_MODE = 0o600  # *.key_secret: the owner only
+FOLDER_MODE = 0o700  # a key folder scopecast creates: the owner only
+PUBLIC_MODE = 0o644
+
+
 def generate_keys(directory: Path) -> list[Path]:
-    """Create server and client certificates in ``directory``; refuse to overwrite existing ones."""
+    """Create server and client certificates in ``directory``; refuse to overwrite existing ones.
+
+    Secret keys are written readable by their owner only (0600), never briefly world-readable;
+    folders this creates are 0700. Public keys stay readable (0644)."""
     directory = Path(directory)
-    existing = [p for p in ("server.key", "client.key") if (directory / p).exists()]
+    existing = [
+        p for p in ("server.key", "client.key", "server.key_secret", "client.key_secret")
+        if (directory / p).exists()
+    ]  # fmt: skip
     if existing:
         raise KeysError(
             f"{directory} already holds {', '.join(existing)}: keep those (clients depend on "
             "them) or choose an empty folder"
         )
-    (directory / "authorized").mkdir(parents=True, exist_ok=True)
-    files = []
-    for name in ("server", "client"):
-        public, secret = zmq.auth.create_certificates(directory, name)
-        files += [Path(public), Path(secret)]
-    shutil.copy(directory / "client.key", directory / "authorized" / "client.key")
-    files.append(directory / "authorized" / "client.key")
+    created = not directory.exists()
+    umask = os.umask(0o077)  # files are born 0600 and folders 0700: no readable moment
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "authorized").mkdir(exist_ok=True)
+        files = []
+        for name in ("server", "client"):
+            public, secret = zmq.auth.create_certificates(directory, name)
+            files += [Path(public), Path(secret)]
+        shutil.copy(directory / "client.key", directory / "authorized" / "client.key")
+        files.append(directory / "authorized" / "client.key")
+    finally:
+        os.umask(umask)
+    for f in files:
+        os.chmod(f, SECRET_MODE if f.name.endswith(".key_secret") else PUBLIC_MODE)
+    if created:
+        os.chmod(directory, FOLDER_MODE)
     return files
 
 
 def _load(path: Path, *, secret: bool) -> tuple[bytes, bytes | None]:
     if not path.exists():
         raise KeysError(f"{path} not found: create keys with `scopecast keys {path.parent}`")
+    if secret and os.name == "posix" and path.stat().st_mode & 0o077:
+        log.warning(
+            "%s is readable by other users: `chmod 600 %s` (a secret key must stay private)",
+            path, path,
+        )  # fmt: skip
     public, secret_key = zmq.auth.load_certificate(path)
     if secret and secret_key is None:
         raise KeysError(f"{path} holds no secret key: pass the *.key_secret file's folder")

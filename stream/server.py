@@ -308,6 +308,7 @@ class EngineServer:
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = c = config
+        _raise_open_files_limit()
         self.curve: Curve | None = curve_or_none(c.keys)
         for ep in filter(None, (c.listen, c.publish, c.control)):
             check_bind(ep, insecure=c.insecure, authenticated=self.curve is not None)
@@ -605,7 +606,8 @@ class EngineServer:
         try:
             self.writer.close()
         except SinkError as e:
-            self.disk_errors("close", str(e))
+            for message in self.writer.close_errors or [str(e)]:  # one count per file
+                self.disk_errors("close", message)
         except Exception as e:
             self._fault("writer", e, "closing the files: ")
 
@@ -750,6 +752,20 @@ class EngineServer:
             "latency_ms": self.times.summary(),
             "files": [str(p) for p in self.writer.files],
         }
+
+
+def _raise_open_files_limit() -> None:
+    """Let this process keep one file open per position and kind of a large plate: raise the
+    soft limit on open files to the hard one (the usual soft 1024 is too few)."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = hard if hard != resource.RLIM_INFINITY else 65536
+        if soft != resource.RLIM_INFINITY and soft < want:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    except (ImportError, ValueError, OSError) as e:  # not POSIX, or not allowed: keep going
+        log.info("open-files limit unchanged: %s", e)
 
 
 def _first_line(e: BaseException) -> str:

@@ -313,6 +313,48 @@ def test_featureless_images_raise(high: np.ndarray) -> None:
         register(flat, high)
 
 
+@pytest.mark.parametrize("value", [0.0, 100.0, 0.1, 1 / 3, 1234.5678])
+def test_featureless_images_are_refused_before_scikit_image(
+    high: np.ndarray, value: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check is the project's own: a constant image (whose smoothed std is 1e-17 rather
+    than 0 for some values) never reaches phase_cross_correlation, which in scikit-image 0.26
+    raises its own ValueError on featureless input."""
+    import calibration.register as reg
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("phase_cross_correlation must not see a featureless image")
+
+    monkeypatch.setattr(reg, "phase_cross_correlation", refuse)
+    flat = np.full((128, 128), value)
+    for moving, fixed in ((flat, high), (high, flat)):
+        with pytest.raises(CalibrationError, match="too little structure"):
+            register(moving, fixed)
+    noise = np.random.default_rng(0).normal(100.0, 5.0, (128, 128))
+    with pytest.raises(CalibrationError, match="too little structure"):
+        register(noise, high)
+
+
+def test_scikit_image_errors_become_calibration_errors(
+    high: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import calibration.register as reg
+
+    def featureless(*args, **kwargs):
+        raise ValueError("NaN values found, please remove NaNs from your input data")
+
+    monkeypatch.setattr(reg, "phase_cross_correlation", featureless)
+    with pytest.raises(CalibrationError, match="phase correlation failed"):
+        register(high[::2, ::2], high, scale_hint=2.0)
+
+
+def test_bad_images_are_calibration_errors(high: np.ndarray) -> None:
+    for image, message in ((np.zeros((16, 16)), "at least 32x32"),
+                           (np.full((64, 64), np.nan), "NaN or inf")):  # fmt: skip
+        with pytest.raises(CalibrationError, match=message):
+            register(image, high)
+
+
 def test_similarity_matrix_is_scikit_image_convention() -> None:
     sim = Similarity(12.0, 0.7, (3.0, -4.0))
     expected = SimilarityTransform(scale=0.7, rotation=math.radians(12.0), translation=(-4.0, 3.0))

@@ -137,3 +137,51 @@ def test_register_writes_aligned_training_pairs(tmp_path):
     # registered: the high target binned back correlates with the low input
     binned = hi.reshape(lo.shape[0], 2, lo.shape[1], 2).mean(axis=(1, 3))
     assert np.corrcoef(binned.ravel(), lo.astype(float).ravel())[0, 1] > 0.8
+
+
+@pytest.mark.parametrize(
+    "preset", ["confocal-20fps", pytest.param("celldiscoverer", marks=pytest.mark.slow)]
+)
+def test_calibrate_optics_defaults_work_on_every_preset(tmp_path, preset):
+    """No --z-range: the z-series spans what the measured PSF says, so the high-NA confocal
+    (blur 1 um per um of defocus) fits as well as the NA 0.35 brightfield rig."""
+    run = scopecast("calibrate", "optics", "--profile", str(tmp_path), "--preset", preset,
+                    "--yes")  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "focus at z" in run.stdout and "z-series +-" in run.stdout
+    p = CalibrationProfile.load(tmp_path)
+    optics = SimulatedMicroscope(preset).preset.optics
+    assert p.defocus_slope == pytest.approx(defocus_sigma_um(optics, 1.0), rel=0.35)
+    assert abs(p.focus_z_um) < 0.2
+
+
+def test_calibrate_optics_with_a_bad_z_range_says_what_to_change(tmp_path):
+    run = scopecast("calibrate", "optics", "--profile", str(tmp_path), "--preset",
+                    "confocal-20fps", "--yes", "--z-range", "3")  # fmt: skip
+    assert run.returncode == 2
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and len(lines[0]) < 300, lines
+    assert "the z-series over +-3 um failed" in lines[0] and "try --z-range 0." in lines[0]
+    assert "Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda p: tifffile.imwrite(p, np.zeros((256, 256), np.uint16)), "too little structure"),
+        (lambda p: tifffile.imwrite(p, np.full((256, 256), 0.1)), "too little structure"),
+        (lambda p: tifffile.imwrite(p, np.zeros((16, 16), np.uint16)), "at least 32x32"),
+        (lambda p: tifffile.imwrite(p, np.zeros((64, 64, 3), np.uint8)), "one 2-D plane"),
+        (lambda p: p.write_bytes(b""), "not a readable TIFF"),
+    ],
+)
+def test_register_a_blank_or_broken_image_is_one_clear_line(tmp_path, make, message):
+    yy, xx = np.mgrid[:256, :256]
+    tifffile.imwrite(tmp_path / "high.tif", (1000 + 300 * np.sin(yy / 5) * np.cos(xx / 7)))
+    make(tmp_path / "low.tif")
+    run = scopecast("calibrate", "register", str(tmp_path / "low.tif"),
+                    str(tmp_path / "high.tif"), "--out", str(tmp_path / "pairs"))  # fmt: skip
+    assert run.returncode == 2, run.stderr
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], run.stderr
+    assert not (tmp_path / "pairs").exists()

@@ -381,3 +381,54 @@ def test_cli_list_show_verify(tmp_path: Path) -> None:
         assert r.exit_code == 2
         assert "engine 'nope' not found; available:" in r.stderr and "identity" in r.stderr
         assert len(r.stderr.strip().splitlines()) == 1
+
+
+# --- symbolic links and bad input ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["manifest.json", "model.onnx"])
+def test_a_symlinked_file_is_refused(tmp_path: Path, which: str) -> None:
+    path = copy_package("identity", tmp_path)
+    real = tmp_path / f"real-{which}"  # outside the package; inside would be refused the same
+    (path / which).rename(real)
+    (path / which).symlink_to(real)
+    with pytest.raises(PackageError, match=rf"'{which}' in .* is a symbolic link") as e:
+        load_package(path)
+    assert "\n" not in str(e.value) and "copy the file into the package" in str(e.value)
+    assert any("symbolic link" in p and not is_warning(p) for p in verify_package(path))
+    inside = copy_package("gaussian", tmp_path / "inside")
+    (inside / "copy.onnx").write_bytes((inside / which).read_bytes())
+    (inside / which).unlink()
+    (inside / which).symlink_to("copy.onnx")  # a link that stays inside the folder
+    with pytest.raises(PackageError, match="symbolic link"):
+        load_package(inside)
+
+
+def test_load_errors_are_one_line(tmp_path: Path) -> None:
+    path = copy_package("identity", tmp_path)
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest.pop("task")
+    (path / "manifest.json").write_text(json.dumps({**manifest, "scale": 3}))
+    with pytest.raises(PackageError) as e:
+        load_package(path)
+    text = str(e.value)
+    assert "\n" not in text
+    assert text.startswith(f"engine package {path} cannot be loaded: invalid manifest: task")
+    assert "; scale: Input should be 1, 2 or 4 (got 3)" in text
+
+
+def test_nan_input_is_an_input_error_not_an_engine_error() -> None:
+    from engines.engine import EngineChain, EngineOutputError, NonFiniteInputError
+
+    chain = EngineChain.open(["gaussian"], "onnxruntime-cpu", threads=1)
+    try:
+        frame = np.ones((16, 16), np.float32)
+        frame[2, 2] = np.inf
+        with pytest.raises(NonFiniteInputError, match="the input frame holds 1 NaN/inf") as e:
+            chain.enhance([frame], {}, None)
+        assert e.value.kind == "input" and not isinstance(e.value, EngineOutputError)
+        assert "not the engine" in str(e.value)
+        ok = chain.enhance([np.ones((16, 16), np.float32)], {}, None)
+        assert np.isfinite(ok.frame).all()
+    finally:
+        chain.close()

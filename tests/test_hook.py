@@ -82,9 +82,40 @@ def test_stalled_receiver_fills_hwm_then_frames_are_counted(endpoint: str) -> No
 
 def test_unreachable_receiver_is_a_clear_error(endpoint: str) -> None:
     hook = FrameHook(endpoint)
-    with pytest.raises(ReceiverUnreachable, match=f"no receiver answered at {endpoint}"):
+    with pytest.raises(ReceiverUnreachable, match=f"no receiver answered at {endpoint}") as e:
         hook.wait_for_receiver(0.3)
+    assert f"`scopecast serve --listen {endpoint}`" in str(e.value)  # the server, first
     hook.close()
+
+
+def test_a_receiver_that_goes_away_is_counted_and_noticed(endpoint: str) -> None:
+    """A killed server takes the frames in its buffers with it: the hook cannot count those,
+    so it reports that the receiver left, and that it is gone at the end."""
+    ctx = zmq.Context.instance()
+    pull = ctx.socket(zmq.PULL)
+    pull.bind(endpoint)
+    hook = FrameHook(endpoint)
+    hook.wait_for_receiver(5)
+    hook.wait_for_receiver(0.1)  # still connected: returns at once
+    frame = np.zeros((8, 8), np.uint16)
+    assert hook.send(frame) and hook.receiver_connected()
+    assert hook.stats.receiver_disconnects == 0
+    pull.close(0)
+    deadline = time.monotonic() + 5
+    while hook.receiver_connected():
+        assert time.monotonic() < deadline, "the disconnect was not noticed"
+        time.sleep(0.01)
+    assert not hook.send(frame)
+    assert hook.stats.receiver_disconnects == 1
+    assert hook.stats.summary()["receiver_disconnects"] == 1
+    assert hook.stats.not_handed_over == {"no_receiver_or_hwm": 1}
+    # a receiver that comes back is seen again
+    pull = ctx.socket(zmq.PULL)
+    pull.bind(endpoint)
+    hook.wait_for_receiver(10)
+    assert hook.receiver_connected() and hook.send(frame)
+    hook.close()
+    pull.close(0)
 
 
 @pytest.mark.parametrize("endpoint", ["127.0.0.1:5555", "tcp://127.0.0.1", "udp://x:1", ""])

@@ -21,7 +21,7 @@ def _need_torch() -> None:
     except ImportError as e:
         err.print(
             f"[red]error:[/red] training needs the train extra ({e.name} is missing): "
-            "pip install -c constraints-cpu.txt -e '.[train]'",
+            "pip install -c requirements-lock.txt -e '.[train]'",
             highlight=False,
         )
         raise typer.Exit(2) from None
