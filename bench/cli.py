@@ -269,6 +269,87 @@ def real_pairs(
     )
 
 
+@app.command()
+def fuzz(
+    messages: Annotated[int, typer.Option(help="messages to send (all kinds together)")] = 100_000,
+    seed: Annotated[int, typer.Option(help="seeds the message generator")] = 0,
+    good: Annotated[float, typer.Option(help="fraction of good frames")] = 0.2,
+    out_dir: Annotated[
+        Path | None,
+        typer.Option("--out", help="keep the server's run folder and fuzz.json here (default: "
+                     "a temporary folder, deleted)"),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
+) -> None:
+    """Hostile messages of every kind (multipart shapes, broken JSON, NaN, huge numbers, wrong
+    versions, bad buffers, malformed control requests) between good frames, against a real
+    server (identity, complete mode); exit 1 unless it stayed healthy, counted every rejected
+    message under its kind and wrote every accepted frame bit-exact."""
+    from .fuzz import format_report, run_fuzz
+
+    try:
+        result = run_fuzz(messages, seed=seed, out=out_dir, good=good,
+                          progress=lambda m: err.print(m, highlight=False))  # fmt: skip
+    except ValueError as e:
+        _fail(str(e))
+    if as_json:
+        print(json.dumps(result), flush=True)
+    else:
+        print(format_report(result), flush=True)
+    if out_dir is not None:
+        err.print(str(write_result(result, out_dir)), highlight=False)
+    if not result["ok"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+def soak(
+    duration: Annotated[float, typer.Option(help="seconds to run")] = 3600.0,
+    fps: Annotated[float, typer.Option(help="frames per second of each stream")] = 20.0,
+    size: Annotated[int, typer.Option(help="frame side in pixels (uint16)")] = 512,
+    streams: Annotated[int, typer.Option(help="streams, each its own stream id and hook")] = 4,
+    keys: Annotated[int, typer.Option(help="positions per stream the frames cycle over")] = 1,
+    engine: Annotated[
+        list[str] | None, typer.Option(help="engine name or package (repeat to chain)")
+    ] = None,
+    backend: Annotated[str, typer.Option(help="engine backend")] = "auto",
+    mode: Annotated[str, typer.Option(help="server mode: live or complete")] = "live",
+    poll: Annotated[float, typer.Option(help="seconds between status polls")] = 5.0,
+    warmup: Annotated[
+        float, typer.Option(help="fraction of the run before the RSS reference point")
+    ] = 0.1,
+    rss_drift_goal: Annotated[
+        float, typer.Option(help="RSS drift goal, percent (end vs. after the warm-up)")
+    ] = 5.0,
+    runs: Annotated[
+        Path | None,
+        typer.Option(help="folder for the server's runs (default: a temporary one, deleted; "
+                     "about 2 x streams x fps x size^2 x 2 bytes per second)"),
+    ] = None,
+    out_dir: Out = Path("bench-results"),
+    older: Compare = None,
+) -> None:
+    """Hours of frames through a real server: RSS, per-stage latency p50/p99, frame counters
+    and ring state over time (soak.json, soak.png) and the RSS drift after the warm-up; exit 1
+    if the server died or the drift missed the goal."""
+    from .soak import plot_soak, run_soak, soak_table
+
+    kept: dict[str, Any] = {}
+
+    def measure() -> dict[str, Any]:
+        kept.update(run_soak(
+            duration_s=duration, fps=fps, size=size, streams=streams, keys=keys,
+            engines=engine or ["identity"], backend=backend, mode=mode, poll_s=poll,
+            warmup_fraction=warmup, rss_drift_goal=rss_drift_goal, runs=runs,
+            progress=lambda m: err.print(m, highlight=False),
+        ))  # fmt: skip
+        return kept
+
+    _run(measure, plot_soak, soak_table, out_dir, older)
+    if not kept.get("ok", False):
+        raise typer.Exit(1)
+
+
 # -- tables -----------------------------------------------------------------------------------
 
 
