@@ -40,7 +40,7 @@ import zmq
 
 from stream.acquire import free_endpoint
 from stream.control import ControlError, request, wait_ready
-from stream.protocol import DTYPES, MAX_INDEX, MAX_INT64, MAX_SIDE
+from stream.protocol import DTYPES, MAX_INDEX, MAX_INT64, MAX_PIXEL_UM, MAX_SIDE, MIN_PIXEL_UM
 from stream.sinks import read_index
 from stream.sinks.store import INDEX_NAME
 
@@ -339,7 +339,7 @@ def _bad_float(rng: random.Random, state: FuzzState) -> Message:
     name = rng.choice(["pixel_size_um", "wall_time", "exposure_ms", "stage"])
     bad = list(NON_FINITE) + ['"fast"', "[1]", "{}"]
     if name == "pixel_size_um":
-        bad += ["-1", "0", "-0.0", "-5e-324", "-1e308"]
+        bad += ["-1", "0", "-0.0", "-5e-324", "-1e308", "5e-324", "1e-7", "1e6", "1e308"]
     elif name == "exposure_ms":
         bad += ["-1", "-1e-300"]
     elif name == "wall_time":
@@ -541,8 +541,8 @@ def edge_frame(rng: random.Random, state: FuzzState) -> Message:
     if stream == "edge-p":  # a new position (so a new file and ring key) almost every frame
         index = {"t": seq, "p": rng.randint(0, MAX_INDEX), "g": rng.randint(0, MAX_INDEX)}
         return _accepted("edge:many positions", state, stream, shape, dtype, seed, index=index)
-    if stream.startswith("edge-px"):  # valid (> 0), if absurd; one value per stream (file)
-        size = 5e-324 if stream == "edge-px-tiny" else 1e-7
+    if stream.startswith("edge-px"):  # the extremes still valid; one value per stream (file)
+        size = MIN_PIXEL_UM if stream == "edge-px-tiny" else MAX_PIXEL_UM
         return _accepted(f"edge:pixel size {size:g}", state, stream, shape, dtype, seed,
                          pixel_size_um=size)  # fmt: skip
     if stream == "edge-text":

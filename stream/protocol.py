@@ -27,6 +27,9 @@ MAX_HEADER_BYTES = 64 * 1024
 MAX_INDEX = 2**31 - 1  # useq indices and sizes; far beyond any acquisition, fits every file format
 MAX_AXES = 16
 MAX_INT64 = 2**63 - 1
+#: Pixel sizes (um) a header may carry: 0.1 nm to 10 cm, far beyond any light microscope on
+#: both sides, and every value in between fits a TIFF resolution tag.
+MIN_PIXEL_UM, MAX_PIXEL_UM = 1e-4, 1e5
 STREAM_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -112,7 +115,10 @@ class FrameHeader(BaseModel):
     wall_time: Finite = Field(description="time.time() at frameReady, seconds since the epoch")
     exposure_ms: Finite | None = Field(None, ge=0)
     pixel_size_um: Finite | None = Field(
-        None, gt=0, description="sample-plane pixel size, micrometres (None if unknown)"
+        None,
+        ge=MIN_PIXEL_UM,
+        le=MAX_PIXEL_UM,
+        description="sample-plane pixel size, micrometres (None if unknown)",
     )
     stage: StagePosition | None = None
     channel: str | None = Field(None, description="channel config name, e.g. 'FITC'")
@@ -207,6 +213,9 @@ class PublishedHeader(FrameHeader):
     """
 
     kind: Literal["raw", "enhanced"]
+    pixel_size_um: Finite | None = Field(
+        None, gt=0, description="pixel size of the published pixels (the raw one / scale)"
+    )
     engine: str | None = Field(None, description="engine (chain) that made an enhanced frame")
     backend: str | None = None
     scale: int = 1

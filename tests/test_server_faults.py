@@ -84,7 +84,8 @@ def test_hostile_messages_stop_no_stage(tmp_path, servers):
         "malformed": [b"[" * 60_000, b'{"version": 1, "seq": ' + b"9" * 5000 + b"}"],
         "header": [
             _raw_header(pixel_size_um=-1), _raw_header(pixel_size_um=0),
-            _raw_header(pixel_size_um=math.nan), _raw_header(index={"p": 10**300}),
+            _raw_header(pixel_size_um=math.nan), _raw_header(pixel_size_um=1e-7),
+            _raw_header(index={"p": 10**300}),
             _raw_header(wall_time=math.nan), _raw_header(wall_time=math.inf),
             _raw_header(exposure_ms=-math.inf), _raw_header(stage={"x": math.nan}),
             _raw_header(channel="FITC\x00"), _raw_header(mono_ns=-1),

@@ -540,3 +540,23 @@ def test_open_files_are_bounded_and_keys_continue_in_new_parts(tmp_path: Path) -
             assert tif.is_ome
             assert np.array_equal(tif.pages[r["plane"]].asarray(), sent[r["header"]["seq"]])
     assert (tmp_path / "cam_p000_raw_2.ome.tif").exists()
+
+
+def test_plane_metadata_moves_to_disk_and_comes_back_at_close(tmp_path: Path) -> None:
+    """Memory stays flat however many planes a file gets: the per-plane metadata close()
+    needs leaves memory in chunks and is read back, in order, when the file closes."""
+    sink = OmeTiffSink(tmp_path / "long.ome.tif", pixel_size_um=0.5)
+    sink._meta = tiffmod._PlaneTable(chunk=7)
+    for seq in range(30):
+        sink.write(frame(seq, shape=(4, 4)), header(seq, {"t": seq}, shape=(4, 4),
+                                                    channel="GFP" if seq % 2 else None,
+                                                    exposure_ms=seq + 0.5))  # fmt: skip
+    assert sink._meta._spilled == 28 and sink._meta._n == 2
+    planes = list(sink._meta)
+    assert [p.tcz[0] for p in planes] == list(range(30)) and sink._meta[9] == planes[9]
+    assert [p.exposure_ms for p in planes] == [seq + 0.5 for seq in range(30)]
+    assert [p.channel for p in planes[:3]] == [None, "GFP", None]
+    sink.close()
+    ome, _ = ome_of(tmp_path / "long.ome.tif")
+    exposures = [p.exposure_time for p in ome.images[0].pixels.planes]
+    assert exposures == [seq + 0.5 for seq in range(30)]

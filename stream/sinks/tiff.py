@@ -17,9 +17,8 @@ import logging
 import math
 import os
 import struct
-import sys
+import tempfile
 import zlib
-from array import array
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,29 +174,65 @@ class _Plane:
 
 
 class _PlaneTable:
-    """Planes kept as packed columns (about 80 bytes each, not a Python object apiece), so a
-    file of a day's frames costs megabytes, not gigabytes, until close() describes them."""
+    """What close() needs of every plane, at flat memory however long the file grows: packed
+    records (76 bytes a plane) in a buffer of ``chunk`` planes that moves to an anonymous
+    temporary file when full (gone with the process, crash or not); read back at close."""
 
-    def __init__(self) -> None:
-        self._ints = array("q")  # t, c, z
-        self._floats = array("d")  # wall time, exposure, stage x, y, z (NaN = unknown)
-        self._channels: list[str | None] = []  # the same few str objects, shared
+    RECORD = np.dtype([("tcz", "<i8", 3), ("floats", "<f8", 5), ("channel", "<i4")])
+
+    def __init__(self, chunk: int = 4096) -> None:
+        self._buffer = np.empty(chunk, self.RECORD)
+        self._n = 0  # planes in the buffer
+        self._spilled = 0  # planes in the file
+        self._file: IO[bytes] | None = None
+        self._names: dict[str | None, int] = {None: -1}  # channel name -> id
+        self._by_id: dict[int, str | None] = {-1: None}
 
     def append(self, p: _Plane) -> None:
-        self._ints.extend(p.tcz)
-        self._floats.extend(map(_known, (p.wall_time, p.exposure_ms, *p.stage)))
-        self._channels.append(None if p.channel is None else sys.intern(p.channel))
+        cid = self._names.setdefault(p.channel, len(self._names) - 1)
+        self._by_id[cid] = p.channel
+        floats = [_known(v) for v in (p.wall_time, p.exposure_ms, *p.stage)]
+        self._buffer[self._n] = (p.tcz, floats, cid)
+        self._n += 1
+        if self._n == len(self._buffer):
+            if self._file is None:
+                self._file = tempfile.TemporaryFile(prefix="scopecast-planes-")
+            self._file.seek(0, os.SEEK_END)
+            self._file.write(self._buffer.tobytes())
+            self._spilled += self._n
+            self._n = 0
 
     def __len__(self) -> int:
-        return len(self._channels)
+        return self._spilled + self._n
 
     def __getitem__(self, i: int) -> _Plane:
-        t, c, z = self._ints[3 * i : 3 * i + 3]
-        wall, exposure, *stage = (None if v != v else v for v in self._floats[5 * i : 5 * i + 5])
-        return _Plane((t, c, z), self._channels[i], wall, exposure, tuple(stage))
+        if not 0 <= i < len(self):
+            raise IndexError(f"plane {i} of {len(self)}")
+        if i >= self._spilled:
+            return self._plane(self._buffer[i - self._spilled])
+        assert self._file is not None
+        self._file.seek(i * self.RECORD.itemsize)
+        return self._plane(np.frombuffer(self._file.read(self.RECORD.itemsize), self.RECORD)[0])
 
     def __iter__(self) -> Iterator[_Plane]:
-        return (self[i] for i in range(len(self)))
+        size = len(self._buffer)
+        for start in range(0, self._spilled, size):
+            assert self._file is not None
+            self._file.seek(start * self.RECORD.itemsize)
+            count = min(size, self._spilled - start)
+            chunk = np.frombuffer(self._file.read(count * self.RECORD.itemsize), self.RECORD)
+            yield from map(self._plane, chunk)
+        yield from map(self._plane, self._buffer[: self._n])
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def _plane(self, r: np.void) -> _Plane:
+        t, c, z = (int(v) for v in r["tcz"])
+        wall, exposure, *stage = (None if v != v else float(v) for v in r["floats"])
+        return _Plane((t, c, z), self._by_id[int(r["channel"])], wall, exposure, tuple(stage))
 
 
 def _known(value: Any) -> float:
@@ -336,6 +371,8 @@ class OmeTiffSink:
         if self.closed:
             return
         self.closed = True
+        if self._file is None or self.planes == 0:
+            self._meta.close()
         if self._file is None:
             return
         if self.planes == 0:
@@ -363,6 +400,7 @@ class OmeTiffSink:
             ) from e
         finally:
             self._file.close()
+            self._meta.close()
 
     def layout(self) -> Layout:
         """How the planes written so far map onto OME dimensions."""
@@ -485,6 +523,8 @@ class OmeTiffSink:
         if self.pixel_size_um is None:
             return {}
         per_cm = 1e4 / self.pixel_size_um
+        if not 1e-3 <= per_cm <= 2**31:  # not a TIFF rational: the OME-XML still says it
+            return {}
         return {"resolution": (per_cm, per_cm), "resolutionunit": "CENTIMETER"}
 
     def _placeholder(self) -> bytes:
