@@ -243,7 +243,12 @@ class Scheduler:
 
 
 class ByteQueue:
-    """A FIFO bounded by the bytes it holds; ``put`` waits when full (backpressure)."""
+    """A FIFO bounded by the bytes it holds; ``put`` waits when full (backpressure).
+
+    Each item counts ``ITEM_BYTES`` on top of its pixels (header, message, bookkeeping: about
+    what a queued frame costs beyond its pixels), so a flood of tiny frames is bounded too."""
+
+    ITEM_BYTES = 4096
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
@@ -252,6 +257,7 @@ class ByteQueue:
         self._cv = threading.Condition()
 
     def put(self, item: Any, nbytes: int) -> None:
+        nbytes += self.ITEM_BYTES if item is not None else 0
         with self._cv:
             self._cv.wait_for(lambda: self._bytes + nbytes <= self.max_bytes or not self._items)
             self._items.append((item, nbytes))
