@@ -47,6 +47,7 @@ def run_crash(
     indexed = sum(r["indexed"] for r in rounds)
     exact = sum(r["recovered_exact"] for r in rounds)
     return {
+        "kind": "crash",
         "kills": kills,
         "size": size,
         "fps": fps,

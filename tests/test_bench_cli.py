@@ -75,3 +75,13 @@ def test_bad_input_is_one_clear_line(tmp_path):
         run = bench(*args, "--out", str(tmp_path / "out"))
         assert run.returncode == 2, (args, run.stderr)
         assert words in run.stderr and "Traceback" not in run.stderr, run.stderr
+
+
+def test_crash_kills_a_server_and_recovers_every_indexed_plane(tmp_path):
+    run = bench("crash", "--kills", "2", "--size", "32", "--out", str(tmp_path))
+    assert run.returncode == 0, run.stderr
+    result = json.loads((tmp_path / "crash.json").read_text())
+    assert result["kills"] == 2 and len(result["rounds"]) == 2
+    assert result["planes_indexed"] > 0
+    assert result["planes_recovered_exact"] == result["planes_indexed"]
+    assert "recovered bit-exact (100.00%)" in run.stdout
