@@ -9,11 +9,7 @@ check needs no copy of them).
 
 from __future__ import annotations
 
-import os
 import random
-import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -24,10 +20,10 @@ import numpy as np
 import tifffile
 import useq
 
-from stream.acquire import free_endpoint
-from stream.control import wait_ready
 from stream.hook import FrameHook
 from stream.sinks import read_index, recover
+
+from .fuzz import ServerProcess
 
 
 def frame_for(seq: int, size: int) -> np.ndarray:
@@ -60,14 +56,8 @@ def run_crash(
 
 
 def _round(out: Path, size: int, fps: float, kill_after_s: float) -> dict[str, Any]:
-    listen, control = free_endpoint(), free_endpoint()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "stream", "serve", "--engine", "identity", "--mode", "complete",
-         "--listen", listen, "--publish", "none", "--control", control, "--out", str(out),
-         "--quiet"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    run_dir = Path(wait_ready(control, process=proc, timeout_s=60)["out_dir"])
+    server = ServerProcess(out, "--engine", "identity", "--mode", "complete", publish=False)
+    listen, run_dir = server.listen, server.run_dir
     stop = threading.Event()
     sent = [0]
 
@@ -85,8 +75,7 @@ def _round(out: Path, size: int, fps: float, kill_after_s: float) -> dict[str, A
     sender = threading.Thread(target=stream, daemon=True)
     sender.start()
     time.sleep(kill_after_s)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    server.kill()  # SIGKILL
     stop.set()
     sender.join(10)
     records = [r for r in read_index(run_dir / "index.jsonl") if r["kind"] == "raw"]

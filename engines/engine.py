@@ -101,16 +101,13 @@ class Engine:
         floats = any(f.dtype.kind not in "biu" for f in window)  # integers hold no NaN/inf
         if floats:
             _check_finite_input(self.name, stack[-1], "the input frame")
-            if len(window) > 1:
-                _check_finite_input(self.name, stack, "an earlier frame of the temporal window")
+            _check_finite_input(self.name, stack[:-1], "an earlier frame of the temporal window")
         inputs: dict[str, tuple[np.ndarray, int]] = {"frames": (_normalize(stack, norm), 1)}
         if m.temporal.previous_output:
             if previous is None:  # first frame of a key: the current frame, upsampled
                 previous = np.repeat(np.repeat(stack[-1], m.scale, 0), m.scale, 1)
-            previous = previous[None].astype(np.float32)
-            if floats:
-                _check_finite_input(self.name, previous, "the previous output (earlier inputs)")
-            inputs["previous"] = (_normalize(previous, norm), m.scale)
+            # finite: outputs are checked before a ring keeps them, the first one is the frame
+            inputs["previous"] = (_normalize(previous[None].astype(np.float32), norm), m.scale)
         if m.temporal.background:
             if background is None:
                 background = stack[-1]
@@ -143,8 +140,7 @@ class Engine:
             out *= np.float32(norm.scale)
         if norm.offset:
             out += np.float32(norm.offset)
-        if not np.isfinite(out.sum(dtype=np.float64)):  # NaN and inf survive a sum: one pass
-            bad = int(np.size(out) - np.count_nonzero(np.isfinite(out)))
+        if bad := _nonfinite(out):
             raise EngineOutputError(
                 f"engine {self.name!r} produced {bad} NaN/inf values: output discarded "
                 "(check the package's normalization, or rebuild it in fp32)"
@@ -238,11 +234,17 @@ class EngineChain:
             e.close()
 
 
-def _check_finite_input(engine: str, x: np.ndarray, what: str) -> None:
-    """Raise NonFiniteInputError when ``x`` holds NaN or inf (one pass: they survive a sum)."""
+def _nonfinite(x: np.ndarray) -> int:
+    """How many NaN/inf values ``x`` holds; one pass when none (they survive a sum)."""
     if np.isfinite(x.sum(dtype=np.float64)):
+        return 0
+    return int(np.size(x) - np.count_nonzero(np.isfinite(x)))
+
+
+def _check_finite_input(engine: str, x: np.ndarray, what: str) -> None:
+    """Raise NonFiniteInputError when ``x`` holds NaN or inf."""
+    if not (bad := _nonfinite(x)):
         return
-    bad = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
     raise NonFiniteInputError(
         f"{what} holds {bad} NaN/inf values: not enhanced by {engine!r} (the input is at fault, "
         "not the engine); send finite pixels"

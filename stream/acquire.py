@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import useq
-import zmq
 from pydantic import ValidationError
 from pymmcore_plus import CMMCorePlus
 
@@ -299,30 +298,13 @@ def _stop(
     control: str, server: subprocess.Popen, *, expect: dict[str, int], timeout_s: float = 3600.0
 ) -> dict[str, Any] | None:
     """Ask the server to stop once ``expect`` arrived; its summary, or None when the server
-    process ended without answering (a stage died: it stopped by itself). Unlike a plain
-    ``control.request`` this does not wait out ``timeout_s`` for a server that is gone."""
-    from .control import ControlError
+    process ended without answering (a stage died: it stopped by itself)."""
+    from .control import ServerGone, request
 
-    sock = zmq.Context.instance().socket(zmq.REQ)
-    sock.setsockopt(zmq.LINGER, 0)
     try:
-        sock.connect(control)
-        sock.send(json.dumps({"cmd": "stop", "expect": expect}).encode())
-        deadline = time.monotonic() + timeout_s
-        gone_at = None
-        while not sock.poll(200):
-            if gone_at is None and server.poll() is not None:
-                gone_at = time.monotonic()  # a reply already on its way still gets a second
-            if gone_at is not None and time.monotonic() - gone_at > 1.0:
-                return None
-            if time.monotonic() > deadline:
-                raise ControlError(f"the engine server at {control} did not stop in time")
-        reply = json.loads(sock.recv())
-    finally:
-        sock.close(0)
-    if isinstance(reply, dict) and "error" in reply:
-        raise ControlError(f"the engine server at {control} refused stop: {reply['error']}")
-    return reply
+        return request(control, "stop", expect=expect, timeout_s=timeout_s, process=server)
+    except ServerGone:
+        return None
 
 
 def _tail(file: Any, n: int) -> str:

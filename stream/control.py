@@ -18,15 +18,23 @@ class ControlError(RuntimeError):
     """No answer, or an error answer, from a server's control socket."""
 
 
+class ServerGone(ControlError):
+    """The server process ended without answering (see ``request``'s ``process``)."""
+
+
 def request(
     endpoint: str,
     cmd: str,
     *,
     timeout_s: float = 2.0,
     curve: Curve | None = None,
+    process: subprocess.Popen | None = None,
     **fields: Any,
 ) -> dict[str, Any]:
-    """Send ``{"cmd": cmd, **fields}`` and return the server's JSON answer."""
+    """Send ``{"cmd": cmd, **fields}`` and return the server's JSON answer.
+
+    With ``process`` (the server's), stop waiting a second after it ended (ServerGone)
+    instead of waiting out ``timeout_s``."""
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.REQ)
     sock.setsockopt(zmq.LINGER, 0)
@@ -35,11 +43,21 @@ def request(
     try:
         sock.connect(check_endpoint(endpoint))
         sock.send(json.dumps({"cmd": cmd, **fields}).encode())
-        if not sock.poll(int(timeout_s * 1000)):
-            raise ControlError(
-                f"no engine server answered on {endpoint} within {timeout_s:g} s: is "
-                "`scopecast serve` running there (see its --control option)?"
-            )
+        deadline = time.monotonic() + timeout_s
+        gone_at = None
+        while not sock.poll(int(min(0.2, timeout_s) * 1000)):
+            if process is not None and gone_at is None and process.poll() is not None:
+                gone_at = time.monotonic()  # a reply already on its way still gets a second
+            if gone_at is not None and time.monotonic() - gone_at > 1.0:
+                raise ServerGone(
+                    f"the engine server at {endpoint} exited (code {process.returncode}) "
+                    f"without answering {cmd!r}"
+                )
+            if time.monotonic() > deadline:
+                raise ControlError(
+                    f"no engine server answered on {endpoint} within {timeout_s:g} s: is "
+                    "`scopecast serve` running there (see its --control option)?"
+                )
         reply = json.loads(sock.recv())
     finally:
         sock.close(0)
