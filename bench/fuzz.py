@@ -39,10 +39,13 @@ import numpy as np
 import zmq
 
 from stream.acquire import free_endpoint
-from stream.control import ControlError, request, wait_ready
+from stream.control import ControlError, parse_status, wait_ready
+from stream.control import status as server_status
+from stream.control import stop as server_stop
 from stream.protocol import DTYPES, MAX_INDEX, MAX_INT64, MAX_PIXEL_UM, MAX_SIDE, MIN_PIXEL_UM
 from stream.sinks import read_index
 from stream.sinks.store import INDEX_NAME
+from stream.status import ServerStatus
 
 #: What the server must do with a message: accept it, or reject it under this kind.
 KINDS = ("accepted", "malformed", "version", "header", "buffer")
@@ -697,31 +700,37 @@ class ServerProcess:
         except BaseException:
             self.kill()
             raise
-        self.run_dir = Path(self.ready["out_dir"])
+        self.run_dir = Path(self.ready.out_dir)
 
     @property
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def status(self, timeout_s: float = 10.0) -> dict[str, Any]:
-        return request(self.control, "status", timeout_s=timeout_s)
+    def status(self, timeout_s: float = 10.0) -> ServerStatus:
+        return server_status(self.control, timeout_s=timeout_s)
 
-    def stop(self, expect: dict[str, int] | None = None, timeout_s: float = 600) -> dict[str, Any]:
+    def stop(self, expect: dict[str, int] | None = None, timeout_s: float = 600) -> ServerStatus:
         """Stop it (after ``expect`` frames per stream arrived); its summary."""
         try:
-            summary = request(self.control, "stop", expect=expect or {}, timeout_s=timeout_s)
+            summary: ServerStatus | None = server_stop(
+                self.control, expect=expect or {}, timeout_s=timeout_s
+            )
         except ControlError:
             summary = None
         try:
             self.proc.wait(120)
         except subprocess.TimeoutExpired:
             self.kill()
-        if summary is None:
-            summary = self.summary()
-        if summary is None:
+        if summary is not None:
+            return summary
+        printed = self.summary()
+        if printed is None:
             raise ControlError(f"the server exited with {self.proc.returncode} without a "
                                f"summary: {self.log()[-2000:]}")  # fmt: skip
-        return summary
+        if "engine" not in printed:  # it died before it had a status: healthy false, failure
+            raise ControlError(f"the server exited with {self.proc.returncode}, its stage "
+                               f"{printed.get('failure')} dead: {self.log()[-2000:]}")  # fmt: skip
+        return parse_status(printed, "the server's printed summary")
 
     def summary(self) -> dict[str, Any] | None:
         """The last JSON line it printed (``serve --json``'s summary), if any."""
@@ -818,21 +827,20 @@ class Tally:
         return dict(Counter(stream for stream, _ in self.frames))
 
 
-def processed(status: dict[str, Any]) -> int:
+def processed(status: ServerStatus) -> int:
     """Messages the server has taken off its socket: received plus rejected."""
-    return status["frames_received"] + sum(status["frames_rejected"].values())
+    return status.frames_received + sum(status.frames_rejected.values())
 
 
-def raw_outcomes(status: dict[str, Any]) -> int:
+def raw_outcomes(status: ServerStatus) -> int:
     """Raw frames the writer is done with: written, refused by the disk, or failed."""
-    writer = (status.get("stage_errors") or {}).get("writer", {})
-    return (status["frames_written"]["raw"] + status["disk_errors"].get("raw", 0)
-            + sum(writer.values()))  # fmt: skip
+    return (status.frames_written.raw + status.disk_errors.raw
+            + sum(status.stage_errors.writer.values()))  # fmt: skip
 
 
 def wait_processed(
-    server: ServerProcess, before: dict[str, Any], tally: Tally, timeout_s: float = 60.0
-) -> dict[str, Any]:
+    server: ServerProcess, before: ServerStatus, tally: Tally, timeout_s: float = 60.0
+) -> ServerStatus:
     """Poll ``status`` until the server took every message of ``tally`` sent since ``before``
     and its writer is done with every accepted frame (or timeout, or a dead stage); the last
     status."""
@@ -843,7 +851,7 @@ def wait_processed(
             processed(status) - processed(before) >= tally.messages
             and raw_outcomes(status) - raw_outcomes(before) >= tally.sent["accepted"]
         )
-        if done or not status.get("healthy", True) or time.monotonic() > deadline:
+        if done or not status.healthy or time.monotonic() > deadline:
             return status
         time.sleep(0.05)
 
@@ -899,33 +907,33 @@ def check_written(run_dir: Path, frames: dict[tuple[str, int], FrameRef]) -> dic
     return {"indexed": len(found), "exact": exact, "unexpected": unexpected, "problems": problems}
 
 
-def mismatches(tally: Tally, before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+def mismatches(tally: Tally, before: ServerStatus, after: ServerStatus) -> list[str]:
     """Everything the server's counters (``after`` minus ``before``) say that ``tally`` does
     not: rejected kinds, frames received and written, gaps, control refusals, stage health."""
     out: list[str] = []
-    if not after.get("healthy", False):
-        out.append(f"server unhealthy: failure {after.get('failure')}")
-    for stage, kinds in (after.get("stage_errors") or {}).items():
+    if not after.healthy:
+        out.append(f"server unhealthy: failure {after.failure}")
+    for stage, kinds in after.stage_errors.seen().items():
         for kind, n in kinds.items():
-            was = (before.get("stage_errors") or {}).get(stage, {}).get(kind, 0)
+            was = getattr(before.stage_errors, stage).get(kind, 0)
             if n - was:
                 out.append(f"stage {stage}: {n - was} unexpected {kind}")
-    got = Counter(after["frames_rejected"])
-    got.subtract(before["frames_rejected"])
+    got = Counter(after.frames_rejected)
+    got.subtract(before.frames_rejected)
     for kind in sorted(set(REJECTED) | set(got)):
         if got.get(kind, 0) != tally.sent.get(kind, 0):
             out.append(f"rejected {kind}: sent {tally.sent.get(kind, 0)}, server counted "
                        f"{got.get(kind, 0)}")  # fmt: skip
-    delta = {k: after[k] - before[k] for k in ("frames_received", "frames_missing",
-                                              "requests_rejected")}  # fmt: skip
+    delta = {k: getattr(after, k) - getattr(before, k) for k in (
+        "frames_received", "frames_missing", "requests_rejected")}  # fmt: skip
     if delta["frames_received"] != tally.sent["accepted"]:
         out.append(f"received: sent {tally.sent['accepted']} valid frames, server counted "
                    f"{delta['frames_received']}")  # fmt: skip
-    raw = after["frames_written"]["raw"] - before["frames_written"]["raw"]
+    raw = after.frames_written.raw - before.frames_written.raw
     if raw != tally.sent["accepted"]:
         out.append(f"raw frames written: {raw} of {tally.sent['accepted']}")
-    disk = Counter(after.get("disk_errors") or {})
-    disk.subtract(before.get("disk_errors") or {})
+    disk = Counter(after.disk_errors.seen())
+    disk.subtract(before.disk_errors.seen())
     if any(disk.values()):
         out.append(f"disk errors: {dict(+disk)}")
     if delta["frames_missing"]:
@@ -965,7 +973,8 @@ def run_fuzz(
         server = ServerProcess(base, "--engine", "identity", "--mode", "complete")
         client = Client(server.listen, server.control)
         t0 = time.monotonic()
-        after: dict[str, Any] | None = None
+        after: ServerStatus | None = None
+        summary: ServerStatus | None = None
         try:
             before = server.status()
             for i in range(messages):
@@ -986,8 +995,8 @@ def run_fuzz(
                         break
                     with contextlib.suppress(ControlError):
                         now = server.status()
-                        timeline.append({"messages": i, "rss_mb": now.get("rss_mb"),
-                                         "queues": now.get("queues")})  # fmt: skip
+                        timeline.append({"messages": i, "rss_mb": now.rss_mb,
+                                         "queues": now.queues.model_dump()})  # fmt: skip
                     say(f"{i} messages sent, {time.monotonic() - t0:.0f} s, server RSS "
                         f"{timeline[-1]['rss_mb'] if timeline else '?'} MB, queues "
                         f"{timeline[-1]['queues'] if timeline else '?'}")  # fmt: skip
@@ -1003,7 +1012,6 @@ def run_fuzz(
                 summary = server.stop(tally.expect_by_stream())
             except ControlError as e:
                 problems.append(str(e))
-                summary = {}
         finally:
             server.kill()
         elapsed = time.monotonic() - t0
@@ -1014,10 +1022,10 @@ def run_fuzz(
     problems += written["problems"]
     if written["exact"] != len(tally.frames):
         problems.append(f"bit-exact on disk: {written['exact']} of {len(tally.frames)}")
-    if summary.get("disk_errors"):
-        problems.append(f"disk errors: {summary['disk_errors']}")
+    if summary is not None and summary.disk_errors.seen():
+        problems.append(f"disk errors: {summary.disk_errors.seen()}")
     problems = list(dict.fromkeys(problems))  # the same finding from status and summary once
-    written_raw = summary.get("frames_written", {}).get("raw")
+    got = summary.model_dump(mode="json") if summary is not None else {}
     return {
         "kind": "fuzz",
         "messages": messages,
@@ -1026,22 +1034,23 @@ def run_fuzz(
         "sent_by_category": dict(sorted(tally.categories.items())),
         "control_sent": dict(sorted(tally.control_sent.items())),
         "control_rejected_expected": tally.control_rejected,
-        "rejected_by_server": summary.get("frames_rejected", {}),
-        "requests_rejected_by_server": summary.get("requests_rejected"),
+        "rejected_by_server": got.get("frames_rejected", {}),
+        "requests_rejected_by_server": got.get("requests_rejected"),
         "good_frames": {
             "sent": len(tally.frames),
-            "received": summary.get("frames_received"),
-            "written": written_raw,
+            "received": got.get("frames_received"),
+            "written": got.get("frames_written", {}).get("raw"),
             "indexed": written["indexed"],
             "bit_exact": written["exact"],
-            "enhanced": summary.get("frames_enhanced"),
+            "enhanced": got.get("frames_enhanced"),
         },
-        "healthy": summary.get("healthy"),
-        "failure": summary.get("failure"),
-        "stage_errors": summary.get("stage_errors", {}),
-        "engine_errors": summary.get("engine_errors", {}),
-        "disk_errors": summary.get("disk_errors", {}),
-        "rss_mb": {"before": before.get("rss_mb"), "after": (after or summary).get("rss_mb")},
+        "healthy": got.get("healthy"),
+        "failure": got.get("failure"),
+        "stage_errors": got.get("stage_errors", {}),
+        "engine_errors": got.get("engine_errors", {}),
+        "disk_errors": got.get("disk_errors", {}),
+        "rss_mb": {"before": before.rss_mb,
+                   "after": last.rss_mb if (last := after or summary) else None},  # fmt: skip
         "timeline": timeline,
         "send_s": sent_s,
         "elapsed_s": elapsed,

@@ -1,7 +1,8 @@
 """frameReady -> receiver latency of the hook over loopback TCP, for the confocal (256x256)
 and the Celldiscoverer (2048x2048) presets in one run.
 
-    python -m bench.hook_latency [--seconds 10] [--json OUT.json]
+    scopecast bench hook-latency [--seconds 10] [--json OUT.json]
+        (or python -m bench hook-latency ...)
 
 The receiver is ``scopecast receive`` in another process; latency is its receive time minus
 the header's ``mono_ns`` (same host). The simulated camera renders the next frame while the
@@ -12,9 +13,9 @@ acquisition PC's other work would. A third row feeds pre-rendered 2048x2048 fram
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
+from pathlib import Path
 
 import useq
 from rich.console import Console
@@ -25,12 +26,12 @@ from stream.acquire import run_with_receiver
 from stream.simulated import SimulatedMicroscope
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seconds", type=float, default=10.0, help="acquisition time per preset")
-    ap.add_argument("--json", dest="json_out", help="also write the numbers to this JSON file")
-    args = ap.parse_args()
-    results = {
+def run_hook_latency(*, seconds: float = 10.0, json_out: Path | None = None) -> dict:
+    """Both presets and the pre-rendered frames: print the table, write every number to
+    ``json_out`` if given, and return them."""
+    if seconds <= 0:
+        raise ValueError(f"--seconds {seconds:g} must be > 0")
+    results: dict = {
         "machine": {
             "cpu": platform.processor() or platform.machine(),
             "python": platform.python_version(),
@@ -49,14 +50,14 @@ def main() -> None:
     )
     scopes = [SimulatedMicroscope(name) for name in ("confocal-20fps", "celldiscoverer")]
     runs = [
-        (s.preset.name, s.preset.shape, s.core, s.preset.sequence(args.seconds)) for s in scopes
+        (s.preset.name, s.preset.shape, s.core, s.preset.sequence(seconds)) for s in scopes
     ]
     runs.append(
         (
             "static frames, 5 fps",
             (2048, 2048),
             StaticSource(snapshot(scopes[1]), fps=5.0),
-            useq.MDASequence(time_plan={"interval": 0.2, "loops": int(args.seconds * 5)}),
+            useq.MDASequence(time_plan={"interval": 0.2, "loops": int(seconds * 5)}),
         )
     )
     for name, shape, core, seq in runs:
@@ -74,10 +75,7 @@ def main() -> None:
             f"{lat['p50']:.2f} / {lat['p99']:.2f}",
         )
     Console(width=110).print(table)
-    if args.json_out:
-        with open(args.json_out, "w") as f:
+    if json_out:
+        with open(json_out, "w") as f:
             json.dump(results, f, indent=1)
-
-
-if __name__ == "__main__":
-    main()
+    return results

@@ -38,16 +38,18 @@ import numpy as np
 import useq
 import zmq
 
+from calibration.sim.scene import time_plan
 from engines.package import PackageError, load_package
-from engines.runtime import BACKENDS
+from engines.runtime import backend_names
 from stream.acquire import load_config, run_with_server, simulated
-from stream.control import ControlError, request
+from stream.control import ControlError, parse_status
+from stream.control import status as server_status
 from stream.hook import HookStats
 from stream.protocol import ProtocolError, PublishedHeader, decode_header
-from stream.simulated import time_plan
 from stream.sinks import read_index
 from stream.sinks.store import INDEX_NAME
 from stream.stats import percentiles
+from stream.status import ServerStatus
 
 STAGES = ("hook", "transport", "queue", "preprocess", "inference", "postprocess", "publish",
           "disk", "total")  # fmt: skip
@@ -143,8 +145,8 @@ def _check(*, duration_s: float, warmup_s: float, mode: str, backend: str) -> No
         )
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if backend not in (names := backend_names()):
+        raise ValueError(f"unknown backend {backend!r}: choose one of {', '.join(names)}")
 
 
 class _Subscriber:
@@ -185,12 +187,12 @@ class _Subscriber:
         self._ctx.term()
 
 
-def _wait_for_viewer(control: str, timeout_s: float = 10.0) -> dict[str, Any]:
+def _wait_for_viewer(control: str, timeout_s: float = 10.0) -> ServerStatus:
     """The server's status once it has accepted our subscriber's connection."""
     deadline = time.monotonic() + timeout_s
     while True:
-        status = request(control, "status", timeout_s=2.0)
-        if status.get("viewers", {}).get("connected", 0) >= 1:
+        status = server_status(control, timeout_s=2.0)
+        if status.viewers.connected >= 1:
             time.sleep(0.1)  # the subscription itself follows the accepted connection
             return status
         if time.monotonic() > deadline:
@@ -218,29 +220,31 @@ def _measure(
         state["sub"] = _Subscriber(endpoints["publish"])
         state["start"] = _wait_for_viewer(endpoints["control"])
 
-    def on_progress(stats: HookStats, status: dict[str, Any] | None) -> None:
+    def on_progress(stats: HookStats, reply: dict[str, Any] | None) -> None:
         state["stats"] = stats
-        if status is not None and status.get("rss_mb") is not None:
-            rss.append(status["rss_mb"])
+        status = parse_status(reply) if reply is not None else None
+        if status is not None and status.rss_mb is not None:
+            rss.append(status.rss_mb)
         if time.monotonic() - state["said"] >= 2.0:
             state["said"] = time.monotonic()
-            enhanced = status["frames_enhanced"] if status else 0
+            enhanced = status.frames_enhanced if status else 0
             say(f"{name}: {time.monotonic() - t0:.0f} s, {stats.frames_seen} frames, "
                 f"{enhanced} enhanced")  # fmt: skip
 
     with tempfile.TemporaryDirectory(prefix="scopecast-latency-") as tmp:
         try:
-            sent, server = run_with_server(
+            sent, summary = run_with_server(
                 core, sequence, engines=[name], out_dir=Path(tmp), mode=mode, backend=backend,
                 on_progress=on_progress, on_started=on_started,
             )  # fmt: skip
         finally:
             if state["sub"] is not None:
                 state["sub"].stop()
-        index = read_index(Path(server["out_dir"]) / INDEX_NAME)
+        server = parse_status(summary, "the engine server's summary")
+        index = read_index(Path(server.out_dir) / INDEX_NAME)
     sub: _Subscriber = state["sub"]
-    if server.get("rss_mb") is not None:
-        rss.append(server["rss_mb"])
+    if server.rss_mb is not None:
+        rss.append(server.rss_mb)
     raw = [r for r in index if r.get("kind") == "raw"]
     if not raw:
         raise RuntimeError(f"engine {name!r}: the server wrote no raw frame; see its log above")
@@ -281,41 +285,42 @@ def _measure(
             add("disk", mono_ns, r["timings_ms"]["disk"])
     hook_exact = _hook_samples(state["stats"], raw, warm_end_ns, add)
 
-    engine = server.get("engine", {})
-    described = (engine.get("backend") or [{}])[0]
-    start = state["start"] or {}
+    engine = server.engine
+    described = engine.backend[0] if engine.backend else None
+    start: ServerStatus | None = state["start"]
     cpu_s = wall_s = cpu_percent = None
-    if server.get("cpu_s") is not None and start.get("cpu_s") is not None:
-        cpu_s = server["cpu_s"] - start["cpu_s"]
-        wall_s = server["uptime_s"] - start["uptime_s"]
+    if start is not None:
+        cpu_s = server.cpu_s - start.cpu_s
+        wall_s = server.uptime_s - start.uptime_s
         cpu_percent = 100 * cpu_s / wall_s if wall_s > 0 else None
     latency = {s: percentiles(samples[s]) for s in STAGES}
     if not hook_exact:
         latency["hook"] = dict(sent["hook_ms"])
     return {
-        "engine": engine.get("engine", name),
+        "engine": engine.engine,
         "latency_ms": latency,
         "frames_measured": {s: len(samples[s]) for s in STAGES},
         "fps_acquired": sent.get("fps"),
         "frames_expected": sent.get("frames_expected"),
         "frames_acquired": sent["frames_seen"],
-        "frames_enhanced": server["frames_enhanced"],
-        "frames_skipped": server["frames_skipped"],
+        "frames_enhanced": server.frames_enhanced,
+        "frames_skipped": server.frames_skipped,
         "frames_not_handed_over": sent["frames_not_handed_over"],
         "frames_received_by_subscriber": len(sub.enhanced),
         "raw_frames_received_by_subscriber": sub.raw,
-        "server_healthy": server.get("healthy"),
+        "server_healthy": server.healthy,
         "warmup_frames_dropped": sum(1 for r in raw if r["header"]["mono_ns"] < warm_end_ns),
         "hook_warmup_excluded": hook_exact,
-        "engine_errors": server.get("engine_errors", {}),
-        "disk_errors": server.get("disk_errors", {}),
+        "engine_errors": server.engine_errors,
+        "disk_errors": server.disk_errors.seen(),
         "rss_mb": max(rss) if rss else None,
         "cpu_s": cpu_s,
-        "cpu_s_total": server.get("cpu_s"),
+        "cpu_s_total": server.cpu_s,
         "wall_s": wall_s,
         "cpu_percent": cpu_percent,
-        "backend": " ".join(str(described[k]) for k in ("name", "device") if described.get(k)),
-        "backend_reason": (engine.get("reason") or [None])[0],
+        "backend": " ".join(x for x in (described.name, described.device) if x)
+        if described else "",
+        "backend_reason": engine.reason[0] if engine.reason else None,
         "samples": samples,
         "sample_times_s": times,
     }

@@ -1,6 +1,8 @@
 """Generator size and CPU inference time per 256x256 frame, in torch and in ONNX Runtime.
 
-    python -m bench.model_speed [--threads 2] [--runs 10] [--budget 30] [--scale 1] [--json OUT]
+    scopecast bench model-speed [--threads 2] [--runs 10] [--budget 30] [--scale 1]
+        [--hw 256] [--sizes small --sizes large] [--arch unet ...] [--json OUT]
+        (or python -m bench model-speed ...; needs the train extra)
 
 Every generator at "small" (CPU real-time) and "large" (GPU), batch 1, randomly initialized;
 tgan with its full tGAN inputs (2 frames, previous output, background). Median of ``--runs``
@@ -11,14 +13,13 @@ on a shared machine it is the better estimate of what the model costs.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -92,18 +93,27 @@ def _inputs(r: dict[str, Any]) -> str:
     return " + ".join([frames, *(n for n in r["inputs"] if n != "frames")])
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--threads", type=int, default=2, help="CPU threads for torch and onnxruntime")
-    ap.add_argument("--runs", type=int, default=10, help="timed runs per model and backend")
-    ap.add_argument("--budget", type=float, default=30.0, help="seconds per model and backend")
-    ap.add_argument("--scale", type=int, default=1, choices=(1, 2, 4))
-    ap.add_argument("--hw", type=int, default=256, help="input frame side in pixels")
-    ap.add_argument("--sizes", nargs="+", default=["small", "large"])
-    ap.add_argument("--arch", nargs="+", default=list(GENERATORS), choices=list(GENERATORS))
-    ap.add_argument("--json", dest="json_out", help="also write the numbers to this JSON file")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+def run_model_speed(
+    *,
+    threads: int = 2,
+    runs: int = 10,
+    budget: float = 30.0,
+    scale: int = 1,
+    hw: int = 256,
+    sizes: Sequence[str] = ("small", "large"),
+    archs: Sequence[str] | None = None,
+    json_out: Path | None = None,
+) -> list[dict[str, Any]]:
+    """Every architecture (``archs``, default all) at every size: print the table, write every
+    number to ``json_out`` if given, and return the rows."""
+    archs = list(archs or GENERATORS)
+    unknown = [a for a in archs if a not in GENERATORS]
+    if unknown:
+        raise ValueError(f"--arch {unknown}: choose from {', '.join(GENERATORS)}")
+    if threads < 1 or runs < 1 or budget <= 0 or hw < 8:
+        raise ValueError(f"--threads {threads} and --runs {runs} must be >= 1, --budget "
+                         f"{budget:g} > 0 and --hw {hw} >= 8")  # fmt: skip
+    torch.set_num_threads(threads)
     table = Table(
         "generator",
         "size",
@@ -113,18 +123,17 @@ def main() -> None:
         "onnxruntime ms median / min (runs)",
         "ort fps",
         title=(
-            f"generator CPU inference, {args.hw}x{args.hw} -> x{args.scale}, batch 1, "
-            f"{args.threads} threads, median"
+            f"generator CPU inference, {hw}x{hw} -> x{scale}, batch 1, "
+            f"{threads} threads, median"
         ),
     )
     rows = []
     console = Console(width=120)
-    for arch in args.arch:
-        for size in args.sizes:
+    for arch in archs:
+        for size in sizes:
             with console.status(f"{arch} {size}"):
                 r = measure(
-                    arch, size, threads=args.threads, runs=args.runs, budget=args.budget,
-                    scale=args.scale, hw=args.hw,
+                    arch, size, threads=threads, runs=runs, budget=budget, scale=scale, hw=hw,
                 )  # fmt: skip
             rows.append(r)
             table.add_row(
@@ -143,7 +152,7 @@ def main() -> None:
         f"load average after the run (1/5/15 min): {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on "
         f"{os.cpu_count()} CPUs; other processes on the machine slow torch's OpenMP threads most"
     )
-    if args.json_out:
+    if json_out:
         results = {
             "machine": {
                 "cpu": platform.processor() or platform.machine(),
@@ -154,12 +163,9 @@ def main() -> None:
                 "cpus": os.cpu_count(),
                 "load_average": load,
             },
-            "threads": args.threads,
-            "frame": [args.hw, args.hw],
+            "threads": threads,
+            "frame": [hw, hw],
             "models": rows,
         }
-        Path(args.json_out).write_text(json.dumps(results, indent=1))
-
-
-if __name__ == "__main__":
-    main()
+        Path(json_out).write_text(json.dumps(results, indent=1))
+    return rows

@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import tifffile
 
 from calibration.camera import CameraParams
 from calibration.fidelity import fidelity
@@ -51,14 +50,15 @@ from calibration.metrics import (
     ssim,
 )
 from calibration.optics import psf_sigma_um
+from calibration.pairfolder import pair_files, read_pair
 from calibration.scan import ScanParams
+from calibration.sim.pairs import TRAIN_SPAN_S, PairRig, match_intensity
+from calibration.sim.presets import get_preset
+from calibration.sim.scene import Preset
 from engines.engine import EngineChain, EngineError
 from engines.package import PackageError
-from engines.pairs import TRAIN_SPAN_S, match_intensity
 from stream.protocol import DTYPES, FrameHeader
 from stream.ring import Ring
-from stream.simulated import Preset, get_preset
-from stream.simulated_pairs import PairRig
 
 from .baselines import BASELINES, upsample_nearest
 
@@ -241,11 +241,6 @@ def _simulated(preset: Preset, *, scale: int, pairs: int, history: int, sequence
 # -- folder pairs -----------------------------------------------------------------------------
 
 
-def _tiffs(folder: Path) -> dict[str, Path]:
-    paths = sorted([*folder.glob("*.tif"), *folder.glob("*.tiff")])
-    return {p.stem.split(".")[0]: p for p in paths}
-
-
 def _real_pairs_rig(folder: Path) -> dict[str, Any] | None:
     """The ``info.json`` that ``bench real-pairs`` writes beside its pairs, if there is one:
     which preset's forward model degraded them (so camera, scan, pixel size and PSF are known,
@@ -270,29 +265,16 @@ def _folder(folder: Path, match: bool, progress: Progress | None) -> _Data:
     Pairs written by ``bench real-pairs`` (its info.json beside them) are scored with their
     preset's camera, scan, pixel size and PSF, and their high images, raw-equivalent by
     construction, are not refitted (a fit would dim the truth of defocused pairs)."""
-    if not folder.is_dir():
-        raise ValueError(f"no pairs in {folder}: the folder does not exist")
+    files = pair_files(folder)
+    names = [f.name for f in files]
     rig_info = _real_pairs_rig(folder)
     if rig_info is not None:
         match = False
-    lows = _tiffs(folder / "low") if (folder / "low").is_dir() else {}
-    highs = _tiffs(folder / "high") if (folder / "high").is_dir() else {}
-    names = sorted(lows.keys() & highs.keys())
-    if not names:
-        raise ValueError(
-            f"no pairs in {folder}: it needs low/ and high/ folders of TIFFs matched by name "
-            f"(found {len(lows)} low and {len(highs)} high TIFFs, none matched)"
-        )
-    unmatched = sorted(lows.keys() ^ highs.keys())
-    if unmatched:
-        raise ValueError(
-            f"TIFFs in {folder} without a partner of the same name in low/ or high/: "
-            f"{', '.join(unmatched[:5])}{' ...' if len(unmatched) > 5 else ''}; rename or remove"
-        )
     pairs: list[_Pair] = []
     scale: int | None = None
-    for i, name in enumerate(names):
-        low, high = tifffile.imread(lows[name]), tifffile.imread(highs[name])
+    for i, pair in enumerate(files):
+        name = pair.name
+        low, high = read_pair(pair)
         if low.ndim not in (2, 3) or high.ndim != 2 or (low.ndim == 3 and len(low) < 1):
             raise ValueError(
                 f"pair {name!r} in {folder}: low {low.shape} must be a 2-D image or a (T, H, W) "
@@ -356,9 +338,11 @@ def _folder(folder: Path, match: bool, progress: Progress | None) -> _Data:
 
 def _open(name: str, backend: str) -> EngineChain:
     """One engine (or an ``a+b`` chain) by name or package folder; ValueError if unknown."""
+    from engines.offline.build import rebuild_plan  # a plan missing for this GPU is rebuilt
+
     parts: list[str | Path] = [name] if Path(name).exists() else list(name.split("+"))
     try:
-        return EngineChain.open(parts, backend)
+        return EngineChain.open(parts, backend, rebuild=rebuild_plan)
     except PackageError as e:
         raise ValueError(f"engine {name!r} cannot be opened: {e}") from e
 

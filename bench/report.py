@@ -76,10 +76,13 @@ def backends() -> dict[str, str]:
 
 
 def default_backends() -> list[str]:
-    """What to measure when no backend is named: TensorRT beside ONNX Runtime where TensorRT
-    runs, else ``auto`` (the backend the server would pick)."""
-    tensorrt_runs = not backends()["tensorrt"].startswith("not available")
-    return ["tensorrt", "onnxruntime"] if tensorrt_runs else ["auto"]
+    """What to measure when no backend is named: every backend ``auto`` would try that runs
+    here, side by side (TensorRT beside ONNX Runtime), or ``auto`` when only one does (the
+    backend the server would pick)."""
+    from engines.runtime import OpenOptions, auto_order
+
+    runs = [s.names[0] for s in auto_order() if s.unavailable(OpenOptions()) is None]
+    return runs if len(runs) > 1 else ["auto"]
 
 
 def write_result(result: dict[str, Any], out_dir: Path) -> Path:

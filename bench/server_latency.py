@@ -1,6 +1,7 @@
 """The engine server's added latency with the ``identity`` engine: frameReady -> publish.
 
-    python -m bench.server_latency [--seconds 60] [--engine identity] [--json OUT.json]
+    scopecast bench server-latency [--seconds 60] [--engine identity] [--size 512]
+        [--out /dev/shm] [--json OUT.json]        (or python -m bench server-latency ...)
 
 Pre-rendered frames go through the real hook to ``scopecast serve`` in another process
 (live mode, raw and enhanced written to a temporary folder, published on PUB). The server's
@@ -12,10 +13,10 @@ Target (issue 3): p99 under 5% of the frame interval, nothing skipped, memory fl
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -50,23 +51,30 @@ def measure(
     return {"shape": shape, "fps": fps, "hook": sent, "server": server, "rss_mb": rss}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seconds", type=float, default=60.0, help="acquisition time per case")
-    ap.add_argument("--engine", default="identity")
-    ap.add_argument("--size", type=int, action="append", help="only this frame side (repeat)")
-    ap.add_argument("--out", type=Path, help="write the (deleted afterwards) run files here")
-    ap.add_argument("--json", dest="json_out", help="also write every number to this file")
-    args = ap.parse_args()
+def run_server_latency(
+    *,
+    seconds: float = 60.0,
+    engine: str = "identity",
+    sizes: Sequence[int] | None = None,
+    out: Path | None = None,
+    json_out: Path | None = None,
+) -> dict:
+    """Every case (only those whose side is in ``sizes``, if given): print the table, write
+    every number to ``json_out`` if given, and return them."""
+    if seconds <= 0:
+        raise ValueError(f"--seconds {seconds:g} must be > 0")
+    unknown = sorted(set(sizes or ()) - {shape[0] for shape, _ in CASES})
+    if unknown:
+        raise ValueError(f"--size {unknown}: choose from {[shape[0] for shape, _ in CASES]}")
     table = Table("frame", "fps", "frames", "enhanced", "skipped", "not handed over",
                   "total ms p50 / p99", "p99 / interval", "server RSS MB first -> last",
-                  title=f"frameReady -> publish, engine {args.engine} (one run)")  # fmt: skip
+                  title=f"frameReady -> publish, engine {engine} (one run)")  # fmt: skip
     results = {"machine": {"cpu": platform.processor() or platform.machine(),
                            "python": platform.python_version()}, "cases": []}  # fmt: skip
     for shape, fps in CASES:
-        if args.size and shape[0] not in args.size:
+        if sizes and shape[0] not in sizes:
             continue
-        r = measure(shape, fps, args.seconds, args.engine, args.out)
+        r = measure(shape, fps, seconds, engine, out)
         results["cases"].append(r)
         s, total = r["server"], r["server"]["latency_ms"]["total"]
         rss = r["rss_mb"] or [float("nan")]
@@ -78,9 +86,6 @@ def main() -> None:
             f"{total['p99'] * fps / 1000:.1%}", f"{rss[0]:.0f} -> {rss[-1]:.0f}",
         )  # fmt: skip
     Console(width=140).print(table)
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(results, indent=1))
-
-
-if __name__ == "__main__":
-    main()
+    if json_out:
+        Path(json_out).write_text(json.dumps(results, indent=1))
+    return results

@@ -1,6 +1,6 @@
 """Does the simulated microscope's camera noise match its forward model's parameters?
 
-    python -m bench.sim_noise
+    scopecast bench sim-noise
 
 Photon transfer on 40 frames of a frozen scene (gain = slope of variance vs mean signal) and a
 dark series with the shutter closed (offset, read noise), through the real pymmcore-plus core.
@@ -12,7 +12,8 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from stream.simulated import PRESETS, SimulatedMicroscope
+from calibration.sim.presets import PRESETS
+from stream.simulated import SimulatedMicroscope
 
 
 def measure(name: str, frames: int = 40) -> dict[str, float]:
@@ -47,7 +48,7 @@ def measure(name: str, frames: int = 40) -> dict[str, float]:
     }
 
 
-def main() -> None:
+def run() -> None:
     table = Table(
         "preset",
         "gain ADU/e- (model)",
@@ -65,6 +66,3 @@ def main() -> None:
         )
     Console().print(table)
 
-
-if __name__ == "__main__":
-    main()

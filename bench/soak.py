@@ -32,6 +32,7 @@ from rich.table import Table
 
 from stream.control import ControlError
 from stream.hook import FrameHook
+from stream.status import ServerStatus
 
 from .fuzz import ServerProcess
 from .report import fmt
@@ -168,8 +169,8 @@ def _soak(
                 problems.append(f"no status at {time.monotonic() - t0:.0f} s: {e}")
                 continue
             timeline.append(_sample(time.monotonic() - t0, status, hooks))
-            if not status.get("healthy", True):
-                problems.append(f"stage died: {status.get('failure')}")
+            if not status.healthy:
+                problems.append(f"stage died: {status.failure}")
                 stop.set()
                 break
             if time.monotonic() - said >= max(poll_s, min(60.0, duration_s / 20)):
@@ -194,17 +195,19 @@ def _soak(
     sent = {h.stream: h.stats.frames_sent for h in hooks}
     not_handed_over = sum(h.stats.frames_not_handed_over for h in hooks)
     say(f"sent {sum(sent.values())} frames in {elapsed:.0f} s; stopping the server")
+    summary: ServerStatus | None
     try:
         summary = server.stop(sent, timeout_s=600)
     except ControlError as e:
         problems.append(str(e))
-        summary = {}
-    received = summary.get("frames_received")
+        summary = None
+    received = summary.frames_received if summary else None
     if received is not None and received != sum(sent.values()):
         problems.append(f"the server received {received} of {sum(sent.values())} frames sent")
-    written = (summary.get("frames_written") or {}).get("raw")
+    written = summary.frames_written.raw if summary else None
     if written is not None and received is not None and written != received:
         problems.append(f"raw frames written: {written} of {received} received")
+    got = summary.model_dump(mode="json") if summary else {}
     return {
         "timeline": timeline,
         "elapsed_s": elapsed,
@@ -214,43 +217,39 @@ def _soak(
             "not_handed_over": not_handed_over,
             "received": received,
             "written_raw": written,
-            "written_enhanced": (summary.get("frames_written") or {}).get("enhanced"),
-            "enhanced": summary.get("frames_enhanced"),
-            "skipped": summary.get("frames_skipped"),
+            "written_enhanced": summary.frames_written.enhanced if summary else None,
+            "enhanced": got.get("frames_enhanced"),
+            "skipped": got.get("frames_skipped"),
             "fps_received": received / elapsed if received and elapsed > 0 else None,
         },
-        "latency_ms": summary.get("latency_ms", {}),
-        "rings": summary.get("rings", {}),
-        "healthy": summary.get("healthy"),
-        "failure": summary.get("failure"),
-        "stage_errors": summary.get("stage_errors", {}),
-        "engine_errors": summary.get("engine_errors", {}),
-        "disk_errors": summary.get("disk_errors", {}),
-        "engine": (summary.get("engine") or {}).get("engine"),
-        "summary": {k: summary.get(k) for k in ("healthy", "rss_mb", "cpu_s", "uptime_s")},
+        "latency_ms": got.get("latency_ms", {}),
+        "rings": got.get("rings", {}),
+        "healthy": got.get("healthy"),
+        "failure": got.get("failure"),
+        "stage_errors": got.get("stage_errors", {}),
+        "engine_errors": got.get("engine_errors", {}),
+        "disk_errors": got.get("disk_errors", {}),
+        "engine": summary.engine.engine if summary else None,
+        "summary": {k: got.get(k) for k in ("healthy", "rss_mb", "cpu_s", "uptime_s")},
         "problems": problems,
     }
 
 
-def _sample(t_s: float, status: dict[str, Any], hooks: list[FrameHook]) -> dict[str, Any]:
+def _sample(t_s: float, status: ServerStatus, hooks: list[FrameHook]) -> dict[str, Any]:
     """One point of the timeline from one ``status`` answer."""
-    latency = status.get("latency_ms") or {}
-    rings = status.get("rings") or {}
     return {
         "t_s": round(t_s, 3),
-        "rss_mb": status.get("rss_mb"),
-        "cpu_s": status.get("cpu_s"),
+        "rss_mb": status.rss_mb,
+        "cpu_s": status.cpu_s,
         "frames_sent": sum(h.stats.frames_sent for h in hooks),
-        "frames_received": status.get("frames_received"),
-        "frames_written": status.get("frames_written"),
-        "frames_enhanced": status.get("frames_enhanced"),
-        "frames_skipped": status.get("frames_skipped"),
-        "queues": status.get("queues"),
-        "rings": {"keys": rings.get("keys"), "bytes": rings.get("bytes")},
+        "frames_received": status.frames_received,
+        "frames_written": status.frames_written.model_dump(),
+        "frames_enhanced": status.frames_enhanced,
+        "frames_skipped": status.frames_skipped,
+        "queues": status.queues.model_dump(),
+        "rings": {"keys": status.rings.keys, "bytes": status.rings.bytes},
         "latency_ms": {
-            stage: {"p50": v.get("p50"), "p99": v.get("p99")}
-            for stage, v in latency.items()
-            if isinstance(v, dict)
+            stage: {"p50": v.p50, "p99": v.p99} for stage, v in status.latency_ms.items()
         },
     }
 

@@ -1,7 +1,8 @@
 """Offline engine throughput (fps, Mpx/s, latency) for each engine, backend, size, tile and batch.
 
-    python -m bench.throughput --engines identity gaussian bicubic-x2 [--sizes 256 2048]
-        [--backends auto] [--tiles none 256] [--batches 1 4] [--seconds 5] [--json OUT] [--plot DIR]
+    scopecast bench throughput --engine identity --engine gaussian [--size 256 --size 2048]
+        [--backend auto] [--tile none --tile 256] [--batch 1 --batch 4] [--seconds 5]
+        [--warmup 2] [--markdown] [--out DIR]      (or python -m bench throughput ...)
 
 No camera and no server: a fixed random uint16 frame goes through the same path the server runs
 (``EngineChain.enhance``: normalization, tiling, inference, back to the raw dtype) for
@@ -11,11 +12,8 @@ GPU, a tile smaller than the engine's overlap) is recorded as skipped with its r
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -26,7 +24,7 @@ from pydantic import ValidationError
 
 from engines.engine import Engine, EngineChain
 from engines.package import EnginePackage, Tiling, load_package
-from engines.runtime import BACKENDS, BackendError
+from engines.runtime import BackendError, backend_names
 from stream.stats import percentiles
 
 STAGES = ("preprocess", "inference", "postprocess")
@@ -94,8 +92,8 @@ def _check_args(
     if isinstance(backends, str) or not backends:
         raise ValueError(f"backends={backends!r}: give a non-empty list, e.g. ('auto',)")
     for backend in backends:
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}: choose from {', '.join(BACKENDS)}")
+        if backend not in (names := backend_names()):
+            raise ValueError(f"unknown backend {backend!r}: choose from {', '.join(names)}")
     for batch in batches or ():
         if not _is_int(batch) or batch < 1:
             raise ValueError(f"batch {batch!r} must be an int >= 1 (tiles per inference call)")
@@ -150,8 +148,10 @@ def _measure(
     except ValidationError as e:
         problems = "; ".join(err["msg"].removeprefix("Value error, ") for err in e.errors())
         return {**row, "skipped": f"tile {tile} does not fit engine {package.name!r}: {problems}"}
+    from engines.offline.build import rebuild_plan  # a plan missing for this GPU is rebuilt
+
     try:
-        engine = Engine(tiled, backend, threads)
+        engine = Engine(tiled, backend, threads, rebuild=rebuild_plan)
     except BackendError as e:
         return {**row, "skipped": str(e)}
     chain = EngineChain([engine])
@@ -273,48 +273,3 @@ def format_table(result: dict[str, Any]) -> str:
             ]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
-
-
-def _tile_arg(text: str) -> int | None:
-    return None if text.lower() in ("none", "whole", "0") else int(text)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: run, print a table, optionally save JSON and the plot."""
-    p = argparse.ArgumentParser(prog="python -m bench.throughput", description=main.__doc__)
-    p.add_argument("--engines", nargs="+", default=["identity", "gaussian", "bicubic-x2"])
-    p.add_argument("--sizes", nargs="+", type=int, default=[256, 2048])
-    p.add_argument("--backends", nargs="+", default=["auto"], choices=BACKENDS)
-    p.add_argument("--tiles", nargs="+", type=_tile_arg, help="tile sides; 'none' = whole frame")
-    p.add_argument("--batches", nargs="+", type=int)
-    p.add_argument("--threads", type=int)
-    p.add_argument("--seconds", type=float, default=5.0)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--json", type=Path, help="write the result here")
-    p.add_argument("--plot", type=Path, help="write throughput.png into this folder")
-    a = p.parse_args(argv)
-    try:
-        result = run_throughput(
-            engines=a.engines,
-            sizes=a.sizes,
-            backends=a.backends,
-            batches=a.batches,
-            tiles=a.tiles,
-            threads=a.threads,
-            seconds=a.seconds,
-            warmup=a.warmup,
-            progress=lambda row: print(format_row(row), file=sys.stderr, flush=True),
-        )
-    except ValueError as e:
-        p.error(str(e))
-    print(format_table(result))
-    if a.json:
-        a.json.write_text(json.dumps(result, indent=2) + "\n")
-    if a.plot:
-        for path in plot_throughput(result, a.plot):
-            print(f"wrote {path}", file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -8,14 +8,10 @@ cross-correlation on the overlap.
 from __future__ import annotations
 
 import math
-import re
 import warnings
-from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
-import tifffile
 from scipy import ndimage, optimize
 from skimage.filters import difference_of_gaussians, window
 from skimage.registration import phase_cross_correlation
@@ -29,7 +25,6 @@ _POLAR_ROWS = 720  # angle samples over 360 degrees
 _UPSAMPLE = 20  # sub-sample factor for the log-polar phase correlation
 _REFINE_OVERLAP = 0.25  # the refinement ignores poses covering less of the smaller field
 _BAND = (1.0, 8.0)  # difference-of-Gaussians band (px of the compared grid)
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 @dataclass(frozen=True)
@@ -158,42 +153,6 @@ def registered_pair(
         )
     r0, r1, c0, c1 = _largest_rectangle(valid)
     return warped[r0 * u : r1 * u, c0 * u : c1 * u], fixed[r0:r1, c0:c1].copy()
-
-
-def write_pairs(pairs: Iterable[tuple[str, np.ndarray, np.ndarray]], out_dir: Path) -> list[Path]:
-    """Write out_dir/low/NAME.tif and out_dir/high/NAME.tif per (NAME, low, high); paths in order.
-
-    This is the paired-folder layout training reads: files matched by name across the folders.
-    """
-    out_dir = Path(out_dir)
-    low_dir, high_dir = out_dir / "low", out_dir / "high"
-    items = list(pairs)
-    names = [name for name, _, _ in items]
-    bad = [n for n in names if not (isinstance(n, str) and _NAME.match(n))]
-    if bad:
-        raise ValueError(
-            f"pair names must be plain file stems (letters, digits, '.', '_', '-'), got {bad!r}."
-        )
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise ValueError(f"pair names must be unique, {dupes!r} repeat; name each field once.")
-    for name, low, high in items:
-        for kind, image in (("low", low), ("high", high)):
-            image = np.asarray(image)
-            if image.ndim != 2 or (image.dtype.kind == "f" and not np.isfinite(image).all()):
-                raise ValueError(
-                    f"{kind} image of pair {name!r} must be 2-D and finite, got shape "
-                    f"{image.shape}; crop with registered_pair first."
-                )
-    low_dir.mkdir(parents=True, exist_ok=True)
-    high_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name, low, high in items:
-        for folder, image in ((low_dir, low), (high_dir, high)):
-            path = folder / f"{name}.tif"
-            tifffile.imwrite(path, np.ascontiguousarray(image))
-            written.append(path)
-    return written
 
 
 # ---- geometry helpers -----------------------------------------------------------------------

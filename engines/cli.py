@@ -12,12 +12,13 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Column, Table
 
+from calibration.errors import InvalidInput
+
 from .package import (
     ENGINE_PATH_ENV,
     EnginePackage,
     Manifest,
     PackageError,
-    PackageNotFoundError,
     find_package,
     is_warning,
     list_packages,
@@ -39,16 +40,12 @@ err = Console(stderr=True, soft_wrap=True)
 Target = Annotated[str, typer.Argument(help="Engine name (zoo or search path) or package folder.")]
 
 
-def _fail(message: str, code: int = 2) -> typer.Exit:
+def _fail(message: str) -> typer.Exit:
+    """One red ``error:`` line and exit code 1: the command ran and found something wrong.
+    A user's mistake (unknown engine, bad option) is a ScopecastError instead, reported by
+    the ``scopecast`` command as one line and exit code 2."""
     err.print(f"[red]error:[/red] {escape(message)}", highlight=False)
-    return typer.Exit(code)
-
-
-def _find(target: str) -> Path:
-    try:
-        return find_package(target)
-    except PackageNotFoundError as e:
-        raise _fail(str(e)) from None
+    return typer.Exit(1)
 
 
 def _tile(m: Manifest) -> str:
@@ -155,11 +152,11 @@ def show(
     as_json: Annotated[bool, typer.Option("--json", help="Print the raw manifest JSON.")] = False,
 ) -> None:
     """A package's manifest, and the model inputs and outputs as onnxruntime reports them."""
-    path = _find(target)
+    path = find_package(target)
     try:
         package = load_package(path)
-    except PackageError as e:
-        raise _fail(str(e), code=1) from None
+    except PackageError as e:  # found, but broken: exit 1, as `verify` does
+        raise _fail(str(e)) from None
     if as_json:
         typer.echo(manifest_json(package.manifest), nl=False)
         return
@@ -172,13 +169,13 @@ def show(
 @app.command()
 def verify(target: Target) -> None:
     """Check a package's manifest and every file's sha256; exit 1 if anything is wrong."""
-    path = _find(target)
+    path = find_package(target)
     problems = verify_package(path)
     errors = [p for p in problems if not is_warning(p)]
     for p in problems:
         (err if p in errors else out).print(escape(p), highlight=False)
     if errors:
-        raise _fail(f"{path}: {len(errors)} problem(s) found", code=1)
+        raise _fail(f"{path}: {len(errors)} problem(s) found")
     package = load_package(path)
     out.print(f"ok: {len(package.manifest.files)} files verified in {path}", highlight=False)
 
@@ -241,17 +238,17 @@ def build(
     calibration frames); optimization profiles cover the package's tile and batch sizes. A plan
     whose output strays beyond tolerance (or has NaN, inf or a constant frame) is rejected.
     """
-    from .build import BuildError, BuildRejected, build_plan
+    from .offline.build import BuildRejected, build_plan
     from .runtime.guard import PRECISIONS, tolerance_for
 
     if precision not in PRECISIONS:
-        raise _fail(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+        raise InvalidInput(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     tolerance = None
     if max_error is not None or min_psnr is not None:
         base = tolerance_for(precision)
         update = {"max_error": max_error, "min_psnr_db": min_psnr}
         tolerance = base.model_copy(update={k: v for k, v in update.items() if v is not None})
-    path = _find(target)
+    path = find_package(target)
 
     def say(message: str) -> None:
         err.print(escape(message), highlight=False)
@@ -262,9 +259,7 @@ def build(
             timing_cache=timing_cache, batches=batch, tiles=tile, max_side=max_size, out=out_dir,
             tolerance=tolerance, progress=say,
         )  # fmt: skip
-    except BuildRejected as e:
-        raise _fail(str(e), code=1) from None
-    except (BuildError, PackageError) as e:
+    except BuildRejected as e:  # the numerics guard said no: a result, exit 1
         raise _fail(str(e)) from None
     plan = result.plan
     size_mb = (result.package.path / plan.file).stat().st_size / 2**20

@@ -15,12 +15,14 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from calibration.errors import ScopecastError
+
 from .package import EnginePackage, Manifest, load_package
-from .runtime import open_backend
+from .runtime import PlanRebuilder, open_backend
 from .tiling import run_tiled
 
 
-class EngineError(RuntimeError):
+class EngineError(ScopecastError, RuntimeError):
     """An enhancement that could not be done; ``kind`` is the counter it is reported under."""
 
     kind: ClassVar[str] = "engine"
@@ -65,10 +67,19 @@ class Enhanced:
 class Engine:
     """One engine package opened on one backend."""
 
-    def __init__(self, package: EnginePackage, backend: str = "auto", threads: int | None = None):
+    def __init__(
+        self,
+        package: EnginePackage,
+        backend: str = "auto",
+        threads: int | None = None,
+        *,
+        rebuild: PlanRebuilder | None = None,
+    ):
+        """``rebuild`` rebuilds a TensorRT plan missing for this GPU (the commands pass
+        ``engines.offline.build.rebuild_plan``; the live code never imports it)."""
         self.package = package
         self.manifest: Manifest = package.manifest
-        self.backend, self.reason = open_backend(package, backend, threads)
+        self.backend, self.reason = open_backend(package, backend, threads, rebuild=rebuild)
 
     @property
     def name(self) -> str:
@@ -172,10 +183,15 @@ class EngineChain:
 
     @classmethod
     def open(
-        cls, names: Sequence[str | Path], backend: str = "auto", threads: int | None = None
+        cls,
+        names: Sequence[str | Path],
+        backend: str = "auto",
+        threads: int | None = None,
+        *,
+        rebuild: PlanRebuilder | None = None,
     ) -> EngineChain:
-        """Load and verify each package, open it on ``backend``."""
-        return cls([Engine(load_package(n), backend, threads) for n in names])
+        """Load and verify each package, open it on ``backend`` (``rebuild``: see Engine)."""
+        return cls([Engine(load_package(n), backend, threads, rebuild=rebuild) for n in names])
 
     @property
     def name(self) -> str:
@@ -225,7 +241,7 @@ class EngineChain:
             stages.append(StageResult(i, y))
             current = [y]
         t = time.perf_counter()
-        out = _to_dtype(stages[-1].output, frames[-1].dtype, self.output_dtype)
+        out = to_dtype(stages[-1].output, frames[-1].dtype, self.output_dtype)
         _add(timings, "postprocess", time.perf_counter() - t)
         return Enhanced(out, stages, {k: v * 1e3 for k, v in timings.items()})
 
@@ -259,7 +275,10 @@ def _normalize(x: np.ndarray, norm: Any) -> np.ndarray:
     return x
 
 
-def _to_dtype(y: np.ndarray, raw_dtype: np.dtype, output_dtype: str) -> np.ndarray:
+def to_dtype(y: np.ndarray, raw_dtype: np.dtype, output_dtype: str) -> np.ndarray:
+    """An engine output (float32, raw units) as delivered: float32 when ``output_dtype`` is
+    "float32" or the raw frames are floats, else rounded and clipped to ``raw_dtype``'s range.
+    ``y`` is not changed."""
     if output_dtype == "float32" or raw_dtype.kind == "f":
         return np.ascontiguousarray(y, dtype=np.float32)
     info = np.iinfo(raw_dtype)

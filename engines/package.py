@@ -28,6 +28,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from calibration.errors import ScopecastError
+
 ENGINE_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 ZOO_DIR = Path(__file__).parent / "zoo"
 MANIFEST = "manifest.json"
@@ -40,7 +42,7 @@ _PICKLE_SUFFIXES = frozenset({".pkl", ".pickle", ".pt", ".pth", ".ckpt", ".jobli
 _MAX_MANIFEST_BYTES = 1 << 20
 
 
-class PackageError(ValueError):
+class PackageError(ScopecastError, ValueError):
     """An engine package is missing, malformed or altered; the message says what and what to do."""
 
 

@@ -14,11 +14,13 @@ from collections.abc import Callable
 
 import numpy as np
 
+from calibration.errors import ScopecastError
+
 #: One engine call: a dict of float32 (N, C, h, w) batches -> (N, C_out, h*scale, w*scale).
 InferFn = Callable[[dict[str, np.ndarray]], np.ndarray]
 
 
-class TilingError(ValueError):
+class TilingError(ScopecastError, ValueError):
     """Arguments, inputs or engine outputs that cannot be tiled as asked."""
 
 

@@ -17,13 +17,15 @@ import useq
 from pydantic import ValidationError
 from pymmcore_plus import CMMCorePlus
 
+from calibration.errors import ScopecastError
+
 from .hook import FrameHook, HookStats
 from .simulated import SimulatedMicroscope
 
 log = logging.getLogger(__name__)
 
 
-class SetupError(ValueError):
+class SetupError(ScopecastError, ValueError):
     """A config, sequence or preset that cannot be used; the message says why and what to do."""
 
 

@@ -24,6 +24,8 @@ from calibration.profile import CalibrationProfile
 from calibration.psf import DefocusFit, PsfFit, defocus_range_um, fit_defocus, fit_psf
 from calibration.ptc import CameraCalibration, fit_camera, plot_ptc
 
+from .console import ScopecastGroup
+
 Ask = Callable[[str], None]
 
 #: what each calibration slide is, for a person at a real microscope
@@ -161,6 +163,7 @@ def measure_bidir(core: CMMCorePlus, *, frames: int = 8, ask: Ask | None = None)
 # -- the `scopecast calibrate` command group ---------------------------------------------------
 
 app = typer.Typer(
+    cls=ScopecastGroup,
     name="calibrate",
     help="Measure a rig (camera noise, PSF, defocus, scan phase), register image pairs, and "
     "keep it all in a calibration profile folder.",
@@ -203,13 +206,6 @@ def _profile(path: Path, core: CMMCorePlus, rig: str) -> CalibrationProfile:
     return CalibrationProfile(rig=rig, pixel_size_um=core.getPixelSizeUm() or 1.0)
 
 
-def _run(step: Callable[[], Any]) -> Any:
-    from .cli import _expected_errors
-
-    with _expected_errors():
-        return step()
-
-
 @app.command()
 def camera(
     profile: ProfileDir,
@@ -227,27 +223,23 @@ def camera(
 ) -> None:
     """Camera noise: dark and flat series -> offset map, gain, read noise, flat field, bad
     pixels, and a photon transfer plot (ptc.png) beside the profile."""
-
-    def step() -> None:
-        core, rig, adc_bits = _core(preset, config)
-        cal = measure_camera(core, frames=frames, levels=levels, exposures_ms=exposure,
-                             bit_depth=bit_depth or adc_bits, ask=_ask(yes))  # fmt: skip
-        p = _profile(profile, core, rig)
-        p = p.updated(camera=cal.camera, measured={**p.measured, "camera": cal.ptc})
-        p = p.with_arrays(
-            offset_map=cal.offset_map, read_noise_map=cal.read_noise_map,
-            flat_field=cal.flat_field, hot_pixels=cal.hot_pixels, dead_pixels=cal.dead_pixels,
-        )  # fmt: skip
-        p.save(profile)
-        plot = plot_ptc(cal, profile / "ptc.png")
-        c = cal.camera
-        typer.echo(
-            f"gain {c.gain_adu_per_electron:.3f} ADU/e-, offset {c.offset_adu:.1f} ADU, read "
-            f"noise {c.read_noise_electrons:.2f} e-, {int(cal.hot_pixels.sum())} hot and "
-            f"{int(cal.dead_pixels.sum())} dead pixels\n{profile / 'profile.json'}\n{plot}"
-        )
-
-    _run(step)
+    core, rig, adc_bits = _core(preset, config)
+    cal = measure_camera(core, frames=frames, levels=levels, exposures_ms=exposure,
+                         bit_depth=bit_depth or adc_bits, ask=_ask(yes))  # fmt: skip
+    p = _profile(profile, core, rig)
+    p = p.updated(camera=cal.camera, measured={**p.measured, "camera": cal.ptc})
+    p = p.with_arrays(
+        offset_map=cal.offset_map, read_noise_map=cal.read_noise_map,
+        flat_field=cal.flat_field, hot_pixels=cal.hot_pixels, dead_pixels=cal.dead_pixels,
+    )  # fmt: skip
+    p.save(profile)
+    plot = plot_ptc(cal, profile / "ptc.png")
+    c = cal.camera
+    typer.echo(
+        f"gain {c.gain_adu_per_electron:.3f} ADU/e-, offset {c.offset_adu:.1f} ADU, read "
+        f"noise {c.read_noise_electrons:.2f} e-, {int(cal.hot_pixels.sum())} hot and "
+        f"{int(cal.dead_pixels.sum())} dead pixels\n{profile / 'profile.json'}\n{plot}"
+    )
 
 
 @app.command()
@@ -270,48 +262,44 @@ def optics(
     yes: Yes = False,
 ) -> None:
     """PSF width from a bead slide, and blur versus defocus from a z-series of it."""
-
-    def step() -> None:
-        core, rig, _ = _core(preset, config)
-        p = _profile(profile, core, rig)
-        psf = measure_psf(core, model=model, ask=_ask(yes))
-        optics_ = psf.optics(wavelength or p.optics.wavelength_nm, p.optics.refractive_index)
-        fields: dict[str, Any] = {"optics": optics_, "psf_sigma_um": psf.sigma_um}
-        measured = {"psf": {"sigma_um": psf.sigma_um, "fwhm_um": psf.fwhm_um,
-                            "beads": psf.n_beads, "model": psf.model}}  # fmt: skip
-        line = f"PSF sigma {psf.sigma_um * 1e3:.0f} nm (FWHM {psf.fwhm_um * 1e3:.0f} nm) " \
-               f"from {psf.n_beads} beads -> NA {optics_.na:.2f}"  # fmt: skip
-        if z_range is not None and (z_range < 0 or not np.isfinite(z_range)):
-            raise CalibrationError(f"--z-range {z_range} must be >= 0 (0 skips the z-series)")
-        span = z_range
-        if span is None:
-            span = defocus_range_um(psf.sigma_um, optics_.na, optics_.refractive_index)
-        if span > 0:
-            try:
-                d = measure_defocus(core, range_um=span, ask=None)
-            except CalibrationError as e:
-                what = str(e).split(":")[0]  # which planes failed; the advice is given here
-                auto = defocus_range_um(psf.sigma_um, optics_.na, optics_.refractive_index)
-                change = (
-                    f"try --z-range {auto:.2g} (where the blur grows 2.5x for the PSF "
-                    "just measured) or --z-range 0 to skip it"
-                    if z_range is not None and abs(z_range - auto) > 0.2 * auto
-                    else "check the bead slide, or --z-range 0 to skip it"
-                )
-                raise CalibrationError(
-                    f"the z-series over +-{span:.2g} um failed: {what}; {change}"
-                ) from None
-            fields.update(focus_z_um=d.focus_z_um, defocus_slope=d.slope)
-            measured["defocus"] = {"focus_z_um": d.focus_z_um, "slope": d.slope,
-                                   "z_um": d.z_um.tolist(), "sigma_um": d.sigma_um.tolist()}  # fmt: skip
-            line += (
-                f"; focus at z {d.focus_z_um:.2f} um, blur {d.slope:.3f} um per um "
-                f"(z-series +-{span:.2g} um)"
+    core, rig, _ = _core(preset, config)
+    p = _profile(profile, core, rig)
+    psf = measure_psf(core, model=model, ask=_ask(yes))
+    optics_ = psf.optics(wavelength or p.optics.wavelength_nm, p.optics.refractive_index)
+    fields: dict[str, Any] = {"optics": optics_, "psf_sigma_um": psf.sigma_um}
+    measured = {"psf": {"sigma_um": psf.sigma_um, "fwhm_um": psf.fwhm_um,
+                        "beads": psf.n_beads, "model": psf.model}}  # fmt: skip
+    line = f"PSF sigma {psf.sigma_um * 1e3:.0f} nm (FWHM {psf.fwhm_um * 1e3:.0f} nm) " \
+           f"from {psf.n_beads} beads -> NA {optics_.na:.2f}"  # fmt: skip
+    if z_range is not None and (z_range < 0 or not np.isfinite(z_range)):
+        raise CalibrationError(f"--z-range {z_range} must be >= 0 (0 skips the z-series)")
+    span = z_range
+    if span is None:
+        span = defocus_range_um(psf.sigma_um, optics_.na, optics_.refractive_index)
+    if span > 0:
+        try:
+            d = measure_defocus(core, range_um=span, ask=None)
+        except CalibrationError as e:
+            what = str(e).split(":")[0]  # which planes failed; the advice is given here
+            auto = defocus_range_um(psf.sigma_um, optics_.na, optics_.refractive_index)
+            change = (
+                f"try --z-range {auto:.2g} (where the blur grows 2.5x for the PSF "
+                "just measured) or --z-range 0 to skip it"
+                if z_range is not None and abs(z_range - auto) > 0.2 * auto
+                else "check the bead slide, or --z-range 0 to skip it"
             )
-        p.updated(**fields, measured={**p.measured, **measured}).save(profile)
-        typer.echo(f"{line}\n{profile / 'profile.json'}")
-
-    _run(step)
+            raise CalibrationError(
+                f"the z-series over +-{span:.2g} um failed: {what}; {change}"
+            ) from None
+        fields.update(focus_z_um=d.focus_z_um, defocus_slope=d.slope)
+        measured["defocus"] = {"focus_z_um": d.focus_z_um, "slope": d.slope,
+                               "z_um": d.z_um.tolist(), "sigma_um": d.sigma_um.tolist()}  # fmt: skip
+        line += (
+            f"; focus at z {d.focus_z_um:.2f} um, blur {d.slope:.3f} um per um "
+            f"(z-series +-{span:.2g} um)"
+        )
+    p.updated(**fields, measured={**p.measured, **measured}).save(profile)
+    typer.echo(f"{line}\n{profile / 'profile.json'}")
 
 
 @app.command()
@@ -324,33 +312,25 @@ def bidir(
 ) -> None:
     """Bidirectional scan phase: the sub-pixel shift between forward and backward lines.
     `scopecast serve --profile P --correct-bidir` undoes it before the engine."""
-
-    def step() -> None:
-        core, rig, _ = _core(preset, config)
-        p = _profile(profile, core, rig)
-        phase = measure_bidir(core, frames=frames, ask=_ask(yes))
-        scan = p.scan.model_copy(update={"bidirectional": True, "phase_px": phase})
-        p.updated(scan=scan, measured={**p.measured, "bidir": {"phase_px": phase}}).save(profile)
-        typer.echo(f"line phase {phase:+.3f} px\n{profile / 'profile.json'}")
-
-    _run(step)
+    core, rig, _ = _core(preset, config)
+    p = _profile(profile, core, rig)
+    phase = measure_bidir(core, frames=frames, ask=_ask(yes))
+    scan = p.scan.model_copy(update={"bidirectional": True, "phase_px": phase})
+    p.updated(scan=scan, measured={**p.measured, "bidir": {"phase_px": phase}}).save(profile)
+    typer.echo(f"line phase {phase:+.3f} px\n{profile / 'profile.json'}")
 
 
 @app.command()
 def show(profile: Annotated[Path, typer.Argument(help="profile folder")]) -> None:
     """Print a profile: parameters, arrays and what was measured."""
+    p = CalibrationProfile.load(profile)
+    typer.echo(p.model_dump_json(indent=2, exclude={"measured"}))
+    from calibration.profile import ARRAY_NAMES
 
-    def step() -> None:
-        p = CalibrationProfile.load(profile)
-        typer.echo(p.model_dump_json(indent=2, exclude={"measured"}))
-        from calibration.profile import ARRAY_NAMES
-
-        for name in ARRAY_NAMES:
-            a = p.array(name)
-            if a is not None:
-                typer.echo(f"{name}: {a.shape} {a.dtype}")
-
-    _run(step)
+    for name in ARRAY_NAMES:
+        a = p.array(name)
+        if a is not None:
+            typer.echo(f"{name}: {a.shape} {a.dtype}")
 
 
 @app.command("register")
@@ -368,38 +348,36 @@ def register_pairs(
 ) -> None:
     """Align high-quality images onto low-quality images of the same fields taken on two
     systems (rotation, scale, translation) and write registered, cropped training pairs."""
-    from calibration.register import register, registered_pair, write_pairs
+    from calibration.pairfolder import write_pairs
+    from calibration.register import register, registered_pair
 
-    def step() -> None:
-        names = _matched(low, high)
-        pairs = []
-        for name, low_file, high_file in names:
-            lo, hi = _read_image(low_file), _read_image(high_file)
-            try:
-                sim = register(hi, lo, scale_hint=scale_hint)
-                hi_reg, lo_crop = registered_pair(hi, lo, sim, upsample=upsample)
-            except (CalibrationError, ValueError) as e:
-                raise CalibrationError(f"{name} ({low_file} and {high_file}): {e}") from None
-            pairs.append((name, lo_crop, hi_reg))
-            typer.echo(
-                f"{name}: rotation {sim.rotation_deg:+.2f} deg, scale {sim.scale:.4f}, shift "
-                f"({sim.shift_yx[0]:+.2f}, {sim.shift_yx[1]:+.2f}) px, score {sim.score:.3f}, "
-                f"pair {lo_crop.shape} -> {hi_reg.shape}"
-            )
-        write_pairs(pairs, out)
-        typer.echo(f"{len(pairs)} pairs in {out / 'low'} and {out / 'high'}")
-
-    _run(step)
+    names = _matched(low, high)
+    pairs = []
+    for name, low_file, high_file in names:
+        lo, hi = _read_image(low_file), _read_image(high_file)
+        try:
+            sim = register(hi, lo, scale_hint=scale_hint)
+            hi_reg, lo_crop = registered_pair(hi, lo, sim, upsample=upsample)
+        except (CalibrationError, ValueError) as e:
+            raise CalibrationError(f"{name} ({low_file} and {high_file}): {e}") from None
+        pairs.append((name, lo_crop, hi_reg))
+        typer.echo(
+            f"{name}: rotation {sim.rotation_deg:+.2f} deg, scale {sim.scale:.4f}, shift "
+            f"({sim.shift_yx[0]:+.2f}, {sim.shift_yx[1]:+.2f}) px, score {sim.score:.3f}, "
+            f"pair {lo_crop.shape} -> {hi_reg.shape}"
+        )
+    write_pairs(pairs, out)
+    typer.echo(f"{len(pairs)} pairs in {out / 'low'} and {out / 'high'}")
 
 
 def _read_image(path: Path) -> np.ndarray:
     """One 2-D image from a TIFF, or a CalibrationError saying what is wrong with the file."""
-    import tifffile
+    from calibration.pairfolder import read_tiff
 
     try:
-        image = tifffile.imread(path)
-    except (OSError, ValueError) as e:  # tifffile.TiffFileError is a ValueError
-        raise CalibrationError(f"{path} is not a readable TIFF image: {e}") from None
+        image = read_tiff(path)
+    except ValueError as e:
+        raise CalibrationError(str(e)) from None
     image = np.squeeze(image)
     if image.ndim != 2:
         raise CalibrationError(
@@ -410,16 +388,20 @@ def _read_image(path: Path) -> np.ndarray:
 
 def _matched(low: Path, high: Path) -> list[tuple[str, Path, Path]]:
     """(name, low file, high file): two files, or the TIFFs two folders share by name."""
+    from calibration.pairfolder import match_files, pair_name
+
     if low.is_file() and high.is_file():
-        return [(low.stem.split(".")[0], low, high)]
+        return [(pair_name(low), low, high)]
     if not (low.is_dir() and high.is_dir()):
         raise CalibrationError(f"give two TIFF files or two folders, not {low} and {high}")
-    lows = {p.stem.split(".")[0]: p for p in sorted(low.glob("*.tif*"))}
-    highs = {p.stem.split(".")[0]: p for p in sorted(high.glob("*.tif*"))}
-    shared = sorted(set(lows) & set(highs))
-    if not shared:
+    try:
+        matched = match_files(low, high)
+    except ValueError as e:
+        raise CalibrationError(str(e)) from None
+    if not matched.pairs:
+        n_low, n_high = matched.counts
         raise CalibrationError(
-            f"no TIFF names shared by {low} ({len(lows)} files) and {high} ({len(highs)} files):"
+            f"no TIFF names shared by {low} ({n_low} files) and {high} ({n_high} files):"
             " name each pair's two images the same"
         )
-    return [(n, lows[n], highs[n]) for n in shared]
+    return [(p.name, p.low, p.high) for p in matched.pairs]

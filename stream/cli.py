@@ -1,5 +1,7 @@
-"""The ``scopecast`` command. Each package owns its sub-commands; other packages (bench) add
-theirs through the ``scopecast.commands`` entry-point group, so stream never imports them."""
+"""The ``scopecast`` command. Each package owns its sub-commands and mounts them through the
+``scopecast.commands`` entry-point group (engines, calibrate, train, export, build, bench), so
+stream never imports them. A user's mistake in any command is one red ``error:`` line and exit
+code 2 (:mod:`stream.console`); commands do not catch errors to report them."""
 
 from __future__ import annotations
 
@@ -7,19 +9,23 @@ import json
 import logging
 import signal
 import zlib
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Column, Table
 
-from .endpoints import EndpointError
+from engines.runtime import backend_help
+
+from .console import ScopecastGroup, err, out, run_app
+from .console import error as _error
+from .console import one_line as _one_line
+from .console import progress as _progress
+from .console import warning as _warning
 from .hook import FrameHook, ReceiverUnreachable
+from .status import ServerStatus, StageFailure
 
 app = typer.Typer(
     name="scopecast",
@@ -27,79 +33,16 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=ScopecastGroup,
 )
-out = Console()
-err = Console(stderr=True, soft_wrap=True)
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
-
-
-@contextmanager
-def _expected_errors(*more: type[Exception]):
-    """Turn the mistakes a user can make into one red line and exit code 2, not a traceback."""
-    from calibration.errors import CalibrationError
-    from engines.package import PackageError
-
-    from .acquire import SetupError
-
-    expected = (SetupError, EndpointError, ReceiverUnreachable, PackageError, CalibrationError)
-    try:
-        yield
-    except typer.Exit:  # a RuntimeError too: an exit already decided stays as it is
-        raise
-    except (*expected, OSError, *more) as e:
-        _error(_describe(e))
-        raise typer.Exit(2) from None
-
-
-def _describe(e: BaseException) -> str:
-    """An exception's message; pydantic's several-line report as 'field: problem; ...'."""
-    from pydantic import ValidationError
-
-    if isinstance(e, ValidationError):
-        return "; ".join(
-            f"{'.'.join(map(str, x['loc'])) or e.title}: {x['msg']}" for x in e.errors()
-        )
-    return str(e) or type(e).__name__
-
-
-#: the longest error line printed; longer messages are cut (they should be short at the source)
-MAX_ERROR_CHARS = 400
-
-
-def _one_line(text: str, limit: int = MAX_ERROR_CHARS) -> str:
-    """``text`` on one line (whitespace runs, newlines included, become one space), cut to
-    ``limit`` characters."""
-    line = " ".join(text.split())
-    return line if len(line) <= limit else line[: limit - 1].rstrip() + "…"
-
-
-def _error(message: str) -> None:
-    """One red ``error:`` line on stderr."""
-    err.print(f"[red]error:[/red] {escape(_one_line(message))}", highlight=False)
-
-
-def _warning(message: str) -> None:
-    """One yellow ``warning:`` line on stderr."""
-    err.print(f"[yellow]warning:[/yellow] {escape(_one_line(message))}", highlight=False)
-
-
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[status]}"),
-        TimeElapsedColumn(),
-        console=err,
-        transient=True,
-    )
 
 
 @app.command()
 def presets() -> None:
     """List the simulated microscope's presets."""
-    from .simulated import PRESETS
+    from calibration.sim.presets import PRESETS
 
     table = Table("frame", "um/px", "interval s", "channels", "what it is")
     table.columns.insert(0, Column("preset", no_wrap=True))
@@ -164,48 +107,48 @@ def acquire(
     the end; 1 frames not handed over, a receiver that went away, or fewer frames than
     planned (a warning line says which); 2 an expected mistake (one red line).
     """
-    from . import acquire as acq
-    from .security import KeysError, curve_or_none
-    from .simulated import time_plan
+    from calibration.sim.scene import time_plan
 
-    with _expected_errors(KeysError):
-        if config and preset:
-            raise acq.SetupError(
-                "give either --config (a real rig) or --preset (simulated), not both"
-            )
-        for name, value in (("--duration", duration), ("--interval", interval)):
-            if value is not None and value <= 0:
-                raise acq.SetupError(f"{name} {value} must be > 0")
-        if config:
-            core = acq.load_config(config)
-            default_seq = acq.useq.MDASequence(time_plan=time_plan(duration, interval or 0.1))
-        else:
-            scope = acq.simulated(preset or "confocal-20fps", seed)
-            core, default_seq = scope.core, scope.preset.sequence(duration, interval)
-        seq = acq.load_sequence(sequence) if sequence else default_seq
-        curve = curve_or_none(keys)
-        hook = FrameHook(to, stream=stream, hwm=hwm, curve=curve, on_finished=lambda stats: None)
-        if wait > 0:
-            try:
-                hook.wait_for_receiver(wait)
-            except ReceiverUnreachable as e:
-                hook.close()
-                hint = "" if curve is None else " (or it does not accept these keys)"
-                raise ReceiverUnreachable(f"{e}{hint}") from None
-        total = sum(1 for _ in seq)
-        with _progress() as bar:
-            task = bar.add_task(f"acquiring -> {to}", total=total, status="")
-            summary = acq.run(
-                core,
-                seq,
-                hook,
-                on_progress=lambda s: bar.update(
-                    task,
-                    completed=s.frames_seen,
-                    status=f"not handed over: {s.frames_not_handed_over}",
-                ),
-            )
-        hook.close()
+    from . import acquire as acq
+    from .security import curve_or_none
+
+    if config and preset:
+        raise acq.SetupError(
+            "give either --config (a real rig) or --preset (simulated), not both"
+        )
+    for name, value in (("--duration", duration), ("--interval", interval)):
+        if value is not None and value <= 0:
+            raise acq.SetupError(f"{name} {value} must be > 0")
+    if config:
+        core = acq.load_config(config)
+        default_seq = acq.useq.MDASequence(time_plan=time_plan(duration, interval or 0.1))
+    else:
+        scope = acq.simulated(preset or "confocal-20fps", seed)
+        core, default_seq = scope.core, scope.preset.sequence(duration, interval)
+    seq = acq.load_sequence(sequence) if sequence else default_seq
+    curve = curve_or_none(keys)
+    hook = FrameHook(to, stream=stream, hwm=hwm, curve=curve, on_finished=lambda stats: None)
+    if wait > 0:
+        try:
+            hook.wait_for_receiver(wait)
+        except ReceiverUnreachable as e:
+            hook.close()
+            hint = "" if curve is None else " (or it does not accept these keys)"
+            raise ReceiverUnreachable(f"{e}{hint}") from None
+    total = sum(1 for _ in seq)
+    with _progress() as bar:
+        task = bar.add_task(f"acquiring -> {to}", total=total, status="")
+        summary = acq.run(
+            core,
+            seq,
+            hook,
+            on_progress=lambda s: bar.update(
+                task,
+                completed=s.frames_seen,
+                status=f"not handed over: {s.frames_not_handed_over}",
+            ),
+        )
+    hook.close()
     if as_json:
         out.print_json(json.dumps(summary))
     else:
@@ -249,7 +192,7 @@ def receive(
     stopping = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopping.append(True))
-    with _expected_errors(), FrameReceiver(listen, insecure=insecure) as rx, ExitStack() as stack:
+    with FrameReceiver(listen, insecure=insecure) as rx, ExitStack() as stack:
         on_frame = None
         if headers is not None:
             log = stack.enter_context(headers.open("a"))
@@ -303,7 +246,7 @@ def serve(
     backend: Annotated[
         str,
         typer.Option(
-            help="auto, tensorrt (plans, extra gpu), onnxruntime, onnxruntime-cpu, -cuda or -tensorrt"
+            help=f"inference backend: {backend_help()}"
         ),
     ] = "auto",
     threads: Annotated[
@@ -346,32 +289,27 @@ def serve(
     port in use, malformed endpoint, bad option); 3 a stage of the server died (one red line
     names the stage and its error; the summary says "healthy": false).
     """
-    from pydantic import ValidationError
-
-    from engines.runtime import BackendError
-
     from .server import ServerConfig, ServerError
 
-    with _expected_errors(ServerError, BackendError, ValidationError):
-        if mode not in ("live", "complete"):
-            raise ServerError(f"--mode {mode!r} must be live or complete")
-        config = ServerConfig(
-            engines=engine or ["identity"],
-            out_dir=out_dir,
-            listen=listen,
-            publish=None if publish == "none" else publish,
-            control=control,
-            mode=mode,
-            backend=backend,
-            threads=threads,
-            backlog_mb=backlog_mb,
-            ring_mb=ring_mb,
-            profile=profile,
-            correct_bidir=correct_bidir,
-            keys=keys,
-            insecure=insecure,
-        )
-        summary = _serve(config, quiet=quiet or as_json)
+    if mode not in ("live", "complete"):
+        raise ServerError(f"--mode {mode!r} must be live or complete")
+    config = ServerConfig(
+        engines=engine or ["identity"],
+        out_dir=out_dir,
+        listen=listen,
+        publish=None if publish == "none" else publish,
+        control=control,
+        mode=mode,
+        backend=backend,
+        threads=threads,
+        backlog_mb=backlog_mb,
+        ring_mb=ring_mb,
+        profile=profile,
+        correct_bidir=correct_bidir,
+        keys=keys,
+        insecure=insecure,
+    )
+    summary = _serve(config, quiet=quiet or as_json)
     if as_json:
         print(json.dumps(summary), flush=True)
     elif "engine" in summary:
@@ -379,13 +317,18 @@ def serve(
     _exit_if_unhealthy("engine server", summary)
 
 
-def _exit_if_unhealthy(what: str, summary: dict[str, Any]) -> None:
+def _exit_if_unhealthy(what: str, summary: ServerStatus | dict[str, Any]) -> None:
     """One red line naming the dead stage and its error, and exit 3, for a summary whose
-    ``healthy`` is false."""
-    if summary.get("healthy", True) is not False:
+    ``healthy`` is false (a ServerStatus, its JSON, or the partial summary of a server that
+    died before it had one: only ``healthy`` and ``failure``)."""
+    if isinstance(summary, dict):
+        healthy, failure = summary.get("healthy", True), summary.get("failure")
+    else:
+        healthy, failure = summary.healthy, summary.failure
+    if healthy is not False:
         return
-    failure = summary.get("failure") or {}
-    stage, error = failure.get("stage", "?"), failure.get("error", "no error recorded")
+    dead = StageFailure.model_validate(failure) if failure else None
+    stage, error = (dead.stage, dead.error) if dead else ("?", "no error recorded")
     _error(
         f"the {what}'s {stage} stage died ({_one_line(str(error), 200)}); it flushed and "
         "closed its files and stopped"
@@ -397,9 +340,11 @@ def _serve(config: Any, *, quiet: bool) -> dict[str, Any]:
     """Run a server until a signal or a control ``stop``; show a status line meanwhile."""
     import threading
 
+    from engines.offline.build import rebuild_plan  # TensorRT only; loads neither onnx nor torch
+
     from .server import EngineServer
 
-    server = EngineServer(config)
+    server = EngineServer(config, rebuild=rebuild_plan)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: server.stop())
     if not quiet:
@@ -414,7 +359,7 @@ def _serve(config: Any, *, quiet: bool) -> dict[str, Any]:
 
     def run() -> None:
         try:
-            result.update(server.run())
+            result.update(server.run().model_dump(mode="json"))
         except BaseException as e:  # reported as a dead server below
             logging.getLogger(__name__).exception("the engine server failed")
             result.update(
@@ -430,10 +375,10 @@ def _serve(config: Any, *, quiet: bool) -> dict[str, Any]:
             runner.join(1.0)
             if status is not None:
                 s = server.status()
-                total = s["latency_ms"].get("total", {})
+                total = s.latency_ms.get("total")
                 status.update(
-                    f"received {s['frames_received']}  enhanced {s['frames_enhanced']}  "
-                    f"skipped {s['frames_skipped']}  p99 {_fmt(total.get('p99'))} ms"
+                    f"received {s.frames_received}  enhanced {s.frames_enhanced}  "
+                    f"skipped {s.frames_skipped}  p99 {_fmt(total and total.p99)} ms"
                 )
     if not result:
         result.update(healthy=False, failure={"stage": "server", "error": "no summary"})
@@ -450,18 +395,14 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="print the status as JSON")] = False,
 ) -> None:
     """Ask a running engine server for its counters, latencies, engine and queue depths."""
-    from .control import ControlError, request
+    from .control import status as ask_status
+    from .control import stop as ask_stop
     from .security import curve_or_none
 
-    with _expected_errors(ControlError):
-        reply = request(
-            control,
-            "stop" if stop else "status",
-            curve=curve_or_none(keys),
-            timeout_s=600.0 if stop else 2.0,
-        )
+    ask = ask_stop if stop else ask_status
+    reply = ask(control, curve=curve_or_none(keys), timeout_s=600.0 if stop else 2.0)
     if as_json:
-        print(json.dumps(reply), flush=True)
+        print(json.dumps(reply.model_dump(mode="json")), flush=True)
     else:
         _print_summary("server", _brief(reply))
 
@@ -488,22 +429,21 @@ def view(
 ) -> None:
     """Serve the live viewer: raw and enhanced side by side in a browser, with fps, latency,
     skipped frames, fidelity, engine and backend. Prints the URL to open; Ctrl-C stops."""
-    from .viewer import ViewerConfig, ViewerError, serve
+    from .viewer import ViewerConfig, serve
 
     def ready(url: str) -> None:
         print(url, flush=True)
         err.print(f"live viewer of {publish}: open {url}   Ctrl-C stops", highlight=False)
 
-    with _expected_errors(ViewerError):
-        config = ViewerConfig(
-            publish=publish,
-            control=None if control == "none" else control,
-            host=host,
-            port=port,
-            token=token,
-            keys=keys,
-        )
-        serve(config, on_ready=ready)
+    config = ViewerConfig(
+        publish=publish,
+        control=None if control == "none" else control,
+        host=host,
+        port=port,
+        token=token,
+        keys=keys,
+    )
+    serve(config, on_ready=ready)
 
 
 @app.command()
@@ -511,10 +451,9 @@ def keys(
     directory: Annotated[Path, typer.Argument(help="folder to create the key pairs in")],
 ) -> None:
     """Create CURVE keys: the server uses server.key_secret, clients client.key_secret."""
-    from .security import KeysError, generate_keys
+    from .security import generate_keys
 
-    with _expected_errors(KeysError):
-        files = generate_keys(directory)
+    files = generate_keys(directory)
     for f in files:
         out.print(str(f), highlight=False)
     err.print(
@@ -532,12 +471,9 @@ def recover(
     ] = None,
 ) -> None:
     """Rebuild a readable OME-TIFF from a file left by a crash; the original is kept."""
-    from .sinks import CorruptIndex, SinkError
-    from .sinks.recover import RecoverError
     from .sinks.recover import recover as rebuild
 
-    with _expected_errors(SinkError, RecoverError, CorruptIndex):
-        r = rebuild(file, index=index)
+    r = rebuild(file, index=index)
     skipped = [
         f"{r.bad_crc} with a bad checksum" if r.bad_crc else "",
         f"{r.missing} cut off at the end of the file" if r.missing else "",
@@ -592,7 +528,7 @@ def demo(
     from . import acquire as acq
 
     endpoints: dict[str, str] = {}
-    with _expected_errors(RuntimeError), ExitStack() as stack:
+    with ExitStack() as stack:
         if duration <= 0:
             raise acq.SetupError(f"--duration {duration} must be > 0")
         if mode not in ("live", "complete"):
@@ -692,16 +628,18 @@ def demo(
         raise typer.Exit(1)
 
 
-def _backend(status: dict[str, Any]) -> str:
-    """'onnxruntime cpu' for each engine of the chain, from a server's status."""
-    return ", ".join(f"{b['name']} {b['device']}" for b in status["engine"]["backend"])
+def _backend(status: ServerStatus | dict[str, Any]) -> str:
+    """'onnxruntime cpu' for each engine of the chain, from a server's status (or its JSON)."""
+    s = ServerStatus.model_validate(status)
+    return ", ".join(f"{b.name} {b.device}" for b in s.engine.backend)
 
 
-def _brief(s: dict[str, Any]) -> dict[str, Any]:
+def _brief(status: ServerStatus | dict[str, Any]) -> dict[str, Any]:
     """The server summary without the bulky parts, for a terminal table."""
+    s = ServerStatus.model_validate(status)
     skip = {"engine", "rings", "frames_received_by_stream"}
-    return {"engine": s["engine"]["engine"], "backend": _backend(s),
-            **{k: v for k, v in s.items() if k not in skip}}  # fmt: skip
+    return {"engine": s.engine.engine, "backend": _backend(s),
+            **s.model_dump(mode="json", exclude=skip)}  # fmt: skip
 
 
 def _print_summary(title: str, summary: dict[str, Any]) -> None:
@@ -732,30 +670,33 @@ def _fmt(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
+#: where `scopecast --help` lists the commands other packages mount (typer lists single commands
+#: before groups); entry points not named here follow, by name
+HELP_ORDER = ("train", "export", "build", "engines", "calibrate", "bench")
+
+
 def _add_groups() -> None:
-    """Mount the engines group, and groups other packages register under
-    ``scopecast.commands``."""
-    from engines.cli import app as engines_app
-    from engines.cli import build as engines_build
-    from engines.train.cli import export, train
-
-    from .calibrate import app as calibrate_app
-
-    app.add_typer(engines_app, name="engines")
-    app.add_typer(calibrate_app, name="calibrate")
-    app.command()(train)
-    app.command()(export)
-    app.command("build")(engines_build)
-    for ep in entry_points(group="scopecast.commands"):
+    """Mount every package's commands: each entry of the ``scopecast.commands`` entry-point
+    group is a typer app (a command group: engines, calibrate, bench) or a function (one
+    command: train, export, build), mounted under the entry's name."""
+    found = entry_points(group="scopecast.commands")
+    rank = {name: i for i, name in enumerate(HELP_ORDER)}
+    for ep in sorted(found, key=lambda ep: (rank.get(ep.name, len(rank)), ep.name)):
         try:
-            app.add_typer(ep.load(), name=ep.name)
-        except Exception as e:  # a broken plugin must not break the core commands
+            commands = ep.load()
+            if isinstance(commands, typer.Typer):
+                app.add_typer(commands, name=ep.name)
+            else:
+                app.command(ep.name)(commands)
+        except Exception as e:  # noqa: BLE001 (a broken plugin must not break the core commands)
             err.print(f"[yellow]warning:[/yellow] command group {ep.name!r} not loaded: {e}")
 
 
 def main() -> None:
+    """The ``scopecast`` command: a user's mistake in any command is one red ``error:`` line
+    and exit code 2 (:func:`stream.console.run_app`)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # importing pymmcore-plus sets the root logger to DEBUG; keep our handler at WARNING anyway
     logging.getLogger().handlers[0].setLevel(logging.WARNING)
     _add_groups()
-    app(prog_name="scopecast")
+    run_app(app, prog_name="scopecast")

@@ -1,5 +1,8 @@
 """Talk to a running server's control socket (``status``, ``stop``) — one request per socket,
-so a server that does not answer never leaves a REQ socket stuck."""
+so a server that does not answer never leaves a REQ socket stuck.
+
+:func:`status` and :func:`stop` return the server's answer as a :class:`ServerStatus`;
+:func:`request` returns any answer as the JSON it was sent as."""
 
 from __future__ import annotations
 
@@ -9,12 +12,16 @@ import time
 from typing import Any
 
 import zmq
+from pydantic import ValidationError
+
+from calibration.errors import ScopecastError
 
 from .endpoints import check_endpoint
 from .security import Curve
+from .status import ServerStatus
 
 
-class ControlError(RuntimeError):
+class ControlError(ScopecastError, RuntimeError):
     """No answer, or an error answer, from a server's control socket."""
 
 
@@ -66,14 +73,55 @@ def request(
     return reply
 
 
+def status(
+    endpoint: str,
+    *,
+    timeout_s: float = 2.0,
+    curve: Curve | None = None,
+    process: subprocess.Popen | None = None,
+) -> ServerStatus:
+    """The server's status (see :func:`request` for ``process``)."""
+    reply = request(endpoint, "status", timeout_s=timeout_s, curve=curve, process=process)
+    return parse_status(reply, endpoint)
+
+
+def stop(
+    endpoint: str,
+    *,
+    expect: dict[str, int] | None = None,
+    timeout_s: float = 600.0,
+    curve: Curve | None = None,
+    process: subprocess.Popen | None = None,
+) -> ServerStatus:
+    """Ask the server to finish once ``expect[stream]`` frames of each stream arrived (up to
+    ``timeout_s``); its final summary."""
+    reply = request(endpoint, "stop", timeout_s=timeout_s, curve=curve, process=process,
+                    expect=expect or {})  # fmt: skip
+    return parse_status(reply, endpoint)
+
+
+def parse_status(reply: Any, endpoint: str = "the server") -> ServerStatus:
+    """``reply`` (a ``status`` or ``stop`` answer) as a ServerStatus; ControlError if it is
+    not one (a server of another version, or not a scopecast server)."""
+    try:
+        return ServerStatus.model_validate(reply)
+    except ValidationError as e:
+        raise ControlError(
+            f"{endpoint} answered something that is not a scopecast server status "
+            f"({e.error_count()} problems, first: {e.errors()[0]['loc']} {e.errors()[0]['msg']}): "
+            "is it a server of the same scopecast version?"
+        ) from e
+
+
 def wait_ready(
     endpoint: str,
     *,
     timeout_s: float = 30.0,
     curve: Curve | None = None,
     process: subprocess.Popen | None = None,
-) -> dict[str, Any]:
-    """Poll ``status`` until the server answers; fail early if ``process`` exits first."""
+) -> ServerStatus:
+    """Poll ``status`` until the server answers (its first status); fail early if ``process``
+    exits first."""
     deadline = time.monotonic() + timeout_s
     while True:
         if process is not None and process.poll() is not None:
@@ -83,7 +131,9 @@ def wait_ready(
                 f" {str(errors).strip()[-2000:]}"
             )
         try:
-            return request(endpoint, "status", timeout_s=0.5, curve=curve)
+            reply = request(endpoint, "status", timeout_s=0.5, curve=curve)
         except ControlError:
             if time.monotonic() > deadline:
                 raise
+            continue
+        return parse_status(reply, endpoint)

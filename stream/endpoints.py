@@ -7,6 +7,8 @@ import logging
 import re
 import threading
 
+from calibration.errors import ScopecastError
+
 log = logging.getLogger(__name__)
 _warned: set[str] = set()  # insecure binds already warned about, once per process
 _warned_lock = threading.Lock()
@@ -15,7 +17,7 @@ _ENDPOINT = re.compile(r"^(?P<scheme>tcp|ipc|inproc)://(?P<rest>.+)$")
 _LOOPBACK_NAMES = {"localhost", "127.0.0.1", "[::1]", "::1"}
 
 
-class EndpointError(ValueError):
+class EndpointError(ScopecastError, ValueError):
     """An endpoint that is malformed, or that may not be used as asked."""
 
 

@@ -22,6 +22,8 @@ import numpy as np
 import zmq
 from pydantic import ValidationError
 
+from calibration.errors import ScopecastError
+
 from .endpoints import EndpointError, check_endpoint
 from .protocol import DTYPES, FrameHeader, StagePosition, check_stream_id, encode
 from .security import Curve
@@ -39,7 +41,7 @@ log = logging.getLogger(__name__)
 _EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
 
 
-class ReceiverUnreachable(RuntimeError):
+class ReceiverUnreachable(ScopecastError, RuntimeError):
     """No receiver is connected at the hook's endpoint."""
 
 

@@ -15,6 +15,8 @@ from typing import Annotated, Any, ClassVar, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from calibration.errors import ScopecastError
+
 PROTOCOL_VERSION = 1
 
 #: Pixel types on the wire (always little-endian).
@@ -40,7 +42,7 @@ def check_stream_id(stream: str) -> str:
     return stream
 
 
-class ProtocolError(ValueError):
+class ProtocolError(ScopecastError, ValueError):
     """A message that does not follow the scopecast protocol."""
 
     kind: ClassVar[str] = "protocol"

@@ -18,10 +18,12 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
+from calibration.errors import ScopecastError
+
 log = logging.getLogger(__name__)
 
 
-class KeysError(ValueError):
+class KeysError(ScopecastError, ValueError):
     """A key folder that is missing or incomplete."""
 
 

@@ -39,7 +39,7 @@ import time
 from collections import Counter, OrderedDict, defaultdict, deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
 import numpy as np
 import zmq
@@ -47,18 +47,32 @@ from pydantic import BaseModel, ConfigDict, Field
 from zmq.utils.monitor import recv_monitor_message
 
 from calibration.bidir import correct_phase
+from calibration.errors import ScopecastError
 from calibration.fidelity import fidelity
 from calibration.profile import CalibrationProfile
-from engines.engine import EngineChain, EngineError
+from engines.engine import EngineChain, EngineError, to_dtype
 from engines.package import PackageError
+from engines.runtime import PlanRebuilder
 
 from .endpoints import check_bind
 from .protocol import MAX_INT64, FrameHeader, PublishedHeader, encode_published
 from .receiver import FrameReceiver
 from .ring import Rings, Window
 from .security import Curve, curve_or_none
-from .sinks import RunWriter, SinkError, fresh_run_dir
+from .sinks import RunWriter, SinkError, fresh_run_dir, sink_type
 from .stats import Samples, percentiles
+from .status import (
+    DiskErrors,
+    EngineInfo,
+    FramesWritten,
+    Latency,
+    Queues,
+    RingStats,
+    ServerStatus,
+    StageErrors,
+    StageFailure,
+    Viewers,
+)
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +86,8 @@ THREADS = ("receive", "engine", "writer", "control")
 GUARDED = (*THREADS, "publish", "spill")
 #: A control ``stop`` waits at most this long for expected frames.
 MAX_STOP_WAIT_S = 3600.0
+
+T = TypeVar("T")
 
 
 class ServerConfig(BaseModel):
@@ -99,6 +115,7 @@ class ServerConfig(BaseModel):
     correct_bidir: bool = Field(False, description="undo the profile's line phase first")
     rcvhwm: int = Field(64, ge=1)
     fsync: bool = False
+    sink: str = Field("ome-tiff", description="how frames are stored: a stream.sinks.SINKS name")
 
 
 class ControlRequest(BaseModel):
@@ -114,18 +131,31 @@ class ControlRequest(BaseModel):
     timeout_s: Annotated[float, Field(ge=0, le=MAX_STOP_WAIT_S, allow_inf_nan=False)] = 10.0
 
 
-class ServerError(RuntimeError):
+class ServerError(ScopecastError, RuntimeError):
     """The server cannot start as configured (engine, sockets, output folder)."""
 
 
 @dataclass
 class Job:
-    """A received frame waiting for enhancement."""
+    """A received frame waiting for enhancement (receive -> scheduler -> engine); its pixels
+    move to ``spill`` and back while the backlog is on disk."""
 
     header: FrameHeader
     frame: np.ndarray | None
     recv_ns: int
     spill: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ToWrite:
+    """A frame for the writer stage: a raw one from receive, or an enhanced one from the
+    engine (``header`` is then its raw frame's, ``fidelity`` its residual when checked)."""
+
+    kind: Literal["raw", "enhanced"]
+    header: FrameHeader
+    frame: np.ndarray
+    timings_ms: dict[str, float]
+    fidelity: dict[str, float] | None = None
 
 
 class Scheduler:
@@ -242,7 +272,7 @@ class Scheduler:
         self.spilled += 1
 
 
-class ByteQueue:
+class ByteQueue(Generic[T]):
     """A FIFO bounded by the bytes it holds; ``put`` waits when full (backpressure).
 
     Each item counts ``ITEM_BYTES`` on top of its pixels (header, message, bookkeeping: about
@@ -252,11 +282,12 @@ class ByteQueue:
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
-        self._items: deque[tuple[Any, int]] = deque()
+        self._items: deque[tuple[T | None, int]] = deque()
         self._bytes = 0
         self._cv = threading.Condition()
 
-    def put(self, item: Any, nbytes: int) -> None:
+    def put(self, item: T | None, nbytes: int) -> None:
+        """Queue ``item`` (None: the end), waiting while the queue is full."""
         nbytes += self.ITEM_BYTES if item is not None else 0
         with self._cv:
             self._cv.wait_for(lambda: self._bytes + nbytes <= self.max_bytes or not self._items)
@@ -264,7 +295,7 @@ class ByteQueue:
             self._bytes += nbytes
             self._cv.notify_all()
 
-    def get(self) -> Any:
+    def get(self) -> T | None:
         with self._cv:
             self._cv.wait_for(lambda: self._items)
             item, nbytes = self._items.popleft()
@@ -312,14 +343,18 @@ class _Once:
 class EngineServer:
     """The running server; ``run()`` serves until ``stop()`` (or a control ``stop``)."""
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, *, rebuild: PlanRebuilder | None = None) -> None:
+        """``rebuild`` makes a TensorRT plan the package lacks for this GPU (the ``serve``
+        command passes ``engines.offline.build.rebuild_plan``; without it such an engine runs
+        on the next backend, or ``--backend tensorrt`` fails naming the build command)."""
         self.config = c = config
         _raise_open_files_limit()
         self.curve: Curve | None = curve_or_none(c.keys)
         for ep in filter(None, (c.listen, c.publish, c.control)):
             check_bind(ep, insecure=c.insecure, authenticated=self.curve is not None)
         try:
-            self.chain = EngineChain.open(c.engines, c.backend, c.threads)
+            sink_type(c.sink)
+            self.chain = EngineChain.open(c.engines, c.backend, c.threads, rebuild=rebuild)
         except (PackageError, ValueError) as e:
             raise ServerError(str(e)) from e
         self.profile = CalibrationProfile.load(c.profile) if c.profile else None
@@ -340,14 +375,14 @@ class EngineServer:
         self.disk_errors = _Once()
         self.stage_errors = {stage: _Once() for stage in GUARDED}
         self.requests_rejected = 0
-        self.failure: dict[str, str] | None = None
+        self.failure: StageFailure | None = None
         self._deaths: dict[str, str] = {}
         self.received: Counter[str] = Counter()
         self.enhanced = 0
         self.published = 0
         self.written: Counter[str] = Counter()
         self.started = time.monotonic()
-        self._writer_q = ByteQueue(int(c.writer_mb * 2**20))
+        self._writer_q: ByteQueue[ToWrite] = ByteQueue(int(c.writer_mb * 2**20))
         self._pub_lock = threading.Lock()
         self._backend_name = self.chain.engines[0].backend.name
         self._stop = threading.Event()
@@ -355,7 +390,7 @@ class EngineServer:
         self._finished = threading.Event()
         self._expect: dict[str, int] = {}
         self._expect_timeout_s = 10.0
-        self._summary: dict[str, Any] | None = None
+        self._summary: ServerStatus | None = None
 
         self.ctx = zmq.Context()
         self._auth = None
@@ -375,7 +410,7 @@ class EngineServer:
                 )
             self._control = self._bind(zmq.REP, c.control)
             self.run_dir = fresh_run_dir(c.out_dir)
-            self.writer = RunWriter(self.run_dir, fsync=c.fsync)
+            self.writer = RunWriter(self.run_dir, fsync=c.fsync, sink=c.sink)
         except BaseException:
             self._close_sockets()
             raise
@@ -439,7 +474,7 @@ class EngineServer:
 
     # -- lifecycle ------------------------------------------------------------------------
 
-    def run(self) -> dict[str, Any]:
+    def run(self) -> ServerStatus:
         """Serve until stopped, or until a stage dies (supervised); then drain, flush and close
         everything; return the summary (``healthy`` false after a death)."""
         # A stage woken by a frame should not wait the default 5 ms for another stage's GIL.
@@ -460,7 +495,7 @@ class EngineServer:
             for name, t in self._threads.items():
                 if name in self._deaths or (not t.is_alive() and not self._stop.is_set()):
                     error = self._deaths.get(name, "the thread ended without an error")
-                    self.failure = {"stage": name, "error": error}
+                    self.failure = StageFailure(stage=name, error=error)
                     log.critical(
                         "stage %s is dead (%s): flushing, closing every file and exiting",
                         name, error,
@@ -475,7 +510,7 @@ class EngineServer:
         self._expect_timeout_s = timeout_s
         self._stop.set()
 
-    def _shutdown(self) -> dict[str, Any]:
+    def _shutdown(self) -> ServerStatus:
         self._stop.set()
         deadline = time.monotonic() + self._expect_timeout_s
         while (
@@ -533,7 +568,7 @@ class EngineServer:
         transport = (recv_ns - header.mono_ns) / 1e6
         self.times.add("transport", transport)
         # raw goes to the writer queue before its enhancement can (the index links them)
-        self._writer_q.put(("raw", header, frame, {"transport": transport}, None), header.nbytes)
+        self._writer_q.put(ToWrite("raw", header, frame, {"transport": transport}), header.nbytes)
         try:
             self.chain.check(header.shape)
             self.scheduler.submit(Job(header, frame, recv_ns))
@@ -568,38 +603,38 @@ class EngineServer:
         frames = window.frames
         if self.config.correct_bidir:
             phase = self.profile.scan.phase_px
-            frames = [_as_dtype(correct_phase(f, phase), f.dtype) for f in frames]
+            frames = [to_dtype(correct_phase(f, phase), f.dtype, "input") for f in frames]
         result = self.chain.enhance(frames, window.previous, window.background)
         for stage in result.stages:
             self.rings.set_previous(h.state_key, stage.stage, stage.output, window.generation)
         timings = {"queue": (start_ns - job.recv_ns) / 1e6, **result.timings_ms}
-        extra = {}
+        checked = None
         if self.profile is not None:
             t = time.perf_counter()
-            extra["fidelity"] = self._fidelity(result.stages[-1].output, job.frame)
+            checked = self._fidelity(result.stages[-1].output, job.frame)
             timings["fidelity"] = (time.perf_counter() - t) * 1e3
         for k, v in timings.items():
             self.times.add(k, v)
         timings["transport"] = (job.recv_ns - h.mono_ns) / 1e6
         self.enhanced += 1
         out = result.frame
-        self._writer_q.put(("enhanced", h, out, timings, extra), out.nbytes)
-        self._publish(h, out, kind="enhanced", timings=timings, **extra)
+        self._writer_q.put(ToWrite("enhanced", h, out, timings, checked), out.nbytes)
+        self._publish(h, out, kind="enhanced", timings=timings, fidelity=checked)
 
     def _writer_loop(self) -> None:
         while (item := self._writer_q.get()) is not None:
-            kind, header, frame, timings, extra = item
+            kind, header = item.kind, item.header
             try:
                 if kind == "raw":
-                    rec = self.writer.write_raw(header, frame, timings_ms=timings)
+                    rec = self.writer.write_raw(header, item.frame, timings_ms=item.timings_ms)
                 else:
                     rec = self.writer.write_enhanced(
                         header,
-                        frame,
+                        item.frame,
                         engine=self.chain.name,
                         scale=self.chain.scale,
-                        timings_ms=timings,
-                        extra=extra,
+                        timings_ms=item.timings_ms,
+                        extra=None if item.fidelity is None else {"fidelity": item.fidelity},
                     )
             except SinkError as e:
                 self.disk_errors(kind, str(e))
@@ -695,7 +730,10 @@ class EngineServer:
                 if sock in ready:
                     parts = sock.recv_multipart()
                     owed = True
-                    reply = json.dumps(self._answer(parts)).encode()
+                    answer = self._answer(parts)
+                    if isinstance(answer, ServerStatus):
+                        answer = answer.model_dump(mode="json")
+                    reply = json.dumps(answer).encode()
                     sock.send(reply)
                     owed = False
             except Exception as e:
@@ -703,7 +741,7 @@ class EngineServer:
                 if owed:
                     sock.send(json.dumps({"error": f"internal error: {type(e).__name__}"}).encode())
 
-    def _answer(self, parts: list[bytes]) -> dict[str, Any] | None:
+    def _answer(self, parts: list[bytes]) -> ServerStatus | dict[str, str] | None:
         try:
             if len(parts) != 1:
                 raise ValueError(f"a request is one message part, not {len(parts)}")
@@ -719,45 +757,47 @@ class EngineServer:
 
     # -- reporting ------------------------------------------------------------------------
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> ServerStatus:
         """Health, counters, latency percentiles per stage (ms), engine, backend, queue depths."""
         c = self.config
         rx = self.receiver.stats
         healthy = not self._check_stages()
-        return {
-            "healthy": healthy,
-            "failure": self.failure,
-            "engine": self.chain.describe(),
-            "mode": c.mode,
-            "listen": c.listen,
-            "publish": c.publish,
-            "out_dir": str(self.run_dir),
-            "uptime_s": time.monotonic() - self.started,
-            "rss_mb": _rss_mb(),
-            "cpu_s": time.process_time(),
-            "frames_received": sum(self.received.values()),
-            "frames_received_by_stream": dict(self.received),
-            "frames_missing": rx.gaps,
-            "frames_rejected": dict(rx.rejected),
-            "frames_enhanced": self.enhanced,
-            "frames_skipped": self.scheduler.skipped,
-            "frames_spilled": self.scheduler.spilled,
-            "frames_not_enhanced": self.scheduler.not_enhanced,
-            "frames_written": {"raw": self.written["raw"], "enhanced": self.written["enhanced"]},
-            "engine_errors": dict(self.engine_errors.counts),
-            "disk_errors": dict(self.disk_errors.counts),
-            "stage_errors": {k: dict(v.counts) for k, v in self.stage_errors.items() if v.counts},
-            "requests_rejected": self.requests_rejected,
-            "published": self.published,
-            "viewers": {"connected": self.viewers["connected"], "gone": self.viewers["gone"]},
-            "queues": {
-                "engine": self.scheduler.depth,
-                "writer": len(self._writer_q),
-            },
-            "rings": self.rings.stats(),
-            "latency_ms": self.times.summary(),
-            "files": [str(p) for p in self.writer.files],
-        }
+        rings = self.rings.stats()
+        return ServerStatus(
+            healthy=healthy,
+            failure=self.failure,
+            engine=EngineInfo.model_validate(self.chain.describe()),
+            mode=c.mode,
+            listen=c.listen,
+            publish=c.publish,
+            out_dir=str(self.run_dir),
+            uptime_s=time.monotonic() - self.started,
+            rss_mb=_rss_mb(),
+            cpu_s=time.process_time(),
+            frames_received=sum(self.received.values()),
+            frames_received_by_stream=dict(self.received),
+            frames_missing=rx.gaps,
+            frames_rejected=dict(rx.rejected),
+            frames_enhanced=self.enhanced,
+            frames_skipped=self.scheduler.skipped,
+            frames_spilled=self.scheduler.spilled,
+            frames_not_enhanced=self.scheduler.not_enhanced,
+            frames_written=FramesWritten(
+                raw=self.written["raw"], enhanced=self.written["enhanced"]
+            ),
+            engine_errors=dict(self.engine_errors.counts),
+            disk_errors=DiskErrors(**self.disk_errors.counts),
+            stage_errors=StageErrors(
+                **{k: dict(v.counts) for k, v in self.stage_errors.items() if v.counts}
+            ),
+            requests_rejected=self.requests_rejected,
+            published=self.published,
+            viewers=Viewers(connected=self.viewers["connected"], gone=self.viewers["gone"]),
+            queues=Queues(engine=self.scheduler.depth, writer=len(self._writer_q)),
+            rings=RingStats.model_validate(rings),
+            latency_ms={k: Latency(**v) for k, v in self.times.summary().items()},
+            files=[str(p) for p in self.writer.files],
+        )
 
 
 def _raise_open_files_limit() -> None:
@@ -778,14 +818,6 @@ def _first_line(e: BaseException) -> str:
     """A short, one-line reason (pydantic's messages run over several lines)."""
     text = str(e) or type(e).__name__
     return " ".join(text.split())[:300]
-
-
-def _as_dtype(image: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """``image`` in ``dtype``, rounded and clipped for integer types."""
-    if dtype.kind == "f":
-        return image.astype(dtype, copy=False)
-    info = np.iinfo(dtype)
-    return np.clip(np.rint(image), info.min, info.max).astype(dtype)
 
 
 def _rss_mb() -> float | None:

@@ -12,9 +12,10 @@ import pytest
 import useq
 from scipy import ndimage
 
+from calibration.sim.presets import PRESETS
 from stream import acquire
 from stream.hook import FrameHook
-from stream.simulated import PRESETS, SimulatedMicroscope
+from stream.simulated import SimulatedMicroscope
 
 
 class Recorder:

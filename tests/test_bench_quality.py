@@ -21,8 +21,8 @@ from bench.quality import (
     run_quality,
 )
 from calibration.metrics import psnr
-from engines.pairs import match_intensity
-from stream.simulated import get_preset
+from calibration.sim.pairs import match_intensity
+from calibration.sim.presets import get_preset
 
 FIELD = 96  # raw px per side: small, but large enough to hold specimen structure
 

@@ -18,7 +18,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from engines.build import (
+from engines.offline.build import (
     BuildError,
     BuildRejected,
     Toolkit,
@@ -460,7 +460,10 @@ def test_plan_file_names_are_safe() -> None:
 
 
 def cli() -> typer.Typer:
-    app = typer.Typer()
+    """``build`` behind the `scopecast` root's handling of a user's mistake (one line, exit 2)."""
+    from stream.console import ScopecastGroup
+
+    app = typer.Typer(cls=ScopecastGroup)
     app.command()(build_command)
     app.command("noop")(lambda: None)  # two commands: typer keeps "build" as a subcommand
     return app

@@ -22,8 +22,9 @@ from calibration import (
     record,
 )
 from calibration.errors import CalibrationError
+from calibration.pairfolder import write_pairs
 from calibration.psf import fit_defocus, fit_psf
-from calibration.register import Similarity, register, registered_pair, warp_to, write_pairs
+from calibration.register import Similarity, register, registered_pair, warp_to
 
 DOWNSAMPLE = 4
 BEAD_PHOTONS = 5000.0

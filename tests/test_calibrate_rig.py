@@ -85,7 +85,7 @@ def test_server_publishes_and_indexes_fidelity_with_a_profile(profile, tmp_path)
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        run_dir = wait_ready(control, process=server, timeout_s=60)["out_dir"]
+        run_dir = wait_ready(control, process=server, timeout_s=60).out_dir
         scope = SimulatedMicroscope("confocal-20fps")
         hook = FrameHook(listen)
         hook.wait_for_receiver(10)

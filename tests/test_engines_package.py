@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import typer
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
@@ -31,7 +32,7 @@ from engines.package import (
     verify_package,
     write_package,
 )
-from engines.runtime import BACKENDS, Backend, BackendError, choose_backend, open_backend
+from engines.runtime import Backend, BackendError, backend_names, choose_backend, open_backend
 
 BASELINES = ("identity", "bicubic-x2", "gaussian")
 CPU = ["AzureExecutionProvider", "CPUExecutionProvider"]
@@ -57,7 +58,7 @@ def run(name: str, frames: np.ndarray) -> np.ndarray:
 
 def test_rebuilding_the_baselines_is_byte_identical(tmp_path: Path) -> None:
     pytest.importorskip("onnx")
-    from engines.zoo.baselines import build_all
+    from engines.offline.baselines import build_all
 
     built = build_all(tmp_path)
     assert sorted(p.manifest.name for p in built) == sorted(BASELINES)
@@ -302,7 +303,9 @@ def test_choose_backend_explains_what_is_missing() -> None:
         choose_backend("onnxruntime-cuda", GPU, {"cuda": "no driver"})
     with pytest.raises(BackendError) as e:
         choose_backend("tensorrt-native", GPU)
-    assert all(name in str(e.value) for name in BACKENDS)
+    assert all(name in str(e.value) for name in backend_names())
+    with pytest.raises(BackendError, match="TensorRT backend, not an onnxruntime provider"):
+        choose_backend("tensorrt", GPU)
 
 
 def test_open_backend_on_this_machine() -> None:
@@ -350,6 +353,50 @@ def test_the_runtime_imports_neither_onnx_nor_torch() -> None:
     assert r.stdout.strip() == "[]"
 
 
+#: The offline part of engines (models, training, export, plan builds): torch and onnx live
+#: there. Every other module of stream, engines and calibration is the live path.
+OFFLINE = ("engines.offline", "engines.train", "engines.models")
+
+
+def test_no_live_module_imports_torch_or_onnx() -> None:
+    """Import every live module (found with pkgutil, so a new one is covered) in one fresh
+    process, one at a time: none may load torch, onnx or an offline module. (The walk does not
+    use walk_packages, which imports each package to look inside, offline ones included.)"""
+    code = f"""
+import importlib, json, pkgutil, sys
+OFFLINE = {OFFLINE!r}
+FORBIDDEN = ("torch", "onnx", *OFFLINE)
+def walk(name, path):
+    yield name
+    for info in pkgutil.iter_modules(path, name + "."):
+        if info.name.startswith(OFFLINE) or info.name.endswith(".__main__"):
+            continue
+        if info.ispkg:
+            yield from walk(info.name, importlib.import_module(info.name).__path__)
+        else:
+            yield info.name
+names, culprits = [], {{}}
+for root in ("stream", "engines", "calibration"):
+    for name in walk(root, importlib.import_module(root).__path__):
+        names.append(name)
+        importlib.import_module(name)
+        bad = sorted({{m.split(".")[0] if not m.startswith(OFFLINE) else m for m in sys.modules
+                      if m == FORBIDDEN or m.startswith(tuple(f + "." for f in FORBIDDEN))
+                      or m in FORBIDDEN}})
+        if bad and not culprits:
+            culprits[name] = bad
+print(json.dumps({{"imported": names, "culprits": culprits}}))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result["culprits"] == {}, f"importing this module loads the offline part: {result}"
+    imported = set(result["imported"])  # the walk found the whole tree, not only the roots
+    assert {"stream.server", "stream.cli", "engines.engine", "engines.runtime.tensorrt",
+            "engines.runtime.registry", "engines.zoo", "calibration.metrics"} <= imported  # fmt: skip
+    assert not any(name.startswith(OFFLINE) for name in imported)
+
+
 # --- command line -------------------------------------------------------------------------------
 
 
@@ -376,8 +423,13 @@ def test_cli_list_show_verify(tmp_path: Path) -> None:
     assert r.exit_code == 1
     assert "sha256 mismatch for 'model.onnx'" in r.stderr
 
+    # a user's mistake is reported by the `scopecast` root (one line, exit 2), as when run
+    from stream.console import ScopecastGroup
+
+    root = typer.Typer(cls=ScopecastGroup)
+    root.add_typer(app, name="engines")
     for args in (["verify", "nope"], ["show", "nope"]):
-        r = runner.invoke(app, args)
+        r = runner.invoke(root, ["engines", *args])
         assert r.exit_code == 2
         assert "engine 'nope' not found; available:" in r.stderr and "identity" in r.stderr
         assert len(r.stderr.strip().splitlines()) == 1

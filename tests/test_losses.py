@@ -388,6 +388,24 @@ def test_weighted_loss_sums_and_logs() -> None:
     assert terms["temporal"] == pytest.approx(l1(pred, target).item(), rel=1e-5)
 
 
+def test_one_table_of_loss_terms() -> None:
+    """LOSSES is the one list: the config's check and WeightedLoss read it; each term says what
+    it is, and one with a weight computes."""
+    from engines.train.config import GENERATOR_LOSSES
+
+    assert GENERATOR_LOSSES == losses.KNOWN_TERMS == tuple(losses.LOSSES)
+    assert {"l1", "mse", "ssim", "ms_ssim", "tv", "perceptual", "style", "adversarial",
+            "temporal"} == set(losses.LOSSES)  # fmt: skip
+    described = losses.describe_losses().splitlines()
+    assert [line.split(":")[0] for line in described] == list(losses.LOSSES)
+    assert all(len(term.description) > 10 for term in losses.LOSSES.values())
+    assert {n for n, t in losses.LOSSES.items() if t.needs_vgg} == {"perceptual", "style"}
+    pred, target = torch.rand(1, 1, 32, 32), torch.rand(1, 1, 32, 32)
+    for name in ("l1", "mse", "ssim", "ms_ssim", "tv"):
+        _, terms = WeightedLoss({name: 1.0})(pred, target)
+        assert terms[name] == pytest.approx(terms["total"]) and terms[name] >= 0
+
+
 # --- augmentation -----------------------------------------------------------------------------
 
 

@@ -27,8 +27,8 @@ from bench.real_images import (
     read_from_wheel,
     reference_adu,
 )
-from engines.pairs import bin_mean
-from stream.simulated import get_preset
+from calibration.sim.pairs import bin_mean
+from calibration.sim.presets import get_preset
 
 MEMBER = "fakepkg/data/images/cells.tif"
 

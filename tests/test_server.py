@@ -57,7 +57,7 @@ class Server:
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True, preexec_fn=preexec)  # fmt: skip
         self.ready = wait_ready(self.control, process=self.proc, timeout_s=60, curve=curve)
-        self.run_dir = Path(self.ready["out_dir"])
+        self.run_dir = Path(self.ready.out_dir)
 
     def status(self) -> dict:
         return request(self.control, "status")

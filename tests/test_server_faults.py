@@ -140,18 +140,19 @@ def test_a_dead_stage_is_reported_and_the_server_stops(tmp_path):
         return real_write(header, frame, **kw)
 
     server.writer.write_raw = write_raw
-    result: dict = {}
-    runner = threading.Thread(target=lambda: result.update(server.run()))
+    results: list = []
+    runner = threading.Thread(target=lambda: results.append(server.run()))
     runner.start()
     send_frames(config.listen, ramp_frames(10, shape=(16, 16)))
     runner.join(60)
     assert not runner.is_alive(), "the server kept running with a dead writer"
-    assert result["healthy"] is False
-    assert result["failure"]["stage"] == "writer" and "injected" in result["failure"]["error"]
+    (result,) = results
+    assert result.healthy is False
+    assert result.failure.stage == "writer" and "injected" in result.failure.error
     # the replacement writer drained the queue: every frame but the one that died is on disk
-    assert result["frames_written"]["raw"] == result["frames_received"] - 1
+    assert result.frames_written.raw == result.frames_received - 1
     with tifffile.TiffFile(server.run_dir / "scope_p000_raw.ome.tif") as tif:
-        assert tif.is_ome and len(tif.pages) == result["frames_written"]["raw"]
+        assert tif.is_ome and len(tif.pages) == result.frames_written.raw
 
 
 def test_spill_that_the_disk_refuses_is_counted_not_fatal(tmp_path, servers):

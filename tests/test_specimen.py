@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from stream.specimen import BrightfieldSpecimen, FluorescentSpecimen, Specimen, View
+from calibration.sim.specimen import BrightfieldSpecimen, FluorescentSpecimen, Specimen, View
 
 
 def _periodic_centroid(image: np.ndarray, view: View, period: float) -> np.ndarray:

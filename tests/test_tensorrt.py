@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-import engines.build as build_module
-from engines.build import Toolkit, onnxruntime_runner
+import engines.offline.build as build_module
+from engines.offline.build import Toolkit, onnxruntime_runner
 from engines.package import ZOO_DIR, EnginePackage, Manifest, PlanInfo, Tiling, load_package
 from engines.package import write_package as write
 from engines.runtime import BackendError, backend_status, open_backend
@@ -38,6 +38,7 @@ L4 = MachineFacts(tensorrt="10.8.0.43", gpu="NVIDIA L4", compute_capability="8.9
 TRT11 = H100.model_copy(update={"tensorrt": "11.0.0.9"})
 NONE = MachineFacts(problem="TensorRT is not installed here (No module named 'tensorrt')")
 PREFIX = b"FAKE-PLAN\0"
+REBUILD = build_module.rebuild_plan  # what the commands hand the runtime
 IDENTITY = (ZOO_DIR / "identity" / "model.onnx").read_bytes()
 
 
@@ -225,7 +226,7 @@ def test_auto_prefers_a_matching_plan(tmp_path: Path, fake_gpu: Callable) -> Non
     assert reason.startswith("auto: TensorRT fp16 plan on NVIDIA H100 80GB HBM3; plan ")
     x = np.random.default_rng(0).random((2, 1, 64, 64), dtype=np.float32)
     assert np.array_equal(backend.infer({"frames": x}), x)
-    _, reason = open_backend(package, "tensorrt", facts=H100, precision="fp32")
+    _, reason = open_backend(package, "tensorrt", facts=H100, precision="fp32", rebuild=REBUILD)
     assert "rebuilt in" in reason  # fp32 exists only for the A100: rebuilt here
 
 
@@ -234,7 +235,7 @@ def test_a_plan_from_another_gpu_is_rebuilt_checked_and_saved(
 ) -> None:
     package = recorded_package(tmp_path / "p")
     fake_gpu(L4)
-    backend, reason = open_backend(package, "auto", facts=L4)
+    backend, reason = open_backend(package, "auto", facts=L4, rebuild=REBUILD)
     assert backend.name == "tensorrt"
     assert reason.startswith("auto: TensorRT fp16 plan on NVIDIA L4, rebuilt in ")
     assert "passed" in reason and "saved as plans/fp16-trt10.8.0.43-sm89-nvidia-l4.plan" in reason
@@ -243,14 +244,14 @@ def test_a_plan_from_another_gpu_is_rebuilt_checked_and_saved(
     assert [p.gpu for p in again.manifest.plans] == ["NVIDIA L4", "NVIDIA H100 80GB HBM3",
                                                      "NVIDIA A100-SXM4-40GB"]  # fmt: skip
     assert again.manifest.plans[0].numerics["samples"] == 4
-    _, reason = open_backend(again, "auto", facts=L4)
+    _, reason = open_backend(again, "auto", facts=L4, rebuild=REBUILD)
     assert "rebuilt" not in reason and "matches this machine" in reason
 
 
 def test_a_rebuilt_plan_that_fails_the_guard_falls_back(tmp_path: Path, fake_gpu: Callable) -> None:
     package = recorded_package(tmp_path / "p")
     fake_gpu(L4, spoil=np.zeros_like)
-    backend, reason = open_backend(package, "auto", threads=1, facts=L4)
+    backend, reason = open_backend(package, "auto", threads=1, facts=L4, rebuild=REBUILD)
     try:
         assert backend.name == "onnxruntime"
         assert "TensorRT not used: the rebuilt TensorRT fp16 plan rejected" in reason
@@ -258,18 +259,42 @@ def test_a_rebuilt_plan_that_fails_the_guard_falls_back(tmp_path: Path, fake_gpu
     finally:
         backend.close()
     with pytest.raises(BackendError, match="rejected"):
-        open_backend(package, "tensorrt", facts=L4)
+        open_backend(package, "tensorrt", facts=L4, rebuild=REBUILD)
     assert len(load_package(package.path).manifest.plans) == 2  # nothing saved
 
 
 def test_zoo_packages_are_rebuilt_in_memory_only(tmp_path: Path, fake_gpu: Callable) -> None:
     fake_gpu(H100)
     before = sorted(p.name for p in (ZOO_DIR / "identity").iterdir())
-    _, reason = open_backend(load_package("identity"), "tensorrt", facts=H100)
+    _, reason = open_backend(load_package("identity"), "tensorrt", facts=H100, rebuild=REBUILD)
     assert "building fp32 from model.onnx" in reason and "not saved (zoo package)" in reason
     assert sorted(p.name for p in (ZOO_DIR / "identity").iterdir()) == before
-    _, reason = open_backend(load_package("identity"), "auto", threads=1, facts=H100)
+    _, reason = open_backend(load_package("identity"), "auto", threads=1, facts=H100,
+                             rebuild=REBUILD)  # fmt: skip
     assert reason.startswith("auto: onnxruntime") and "has no TensorRT plan" in reason
+
+
+def test_without_a_rebuilder_a_missing_plan_names_the_build_command(
+    tmp_path: Path, fake_gpu: Callable
+) -> None:
+    """The runtime never imports the offline build code: a caller that hands in no rebuilder
+    gets the command that makes the plan; ``auto`` falls back to ONNX Runtime saying so."""
+    package = recorded_package(tmp_path / "p")
+    fake_gpu(L4)
+    with pytest.raises(BackendError) as e:
+        open_backend(package, "tensorrt", facts=L4)
+    assert "no TensorRT plan for this GPU in the package" in str(e.value)
+    assert "`scopecast build tiny --precision fp16` makes one" in str(e.value)
+    assert "NVIDIA H100 80GB HBM3" in str(e.value)  # and why the plan it has does not fit
+    backend, reason = open_backend(package, "auto", threads=1, facts=L4)
+    try:
+        assert backend.name == "onnxruntime" and FakeTensorRt.opened == []
+        assert "TensorRT not used: no TensorRT plan for this GPU in the package" in reason
+    finally:
+        backend.close()
+    assert len(load_package(package.path).manifest.plans) == 2  # nothing built, nothing saved
+    _, reason = open_backend(package, "auto", facts=H100)  # a matching plan needs no rebuilder
+    assert reason.startswith("auto: TensorRT fp16 plan on NVIDIA H100 80GB HBM3; plan ")
 
 
 def test_bench_lists_the_tensorrt_backend(tmp_path: Path) -> None:
@@ -342,7 +367,7 @@ def test_gpu_shares_the_primary_context_with_torch(gpu: MachineFacts, tmp_path: 
         pytest.skip("this torch build has no CUDA")
     shutil.copytree(ZOO_DIR / "identity", tmp_path / "i")
     before = torch.ones(4, device="cuda")
-    backend, _ = open_backend(load_package(tmp_path / "i"), "tensorrt")
+    backend, _ = open_backend(load_package(tmp_path / "i"), "tensorrt", rebuild=REBUILD)
     try:
         x = np.arange(64, dtype=np.float32).reshape(1, 1, 8, 8)
         assert np.array_equal(backend.infer({"frames": x}), x)

@@ -13,10 +13,11 @@ torch = pytest.importorskip("torch", reason="training data needs the train extra
 from calibration.camera import CameraParams  # noqa: E402
 from calibration.optics import psf_sigma_um  # noqa: E402
 from calibration.profile import CalibrationProfile  # noqa: E402
+from calibration.sim.presets import get_preset  # noqa: E402
+from calibration.sim.scene import Scene  # noqa: E402
+from calibration.sim.specimen import View  # noqa: E402
 from engines.package import Normalization  # noqa: E402
 from engines.train.data import DataConfig, build_datasets  # noqa: E402
-from stream.simulated import Scene, get_preset  # noqa: E402
-from stream.specimen import View  # noqa: E402
 
 TINY = {"pairs": 4, "val_pairs": 4, "patch": 32, "field": 64}
 CONFOCAL = get_preset("confocal-20fps")

@@ -25,6 +25,7 @@ from typer.testing import CliRunner
 from stream.acquire import free_endpoint
 from stream.cli import app
 from stream.protocol import PublishedHeader, encode_published
+from stream.ring import RESET_REASONS
 from stream.viewer.access import check_request, is_loopback_host, token_for
 from stream.viewer.latest import LatestFrames, PaneSlots, encode_frame
 
@@ -180,11 +181,22 @@ class FakeServer:
         while True:
             await self.rep.recv()
             await self.rep.send_json({
-                "engine": {"engine": "gaussian", "scale": 1,
+                "engine": {"engine": "gaussian", "scale": 1, "window": 1, "reason": ["test"],
                            "backend": [{"name": "onnxruntime", "device": "cpu"}]},
                 "mode": "live", "frames_received": 7, "frames_enhanced": 7, "frames_skipped": 0,
                 "healthy": self.failure is None, "failure": self.failure,
                 "latency_ms": {"total": {"p50": 10.0, "p99": 20.0, "p90": 15.0, "max": 30.0}},
+                # the rest of a ServerStatus (stream/status.py), which the viewer validates
+                "listen": "tcp://127.0.0.1:5555", "publish": None, "out_dir": "run",
+                "uptime_s": 1.0, "rss_mb": None, "cpu_s": 0.5, "frames_received_by_stream": {"s": 7},
+                "frames_missing": 0, "frames_rejected": {}, "frames_spilled": 0,
+                "frames_not_enhanced": 0, "frames_written": {"raw": 7, "enhanced": 7},
+                "engine_errors": {}, "disk_errors": {}, "stage_errors": {}, "requests_rejected": 0,
+                "published": 14, "viewers": {"connected": 1, "gone": 0},
+                "queues": {"engine": 0, "writer": 0}, "files": [],
+                "rings": {"keys": 1, "bytes": 0, "budget_bytes": None,
+                          "evicted": {"budget": 0, "idle": 0},
+                          "resets": dict.fromkeys(RESET_REASONS, 0)},
             })  # fmt: skip
 
     async def publish(self, seq: int, kind: str = "raw") -> None:

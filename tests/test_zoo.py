@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from bench.quality import run_quality
+from calibration.sim.presets import PRESETS
 from engines.package import ZOO_DIR, find_package, load_package
-from stream.simulated import PRESETS
 
 CONFIGS = ZOO_DIR / "configs"
 LEARNED = sorted(p.stem for p in CONFIGS.glob("*.yaml"))

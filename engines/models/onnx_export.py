@@ -12,12 +12,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from calibration.errors import ScopecastError
+
 from .base import Generator
 
 OUTPUT_NAME = "enhanced"
 
 
-class ParityError(ValueError):
+class ParityError(ScopecastError, ValueError):
     """The ONNX model's output differs from torch's by more than the tolerance."""
 
 

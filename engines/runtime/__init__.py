@@ -1,138 +1,97 @@
 """Runtime backends that run an engine package, and ``open_backend`` that picks one and says why.
 
-``auto`` takes the fastest backend that actually starts here: a TensorRT plan run natively
-(``tensorrt``, when TensorRT, pycuda and a GPU are present and the package has a plan for this
-machine or one that can be rebuilt), then ONNX Runtime's TensorRT > CUDA > CPU providers; a GPU
-option that is offered but does not start is skipped with its reason.
+The backends are rows of ``registry`` (name, module, family, availability check, place in
+``auto``). ``auto`` takes the first in that order that actually starts here: a TensorRT plan run
+natively (``tensorrt``, when TensorRT, pycuda and a GPU are present and the package has a plan
+for this machine, or one can be rebuilt by the ``rebuild`` the caller hands in), then ONNX
+Runtime's TensorRT > CUDA > CPU providers; one that is offered but does not start is skipped
+with its reason.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TypeVar
-
 from ..package import EnginePackage
-from .base import BACKENDS, Backend, BackendChoice, BackendError, choose_backend
-from .plans import MachineFacts
-
-T = TypeVar("T")
+from .base import Backend, BackendError
+from .plans import MachineFacts, PlanRebuilder, Rebuilt
+from .providers import BackendChoice, choose_backend
+from .registry import (
+    AUTO,
+    BackendSpec,
+    OpenOptions,
+    auto_order,
+    backend_help,
+    backend_names,
+    backend_specs,
+    find_backend,
+    register_backend,
+    unregister_backend,
+)
 
 __all__ = [
-    "BACKENDS",
     "Backend",
     "BackendChoice",
     "BackendError",
+    "BackendSpec",
+    "MachineFacts",
+    "OpenOptions",
+    "PlanRebuilder",
+    "Rebuilt",
+    "auto_order",
+    "backend_help",
+    "backend_names",
+    "backend_specs",
     "backend_status",
     "choose_backend",
+    "find_backend",
     "open_backend",
-    "open_tensorrt",
+    "register_backend",
+    "unregister_backend",
 ]
 
 
 def open_backend(
     package: EnginePackage,
-    backend: str = "auto",
+    backend: str = AUTO,
     threads: int | None = None,
     *,
     precision: str | None = None,
     facts: MachineFacts | None = None,
+    rebuild: PlanRebuilder | None = None,
 ) -> tuple[Backend, str]:
     """Open ``backend`` for ``package``; return it and a one-line reason for the choice.
 
     ``precision`` picks the TensorRT plan's precision (None: the package's first plan that fits
-    this machine); ``facts`` replaces the machine's own TensorRT facts (tests).
+    this machine); ``facts`` replaces the machine's own TensorRT facts (tests); ``rebuild``
+    rebuilds a TensorRT plan missing for this GPU (``engines.offline.build.rebuild_plan``, passed
+    by the commands; None: such a package is a BackendError naming the build command).
     """
-    if backend not in BACKENDS:
-        raise BackendError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-    tensorrt_note = ""
-    if backend in ("auto", "tensorrt"):
-        try:
-            return open_tensorrt(package, backend, precision=precision, facts=facts)
-        except BackendError as e:
-            if backend == "tensorrt":
-                raise
-            tensorrt_note = f"; TensorRT not used: {e}"
-    from .onnxruntime import OnnxRuntimeBackend, available_providers
-
-    available = available_providers()
-    failed: dict[str, str] = {}
-    while True:
-        choice = choose_backend(backend, available, failed)
-        try:
-            opened = OnnxRuntimeBackend(package, choice, threads=threads)
-        except BackendError as e:
-            if choice.requested.startswith("onnxruntime-") or choice.device == "cpu":
-                raise
-            failed[choice.device] = str(e)
-            continue
-        return opened, choice.reason + tensorrt_note
-
-
-def open_tensorrt(
-    package: EnginePackage,
-    requested: str = "tensorrt",
-    *,
-    precision: str | None = None,
-    facts: MachineFacts | None = None,
-) -> tuple[Backend, str]:
-    """The native TensorRT backend for ``package``: a matching plan, or one rebuilt (timed,
-    numerics-checked) from the package's ONNX; BackendError says why neither works here."""
-    from .plans import machine_facts, needed_shapes, select_plan
-
-    facts = facts or machine_facts()
-    if not facts.usable:
-        raise BackendError(facts.problem)
-    choice = select_plan(
-        package.manifest, facts, precision=precision, shapes=needed_shapes(package.manifest),
-        build_missing=requested == "tensorrt",
-    )  # fmt: skip
-    if choice.action == "fallback":
-        raise BackendError(choice.reason)
-    from .tensorrt import TensorRtBackend
-
-    if choice.action == "use":
-        assert choice.plan is not None
-        plan = choice.plan
-        return _gpu(lambda: TensorRtBackend(package, plan)), (
-            f"{requested}: TensorRT {plan.precision} plan on {facts.gpu}; {choice.reason}"
-        )
-    from ..build import rebuild_plan
-
-    rebuilt = _gpu(lambda: rebuild_plan(package, choice))
-    backend = _gpu(
-        lambda: TensorRtBackend(rebuilt.package, rebuilt.plan, plan_bytes=rebuilt.plan_bytes)
-    )
-    return backend, (
-        f"{requested}: TensorRT {rebuilt.plan.precision} plan on {facts.gpu}, rebuilt in "
-        f"{rebuilt.seconds:.1f} s and checked ({rebuilt.report.summary()}), {rebuilt.saved}; "
-        f"{choice.reason}"
-    )
-
-
-def _gpu(step: Callable[[], T]) -> T:
-    """Run a GPU step (build, open), turning driver and TensorRT failures into BackendError."""
-    try:
-        return step()
-    except BackendError:
-        raise
-    except Exception as e:  # pycuda and tensorrt raise their own error types; a plan's I/O
-        raise BackendError(f"the TensorRT backend did not start: {type(e).__name__}: {e}") from e
+    options = OpenOptions(threads=threads, precision=precision, facts=facts, rebuild=rebuild)
+    if backend != AUTO:
+        spec = find_backend(backend)
+        why = spec.unavailable(options)
+        if why is not None:
+            raise BackendError(f"backend {backend!r} is not available here: {why}")
+        return spec.open_backend(package, backend, options)
+    notes: list[str] = []
+    error: BackendError | None = None  # the last backend's, when it failed to open
+    for spec in auto_order():
+        error = None
+        why = spec.unavailable(options)
+        if why is None:
+            try:
+                opened, reason = spec.open_backend(package, AUTO, options)
+            except BackendError as e:
+                why, error = str(e), e
+            else:
+                return opened, "; ".join([reason, *notes])
+        notes.append(f"{spec.title} not used: {why}")
+    if error is not None:  # the last resort's own error, then why the faster ones were not used
+        raise BackendError("; ".join([str(error), *notes[:-1]])) from error
+    raise BackendError(f"no backend can run here: {'; '.join(notes) or 'none registered'}")
 
 
 def backend_status(facts: MachineFacts | None = None) -> dict[str, str]:
     """Each backend family and whether it can run here: a version and devices, or
     ``not available here (reason)``. Cheap: opens no model."""
-    import onnxruntime as ort
-
-    from .onnxruntime import available_providers
-    from .plans import machine_facts
-
-    facts = facts or machine_facts()
-    providers = ", ".join(p.removesuffix("ExecutionProvider") for p in available_providers())
-    status = {"onnxruntime": f"onnxruntime {ort.__version__} ({providers})"}
-    status["tensorrt"] = (
-        f"{facts.describe()}, plans run with pycuda"
-        if facts.usable
-        else f"not available here ({facts.problem})"
-    )
-    return status
+    options = OpenOptions(facts=facts)
+    return {spec.family: spec.describe_here(options) for spec in backend_specs()}

@@ -1,53 +1,20 @@
-"""The backend interface every runtime implements, and the pure choice of which one to open.
+"""The backend interface every runtime implements, and the error they raise.
 
-``tensorrt`` is the native TensorRT backend (plans run with pycuda, chosen by
-``plans.select_plan``); the ``onnxruntime*`` backends are chosen here. ``choose_backend`` only
-looks at names (requested backend, providers the runtime offers, the ones
-that already failed here), so the selection rules are unit-tested without any hardware.
+Which backends exist, and in which order ``auto`` tries them, is ``registry``'s table; how the
+ONNX Runtime backend picks its execution providers is ``providers``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
 
-BACKENDS = (
-    "auto",
-    "tensorrt",
-    "onnxruntime",
-    "onnxruntime-cpu",
-    "onnxruntime-cuda",
-    "onnxruntime-tensorrt",
-)
-
-Device = Literal["cpu", "cuda", "tensorrt"]
-
-TENSORRT_PROVIDER = "TensorrtExecutionProvider"
-CUDA_PROVIDER = "CUDAExecutionProvider"
-CPU_PROVIDER = "CPUExecutionProvider"
-
-# Fastest first: what an ONNX Runtime session asks for to run on each device.
-_PROVIDERS: dict[Device, tuple[str, ...]] = {
-    "tensorrt": (TENSORRT_PROVIDER, CUDA_PROVIDER, CPU_PROVIDER),
-    "cuda": (CUDA_PROVIDER, CPU_PROVIDER),
-    "cpu": (CPU_PROVIDER,),
-}
-_LABEL: dict[Device, str] = {"tensorrt": "TensorRT", "cuda": "CUDA", "cpu": "CPU"}
-_EXPLICIT: dict[str, Device] = {
-    "onnxruntime-cpu": "cpu",
-    "onnxruntime-cuda": "cuda",
-    "onnxruntime-tensorrt": "tensorrt",
-}
-INSTALL_GPU = (
-    "on an NVIDIA GPU machine replace onnxruntime with onnxruntime-gpu "
-    "(pip uninstall onnxruntime && pip install onnxruntime-gpu)"
-)
+from calibration.errors import ScopecastError
 
 
-class BackendError(RuntimeError):
+class BackendError(ScopecastError, RuntimeError):
     """A backend cannot be opened or run here; the message says which and what to install."""
 
 
@@ -73,74 +40,3 @@ class Backend(Protocol):
     def describe(self) -> dict[str, Any]: ...
 
     def close(self) -> None: ...
-
-
-class BackendChoice(BaseModel):
-    """Which backend to open, on which device, with which ONNX Runtime providers, and why."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    requested: str
-    backend: Literal["onnxruntime"] = "onnxruntime"
-    device: Device
-    providers: tuple[str, ...]
-    reason: str
-
-
-def choose_backend(
-    requested: str,
-    available_providers: Sequence[str],
-    failed: Mapping[str, str] | None = None,
-) -> BackendChoice:
-    """The backend to try next for ``requested``, given the providers this runtime offers.
-
-    ``failed`` maps devices ("tensorrt", "cuda") that were tried here and did not start to the
-    reason; ``auto`` and ``onnxruntime`` then fall through to the next fastest device.
-    """
-    failed = dict(failed or {})
-    if requested not in BACKENDS:
-        raise BackendError(f"unknown backend {requested!r}: choose one of {', '.join(BACKENDS)}")
-    if requested == "tensorrt":
-        raise BackendError(
-            "backend 'tensorrt' runs TensorRT plans with pycuda, not an onnxruntime provider: "
-            "open it with open_backend (or use onnxruntime-tensorrt for the provider)"
-        )
-    available = set(available_providers)
-    if requested in _EXPLICIT:
-        device = _EXPLICIT[requested]
-        provider = _PROVIDERS[device][0]
-        if provider not in available:
-            have = ", ".join(sorted(available)) or "none"
-            raise BackendError(
-                f"backend {requested!r} needs {provider}, which this onnxruntime build does not "
-                f"have (it has: {have}); {INSTALL_GPU}"
-            )
-        if device in failed:
-            raise BackendError(f"backend {requested!r} did not start: {failed[device]}")
-        return BackendChoice(
-            requested=requested,
-            device=device,
-            providers=_PROVIDERS[device],
-            reason=f"{requested}: onnxruntime on {_LABEL[device]} ({provider}), as requested",
-        )
-    notes = []
-    for device in ("tensorrt", "cuda"):
-        if device in failed:
-            notes.append(f"{_LABEL[device]} provider did not start ({failed[device]})")
-        elif _PROVIDERS[device][0] in available:
-            break
-    else:
-        device = "cpu"
-    if device == "cpu" and not notes:
-        notes.append(f"no CUDA or TensorRT provider in this onnxruntime build; {INSTALL_GPU}")
-    provider = _PROVIDERS[device][0]
-    reason = f"{requested}: onnxruntime on {_LABEL[device]} ({provider})"
-    if notes:
-        reason += "; " + "; ".join(notes)
-    elif device == "cuda":
-        reason += "; fastest provider here (no TensorRT provider in this onnxruntime build)"
-    else:
-        reason += "; fastest provider here"
-    return BackendChoice(
-        requested=requested, device=device, providers=_PROVIDERS[device], reason=reason
-    )

@@ -12,7 +12,9 @@ import numpy as np
 import onnxruntime as ort
 
 from ..package import EnginePackage, PackageError
-from .base import INSTALL_GPU, BackendChoice, BackendError, Device, feed
+from .base import Backend, BackendError, feed
+from .providers import INSTALL_GPU, BackendChoice, choose_backend
+from .registry import OpenOptions
 
 
 class OnnxRuntimeBackend:
@@ -26,7 +28,7 @@ class OnnxRuntimeBackend:
         if threads is not None and threads < 1:
             raise BackendError(f"threads must be >= 1 or None (onnxruntime decides), got {threads}")
         self.package = package
-        self.device: Device = choice.device
+        self.device: str = choice.device  # Backend.device; choice.device is the Device literal
         self.threads = threads
         options = ort.SessionOptions()
         if threads is not None:
@@ -136,3 +138,34 @@ def _arg(arg: Any) -> dict[str, Any]:
 def available_providers() -> list[str]:
     """Execution providers this onnxruntime build offers (not proof that they start)."""
     return list(ort.get_available_providers())
+
+
+# -- the registry's functions (``registry``'s "onnxruntime" row) -----------------------------
+
+
+def open_onnxruntime(
+    package: EnginePackage, requested: str, options: OpenOptions
+) -> tuple[Backend, str]:
+    """Open ``requested`` (``auto``, ``onnxruntime`` or ``onnxruntime-DEVICE``): the fastest
+    provider that starts here, or the one named; a GPU provider offered but not starting is
+    skipped with its reason unless it was named."""
+    available = available_providers()
+    failed: dict[str, str] = {}
+    while True:
+        choice = choose_backend(requested, available, failed)
+        try:
+            return OnnxRuntimeBackend(package, choice, threads=options.threads), choice.reason
+        except BackendError as e:
+            if choice.requested.startswith("onnxruntime-") or choice.device == "cpu":
+                raise
+            failed[choice.device] = str(e)
+
+
+def unavailable(options: OpenOptions) -> str | None:
+    """ONNX Runtime runs wherever this module imports (a CPU provider is always there)."""
+    return None
+
+
+def status(options: OpenOptions) -> str:
+    providers = ", ".join(p.removesuffix("ExecutionProvider") for p in available_providers())
+    return f"onnxruntime {ort.__version__} ({providers})"

@@ -3,19 +3,23 @@
 A serialized plan only works on the TensorRT version and GPU it was built for, so a plan is
 used only when every tag matches this machine and its optimization profiles cover the shapes
 the engine will be called with. Pure Python: the machine facts are a small model, gathered
-lazily (``machine_facts``) from tensorrt and pycuda only when asked, so every rule here is
-tested with recorded metadata on machines without a GPU.
+lazily (``tensorrt.machine_facts``) from tensorrt and pycuda only when asked, so every rule
+here is tested with recorded metadata on machines without a GPU. A "rebuild" is carried out by a
+``PlanRebuilder`` the caller passes in: the offline build code implements it, the runtime only
+names its shape.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from ..package import Manifest, PlanInfo
+from ..package import EnginePackage, Manifest, PlanInfo
+from .guard import NumericsReport
 
 INSTALL_TENSORRT = (
     "on a machine with an NVIDIA GPU and driver: pip install -e '.[gpu]' (TensorRT and pycuda)"
@@ -103,7 +107,7 @@ def _volume(shape: Sequence[int]) -> int:
 def _shapes(manifest: Manifest, n: int, h: int, w: int) -> dict[str, Shape]:
     """Input shapes for a batch of n tiles of h x w frame pixels, by the model I/O convention."""
     c, s = manifest.channels, manifest.scale
-    shapes = {"frames": (n, c * manifest.temporal.window, h, w)}
+    shapes: dict[str, Shape] = {"frames": (n, c * manifest.temporal.window, h, w)}
     if manifest.temporal.previous_output:
         shapes["previous"] = (n, c, h * s, w * s)
     if manifest.temporal.background:
@@ -308,12 +312,12 @@ def select_plan(
             f"is not in the package (run: scopecast build {manifest.name} --precision "
             f"{first.precision})",
         )
-    profiles = parse_profiles(first.profiles)
-    if profiles is None or _uncovered(profiles, shapes):
-        profiles = make_profiles(manifest)
+    kept = parse_profiles(first.profiles)
+    if kept is None or _uncovered(kept, shapes):
+        kept = make_profiles(manifest)
     return PlanChoice(
         action="rebuild", plan=first, precision=first.precision, source=source,
-        profiles=dump_profiles(profiles),
+        profiles=dump_profiles(kept),
         reason=f"no plan matches {here}: {why}; rebuilding {first.precision} from {source}",
     )  # fmt: skip
 
@@ -330,13 +334,20 @@ def _uncovered(
     return ""
 
 
-def machine_facts(refresh: bool = False) -> MachineFacts:
-    """This machine's TensorRT version, GPU and compute capability (or why there are none).
+@dataclass
+class Rebuilt:
+    """A plan rebuilt at startup for this machine, and whether it was saved in the package."""
 
-    Imports tensorrt and pycuda on first use only, through the TensorRT backend module.
-    """
-    from .tensorrt import gather_machine_facts
+    package: EnginePackage
+    plan: PlanInfo
+    plan_bytes: bytes
+    seconds: float
+    report: NumericsReport
+    saved: str
 
-    if refresh:
-        gather_machine_facts.cache_clear()
-    return gather_machine_facts()
+
+class PlanRebuilder(Protocol):
+    """Carries out ``select_plan``'s "rebuild" (build, numerics-check, maybe save); the runtime
+    is handed one by its caller (``engines.offline.build.rebuild_plan``), never imports it."""
+
+    def __call__(self, package: EnginePackage, choice: PlanChoice) -> Rebuilt: ...

@@ -21,24 +21,29 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import numpy as np
 
 from ..package import EnginePackage, PackageError, PlanInfo
-from .base import BackendError, feed
+from .base import Backend, BackendError, feed
 from .plans import (
     INSTALL_TENSORRT,
     MachineFacts,
     Profile,
     ShapeRange,
     fit_fixed_dims,
+    needed_shapes,
     profile_for,
+    select_plan,
 )
+from .registry import OpenOptions
+
+T = TypeVar("T")
 
 GPU_EXTRA = "pip install -e '.[gpu]'"
 
@@ -99,6 +104,84 @@ def gather_machine_facts() -> MachineFacts:
         )  # fmt: skip
     except BackendError as e:
         return MachineFacts(problem=str(e))
+
+
+def machine_facts(refresh: bool = False) -> MachineFacts:
+    """This machine's TensorRT version, GPU and compute capability (or why there are none).
+
+    Imports tensorrt and pycuda on first use only.
+    """
+    if refresh:
+        gather_machine_facts.cache_clear()
+    return gather_machine_facts()
+
+
+# -- the registry's functions (``registry``'s "tensorrt" row) --------------------------------
+
+
+def open_tensorrt(
+    package: EnginePackage, requested: str, options: OpenOptions
+) -> tuple[Backend, str]:
+    """The native TensorRT backend for ``package``: a matching plan, or one rebuilt (timed,
+    numerics-checked) from the package's ONNX by ``options.rebuild``; BackendError says why
+    neither works here.
+
+    ``options.precision`` picks the plan's precision (None: the package's first plan that fits
+    this machine); ``options.facts`` replaces this machine's facts (tests). Without
+    ``options.rebuild`` (the offline build code, which the runtime never imports) a plan missing
+    for this GPU is a BackendError naming the command that makes one.
+    """
+    facts = options.facts or machine_facts()
+    if not facts.usable:
+        raise BackendError(facts.problem)
+    m = package.manifest
+    choice = select_plan(
+        m, facts, precision=options.precision, shapes=needed_shapes(m),
+        build_missing=requested == "tensorrt",
+    )  # fmt: skip
+    if choice.action == "fallback":
+        raise BackendError(choice.reason)
+    if choice.action == "use":
+        assert choice.plan is not None
+        plan = choice.plan
+        return _gpu(lambda: TensorRtBackend(package, plan)), (
+            f"{requested}: TensorRT {plan.precision} plan on {facts.gpu}; {choice.reason}"
+        )
+    rebuild = options.rebuild
+    if rebuild is None:
+        raise BackendError(
+            f"no TensorRT plan for this GPU in the package; `scopecast build {m.name} "
+            f"--precision {choice.precision}` makes one ({choice.reason})"
+        )
+    rebuilt = _gpu(lambda: rebuild(package, choice))
+    backend = _gpu(
+        lambda: TensorRtBackend(rebuilt.package, rebuilt.plan, plan_bytes=rebuilt.plan_bytes)
+    )
+    return backend, (
+        f"{requested}: TensorRT {rebuilt.plan.precision} plan on {facts.gpu}, rebuilt in "
+        f"{rebuilt.seconds:.1f} s and checked ({rebuilt.report.summary()}), {rebuilt.saved}; "
+        f"{choice.reason}"
+    )
+
+
+def unavailable(options: OpenOptions) -> str | None:
+    facts = options.facts or machine_facts()
+    return None if facts.usable else (facts.problem or "TensorRT facts incomplete")
+
+
+def status(options: OpenOptions) -> str:
+    facts = options.facts or machine_facts()
+    return f"{facts.describe()}, plans run with pycuda"
+
+
+def _gpu(step: Callable[[], T]) -> T:
+    """Run a GPU step (build, open), turning driver and TensorRT failures into BackendError."""
+    try:
+        return step()
+    except BackendError:
+        raise
+    except Exception as e:  # pycuda and tensorrt raise their own error types; a plan's I/O
+        raise BackendError(f"the TensorRT backend did not start: {type(e).__name__}: {e}") from e
 
 
 def _logger(trt: Any) -> Any:

@@ -1,5 +1,6 @@
-"""``scopecast train`` and ``scopecast export``. torch is imported only when they run, so the
-``scopecast`` command works on machines installed without the ``train`` extra."""
+"""``scopecast train`` (``scopecast export`` is in engines.offline.cli). torch is imported only
+when it runs, so the ``scopecast`` command works on machines installed without the ``train``
+extra."""
 
 from __future__ import annotations
 
@@ -11,20 +12,20 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from calibration.errors import MissingExtra, user_mistakes
+
 err = Console(stderr=True, soft_wrap=True)
 
 
-def _need_torch() -> None:
+def need_torch() -> None:
     try:
         import safetensors  # noqa: F401
         import torch  # noqa: F401
     except ImportError as e:
-        err.print(
-            f"[red]error:[/red] training needs the train extra ({e.name} is missing): "
-            "pip install -c requirements-lock.txt -e '.[train]'",
-            highlight=False,
-        )
-        raise typer.Exit(2) from None
+        raise MissingExtra(
+            f"training needs the train extra ({e.name} is missing): "
+            "pip install -c requirements-lock.txt -e '.[train]'"
+        ) from None
 
 
 def train(
@@ -40,17 +41,14 @@ def train(
     Writes checkpoints (safetensors), log.jsonl and samples.png into the run folder; export
     the best checkpoint with `scopecast export RUN/best.safetensors --out ENGINE_DIR`.
     """
-    _need_torch()
-    from .config import ConfigError, load_config
+    need_torch()
+    from .config import load_config
     from .loop import Trainer
 
-    try:
+    with user_mistakes(ValueError):  # the data and loss checks raise plain ValueError
         cfg = load_config(config)
         run = out or Path("runs/train") / cfg.name
         trainer = Trainer(cfg, run, resume=resume)
-    except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False)
-        raise typer.Exit(2) from None
     bar = Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=err, transient=True,
@@ -78,25 +76,4 @@ def train(
         f"SSIM {first.get('val_ssim', float('nan')):.3f} -> {best.get('ssim', float('nan')):.3f}"
         f" (best at step {best.get('step')})\nbest checkpoint: {run / 'best.safetensors'}",
         highlight=False,
-    )
-
-
-def export(
-    checkpoint: Annotated[Path, typer.Argument(help="a checkpoint from `scopecast train`")],
-    out: Annotated[Path, typer.Option(help="engine package folder to write")],
-    name: Annotated[str | None, typer.Option(help="engine name (default: the config's)")] = None,
-) -> None:
-    """Export a checkpoint to an engine package: ONNX checked against torch, plus manifest."""
-    _need_torch()
-    from engines.export import export as run_export
-
-    try:
-        package, error = run_export(checkpoint, out, name=name)
-    except (ValueError, FileNotFoundError) as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False)
-        raise typer.Exit(2) from None
-    m = package.manifest
-    print(
-        f"{package.path}: {m.name} ({m.architecture}, x{m.scale}, window {m.temporal.window}, "
-        f"tile {m.tile.size}/{m.tile.overlap}), ONNX vs torch max relative error {error:.2e}"
     )

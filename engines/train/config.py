@@ -10,13 +10,14 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from calibration.errors import ScopecastError
 from engines.package import ENGINE_NAME, Normalization
 
 from .data import DataConfig
+from .losses import LOSSES
 
-#: generator loss terms a config may weight (see engines.train.losses)
-GENERATOR_LOSSES = ("l1", "mse", "ssim", "ms_ssim", "tv", "perceptual", "style", "temporal",
-                    "adversarial")  # fmt: skip
+#: generator loss terms a config may weight: the rows of engines.train.losses.LOSSES
+GENERATOR_LOSSES = tuple(LOSSES)
 
 
 class ModelConfig(BaseModel):
@@ -85,7 +86,9 @@ class TrainConfig(BaseModel):
     discriminator: ModelConfig | None = None
     data: DataConfig
     normalization: Normalization | None = Field(None, description="None: from the data")
-    losses: dict[str, float] = Field(default_factory=lambda: {"l1": 1.0})
+    losses: dict[str, float] = Field(
+        default_factory=lambda: {"l1": 1.0}, description="weight per term of losses.LOSSES"
+    )
     adversarial: Literal["lsgan", "bce", "ragan", "wgan"] = "lsgan"
     gp_weight: float = Field(10.0, ge=0, description="WGAN-GP gradient penalty weight")
     vgg_weights: Path | None = Field(None, description="VGG-19 weights for perceptual/style")
@@ -157,7 +160,7 @@ class TrainConfig(BaseModel):
         return hashlib.sha256(text.encode()).hexdigest()
 
 
-class ConfigError(ValueError):
+class ConfigError(ScopecastError, ValueError):
     """A training config that cannot be used; the message says where and why."""
 
 

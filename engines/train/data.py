@@ -43,13 +43,14 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch.utils.data import Dataset
 
 from calibration.forward import ForwardModel
+from calibration.pairfolder import pair_files, read_pair
 from calibration.profile import CalibrationProfile
+from calibration.sim.pairs import TRAIN_SPAN_S, PairRig, degrade, match_intensity
+from calibration.sim.presets import get_preset
 from engines.package import Normalization
-from engines.pairs import TRAIN_SPAN_S, degrade, match_intensity
-from stream.simulated_pairs import PairRig  # training draws on the simulated microscope
 
 if TYPE_CHECKING:
-    from stream.simulated import Preset
+    from calibration.sim.scene import Preset
 
 Progress = Callable[[int, int], None]
 """``progress(done, total)``, called as pairs are generated or read."""
@@ -57,7 +58,6 @@ Progress = Callable[[int, int], None]
 BACKGROUND_FRAMES = 9
 """Low frames in a background median: the server ring's default running-median length."""
 _MAX_BYTES = 8 << 30  # refuse to hold more generated data than this in memory
-_NAMES_SHOWN = 5
 
 
 class DataConfig(BaseModel):
@@ -327,8 +327,6 @@ class _Rig(PairRig):
     """The simulated rig a DataConfig asks for (profile applied), and where training draws."""
 
     def __init__(self, cfg: DataConfig) -> None:
-        from stream.simulated import get_preset
-
         preset: Preset = get_preset(cfg.preset)
         self.profile = CalibrationProfile.load(cfg.profile) if cfg.profile is not None else None
         if self.profile is not None:
@@ -506,46 +504,16 @@ def _field_crop(image: np.ndarray, field: int | None, scale: int,
 # -- recorded pairs: low/ and high/ folders ---------------------------------------------------
 
 
-def _tiffs(folder: Path) -> dict[str, Path]:
-    paths = sorted([*folder.glob("*.tif"), *folder.glob("*.tiff")])
-    return {p.stem.split(".")[0]: p for p in paths}
-
-
-def _few(names: list[str] | set[str]) -> str:
-    names = sorted(names)
-    more = f", ... ({len(names)} in all)" if len(names) > _NAMES_SHOWN else ""
-    return (", ".join(names[:_NAMES_SHOWN]) or "none") + more
-
-
-def _matched(folder: Path) -> list[tuple[str, Path, Path]]:
-    """(name, low file, high file) for every name in folder/low and folder/high."""
-    low_dir, high_dir = folder / "low", folder / "high"
-    if not (low_dir.is_dir() and high_dir.is_dir()):
-        there = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
-        raise ValueError(
-            f"{folder} must hold low/ and high/ folders of TIFFs matched by name (what "
-            f"`scopecast calibrate register` writes); it holds: {_few(there)}"
-        )
-    lows, highs = _tiffs(low_dir), _tiffs(high_dir)
-    only_low, only_high = set(lows) - set(highs), set(highs) - set(lows)
-    if not lows.keys() & highs.keys() or only_low or only_high:
-        raise ValueError(
-            f"low and high TIFFs in {folder} must match by name: low/ only has "
-            f"[{_few(only_low)}], high/ only has [{_few(only_high)}] (low/: [{_few(set(lows))}], "
-            f"high/: [{_few(set(highs))}]); rename or remove the unmatched files"
-        )
-    return [(n, lows[n], highs[n]) for n in sorted(lows)]
-
-
 def _recorded(cfg: DataConfig, scale: int, progress: Progress | None) -> _Made:
     """Paired images (T = 1) or time-lapse stacks, split by name (one stack: split in time)."""
     assert cfg.folder is not None
     stacks = cfg.kind == "stacks"
-    files = _matched(Path(cfg.folder))
+    files = pair_files(Path(cfg.folder))
     series: list[Series] = []
     fits: dict[str, tuple[float, float]] = {}
-    for i, (name, low_path, high_path) in enumerate(files):
-        low, high = tifffile.imread(low_path), tifffile.imread(high_path)
+    for i, pair in enumerate(files):
+        name, low_path, high_path = pair.name, pair.low, pair.high
+        low, high = read_pair(pair)
         dims = 3 if stacks else 2
         need = "(T, H, W) stacks" if stacks else "2-D images (kind='stacks' for time-lapse)"
         for what, path, a in (("low", low_path, low), ("high", high_path, high)):
@@ -567,7 +535,7 @@ def _recorded(cfg: DataConfig, scale: int, progress: Progress | None) -> _Made:
                 f"{scale}`)"
             )
         high = np.asarray(high, np.float32).reshape(-1, 1, *want)
-        if not np.isfinite(high).all():
+        if not np.isfinite(high).all():  # float64 values beyond float32's range
             raise ValueError(f"high/{high_path.name} has NaN or inf values: crop or replace them")
         low = low.reshape(-1, 1, *low.shape[-2:])
         if cfg.match_intensity:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,12 +22,16 @@ from engines.models.flow import flow_self_supervised_loss, warp, warp_valid_mask
 __all__ = [
     "ADVERSARIAL_KINDS",
     "KNOWN_TERMS",
+    "LOSSES",
     "MS_SSIM_WEIGHTS",
     "VGG19_LAYERS",
+    "LossTerm",
+    "TermInputs",
     "VGGFeatures",
     "WeightedLoss",
     "adversarial_d",
     "adversarial_g",
+    "describe_losses",
     "flow_self_supervised_loss",
     "gradient_penalty",
     "l1",
@@ -538,19 +543,111 @@ def temporal_warp_loss(
     return (mask * (pred_t - warped).abs()).sum() / denom
 
 
-# --- weighted sum per run -----------------------------------------------------------------------
+# --- the loss table: every generator term a run may weight --------------------------------------
 
-KNOWN_TERMS = (
-    "l1", "mse", "ssim", "ms_ssim", "tv", "perceptual", "style", "adversarial", "temporal",
-)  # fmt: skip
+
+@dataclass(frozen=True)
+class TermInputs:
+    """What a term may use beyond pred and target: the run's settings and the step's extras."""
+
+    vgg: VGGFeatures | None
+    adversarial: str
+    data_range: float
+    fake_logits: Tensor | None = None
+    real_logits: Tensor | None = None
+    pred_prev: Tensor | None = None
+    frame_t: Tensor | None = None
+    frame_prev: Tensor | None = None
+    flow_net: Callable[[Tensor, Tensor], Tensor] | None = None
+
+
+@dataclass(frozen=True)
+class LossTerm:
+    """One generator loss term: how to compute it (unweighted) and what it is."""
+
+    compute: Callable[[Tensor, Tensor, TermInputs], Tensor]
+    description: str
+    needs_vgg: bool = False
+
+
+def _vgg(x: TermInputs) -> VGGFeatures:
+    assert x.vgg is not None  # WeightedLoss loads it for the terms that need it
+    return x.vgg
+
+
+def _adversarial_term(pred: Tensor, target: Tensor, x: TermInputs) -> Tensor:
+    if x.fake_logits is None:
+        raise ValueError(
+            "the adversarial term has a weight but no fake_logits were given: pass the "
+            "discriminator's logits on pred, or set its weight to 0"
+        )
+    return adversarial_g(x.adversarial, x.fake_logits, x.real_logits)
+
+
+def _temporal_term(pred: Tensor, target: Tensor, x: TermInputs) -> Tensor:
+    inputs = {
+        "pred_prev": x.pred_prev, "frame_t": x.frame_t, "frame_prev": x.frame_prev,
+        "flow_net": x.flow_net,
+    }  # fmt: skip
+    missing = [k for k, v in inputs.items() if v is None]
+    if missing:
+        raise ValueError(
+            f"the temporal term has a weight but {missing} were not given: pass them, or set "
+            "its weight to 0"
+        )
+    assert x.pred_prev is not None and x.frame_t is not None and x.frame_prev is not None
+    assert x.flow_net is not None
+    return temporal_warp_loss(pred, x.pred_prev, x.frame_t, x.frame_prev, x.flow_net)
+
+
+#: Every generator loss term, by the name a config weights it under. The config's check, the
+#: error messages and WeightedLoss all read this table: a new term is one row.
+LOSSES: dict[str, LossTerm] = {
+    "l1": LossTerm(lambda p, t, x: l1(p, t), "mean absolute error"),
+    "mse": LossTerm(lambda p, t, x: mse(p, t), "mean squared error"),
+    "ssim": LossTerm(
+        lambda p, t, x: ssim_loss(p, t, data_range=x.data_range),
+        "1 - SSIM (11 px Gaussian window)",
+    ),
+    "ms_ssim": LossTerm(
+        lambda p, t, x: ms_ssim_loss(p, t, data_range=x.data_range),
+        "1 - multi-scale SSIM (as many scales as the crop allows)",
+    ),
+    "tv": LossTerm(lambda p, t, x: total_variation(p), "total variation of the prediction"),
+    "perceptual": LossTerm(
+        lambda p, t, x: perceptual(p, t, _vgg(x)),
+        "L1 between VGG-19 features (Johnson 2016; needs VGG weights)",
+        needs_vgg=True,
+    ),
+    "style": LossTerm(
+        lambda p, t, x: style(p, t, _vgg(x)),
+        "MSE between Gram matrices of VGG-19 features (Gatys 2016; needs VGG weights)",
+        needs_vgg=True,
+    ),
+    "adversarial": LossTerm(
+        _adversarial_term,
+        "the generator's GAN loss on the discriminator's logits (needs fake_logits; "
+        "real_logits for ragan)",
+    ),
+    "temporal": LossTerm(
+        _temporal_term,
+        "L1 between the prediction and the previous one warped by the flow net "
+        "(needs pred_prev, frame_t, frame_prev, flow_net)",
+    ),
+}
+KNOWN_TERMS = tuple(LOSSES)
+
+
+def describe_losses() -> str:
+    """One line per term: name and what it is (for help texts and docs)."""
+    return "\n".join(f"{name}: {term.description}" for name, term in LOSSES.items())
 
 
 class WeightedLoss:
     """The generator's weighted loss sum, configured per run, e.g. {"l1": 1.0, "ssim": 0.2}.
 
-    Terms: l1, mse, ssim, ms_ssim, tv (of pred), perceptual, style (need VGG weights),
-    adversarial (needs fake_logits, and real_logits for ragan) and temporal (needs pred_prev,
-    frame_t, frame_prev, flow_net). Zero-weight terms are never computed.
+    Terms: the rows of ``LOSSES`` (``describe_losses()`` lists them). Zero-weight terms are
+    never computed.
     """
 
     def __init__(
@@ -575,7 +672,7 @@ class WeightedLoss:
         self.adversarial = adversarial
         self.data_range = data_range
         self.vgg: VGGFeatures | None = None
-        if {"perceptual", "style"} & set(self.weights):
+        if any(LOSSES[name].needs_vgg for name in self.weights):
             self.vgg = vgg if isinstance(vgg, VGGFeatures) else VGGFeatures.from_file(vgg)
 
     @property
@@ -603,61 +700,14 @@ class WeightedLoss:
     ) -> tuple[Tensor, dict[str, float]]:
         """(weighted total, {term: unweighted value, ..., "total": total}) for logging."""
         _check_images("WeightedLoss", pred, target)
-        values: dict[str, Tensor] = {}
-        for name in self.weights:
-            values[name] = self._term(
-                name, pred, target, fake_logits, real_logits, pred_prev, frame_t, frame_prev,
-                flow_net,
-            )  # fmt: skip
+        extras = TermInputs(
+            vgg=self.vgg, adversarial=self.adversarial, data_range=self.data_range,
+            fake_logits=fake_logits, real_logits=real_logits, pred_prev=pred_prev,
+            frame_t=frame_t, frame_prev=frame_prev, flow_net=flow_net,
+        )  # fmt: skip
+        values = {name: LOSSES[name].compute(pred, target, extras) for name in self.weights}
         total = sum(self.weights[name] * value for name, value in values.items())
         assert isinstance(total, Tensor)
         logged = {name: float(value.detach()) for name, value in values.items()}
         logged["total"] = float(total.detach())
         return total, logged
-
-    def _term(
-        self,
-        name: str,
-        pred: Tensor,
-        target: Tensor,
-        fake_logits: Tensor | None,
-        real_logits: Tensor | None,
-        pred_prev: Tensor | None,
-        frame_t: Tensor | None,
-        frame_prev: Tensor | None,
-        flow_net: Callable[[Tensor, Tensor], Tensor] | None,
-    ) -> Tensor:
-        if name == "l1":
-            return l1(pred, target)
-        if name == "mse":
-            return mse(pred, target)
-        if name == "ssim":
-            return ssim_loss(pred, target, data_range=self.data_range)
-        if name == "ms_ssim":
-            return ms_ssim_loss(pred, target, data_range=self.data_range)
-        if name == "tv":
-            return total_variation(pred)
-        if name in ("perceptual", "style"):
-            assert self.vgg is not None
-            fn = perceptual if name == "perceptual" else style
-            return fn(pred, target, self.vgg)
-        if name == "adversarial":
-            if fake_logits is None:
-                raise ValueError(
-                    "the adversarial term has a weight but no fake_logits were given: pass the "
-                    "discriminator's logits on pred, or set its weight to 0"
-                )
-            return adversarial_g(self.adversarial, fake_logits, real_logits)
-        inputs = {
-            "pred_prev": pred_prev, "frame_t": frame_t, "frame_prev": frame_prev,
-            "flow_net": flow_net,
-        }  # fmt: skip
-        missing = [k for k, v in inputs.items() if v is None]
-        if missing:
-            raise ValueError(
-                f"the temporal term has a weight but {missing} were not given: pass them, or set "
-                "its weight to 0"
-            )
-        assert pred_prev is not None and frame_t is not None and frame_prev is not None
-        assert flow_net is not None
-        return temporal_warp_loss(pred, pred_prev, frame_t, frame_prev, flow_net)

@@ -8,10 +8,11 @@ import os
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from calibration.errors import ScopecastError
 from stream.sinks.tiff import SinkError
 
 
-class CorruptIndex(ValueError):
+class CorruptIndex(ScopecastError, ValueError):
     """An index line before the last one that is not a JSON object."""
 
 

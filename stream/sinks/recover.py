@@ -1,8 +1,10 @@
-"""Rebuild a readable OME-TIFF from a file left by a crash (SIGKILL, power loss, full disk).
+"""Rebuild a readable file from one left by a crash (SIGKILL, power loss, full disk).
 
-The run's index says where every completed plane lies and its crc32; each plane is read
-back, checked, and written through :class:`OmeTiffSink` (the same metadata logic as a live
-run) to ``<name>.recovered.ome.tif``. Damaged index lines are skipped and counted; a plane
+:func:`recover` hands the file to the recover function of the sink that wrote it (by its
+suffix, see :data:`stream.sinks.base.SINKS`); this module holds the OME-TIFF one,
+:func:`recover_ome_tiff`. The run's index says where every completed plane lies and its
+crc32; each plane is read back, checked, and written through :class:`OmeTiffSink` (the same
+metadata logic as a live run) to ``<name>.recovered.ome.tif``. Damaged index lines are skipped and counted; a plane
 they leave without a record is taken from the file's own pages. Without an index the
 file's complete pages are used. The damaged original is never changed.
 """
@@ -17,7 +19,6 @@ import re
 import zlib
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,9 @@ import numpy as np
 import tifffile
 from pydantic import ValidationError
 
+from calibration.errors import ScopecastError
 from stream.protocol import FrameHeader, StagePosition
+from stream.sinks.base import Recovered, sink_for_file, sink_type
 from stream.sinks.index import scan_index
 from stream.sinks.store import INDEX_NAME
 from stream.sinks.tiff import (
@@ -46,29 +49,26 @@ _EXAMPLE = "a file scopecast wrote, such as run-.../cam_p000_raw.ome.tif"
 Plane = tuple[np.ndarray, FrameHeader]
 
 
-class RecoverError(ValueError):
+class RecoverError(ScopecastError, ValueError):
     """A file recover cannot rebuild: says which file, why, and what to do."""
 
 
-@dataclass
-class Recovered:
-    """What :func:`recover` wrote: ``planes`` good planes; ``bad_crc`` and ``missing`` skipped.
-
-    ``damaged`` counts index lines (or records) that could not be used, ``unindexed`` the
-    planes taken from the file's pages because no good index line described them.
-    """
-
-    source: Path
-    output: Path
-    planes: int
-    bad_crc: int
-    from_index: bool
-    missing: int = 0
-    damaged: int = 0
-    unindexed: int = 0
+def recover(
+    path: Path,
+    *,
+    index: Path | None = None,
+    output: Path | None = None,
+    sink: str | None = None,
+) -> Recovered:
+    """Rebuild ``path`` with the recover function of the sink that wrote it: the one named
+    ``sink``, else the one whose file suffix ``path`` has (OME-TIFF when none has)."""
+    row = sink_type(sink) if sink is not None else sink_for_file(Path(path))
+    return row.recover(Path(path), index=index, output=output)
 
 
-def recover(path: Path, *, index: Path | None = None, output: Path | None = None) -> Recovered:
+def recover_ome_tiff(
+    path: Path, *, index: Path | None = None, output: Path | None = None
+) -> Recovered:
     """Write ``<name>.recovered.ome.tif`` beside ``path`` from its index records (or pages).
 
     Raises RecoverError (a ValueError) when nothing can be recovered, OSError (SinkError,

@@ -1,5 +1,5 @@
-"""The run directory: raw and enhanced OME-TIFFs per (stream, position[, grid tile]) plus one
-JSONL index."""
+"""The run directory: raw and enhanced files per (stream, position[, grid tile]), OME-TIFF
+unless another sink of :data:`stream.sinks.base.SINKS` is named, plus one JSONL index."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ from typing import Any
 import numpy as np
 
 from stream.protocol import FrameHeader
+from stream.sinks.base import DEFAULT_SINK, Sink, sink_type
 from stream.sinks.index import IndexWriter
-from stream.sinks.tiff import OmeTiffSink, PlaneRecord, SinkError
+from stream.sinks.tiff import PlaneRecord, SinkError
 
 log = logging.getLogger(__name__)
 
@@ -49,18 +50,25 @@ FileKey = tuple[str, int, int | None, str]
 
 
 class RunWriter:
-    """Raw and enhanced OME-TIFFs per (stream, position, grid tile) plus the run's JSONL index.
+    """Raw and enhanced files per (stream, position, grid tile) plus the run's JSONL index.
 
-    Files are named ``{stream}_p{p:03d}[_g{g:03d}]_{kind}.ome.tif`` (``_g`` only when frames
-    carry a grid index). Thread-safe. A disk error raises SinkError after counting
-    ``errors['disk']``; the caller keeps going and later writes retry.
+    Files are named ``{stream}_p{p:03d}[_g{g:03d}]_{kind}{suffix}`` (``_g`` only when frames
+    carry a grid index; ``suffix`` the sink's, ``.ome.tif`` for the default ``sink``).
+    Thread-safe. A disk error raises SinkError after counting ``errors['disk']``; the caller
+    keeps going and later writes retry.
     """
 
     def __init__(
-        self, out_dir: Path, *, fsync: bool = False, max_open: int = MAX_OPEN_FILES
+        self,
+        out_dir: Path,
+        *,
+        fsync: bool = False,
+        max_open: int = MAX_OPEN_FILES,
+        sink: str = DEFAULT_SINK,
     ) -> None:
         if max_open < 1:
             raise ValueError(f"max_open={max_open} must be >= 1")
+        self.sink = sink_type(sink)
         self.max_open = max_open
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -77,7 +85,7 @@ class RunWriter:
         self.errors: Counter[str] = Counter()
         #: Why each file that failed to close failed (its OME-XML, or the index), in order.
         self.close_errors: list[str] = []
-        self._sinks: OrderedDict[FileKey, OmeTiffSink] = OrderedDict()  # least recent first
+        self._sinks: OrderedDict[FileKey, Sink] = OrderedDict()  # least recent first
         self._parts: Counter[FileKey] = Counter()
         self._raw: OrderedDict[tuple[str, str | None, int], dict[str, Any]] = OrderedDict()
         self._lock = threading.Lock()
@@ -183,7 +191,7 @@ class RunWriter:
 
     def _sink(
         self, kind: str, header: FrameHeader, frame: np.ndarray, pixel_size_um: float | None
-    ) -> OmeTiffSink:
+    ) -> Sink:
         p, g = header.index.get("p", 0), header.index.get("g")
         key = (header.stream, p, g, kind)
         sink = self._sinks.get(key)
@@ -200,11 +208,12 @@ class RunWriter:
         if sink is None:
             self._parts[key] += 1
             part = self._parts[key]
-            suffix = "" if part == 1 else f"_{part}"
+            more = "" if part == 1 else f"_{part}"
             tile = "" if g is None else f"_g{g:03d}"
-            path = self.out_dir / f"{header.stream}_p{p:03d}{tile}_{kind}{suffix}.ome.tif"
+            name = f"{header.stream}_p{p:03d}{tile}_{kind}{more}{self.sink.suffix}"
+            path = self.out_dir / name
             where = f"position {p}" + ("" if g is None else f", grid tile {g}")
-            sink = OmeTiffSink(
+            sink = self.sink.open(
                 path,
                 pixel_size_um=pixel_size_um,
                 fsync=self.fsync,
@@ -215,7 +224,7 @@ class RunWriter:
             self._sinks[key] = sink
         return sink
 
-    def _close_sink(self, sink: OmeTiffSink) -> None:
+    def _close_sink(self, sink: Sink) -> None:
         """Close ``sink``; a failure is recorded for close() to report, never raised here."""
         try:
             sink.close()

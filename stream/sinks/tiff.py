@@ -27,6 +27,7 @@ from typing import IO, Any, NamedTuple, cast
 import numpy as np
 import tifffile
 
+from calibration.errors import ScopecastError
 from stream.protocol import FrameHeader
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ _Z_STEP_TOLERANCE = 0.1
 _NO_ROOM = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
-class SinkError(OSError):
+class SinkError(ScopecastError, OSError):
     """A write that failed (disk full, permission, wrong frame): says which file and what to do."""
 
     def __init__(

@@ -30,10 +30,14 @@ import zmq.asyncio
 from aiohttp import WSCloseCode, WSMsgType, web
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..control import ControlError, request
+from calibration.errors import ScopecastError
+
+from ..control import ControlError
+from ..control import status as server_status
 from ..endpoints import check_endpoint
 from ..protocol import ProtocolError, decode_published
 from ..security import curve_or_none
+from ..status import ServerStatus
 from .access import COOKIE, check_request, is_loopback_host, token_for
 from .latest import PANES, LatestFrames, PaneSlots
 
@@ -64,7 +68,7 @@ class ViewerConfig(BaseModel):
     max_mb: float = Field(512.0, gt=0, description="newest frames held for all keys together")
 
 
-class ViewerError(RuntimeError):
+class ViewerError(ScopecastError, RuntimeError):
     """The viewer cannot start as configured (port in use, bad token)."""
 
 
@@ -184,7 +188,7 @@ class Viewer:
             else:
                 try:
                     reply = await asyncio.to_thread(
-                        request, c.control, "status", timeout_s=max(c.status_every_s, 1.0),
+                        server_status, c.control, timeout_s=max(c.status_every_s, 1.0),
                         curve=self.curve,
                     )  # fmt: skip
                     self._status = {"ok": True, "server": _brief(reply)}
@@ -297,23 +301,22 @@ class Viewer:
         })  # fmt: skip
 
 
-def _brief(status: dict[str, Any]) -> dict[str, Any]:
-    """The part of a server status the page shows."""
-    engine = status.get("engine") or {}
-    latency = status.get("latency_ms") or {}
+#: ServerStatus fields the page shows as they are (see status.schema.json beside viewer.js).
+SHOWN = {"healthy", "failure", "mode", "uptime_s", "frames_received", "frames_enhanced",
+         "frames_skipped", "frames_missing", "engine_errors", "stage_errors"}  # fmt: skip
+
+
+def _brief(status: ServerStatus) -> dict[str, Any]:
+    """The part of a server status the page shows: the engine's name and scale, each backend
+    as "name device", p50 and p99 of each stage, and the :data:`SHOWN` fields."""
+    engine = status.engine
     return {
-        "engine": engine.get("engine"),
-        "scale": engine.get("scale"),
-        "backend": [
-            " ".join(str(b[k]) for k in ("name", "device") if b.get(k))
-            for b in engine.get("backend") or []
-        ],
-        "latency_ms": {s: {"p50": v.get("p50"), "p99": v.get("p99")} for s, v in latency.items()},
-        **{k: status.get(k) for k in (
-            "healthy", "failure", "mode", "uptime_s", "frames_received", "frames_enhanced",
-            "frames_skipped", "frames_missing", "engine_errors", "stage_errors",
-        )},
-    }  # fmt: skip
+        "engine": engine.engine,
+        "scale": engine.scale,
+        "backend": [" ".join(x for x in (b.name, b.device) if x) for b in engine.backend],
+        "latency_ms": {s: {"p50": v.p50, "p99": v.p99} for s, v in status.latency_ms.items()},
+        **status.model_dump(mode="json", include=SHOWN),
+    }
 
 
 def _url(host: str, port: int, token: str | None) -> str:

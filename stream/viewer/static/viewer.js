@@ -312,6 +312,11 @@
   function renderStats() {
     const st = state.status;
     if (!st) return;
+    // st.server is the viewer server's _brief of the engine server's status: the fields read
+    // here (healthy, failure, mode, uptime_s, frames_*, latency_ms) are ServerStatus fields,
+    // named, typed and described in status.schema.json beside this file (stream/status.py);
+    // engine, scale and backend are flattened to strings there. tests/test_status.py checks
+    // every s.NAME read here against that schema.
     const s = st.server || {};
     $("st-engine").textContent = fmt(s.engine);
     $("st-backend").textContent = (s.backend || []).join(", ") || "-";

@@ -31,9 +31,9 @@ from typing import Any
 
 import numpy as np
 
-from .package import ZOO_DIR, EnginePackage, Manifest, PlanInfo, load_package, write_package
-from .runtime.base import BackendError
-from .runtime.guard import (
+from ..package import ZOO_DIR, EnginePackage, Manifest, PlanInfo, load_package, write_package
+from ..runtime.base import BackendError
+from ..runtime.guard import (
     PRECISIONS,
     NumericsReport,
     Runner,
@@ -41,13 +41,14 @@ from .runtime.guard import (
     compare_runners,
     tolerance_for,
 )
-from .runtime.plans import (
+from ..runtime.plans import (
     MAX_SIDE,
     MIN_SIDE,
     OPT_SIDE,
     MachineFacts,
     PlanChoice,
     Profile,
+    Rebuilt,
     dump_profiles,
     make_profiles,
     parse_profiles,
@@ -103,7 +104,7 @@ class Toolkit:
 
 def tensorrt_toolkit() -> Toolkit:
     """The real seam: TensorRT and pycuda on this machine (imported when first used)."""
-    from .runtime import tensorrt as seam
+    from ..runtime import tensorrt as seam
 
     @contextlib.contextmanager
     def runner(package: EnginePackage, plan: bytes) -> Iterator[Runner]:
@@ -551,18 +552,6 @@ def build_plan(
     return BuildResult(written, plan, onnx_report, report, seconds, notes)
 
 
-@dataclass
-class Rebuilt:
-    """A plan rebuilt at startup for this machine, and whether it was saved in the package."""
-
-    package: EnginePackage
-    plan: PlanInfo
-    plan_bytes: bytes
-    seconds: float
-    report: NumericsReport
-    saved: str
-
-
 def rebuild_plan(
     package: EnginePackage,
     choice: PlanChoice,
@@ -570,7 +559,8 @@ def rebuild_plan(
     toolkit: Toolkit | None = None,
     workspace_mb: int = 1024,
 ) -> Rebuilt:
-    """Carry out ``select_plan``'s "rebuild": build from the package's ONNX of that precision
+    """Carry out ``select_plan``'s "rebuild" (a ``PlanRebuilder``, handed to the runtime by the
+    commands that open backends): build from the package's ONNX of that precision
     with the chosen profiles and the shared timing cache, guard it on synthetic frames against
     ONNX Runtime fp32, and save it in the package when the folder is writable (not the zoo)."""
     if choice.action != "rebuild" or choice.source is None or choice.precision is None:

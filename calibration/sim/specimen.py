@@ -1,4 +1,5 @@
-"""Moving specimens for the simulated microscope, rendered as pure functions of time.
+"""Moving specimens for the simulated microscope, rendered as pure functions of time, and the
+table of specimen kinds a preset's channel can image (:data:`SPECIMEN_KINDS`).
 
 A specimen maps (time, view) to expected photons per output pixel. Nothing is stepped, so the
 same instant can be rendered on any pixel grid: a fast 256x256 scan and a slow 512x512 scan of
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import math
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from itertools import product
 from typing import Protocol, runtime_checkable
@@ -23,17 +25,24 @@ from scipy import ndimage
 from scipy.interpolate import CubicSpline
 
 __all__ = [
+    "ILLUMINATION_PHOTONS",
+    "SPECIMEN_KINDS",
     "BeadSlide",
     "BrightfieldSpecimen",
     "FluorescentSpecimen",
     "Specimen",
+    "SpecimenKind",
     "UniformSlide",
     "View",
+    "get_specimen_kind",
+    "register_specimen",
 ]
 
 FloatArray = NDArray[np.float64]
 
 _REF_PIXEL_UM = 0.1
+ILLUMINATION_PHOTONS = 1000.0
+"""Transmitted photons per pixel on bare background (brightfield), by default."""
 _FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 
 
@@ -566,7 +575,7 @@ class BrightfieldSpecimen:
         seed: int = 0,
         *,
         cell_density_per_mm2: float = 400.0,
-        illumination_photons: float = 1000.0,
+        illumination_photons: float = ILLUMINATION_PHOTONS,
     ) -> None:
         self.seed = _check_count("seed", seed)
         self.cell_density_per_mm2 = _check_positive(
@@ -764,3 +773,87 @@ class BeadSlide:
             ok = (r >= 0) & (r < rows) & (c >= 0) & (c < cols)
             np.add.at(image, (r[ok], c[ok]), (w[ok] * self.photons).astype(np.float32))
         return image
+
+
+# -- the specimen kinds a preset's channel can image ------------------------------------------
+
+
+@dataclass(frozen=True)
+class SpecimenKind:
+    """One row of :data:`SPECIMEN_KINDS`: how to build the specimen and what light it is seen in.
+
+    ``transmitted``: seen in transmitted light (brightfield), so photons per pixel do not depend
+    on pixel size; otherwise fluorescence, photons per pixel proportional to pixel area.
+    ``flat_level``: the level of the flat-field slide in that light (``UniformSlide``).
+    """
+
+    name: str
+    factory: Callable[[int], Specimen]
+    """``factory(seed)``: the specimen, deterministic in the seed."""
+    transmitted: bool = False
+    flat_level: float = 1.0
+    description: str = ""
+
+
+SPECIMEN_KINDS: dict[str, SpecimenKind] = {}
+"""Specimen kinds by name: a new kind is one :func:`register_specimen` call."""
+
+
+def register_specimen(
+    name: str,
+    factory: Callable[[int], Specimen],
+    *,
+    transmitted: bool = False,
+    flat_level: float | None = None,
+    description: str = "",
+) -> SpecimenKind:
+    """Add a row to :data:`SPECIMEN_KINDS`; ValueError if ``name`` is taken. ``flat_level``
+    defaults to 1 (fluorescence) or :data:`ILLUMINATION_PHOTONS` (transmitted light)."""
+    if not (isinstance(name, str) and name):
+        raise ValueError(f"a specimen kind needs a non-empty name, got {name!r}")
+    if name in SPECIMEN_KINDS:
+        raise ValueError(
+            f"specimen kind {name!r} is already registered; choose another name "
+            f"(registered: {', '.join(SPECIMEN_KINDS)})"
+        )
+    if not callable(factory):
+        raise ValueError(f"specimen kind {name!r}: factory must be callable(seed), got {factory!r}")
+    level = (ILLUMINATION_PHOTONS if transmitted else 1.0) if flat_level is None else flat_level
+    kind = SpecimenKind(
+        name=name,
+        factory=factory,
+        transmitted=bool(transmitted),
+        flat_level=_check_positive("flat_level", level),
+        description=description,
+    )
+    SPECIMEN_KINDS[name] = kind
+    return kind
+
+
+def get_specimen_kind(name: str) -> SpecimenKind:
+    """The named specimen kind, or a ValueError naming it and the known ones."""
+    try:
+        return SPECIMEN_KINDS[name]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"unknown specimen kind {name!r}; known kinds: {', '.join(SPECIMEN_KINDS)} "
+            "(add one with calibration.sim.register_specimen)"
+        ) from None
+
+
+register_specimen(
+    "filaments-and-nuclei",
+    lambda seed: FluorescentSpecimen(seed, n_filaments=25),
+    description="fluorescent filaments and dividing nuclei",
+)
+register_specimen(
+    "nuclei",
+    lambda seed: FluorescentSpecimen(seed, n_filaments=0),
+    description="fluorescent dividing nuclei (DNA stain)",
+)
+register_specimen(
+    "brightfield-cells",
+    BrightfieldSpecimen,
+    transmitted=True,
+    description="unstained cells on a well-plate bottom in transmitted light",
+)

@@ -2,7 +2,8 @@
 
 They are written with the onnx helper API (no torch) and serialize to the same bytes on every
 run, so the committed packages can be checked by rebuilding. ``onnx`` is a dev/train dependency:
-only this builder imports it, never the runtime. Run ``python -m engines.zoo.baselines``.
+only this offline builder imports it, never the runtime.
+Run ``python -m engines.offline.baselines``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from ..package import ZOO_DIR, EnginePackage, Manifest, Normalization, Tiling, w
 
 OPSET = 17
 IR_VERSION = 8  # the IR version that goes with opset 17; fixed so onnx upgrades keep the bytes
-_PROVENANCE = {"builder": "engines.zoo.baselines", "onnx_opset": OPSET}
+_PROVENANCE = {"builder": "engines.offline.baselines", "onnx_opset": OPSET}
 
 
 def _model(name: str, nodes: list, initializers: list, out_hw: tuple[str, str]) -> bytes:

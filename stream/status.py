@@ -1,0 +1,183 @@
+"""What a running engine server reports (``status``, and the summary ``stop`` and ``serve``
+return): one pydantic model, sent over the control socket as its JSON.
+
+The server builds a :class:`ServerStatus`; the control socket sends
+``model_dump(mode="json")``; every reader (``scopecast status``, the viewer, the benches)
+validates the answer back into a ServerStatus and reads attributes. Its JSON schema ships as
+``stream/viewer/static/status.schema.json`` (regenerate with ``python -m stream.status``), the
+reference for readers outside Python such as the viewer page.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
+
+#: Where the JSON schema of :class:`ServerStatus` ships (served to the viewer page beside it).
+SCHEMA_PATH = Path(__file__).parent / "viewer" / "static" / "status.schema.json"
+
+
+class _Part(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _Counts(_Part):
+    """Counts by kind with a field per known kind; only the kinds seen go on the wire (as the
+    plain dict of counts they always were)."""
+
+    @model_serializer(mode="wrap")
+    def _seen_only(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v}
+
+    def seen(self) -> dict[str, Any]:
+        """The kinds that occurred, with their counts."""
+        return {k: v for k, v in self if v}
+
+
+class StageFailure(_Part):
+    """The stage found dead by the supervisor, and why."""
+
+    stage: str
+    error: str
+
+
+class BackendInfo(_Part):
+    """What runs one engine of the chain; each backend adds its own details (providers,
+    plan, versions, model inputs and outputs)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    name: str = Field(description="backend, e.g. onnxruntime or tensorrt")
+    device: str = Field(description="e.g. cpu or cuda:0")
+
+
+class EngineInfo(_Part):
+    """The engine chain being served."""
+
+    engine: str = Field(description="chain name, engines joined by '+'")
+    scale: int = Field(description="output pixels per input pixel along each axis")
+    window: int = Field(description="frames the first engine takes (temporal window)")
+    backend: list[BackendInfo] = Field(description="one per engine of the chain")
+    reason: list[str] = Field(description="why each backend was chosen")
+
+
+class Latency(_Part):
+    """Percentiles (ms) of one stage's recent durations; None before the first sample."""
+
+    p50: float | None
+    p90: float | None
+    p99: float | None
+    max: float | None
+
+
+class FramesWritten(_Part):
+    raw: int
+    enhanced: int
+
+
+class DiskErrors(_Counts):
+    """Writes the disk refused, by what was being written (counted, the server goes on)."""
+
+    raw: int = 0
+    enhanced: int = 0
+    close: int = 0
+    spill: int = 0
+
+
+class StageErrors(_Counts):
+    """Unexpected exceptions per guarded stage, by exception type (counted, the stage goes
+    on); only stages that had one go on the wire."""
+
+    receive: dict[str, int] = {}
+    engine: dict[str, int] = {}
+    writer: dict[str, int] = {}
+    control: dict[str, int] = {}
+    publish: dict[str, int] = {}
+    spill: dict[str, int] = {}
+
+
+class Viewers(_Part):
+    """Subscriber connections accepted on PUB, and those that went away."""
+
+    connected: int
+    gone: int
+
+
+class Queues(_Part):
+    """Items waiting: for enhancement (engine), for the disk (writer)."""
+
+    engine: int
+    writer: int
+
+
+class RingResets(_Part):
+    """Temporal-state resets by reason (see :mod:`stream.ring`)."""
+
+    first: int
+    acquisition: int
+    shape: int
+    order: int
+    gap: int
+    pause: int
+
+
+class Evictions(_Part):
+    budget: int
+    idle: int
+
+
+class RingStats(_Part):
+    """The temporal state kept per (stream, position, channel, z)."""
+
+    keys: int
+    resets: RingResets
+    bytes: int
+    budget_bytes: int | None
+    evicted: Evictions
+
+
+class ServerStatus(_Part):
+    """Health, counters, per-stage latency percentiles (ms), engine, backend, queue depths."""
+
+    healthy: bool = Field(description="false once a stage died; the server is then stopping")
+    failure: StageFailure | None
+    engine: EngineInfo
+    mode: Literal["live", "complete"]
+    listen: str
+    publish: str | None
+    out_dir: str = Field(description="this run's folder")
+    uptime_s: float
+    rss_mb: float | None = Field(description="resident memory; None where /proc is missing")
+    cpu_s: float
+    frames_received: int
+    frames_received_by_stream: dict[str, int]
+    frames_missing: int = Field(description="gaps between consecutive sequence numbers")
+    frames_rejected: dict[str, int] = Field(description="malformed messages, by kind")
+    frames_enhanced: int
+    frames_skipped: int = Field(description="live mode: replaced by a newer frame of the key")
+    frames_spilled: int = Field(description="complete mode: backlog moved to disk")
+    frames_not_enhanced: int = Field(description="complete mode: no room in memory nor on disk")
+    frames_written: FramesWritten
+    engine_errors: dict[str, int] = Field(description="frames the engine refused, by kind")
+    disk_errors: DiskErrors
+    stage_errors: StageErrors
+    requests_rejected: int = Field(description="malformed control requests")
+    published: int
+    viewers: Viewers
+    queues: Queues
+    rings: RingStats
+    latency_ms: dict[str, Latency] = Field(description="by stage, in pipeline order")
+    files: list[str]
+
+
+def schema_json() -> str:
+    """The JSON schema of :class:`ServerStatus`, as shipped in :data:`SCHEMA_PATH`."""
+    return json.dumps(ServerStatus.model_json_schema(), indent=2, sort_keys=True) + "\n"
+
+
+if __name__ == "__main__":  # python -m stream.status: rewrite the shipped schema
+    SCHEMA_PATH.write_text(schema_json())
+    print(SCHEMA_PATH)
