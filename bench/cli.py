@@ -304,8 +304,11 @@ def fuzz(
     good: Annotated[float, typer.Option(help="fraction of good frames")] = 0.2,
     out_dir: Annotated[
         Path | None,
-        typer.Option("--out", help="keep the server's run folder and fuzz.json here (default: "
-                     "a temporary folder, deleted)"),
+        typer.Option(
+            "--out",
+            help="keep the server's run folder and fuzz.json here (default: "
+            "a temporary folder, deleted)",
+        ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
 ) -> None:
@@ -369,8 +372,10 @@ def soak(
     ] = 5.0,
     runs: Annotated[
         Path | None,
-        typer.Option(help="folder for the server's runs (default: a temporary one, deleted; "
-                     "about 2 x streams x fps x size^2 x 2 bytes per second)"),
+        typer.Option(
+            help="folder for the server's runs (default: a temporary one, deleted; "
+            "about 2 x streams x fps x size^2 x 2 bytes per second)"
+        ),
     ] = None,
     out_dir: Out = Path("bench-results"),
     older: Compare = None,
@@ -412,8 +417,11 @@ def server_latency(
     ] = None,
     out_dir: Annotated[
         Path | None,
-        typer.Option("--out", help="folder for the server's run files (deleted afterwards); "
-                     "/dev/shm separates the disk's share from the rest"),
+        typer.Option(
+            "--out",
+            help="folder for the server's run files (deleted afterwards); "
+            "/dev/shm separates the disk's share from the rest",
+        ),
     ] = None,
     json_out: JsonFile = None,
 ) -> None:
@@ -504,8 +512,9 @@ def _latency_table(result: dict[str, Any]) -> Table:
             f"{e['frames_skipped']} skipped", f"{e['frames_not_handed_over']} not handed over",
             f"{fmt(e.get('fps_acquired'))} fps",
         )  # fmt: skip
-        table.add_row(name, "server", f"{fmt(e.get('rss_mb'))} MB", f"{fmt(e.get('cpu_percent'))}% CPU",
-                      e.get("backend") or "", "", end_section=True)  # fmt: skip
+        table.add_row(name, "server", f"{fmt(e.get('rss_mb'))} MB",
+                      f"{fmt(e.get('cpu_percent'))}% CPU", e.get("backend") or "", "",
+                      end_section=True)  # fmt: skip
     return table
 
 
@@ -524,7 +533,8 @@ def _throughput_table(result: dict[str, Any]) -> Table:
 
 def _quality_table(result: dict[str, Any]) -> Table:
     metrics = {"psnr": "PSNR dB", "ssim": "SSIM", "ms_ssim": "MS-SSIM", "nrmse": "NRMSE",
-               "decorrelation_px": "decorr px", "fidelity_chi2": "chi2", "flicker": "flicker"}  # fmt: skip
+               "decorrelation_px": "decorr px", "fidelity_chi2": "chi2",
+               "flicker": "flicker"}  # fmt: skip
     table = Table(Column("method", no_wrap=True), *metrics.values(),
                   title=f"quality, {result.get('simulated') or result.get('data')}, "
                   f"{result['pairs']} pairs (mean)")  # fmt: skip

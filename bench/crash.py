@@ -39,7 +39,9 @@ def run_crash(
         raise ValueError(f"kills={kills} must be >= 1, size={size} >= 8, fps={fps} > 0")
     rng = random.Random(seed)
     base = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="scopecast-crash-"))
-    rounds = [_round(base / f"kill-{i:02d}", size, fps, rng.uniform(0.5, 3.0)) for i in range(kills)]
+    rounds = [
+        _round(base / f"kill-{i:02d}", size, fps, rng.uniform(0.5, 3.0)) for i in range(kills)
+    ]
     indexed = sum(r["indexed"] for r in rounds)
     exact = sum(r["recovered_exact"] for r in rounds)
     return {
@@ -85,7 +87,9 @@ def _round(out: Path, size: int, fps: float, kill_after_s: float) -> dict[str, A
         result = recover(run_dir / name, output=run_dir / f"{name}.recovered.ome.tif")
         bad += result.bad_crc + result.missing
         data = tifffile.imread(result.output).reshape(-1, size, size)
-        exact += sum(np.array_equal(p, frame_for(s, size)) for p, s in zip(data, seqs, strict=False))
+        exact += sum(
+            np.array_equal(p, frame_for(s, size)) for p, s in zip(data, seqs, strict=False)
+        )
     return {
         "kill_after_s": round(kill_after_s, 3),
         "frames_sent": sent[0],

@@ -340,7 +340,7 @@ def _version(rng: random.Random, state: FuzzState) -> Message:
 def _bad_float(rng: random.Random, state: FuzzState) -> Message:
     h, px = _target(rng)
     name = rng.choice(["pixel_size_um", "wall_time", "exposure_ms", "stage"])
-    bad = list(NON_FINITE) + ['"fast"', "[1]", "{}"]
+    bad = [*NON_FINITE, '"fast"', "[1]", "{}"]
     if name == "pixel_size_um":
         bad += ["-1", "0", "-0.0", "-5e-324", "-1e308", "5e-324", "1e-7", "1e6", "1e308"]
     elif name == "exposure_ms":
@@ -689,8 +689,9 @@ class ServerProcess:
     def __init__(self, out: Path, *args: str, publish: bool = True, timeout_s: float = 90) -> None:
         self.listen, self.control = free_endpoint(), free_endpoint()
         self.publish = free_endpoint() if publish else "none"
-        self.stdout = tempfile.TemporaryFile("w+")
-        self.stderr = tempfile.TemporaryFile("w+")
+        # open as long as this object: log() and the summary read them back
+        self.stdout = tempfile.TemporaryFile("w+")  # noqa: SIM115
+        self.stderr = tempfile.TemporaryFile("w+")  # noqa: SIM115
         cmd = [sys.executable, "-m", "stream", "serve", "--listen", self.listen, "--publish",
                self.publish, "--control", self.control, "--out", str(out), "--json",
                *args]  # fmt: skip
@@ -1049,8 +1050,10 @@ def run_fuzz(
         "stage_errors": got.get("stage_errors", {}),
         "engine_errors": got.get("engine_errors", {}),
         "disk_errors": got.get("disk_errors", {}),
-        "rss_mb": {"before": before.rss_mb,
-                   "after": last.rss_mb if (last := after or summary) else None},  # fmt: skip
+        "rss_mb": {
+            "before": before.rss_mb,
+            "after": last.rss_mb if (last := after or summary) else None,
+        },
         "timeline": timeline,
         "send_s": sent_s,
         "elapsed_s": elapsed,
@@ -1065,8 +1068,13 @@ def run_fuzz(
 def format_report(r: dict[str, Any]) -> str:
     """The fuzz result as plain lines for the terminal."""
     rate = r["messages_per_s"] or 0
-    lines = [f"fuzz: {r['messages']} messages (seed {r['seed']}) in {r['elapsed_s']:.1f} s "
-             f"({rate:.0f} msg/s sent)", "sent by expected outcome:"]  # fmt: skip
+    lines = [
+        (
+            f"fuzz: {r['messages']} messages (seed {r['seed']}) in {r['elapsed_s']:.1f} s "
+            f"({rate:.0f} msg/s sent)"
+        ),
+        "sent by expected outcome:",
+    ]
     g = r["good_frames"]
     for kind in KINDS:
         counted = g["received"] if kind == "accepted" else r["rejected_by_server"].get(kind)

@@ -49,9 +49,7 @@ def run_hook_latency(*, seconds: float = 10.0, json_out: Path | None = None) -> 
         title="frameReady -> receiver (one run)",
     )
     scopes = [SimulatedMicroscope(name) for name in ("confocal-20fps", "celldiscoverer")]
-    runs = [
-        (s.preset.name, s.preset.shape, s.core, s.preset.sequence(seconds)) for s in scopes
-    ]
+    runs = [(s.preset.name, s.preset.shape, s.core, s.preset.sequence(seconds)) for s in scopes]
     runs.append(
         (
             "static frames, 5 fps",

@@ -110,10 +110,7 @@ def run_latency(
         "engines": {},
     }
     for i, name in enumerate(names):
-        if rig is not None:
-            core = rig
-        else:
-            core = (first if i == 0 else simulated(preset, seed)).core  # type: ignore[arg-type]
+        core = rig if rig is not None else (first if i == 0 else simulated(preset, seed)).core  # type: ignore[arg-type]
         say(f"{name}: acquiring {duration_s:g} s ({sum(1 for _ in sequence)} frames)")
         result["engines"][name] = _measure(
             name, core, sequence, duration_s=duration_s, warmup_s=warmup_s, backend=backend,
@@ -220,9 +217,8 @@ def _measure(
         state["sub"] = _Subscriber(endpoints["publish"])
         state["start"] = _wait_for_viewer(endpoints["control"])
 
-    def on_progress(stats: HookStats, reply: dict[str, Any] | None) -> None:
+    def on_progress(stats: HookStats, status: ServerStatus | None) -> None:
         state["stats"] = stats
-        status = parse_status(reply) if reply is not None else None
         if status is not None and status.rss_mb is not None:
             rss.append(status.rss_mb)
         if time.monotonic() - state["said"] >= 2.0:
@@ -240,6 +236,8 @@ def _measure(
         finally:
             if state["sub"] is not None:
                 state["sub"].stop()
+        # a ServerStatus as is; the bare failure dict of a server that died before it had
+        # a status is refused (ControlError)
         server = parse_status(summary, "the engine server's summary")
         index = read_index(Path(server.out_dir) / INDEX_NAME)
     sub: _Subscriber = state["sub"]
@@ -319,7 +317,8 @@ def _measure(
         "wall_s": wall_s,
         "cpu_percent": cpu_percent,
         "backend": " ".join(x for x in (described.name, described.device) if x)
-        if described else "",
+        if described
+        else "",
         "backend_reason": engine.reason[0] if engine.reason else None,
         "samples": samples,
         "sample_times_s": times,
@@ -351,9 +350,9 @@ def _hook_samples(
 def plot_latency(result: dict[str, Any], out_dir: Path) -> list[Path]:
     """Per engine, ``latency_ENGINE_hist.png`` (histogram per stage) and
     ``latency_ENGINE_timeline.png`` (per-frame stage times vs frame time); the written paths."""
-    import matplotlib
+    import matplotlib as mpl
 
-    matplotlib.use("Agg")
+    mpl.use("Agg")
     import matplotlib.pyplot as plt
 
     out_dir = Path(out_dir)

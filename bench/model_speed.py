@@ -123,8 +123,7 @@ def run_model_speed(
         "onnxruntime ms median / min (runs)",
         "ort fps",
         title=(
-            f"generator CPU inference, {hw}x{hw} -> x{scale}, batch 1, "
-            f"{threads} threads, median"
+            f"generator CPU inference, {hw}x{hw} -> x{scale}, batch 1, {threads} threads, median"
         ),
     )
     rows = []

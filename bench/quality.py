@@ -328,8 +328,10 @@ def _folder(folder: Path, match: bool, progress: Progress | None) -> _Data:
         data.camera, data.scan = preset.camera, rig.fast.scan
         data.pixel_size_um = preset.pixel_size_um
         data.psf_sigma_px = psf_sigma_um(rig.fast.optics) / preset.pixel_size_um
-        info["real_pairs"] = {k: rig_info.get(k) for k in
-                              ("preset", "channel", "scale", "defocus_um", "history", "seed")}  # fmt: skip
+        info["real_pairs"] = {
+            k: rig_info.get(k)
+            for k in ("preset", "channel", "scale", "defocus_um", "history", "seed")
+        }
     return data
 
 
@@ -361,8 +363,8 @@ def _run_chain(
     as the server feeds a key: push, snapshot, enhance, keep each stage's previous output."""
     ring = Ring(chain.window, background=chain.background, max_pause_s=None)
     out = []
-    for t, frame in enumerate(frames):
-        frame = np.ascontiguousarray(frame)
+    for t, given in enumerate(frames):
+        frame = np.ascontiguousarray(given)
         header = FrameHeader(stream="bench", seq=t, index={"t": t}, shape=frame.shape,
                              dtype=str(frame.dtype), mono_ns=t, wall_time=0.0)  # fmt: skip
         ring.push(header, frame)
@@ -422,7 +424,7 @@ def _truth_reference(data: _Data) -> dict[str, float | None]:
             chi2.append(
                 fidelity(
                     pair.truth, pair.frames[-1], data.camera, scale=data.scale, scan=data.scan
-                ).chi2  # fmt: skip
+                ).chi2
             )
     return {"decorrelation_px": _mean(res_px), "decorrelation_um": _mean(res_um),
             "fidelity_chi2": _mean(chi2)}  # fmt: skip
@@ -560,7 +562,7 @@ def _evaluate(d: _Data, chains: dict[str, EngineChain], baselines: list[str],
         return up, up
 
     outputs["raw"] = raw
-    sequences["raw"] = lambda frames: list(frames)
+    sequences["raw"] = list
     offset = float(np.mean([p.offset for p in d.pairs]))  # the sequence's frames (flicker)
     for b in baselines:
         fn = BASELINES[b]
@@ -650,9 +652,9 @@ def plot_quality(result: dict[str, Any], out_dir: Path) -> list[Path]:
     """``quality_metrics.png`` (mean PSNR and SSIM per method) and, when the result still holds
     its images, ``quality_panels.png``: raw | best baseline | each engine | truth, one contrast
     per row (the truth's 0.5-99.5th percentiles)."""
-    import matplotlib
+    import matplotlib as mpl
 
-    matplotlib.use("Agg")
+    mpl.use("Agg")
     import matplotlib.pyplot as plt
 
     out_dir = Path(out_dir)

@@ -35,7 +35,7 @@ def machine() -> dict[str, Any]:
         try:
             out = subprocess.run(
                 ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
-                capture_output=True, text=True, timeout=10,
+                capture_output=True, text=True, timeout=10, check=False,
             ).stdout.strip()  # fmt: skip
             if out:
                 gpu, driver = (s.strip() for s in out.splitlines()[0].split(",", 1))

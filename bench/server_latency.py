@@ -26,6 +26,9 @@ from rich.table import Table
 
 from bench.sources import StaticSource
 from stream.acquire import run_with_server
+from stream.control import parse_status
+from stream.hook import HookStats
+from stream.status import ServerStatus
 
 CASES = (((512, 512), 20.0), ((2048, 2048), 5.0))
 
@@ -33,21 +36,24 @@ CASES = (((512, 512), 20.0), ((2048, 2048), 5.0))
 def measure(
     shape: tuple[int, int], fps: float, seconds: float, engine: str, out: Path | None = None
 ) -> dict:
-    """One run; returns the hook and server summaries plus the server's RSS over time."""
+    """One run; returns the hook summary, the server's (a ServerStatus) and the server's RSS
+    over time."""
     rng = np.random.default_rng(0)
     frame = rng.poisson(200.0, shape).astype(np.uint16)
     seq = useq.MDASequence(time_plan={"interval": 1 / fps, "loops": int(seconds * fps)})
     rss: list[float] = []
 
-    def on_progress(_hook, status) -> None:
-        if status and status.get("rss_mb") and (not rss or status["uptime_s"] > len(rss)):
-            rss.append(status["rss_mb"])
+    def on_progress(_hook: HookStats, status: ServerStatus | None) -> None:
+        if status and status.rss_mb and (not rss or status.uptime_s > len(rss)):
+            rss.append(status.rss_mb)
 
     with tempfile.TemporaryDirectory(dir=out) as tmp:
-        sent, server = run_with_server(
+        sent, summary = run_with_server(
             StaticSource(frame, fps), seq, engines=[engine], out_dir=Path(tmp),
             on_progress=on_progress, status_every_s=1.0,
         )  # fmt: skip
+    # the bare failure dict of a server that died before it had a status is refused
+    server = parse_status(summary, "the engine server's summary")
     return {"shape": shape, "fps": fps, "hook": sent, "server": server, "rss_mb": rss}
 
 
@@ -75,15 +81,16 @@ def run_server_latency(
         if sizes and shape[0] not in sizes:
             continue
         r = measure(shape, fps, seconds, engine, out)
-        results["cases"].append(r)
-        s, total = r["server"], r["server"]["latency_ms"]["total"]
+        s: ServerStatus = r["server"]
+        results["cases"].append({**r, "server": s.model_dump(mode="json")})
+        total = s.latency_ms["total"]
         rss = r["rss_mb"] or [float("nan")]
         table.add_row(
             f"{shape[0]}x{shape[1]}", f"{fps:g}", str(r["hook"]["frames_seen"]),
-            str(s["frames_enhanced"]), str(s["frames_skipped"]),
+            str(s.frames_enhanced), str(s.frames_skipped),
             str(r["hook"]["frames_not_handed_over"]),
-            f"{total['p50']:.2f} / {total['p99']:.2f}",
-            f"{total['p99'] * fps / 1000:.1%}", f"{rss[0]:.0f} -> {rss[-1]:.0f}",
+            f"{total.p50:.2f} / {total.p99:.2f}",
+            f"{total.p99 * fps / 1000:.1%}", f"{rss[0]:.0f} -> {rss[-1]:.0f}",
         )  # fmt: skip
     Console(width=140).print(table)
     if json_out:

@@ -65,4 +65,3 @@ def run() -> None:
             f"{m['read_noise_e']:.3f} ({m['read_noise_model']:g})",
         )
     Console().print(table)
-

@@ -125,9 +125,9 @@ def run_soak(
     result["rss"] = rss_drift(result["timeline"], duration_s * warmup_fraction, rss_drift_goal,
                               result.get("summary") or {})  # fmt: skip
     summary = result.get("summary") or {}
-    result["ok"] = bool(summary.get("healthy")) and bool(result["rss"]["met"]) and not result[
-        "problems"
-    ]
+    result["ok"] = (
+        bool(summary.get("healthy")) and bool(result["rss"]["met"]) and not result["problems"]
+    )
     return result
 
 
@@ -318,9 +318,9 @@ def soak_table(result: dict[str, Any]) -> Table:
 def plot_soak(result: dict[str, Any], out_dir: Path) -> list[Path]:
     """``soak.png``: server RSS over time (warm-up point marked), and latency p50/p99 per stage
     over time."""
-    import matplotlib
+    import matplotlib as mpl
 
-    matplotlib.use("Agg")
+    mpl.use("Agg")
     import matplotlib.pyplot as plt
 
     out_dir = Path(out_dir)
@@ -340,8 +340,9 @@ def plot_soak(result: dict[str, Any], out_dir: Path) -> list[Path]:
     ax_rss.set_ylabel("RSS (MB)")
     drift = r.get("drift_percent")
     what = f"{result['streams']} x {result['fps']:g} fps, {result['size']}px"
-    ax_rss.set_title(f"RSS drift {'-' if drift is None else f'{drift:+.2f}'}% after warm-up "
-                     f"({what})")
+    ax_rss.set_title(
+        f"RSS drift {'-' if drift is None else f'{drift:+.2f}'}% after warm-up ({what})"
+    )
     ax_rss.legend(fontsize=8)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, stage in enumerate(STAGES):

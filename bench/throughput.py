@@ -208,9 +208,9 @@ def _label(row: dict[str, Any]) -> str:
 
 def plot_throughput(result: dict[str, Any], out_dir: Path) -> list[Path]:
     """Write ``throughput.png`` (frames per second per configuration, log scale) to ``out_dir``."""
-    import matplotlib
+    import matplotlib as mpl
 
-    matplotlib.use("Agg")
+    mpl.use("Agg")
     import matplotlib.pyplot as plt
 
     if result.get("kind") != "throughput":

@@ -51,7 +51,8 @@ def _check_map(
     values = np.asarray(values, dtype=np.float32)
     if values.shape != shape:
         raise ValueError(
-            f"{name} has shape {values.shape} but the image has shape {shape}; pass a map of the same shape."
+            f"{name} has shape {values.shape} but the image has shape {shape}; "
+            "pass a map of the same shape."
         )
     if not np.isfinite(values).all():
         raise ValueError(
@@ -78,7 +79,8 @@ def _check_photons(photons: np.ndarray) -> np.ndarray:
         )
     if lo < 0:
         raise ValueError(
-            f"photons must be >= 0 (expected photon counts), got minimum {lo}; clip the input first."
+            f"photons must be >= 0 (expected photon counts), got minimum {lo}; "
+            "clip the input first."
         )
     return photons
 
@@ -99,33 +101,43 @@ def record(
     flat_field: np.ndarray | None = None,
     out: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Simulate one exposure: Poisson shot noise, Gaussian read noise, gain, offset, rounding and clipping.
+    """Simulate one exposure: Poisson shot noise, Gaussian read noise, gain, offset, rounding and
+    clipping.
 
-    `offset_map` replaces the scalar offset per pixel; `flat_field` scales the sensitivity per pixel.
-    Returns uint16 (written into `out` when given). Large frames are split into fixed chunks, each with
-    its own generator seeded from `rng`, and drawn on threads: output depends only on the seed and shape.
+    `offset_map` replaces the scalar offset per pixel; `flat_field` scales the sensitivity per
+    pixel. Returns uint16 (written into `out` when given). Large frames are split into fixed
+    chunks, each with its own generator seeded from `rng`, and drawn on threads: output depends
+    only on the seed and shape.
     """
     photons = _check_photons(photons)
     offset_map = _check_map("offset_map", offset_map, photons.shape, positive=False)
     flat_field = _check_map("flat_field", flat_field, photons.shape, positive=True)
     if out is not None and (out.dtype != np.uint16 or out.shape != photons.shape):
         raise ValueError(
-            f"out must be a uint16 array of shape {photons.shape}, got {out.dtype} {out.shape}; allocate a matching buffer."
+            f"out must be a uint16 array of shape {photons.shape}, got {out.dtype} {out.shape}; "
+            "allocate a matching buffer."
         )
     result = (
         out if out is not None and out.flags.c_contiguous else np.empty(photons.shape, np.uint16)
     )
-    views = [
-        None if a is None else a.reshape(-1)
-        for a in (np.ravel(photons), offset_map, flat_field, result)
-    ]
+    photons_v = np.ravel(photons)
+    offset_v = None if offset_map is None else offset_map.reshape(-1)
+    flat_v = None if flat_field is None else flat_field.reshape(-1)
+    result_v = result.reshape(-1)
     n = -(-photons.size // _CHUNK)
     bounds = np.linspace(0, photons.size, n + 1).astype(int) if n > 1 else (0, photons.size)
     rngs = [rng] if n <= 1 else [np.random.default_rng(s) for s in rng.integers(0, 2**63, size=n)]
 
     def work(i: int) -> None:
         chunk = slice(bounds[i], bounds[i + 1])
-        _record_chunk(*(None if a is None else a[chunk] for a in views), camera, rngs[i])
+        _record_chunk(
+            photons_v[chunk],
+            None if offset_v is None else offset_v[chunk],
+            None if flat_v is None else flat_v[chunk],
+            result_v[chunk],
+            camera,
+            rngs[i],
+        )
 
     if n <= 1:
         work(0)
@@ -192,9 +204,11 @@ def adu_variance(
     offset_map: np.ndarray | None = None,
     flat_field: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Variance of recorded ADU (float32): gain^2 * (qe * flat * photons + read_noise^2) + 1/12 quantization.
+    """Variance of recorded ADU (float32): gain^2 * (qe * flat * photons + read_noise^2) + 1/12
+    quantization.
 
-    Ignores clipping. `offset_map` is accepted for symmetry with `expected_adu`; it does not change the variance.
+    Ignores clipping. `offset_map` is accepted for symmetry with `expected_adu`; it does not change
+    the variance.
     """
     photons = np.asarray(photons)
     _check_map("offset_map", offset_map, photons.shape, positive=False)
@@ -212,7 +226,8 @@ def photons_from_adu(
     offset_map: np.ndarray | None = None,
     flat_field: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Invert `expected_adu`: estimated incident photons per pixel (float32; may be negative in the dark)."""
+    """Invert `expected_adu`: estimated incident photons per pixel (float32; may be negative in the
+    dark)."""
     adu = np.asarray(adu, dtype=np.float32)
     offset_map = _check_map("offset_map", offset_map, adu.shape, positive=False)
     flat_field = _check_map("flat_field", flat_field, adu.shape, positive=True)

@@ -1,4 +1,5 @@
-"""Forward model of the instrument: clean fine-grid photon flux -> what the camera/scanner records."""
+"""Forward model of the instrument: clean fine-grid photon flux -> what the camera/scanner
+records."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from .scan import scan as _scan
 
 
 class ForwardModel(BaseModel):
-    """Optics blur at the fine grid, scan/binning to recorded pixels, then camera noise and quantization."""
+    """Optics blur at the fine grid, scan/binning to recorded pixels, then camera noise and
+    quantization."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -33,11 +35,13 @@ class ForwardModel(BaseModel):
         return self.pixel_size_um / self.scan.downsample
 
     def expected_photons(self, fine_photons: np.ndarray, z_um: float | None = None) -> np.ndarray:
-        """Expected photons per recorded pixel (float32) for a sample plane at `z_um` (None: in focus)."""
+        """Expected photons per recorded pixel (float32) for a sample plane at `z_um` (None: in
+        focus)."""
         fine_photons = np.asarray(fine_photons)
         if fine_photons.ndim != 2:
             raise ValueError(
-                f"fine_photons must be a 2-D image, got shape {fine_photons.shape}; pass one plane at a time."
+                f"fine_photons must be a 2-D image, got shape {fine_photons.shape}; "
+                "pass one plane at a time."
             )
         dz = 0.0 if z_um is None else z_um - self.focus_z_um
         return _scan(blur(fine_photons, self.optics, self.fine_pixel_size_um, dz), self.scan)

@@ -35,18 +35,21 @@ class OpticsParams(BaseModel):
     def _na_below_n(self) -> OpticsParams:
         if self.na >= self.refractive_index:
             raise ValueError(
-                f"na={self.na} must be < refractive_index={self.refractive_index}; lower the NA or use an immersion medium."
+                f"na={self.na} must be < refractive_index={self.refractive_index}; "
+                "lower the NA or use an immersion medium."
             )
         return self
 
 
 def psf_sigma_um(optics: OpticsParams) -> float:
-    """Sigma of the best Gaussian fit to the in-focus widefield PSF: 0.21 λ/NA (Zhang, Zerubia & Olivo-Marin 2007)."""
+    """Sigma of the best Gaussian fit to the in-focus widefield PSF: 0.21 λ/NA (Zhang, Zerubia &
+    Olivo-Marin 2007)."""
     return 0.21 * optics.wavelength_nm * 1e-3 / optics.na
 
 
 def defocus_sigma_um(optics: OpticsParams, dz_um: float) -> float:
-    """Extra Gaussian sigma at defocus dz: geometric blur radius |dz|·tan(asin(NA/n)), taken as 2 sigma."""
+    """Extra Gaussian sigma at defocus dz: geometric blur radius |dz|·tan(asin(NA/n)), taken as 2
+    sigma."""
     return abs(dz_um) * math.tan(math.asin(optics.na / optics.refractive_index)) / 2
 
 
@@ -64,10 +67,12 @@ def _gaussian_sigma_px(optics: OpticsParams, pixel_size_um: float, dz_um: float)
 def psf_kernel(
     optics: OpticsParams, pixel_size_um: float, dz_um: float = 0.0, *, size: int | None = None
 ) -> np.ndarray:
-    """Normalized (sum 1), odd-sized 2-D PSF sampled on pixels of `pixel_size_um` at defocus `dz_um`.
+    """Normalized (sum 1), odd-sized 2-D PSF sampled on pixels of `pixel_size_um` at defocus
+    `dz_um`.
 
-    Gaussian kernels are point-sampled (matching `blur`); Airy kernels are averaged over 5x5 sub-pixels,
-    then blurred by the defocus Gaussian. Default size spans ±4 sigma or five Airy rings (+4 defocus sigma).
+    Gaussian kernels are point-sampled (matching `blur`); Airy kernels are averaged over 5x5
+    sub-pixels, then blurred by the defocus Gaussian. Default size spans ±4 sigma or five Airy
+    rings (+4 defocus sigma).
     """
     _check_pixel(pixel_size_um)
     defocus_px = defocus_sigma_um(optics, dz_um) / pixel_size_um
@@ -111,7 +116,8 @@ def psf_kernel(
 def blur(
     image: np.ndarray, optics: OpticsParams, pixel_size_um: float, dz_um: float = 0.0
 ) -> np.ndarray:
-    """Convolve an image with the PSF (reflecting edges, so flux is kept and borders don't darken); float32."""
+    """Convolve an image with the PSF (reflecting edges, so flux is kept and borders don't darken);
+    float32."""
     image = np.asarray(image, dtype=np.float32)
     if image.ndim != 2:
         raise ValueError(

@@ -91,7 +91,8 @@ class CalibrationProfile(BaseModel):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         if self._arrays:
-            np.savez_compressed(directory / ARRAYS, **self._arrays)
+            # allow_pickle is numpy's default, spelled out so no array name can be taken for it
+            np.savez_compressed(directory / ARRAYS, allow_pickle=True, **self._arrays)
         else:
             (directory / ARRAYS).unlink(missing_ok=True)
         path = directory / PROFILE

@@ -57,7 +57,7 @@ class PsfFit:
             na=na,
             wavelength_nm=wavelength_nm,
             refractive_index=refractive_index,
-            psf=self.model,  # type: ignore[arg-type]
+            psf=self.model,
         )
 
 

@@ -262,7 +262,8 @@ def _check_clipping(name: str, stack: np.ndarray, max_adu: int, *, dark: bool) -
 
 def _mean_map(stack: np.ndarray) -> np.ndarray:
     """Temporal mean per pixel, float64."""
-    return np.mean(stack, axis=0, dtype=np.float64)
+    # a (H, W) array for the (N, H, W) stacks _check_stack admits; numpy types it "scalar or array"
+    return np.asarray(np.mean(stack, axis=0, dtype=np.float64))
 
 
 def _std_map(

@@ -1,4 +1,5 @@
-"""Scanner/detector sampling: bin the fine grid into recorded pixels, then bidirectional line phase."""
+"""Scanner/detector sampling: bin the fine grid into recorded pixels, then bidirectional line
+phase."""
 
 from __future__ import annotations
 
@@ -31,8 +32,8 @@ def bin_image(image: np.ndarray, factor: int) -> np.ndarray:
     image = np.asarray(image, dtype=np.float32)
     if image.ndim != 2 or factor < 1 or image.shape[0] % factor or image.shape[1] % factor:
         raise ValueError(
-            f"cannot bin image of shape {image.shape} by factor {factor}: need a 2-D image whose sides are "
-            "multiples of a factor >= 1; crop or pad the fine image."
+            f"cannot bin image of shape {image.shape} by factor {factor}: need a 2-D image whose "
+            "sides are multiples of a factor >= 1; crop or pad the fine image."
         )
     if factor == 1:
         return image.copy()
@@ -43,7 +44,8 @@ def bin_image(image: np.ndarray, factor: int) -> np.ndarray:
 
 
 def bidirectional_shift(image: np.ndarray, phase_px: float) -> np.ndarray:
-    """Shift odd rows right by `phase_px` (linear interpolation, edge values repeated); even rows unchanged."""
+    """Shift odd rows right by `phase_px` (linear interpolation, edge values repeated); even rows
+    unchanged."""
     image = np.asarray(image, dtype=np.float32)
     if image.ndim != 2:
         raise ValueError(f"bidirectional_shift expects a 2-D image, got shape {image.shape}.")
@@ -61,6 +63,7 @@ def bidirectional_shift(image: np.ndarray, phase_px: float) -> np.ndarray:
 
 
 def scan(fine: np.ndarray, scan: ScanParams) -> np.ndarray:
-    """Fine-grid photons -> recorded-pixel photons: bin by `downsample`, then apply the line phase if bidirectional."""
+    """Fine-grid photons -> recorded-pixel photons: bin by `downsample`, then apply the line phase
+    if bidirectional."""
     binned = bin_image(fine, scan.downsample)
     return bidirectional_shift(binned, scan.phase_px) if scan.bidirectional else binned

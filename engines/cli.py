@@ -109,8 +109,10 @@ def _manifest_text(m: Manifest) -> list[str]:
         f"architecture   {m.architecture}",
         f"scale          x{m.scale}, {m.channels} channel(s), output dtype {m.output_dtype}",
         f"temporal       window {t.window}" + (f" + {', '.join(extra)}" if extra else ""),
-        f"tiles          {_tile(m)} (size/overlap), multiple of {m.tile.multiple}, "
-        f"batch {m.tile.batch}",
+        (
+            f"tiles          {_tile(m)} (size/overlap), multiple of {m.tile.multiple}, "
+            f"batch {m.tile.batch}"
+        ),
         f"normalization  (raw - {n.offset:g}) / {n.scale:g}",
         f"precision      {m.precision}",
         f"model          {m.model} (inputs {', '.join(m.input_names)})",

@@ -346,8 +346,10 @@ def _read_manifest(path: Path) -> tuple[Manifest | None, list[str]]:
         return None, [f"invalid manifest: {file} is not valid JSON ({e})"]
     if isinstance(raw, dict) and raw.get("format", 1) != 1:
         return None, [
-            f"unsupported manifest format {raw['format']!r} in {file}: this scopecast reads "
-            "format 1; upgrade scopecast"
+            (
+                f"unsupported manifest format {raw['format']!r} in {file}: this scopecast reads "
+                "format 1; upgrade scopecast"
+            )
         ]
     try:
         return Manifest.model_validate_json(text), []

@@ -11,6 +11,8 @@ short to reflect) to a multiple of the engine's size granularity and at least on
 from __future__ import annotations
 
 from collections.abc import Callable
+from itertools import pairwise
+from typing import Literal
 
 import numpy as np
 
@@ -122,8 +124,8 @@ def _check_inputs(
     if not inputs:
         raise TilingError("no inputs: pass at least {'frames': (array, 1)}")
     arrays: dict[str, tuple[np.ndarray, int]] = {}
-    for name, (a, f) in inputs.items():
-        a = np.asarray(a)
+    for name, (given, f) in inputs.items():
+        a = np.asarray(given)
         if a.ndim != 3:
             raise TilingError(f"input {name!r} has shape {a.shape}: expected (C, H, W)")
         if not (isinstance(f, int | np.integer) and f >= 1):
@@ -152,17 +154,19 @@ def _pad(a: np.ndarray, pad_h: int, pad_w: int) -> np.ndarray:
         if amount:
             widths = [(0, 0)] * 3
             widths[axis] = (0, amount)
-            mode = "reflect" if amount <= a.shape[axis] - 1 else "edge"
+            mode: Literal["reflect", "edge"] = "reflect" if amount <= a.shape[axis] - 1 else "edge"
             a = np.pad(a, widths, mode=mode)
     return a
 
 
 def _regions(starts: list[int], tile: int, limit: int) -> list[tuple[int, int, int]]:
     """(start, keep_from, keep_to) per tile: the cut is mid-overlap; clipped to [0, limit)."""
-    cuts = [(nxt + cur + tile) // 2 for cur, nxt in zip(starts, starts[1:], strict=False)]
+    cuts = [(nxt + cur + tile) // 2 for cur, nxt in pairwise(starts)]
     lows = [0, *cuts]
     highs = [*cuts, limit]
-    return [(s, lo, min(hi, limit)) for s, lo, hi in zip(starts, lows, highs) if lo < limit]
+    return [
+        (s, lo, min(hi, limit)) for s, lo, hi in zip(starts, lows, highs, strict=True) if lo < limit
+    ]
 
 
 def _call(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import socket
@@ -21,6 +22,7 @@ from calibration.errors import ScopecastError
 
 from .hook import FrameHook, HookStats
 from .simulated import SimulatedMicroscope
+from .status import ServerStatus
 
 log = logging.getLogger(__name__)
 
@@ -208,22 +210,24 @@ def run_with_server(
     stream: str = "scope",
     backend: str = "auto",
     threads: int | None = None,
-    on_progress: Callable[[HookStats, dict[str, Any] | None], None] | None = None,
+    on_progress: Callable[[HookStats, ServerStatus | None], None] | None = None,
     status_every_s: float = 0.5,
     also: Sequence[Any] = (),
     on_started: Callable[[dict[str, str]], None] | None = None,
-) -> tuple[dict[str, Any], dict[str, Any]]:
+) -> tuple[dict[str, Any], ServerStatus | dict[str, Any]]:
     """Run ``sequence`` into ``scopecast serve`` started in another process on free loopback
     ports; stop it once every sent frame arrived; return (hook summary, server summary).
 
     ``on_started`` gets the endpoints ``{"listen", "publish", "control"}`` once the server is
     ready and before the acquisition starts (e.g. to connect a PUB subscriber).
+    ``on_progress`` gets the server's latest status (None before the first answer).
 
     A server that cannot start for an expected reason (unknown or tampered engine) raises
     SetupError with its one-line message. A server that ends by itself because a stage died
-    stops the acquisition and its summary (``healthy`` false, ``failure``) is returned; one
-    that dies without a summary raises ServerFailed."""
-    from .control import ControlError, request, wait_ready
+    stops the acquisition and its summary (``healthy`` false, ``failure``) is returned: a
+    ServerStatus, or the plain dict ``{"healthy": False, "failure": {...}}`` of a server that
+    died before it had a status; one that dies without a summary raises ServerFailed."""
+    from .control import ControlError, parse_status, status, wait_ready
 
     listen, publish, control = free_endpoint(), free_endpoint(), free_endpoint()
     cmd = [sys.executable, "-m", "stream", "serve", "--listen", listen, "--publish", publish,
@@ -233,10 +237,11 @@ def run_with_server(
         cmd += ["--engine", str(name)]
     if threads:
         cmd += ["--threads", str(threads)]
-    log_file = tempfile.TemporaryFile("w+")
-    out_file = tempfile.TemporaryFile("w+")
+    # the server's output outlives several exits below; each path closes both files
+    log_file = tempfile.TemporaryFile("w+")  # noqa: SIM115
+    out_file = tempfile.TemporaryFile("w+")  # noqa: SIM115
     server = subprocess.Popen(cmd, stdout=out_file, stderr=log_file, text=True)
-    summary: dict[str, Any] | None = None
+    summary: ServerStatus | None = None
     try:
         try:
             wait_ready(control, process=server, timeout_s=60)
@@ -245,19 +250,19 @@ def run_with_server(
         if on_started is not None:
             on_started({"listen": listen, "publish": publish, "control": control})
         hook = FrameHook(listen, stream=stream, on_finished=lambda stats: None)
-        last: dict[str, Any] = {"at": 0.0, "status": None}
+        last_at = 0.0
+        last_status: ServerStatus | None = None
 
         def progress(stats: HookStats) -> None:
+            nonlocal last_at, last_status
             if server.poll() is not None:  # the server ended by itself: nobody to send to
                 core.mda.cancel()
-            elif time.monotonic() - last["at"] > status_every_s:
-                last["at"] = time.monotonic()
-                try:
-                    last["status"] = request(control, "status", timeout_s=1.0)
-                except ControlError:
-                    pass
+            elif time.monotonic() - last_at > status_every_s:
+                last_at = time.monotonic()
+                with contextlib.suppress(ControlError):
+                    last_status = status(control, timeout_s=1.0)
             if on_progress is not None:
-                on_progress(stats, last["status"])
+                on_progress(stats, last_status)
 
         try:
             hook.wait_for_receiver(20)
@@ -285,7 +290,11 @@ def run_with_server(
     if server.returncode != 0 or summary is None:
         if final is not None and final.get("healthy") is False:
             log_file.close()
-            return sent, final  # a stage died: the caller reports it from the summary
+            # a stage died: the caller reports it from the summary (a server that died before
+            # it had a status leaves only healthy and failure)
+            if "engine" not in final:
+                return sent, final
+            return sent, parse_status(final, "the engine server's summary")
         last_line = (_tail(log_file, 2000).splitlines() or ["(no output)"])[-1]
         log_file.close()
         raise ServerFailed(
@@ -298,13 +307,13 @@ def run_with_server(
 
 def _stop(
     control: str, server: subprocess.Popen, *, expect: dict[str, int], timeout_s: float = 3600.0
-) -> dict[str, Any] | None:
+) -> ServerStatus | None:
     """Ask the server to stop once ``expect`` arrived; its summary, or None when the server
     process ended without answering (a stage died: it stopped by itself)."""
-    from .control import ServerGone, request
+    from .control import ServerGone, stop
 
     try:
-        return request(control, "stop", expect=expect, timeout_s=timeout_s, process=server)
+        return stop(control, expect=expect, timeout_s=timeout_s, process=server)
     except ServerGone:
         return None
 

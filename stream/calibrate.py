@@ -269,8 +269,10 @@ def optics(
     fields: dict[str, Any] = {"optics": optics_, "psf_sigma_um": psf.sigma_um}
     measured = {"psf": {"sigma_um": psf.sigma_um, "fwhm_um": psf.fwhm_um,
                         "beads": psf.n_beads, "model": psf.model}}  # fmt: skip
-    line = f"PSF sigma {psf.sigma_um * 1e3:.0f} nm (FWHM {psf.fwhm_um * 1e3:.0f} nm) " \
-           f"from {psf.n_beads} beads -> NA {optics_.na:.2f}"  # fmt: skip
+    line = (
+        f"PSF sigma {psf.sigma_um * 1e3:.0f} nm (FWHM {psf.fwhm_um * 1e3:.0f} nm) "
+        f"from {psf.n_beads} beads -> NA {optics_.na:.2f}"
+    )
     if z_range is not None and (z_range < 0 or not np.isfinite(z_range)):
         raise CalibrationError(f"--z-range {z_range} must be >= 0 (0 skips the z-series)")
     span = z_range
@@ -293,7 +295,8 @@ def optics(
             ) from None
         fields.update(focus_z_um=d.focus_z_um, defocus_slope=d.slope)
         measured["defocus"] = {"focus_z_um": d.focus_z_um, "slope": d.slope,
-                               "z_um": d.z_um.tolist(), "sigma_um": d.sigma_um.tolist()}  # fmt: skip
+                               "z_um": d.z_um.tolist(),
+                               "sigma_um": d.sigma_um.tolist()}  # fmt: skip
         line += (
             f"; focus at z {d.focus_z_um:.2f} um, blur {d.slope:.3f} um per um "
             f"(z-series +-{span:.2g} um)"

@@ -25,6 +25,7 @@ from .console import one_line as _one_line
 from .console import progress as _progress
 from .console import warning as _warning
 from .hook import FrameHook, ReceiverUnreachable
+from .sinks.base import DEFAULT_SINK, SINKS
 from .status import ServerStatus, StageFailure
 
 app = typer.Typer(
@@ -113,9 +114,7 @@ def acquire(
     from .security import curve_or_none
 
     if config and preset:
-        raise acq.SetupError(
-            "give either --config (a real rig) or --preset (simulated), not both"
-        )
+        raise acq.SetupError("give either --config (a real rig) or --preset (simulated), not both")
     for name, value in (("--duration", duration), ("--interval", interval)):
         if value is not None and value <= 0:
             raise acq.SetupError(f"{name} {value} must be > 0")
@@ -245,9 +244,7 @@ def serve(
     ] = "live",
     backend: Annotated[
         str,
-        typer.Option(
-            help=f"inference backend: {backend_help()}"
-        ),
+        typer.Option(help=f"inference backend: {backend_help()}"),
     ] = "auto",
     threads: Annotated[
         int | None, typer.Option(help="inference threads (default: the backend's choice)")
@@ -259,6 +256,9 @@ def serve(
         float,
         typer.Option(help="memory for per-key temporal state; idle keys are evicted past it"),
     ] = 1024.0,
+    sink: Annotated[
+        str, typer.Option(help=f"file format of raw and enhanced frames: {', '.join(SINKS)}")
+    ] = DEFAULT_SINK,
     profile: Annotated[
         Path | None,
         typer.Option(
@@ -304,6 +304,7 @@ def serve(
         threads=threads,
         backlog_mb=backlog_mb,
         ring_mb=ring_mb,
+        sink=sink,
         profile=profile,
         correct_bidir=correct_bidir,
         keys=keys,
@@ -539,12 +540,13 @@ def demo(
         for name in engines:  # before starting anything: an unknown engine is one line
             find_package(name)
 
-        def status_line(hook: Any, s: dict[str, Any] | None) -> str:
-            if not s:
+        def status_line(hook: Any, s: ServerStatus | None) -> str:
+            if s is None:
                 return f"sent {hook.frames_sent}"
-            p99 = s["latency_ms"].get("total", {}).get("p99")
+            total = s.latency_ms.get("total")
+            p99 = total.p99 if total is not None else None
             return (
-                f"enhanced {s['frames_enhanced']}  skipped {s['frames_skipped']}  "
+                f"enhanced {s.frames_enhanced}  skipped {s.frames_skipped}  "
                 f"not handed over {hook.frames_not_handed_over}  p99 {_fmt(p99)} ms"
             )
 
@@ -585,27 +587,31 @@ def demo(
                 bar.stop()
                 _error(str(e))
                 raise typer.Exit(3) from None
-    if "engine" not in server:  # a server that died before it could describe itself
+    if not isinstance(server, ServerStatus):  # a server that died before it had a status
         _exit_if_unhealthy("engine server", server)
-    stages = {"hook": sent["hook_ms"], **server["latency_ms"]}
+        raise typer.Exit(3)  # not reached: such a summary is never healthy
+    hook_ms = sent["hook_ms"]
     result = {
         "preset": preset,
-        "engine": server["engine"]["engine"],
+        "engine": server.engine.engine,
         "backend": _backend(server),
         "mode": mode,
-        "healthy": server.get("healthy", True),
-        "failure": server.get("failure"),
+        "healthy": server.healthy,
+        "failure": None if server.failure is None else server.failure.model_dump(mode="json"),
         "endpoints": endpoints,
         "frames_acquired": sent["frames_seen"],
-        "frames_enhanced": server["frames_enhanced"],
-        "frames_skipped": server["frames_skipped"],
+        "frames_enhanced": server.frames_enhanced,
+        "frames_skipped": server.frames_skipped,
         "frames_not_handed_over": sent["frames_not_handed_over"],
-        "frames_received": server["frames_received"],
-        "frames_written": server["frames_written"],
-        "errors": {**server["engine_errors"], **server["disk_errors"]},
+        "frames_received": server.frames_received,
+        "frames_written": server.frames_written.model_dump(mode="json"),
+        "errors": {**server.engine_errors, **server.disk_errors.seen()},
         "acquired_fps": sent["fps"],
-        "latency_ms": {k: {"p50": v["p50"], "p99": v["p99"]} for k, v in stages.items()},
-        "files": server["files"],
+        "latency_ms": {
+            "hook": {"p50": hook_ms["p50"], "p99": hook_ms["p99"]},
+            **{k: {"p50": v.p50, "p99": v.p99} for k, v in server.latency_ms.items()},
+        },
+        "files": server.files,
     }
     if as_json:
         print(json.dumps(result), flush=True)
@@ -618,9 +624,9 @@ def demo(
             f"the acquisition delivered {sent['frames_seen']} of {sent['frames_expected']} "
             "planned frames"
         )
-    if server["frames_received"] < sent["frames_sent"]:
+    if server.frames_received < sent["frames_sent"]:
         problems.append(
-            f"the server received {server['frames_received']} of the {sent['frames_sent']} "
+            f"the server received {server.frames_received} of the {sent['frames_sent']} "
             "frames handed over"
         )
     if problems:

@@ -42,8 +42,7 @@ def request(
 
     With ``process`` (the server's), stop waiting a second after it ended (ServerGone)
     instead of waiting out ``timeout_s``."""
-    ctx = zmq.Context.instance()
-    sock = ctx.socket(zmq.REQ)
+    sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.REQ)
     sock.setsockopt(zmq.LINGER, 0)
     if curve is not None:
         curve.client(sock)
@@ -55,7 +54,8 @@ def request(
         while not sock.poll(int(min(0.2, timeout_s) * 1000)):
             if process is not None and gone_at is None and process.poll() is not None:
                 gone_at = time.monotonic()  # a reply already on its way still gets a second
-            if gone_at is not None and time.monotonic() - gone_at > 1.0:
+            # gone_at is only ever set when there is a process
+            if process is not None and gone_at is not None and time.monotonic() - gone_at > 1.0:
                 raise ServerGone(
                     f"the engine server at {endpoint} exited (code {process.returncode}) "
                     f"without answering {cmd!r}"

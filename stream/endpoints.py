@@ -23,18 +23,24 @@ class EndpointError(ScopecastError, ValueError):
 
 def check_endpoint(endpoint: str) -> str:
     """Return ``endpoint`` if it looks like tcp://HOST:PORT, ipc://PATH or inproc://NAME."""
+    _parse(endpoint)
+    return endpoint
+
+
+def _parse(endpoint: str) -> re.Match[str]:
+    """``endpoint`` split into ``scheme`` and ``rest``; EndpointError if it is malformed."""
     m = _ENDPOINT.match(endpoint)
     if not m or (m["scheme"] == "tcp" and not re.search(r":(\d+|\*)$", m["rest"])):
         raise EndpointError(
             f"endpoint {endpoint!r} is not tcp://HOST:PORT, ipc:///path or inproc://name "
             "(for example tcp://127.0.0.1:5555)"
         )
-    return endpoint
+    return m
 
 
 def is_loopback(endpoint: str) -> bool:
     """True for ipc/inproc endpoints and tcp endpoints on a loopback address."""
-    m = _ENDPOINT.match(check_endpoint(endpoint))
+    m = _parse(endpoint)
     if m["scheme"] != "tcp":
         return True
     host = m["rest"].rsplit(":", 1)[0]

@@ -65,9 +65,10 @@ class HookStats:
     @property
     def fps(self) -> float | None:
         """Frame rate the acquisition delivered frames at (frameReady to frameReady)."""
-        if self.frames_seen < 2 or not self.last_ns or self.last_ns == self.first_ns:
+        first, last = self.first_ns, self.last_ns  # both set with the first frame
+        if self.frames_seen < 2 or not last or first is None or last == first:
             return None
-        return (self.frames_seen - 1) * 1e9 / (self.last_ns - self.first_ns)
+        return (self.frames_seen - 1) * 1e9 / (last - first)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -286,7 +287,8 @@ class FrameHook:
     # -- lifecycle ----------------------------------------------------------------------------
 
     def wait_for_receiver(self, timeout_s: float = 5.0) -> None:
-        """Block until a receiver has connected, or raise ReceiverUnreachable saying what to start."""
+        """Block until a receiver has connected, or raise ReceiverUnreachable saying what to
+        start."""
         deadline = time.monotonic() + timeout_s
         while True:
             with self._lock:  # the monitor socket is shared with frameReady's thread

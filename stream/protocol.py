@@ -102,7 +102,8 @@ class FrameHeader(BaseModel):
     version: int = Field(PROTOCOL_VERSION, description="protocol version")
     stream: str = Field(description="stream id, also the PUB topic prefix: [A-Za-z0-9._-], 1-64")
     seq: Annotated[
-        int, Field(ge=0, le=MAX_INT64, description="per-stream sequence number, from 0, +1 per frame")
+        int,
+        Field(ge=0, le=MAX_INT64, description="per-stream sequence number, from 0, +1 per frame"),
     ]
     index: dict[str, Index] = Field(
         default_factory=dict,

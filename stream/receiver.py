@@ -38,7 +38,8 @@ class ReceiverStats:
     last_s: float | None = None
 
     def summary(self) -> dict[str, Any]:
-        span = (self.last_s - self.first_s) if self.frames > 1 else 0.0
+        first, last = self.first_s, self.last_s  # both set with the first frame
+        span = (last - first) if self.frames > 1 and first is not None and last is not None else 0.0
         return {
             "frames_received": self.frames,
             "bytes_received": self.bytes,

@@ -2,9 +2,9 @@
 
 The server keeps one :class:`Ring` per key (stream, position, grid tile, channel, z, within one
 acquisition) = ``FrameHeader.state_key``, so every position and tile of a plate has its own
-independent state, and acquisitions that share a stream id never reset each other. Each push checks the header
-against the key's previous frame and resets the state in a defined way, checked in this
-order (the first that applies wins):
+independent state, and acquisitions that share a stream id never reset each other. Each push
+checks the header against the key's previous frame and resets the state in a defined way,
+checked in this order (the first that applies wins):
 
 ===========  ====================================================  ==========================
 reason       when                                                  what is cleared

@@ -145,6 +145,16 @@ class Job:
     recv_ns: int
     spill: Path | None = None
 
+    @property
+    def pixels(self) -> np.ndarray:
+        """The frame's pixels; only while they are in memory (not spilled to disk)."""
+        if self.frame is None:
+            raise RuntimeError(
+                f"frame {self.header.key} seq {self.header.seq} is spilled to {self.spill}, "
+                "not in memory"
+            )
+        return self.frame
+
 
 @dataclass(frozen=True, slots=True)
 class ToWrite:
@@ -193,7 +203,7 @@ class Scheduler:
     def submit(self, job: Job) -> None:
         with self._cv:
             if self.mode == "live":
-                self.rings.push(job.header, job.frame, snapshot=False)
+                self.rings.push(job.header, job.pixels, snapshot=False)
                 key = job.header.state_key
                 if key in self._pending:
                     self.skipped += 1
@@ -224,7 +234,7 @@ class Scheduler:
                 try:
                     return job, self.rings.snapshot(key)
                 except KeyError:  # the key was evicted meanwhile: it starts again
-                    return job, self.rings.push(job.header, job.frame)
+                    return job, self.rings.push(job.header, job.pixels)
             if not self._fifo:
                 return None
             job = self._fifo.popleft()
@@ -232,7 +242,7 @@ class Scheduler:
             try:
                 job.frame = np.load(job.spill, allow_pickle=False)
                 job.spill.unlink()
-            except Exception as e:  # removed or damaged behind our back: this one is lost
+            except Exception as e:  # noqa: BLE001 - removed or damaged behind our back: lost
                 self.on_error("spill", e)
                 with self._cv:
                     self.not_enhanced += 1
@@ -240,7 +250,7 @@ class Scheduler:
         else:
             with self._cv:
                 self._in_memory -= job.header.nbytes
-        return job, self.rings.push(job.header, job.frame)
+        return job, self.rings.push(job.header, job.pixels)
 
     def close(self) -> None:
         with self._cv:
@@ -262,8 +272,8 @@ class Scheduler:
         path = self.spill_dir / f"{self.spilled:012d}.npy"  # unique across acquisitions
         try:
             self.spill_dir.mkdir(parents=True, exist_ok=True)
-            np.save(path, job.frame, allow_pickle=False)
-        except Exception as e:
+            np.save(path, job.pixels, allow_pickle=False)
+        except Exception as e:  # noqa: BLE001 - any failure keeps the pixels in memory
             with contextlib.suppress(OSError):
                 path.unlink(missing_ok=True)  # no half-written spill left behind
             self.on_error("spill", e)
@@ -427,7 +437,7 @@ class EngineServer:
         def stage() -> None:
             try:
                 loop()
-            except BaseException as e:  # noqa: BLE001 - recorded for the supervisor, then ends
+            except BaseException as e:
                 self._deaths[name] = f"{type(e).__name__}: {e}"
                 log.critical("stage %s died", name, exc_info=e)
 
@@ -459,9 +469,16 @@ class EngineServer:
             raise ServerError(f"cannot bind {endpoint}: {e.strerror}; choose another port") from e
         return sock
 
+    def _receiver(self) -> FrameReceiver:
+        """The PULL receiver; None only while __init__ fails before binding it."""
+        if self.receiver is None:
+            raise ServerError("the server has no receiver: its start failed")
+        return self.receiver
+
     def _close_sockets(self) -> None:
         if self._pub_monitor is not None:
-            self._pub.disable_monitor()
+            if self._pub is not None:  # always: the monitor is _pub's
+                self._pub.disable_monitor()
             self._pub_monitor.close(0)
         for sock in (self._pub, self._control):
             if sock is not None and not sock.closed:
@@ -536,7 +553,7 @@ class EngineServer:
             spill = self.run_dir / "spill"
             if spill.is_dir() and not any(spill.iterdir()):
                 shutil.rmtree(spill)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - best-effort cleanup: the summary still comes
             log.warning("closing: %s: %s", type(e).__name__, e)
         self._check_stages()
         self._summary = self.status()
@@ -553,12 +570,13 @@ class EngineServer:
     # -- stages ---------------------------------------------------------------------------
 
     def _receive_loop(self) -> None:
+        receiver = self._receiver()
         while not self._stop_receiving.is_set():
             try:
-                got = self.receiver.receive(20)
+                got = receiver.receive(20)
                 if got is not None:
                     self._received(*got)
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - a stage must survive every input
                 self._fault("receive", e)
 
     def _received(self, header: FrameHeader, frame: np.ndarray) -> None:
@@ -574,7 +592,7 @@ class EngineServer:
             self.scheduler.submit(Job(header, frame, recv_ns))
         except EngineError as e:
             self.engine_errors(e.kind, f"{header.key}: {e}")
-        except Exception as e:  # not enhanced, but still published and written
+        except Exception as e:  # noqa: BLE001 - not enhanced, but still published and written
             self._fault("receive", e, f"scheduling {header.key} seq {header.seq}: ")
         self._publish(header, frame, kind="raw", timings={"transport": transport})
 
@@ -582,7 +600,7 @@ class EngineServer:
         while not self.scheduler.finished:
             try:
                 got = self.scheduler.take(0.1)
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - a stage must survive every input
                 self._fault("engine", e)
                 continue
             if got is None:
@@ -593,7 +611,7 @@ class EngineServer:
                 self._enhance(job, window)
             except EngineError as e:
                 self.engine_errors(e.kind, f"{h.key} seq {h.seq}: {e}")
-            except Exception as e:  # a backend failure must not stop the other streams
+            except Exception as e:  # noqa: BLE001 - a backend failure must not stop the others
                 self.engine_errors("backend", f"{h.key} seq {h.seq}: {type(e).__name__}: {e}", e)
 
     def _enhance(self, job: Job, window: Window) -> None:
@@ -602,6 +620,8 @@ class EngineServer:
         h = job.header
         frames = window.frames
         if self.config.correct_bidir:
+            if self.profile is None:  # refused by __init__
+                raise ServerError("--correct-bidir needs a --profile")
             phase = self.profile.scan.phase_px
             frames = [to_dtype(correct_phase(f, phase), f.dtype, "input") for f in frames]
         result = self.chain.enhance(frames, window.previous, window.background)
@@ -611,7 +631,7 @@ class EngineServer:
         checked = None
         if self.profile is not None:
             t = time.perf_counter()
-            checked = self._fidelity(result.stages[-1].output, job.frame)
+            checked = self._fidelity(result.stages[-1].output, job.pixels)
             timings["fidelity"] = (time.perf_counter() - t) * 1e3
         for k, v in timings.items():
             self.times.add(k, v)
@@ -639,7 +659,7 @@ class EngineServer:
             except SinkError as e:
                 self.disk_errors(kind, str(e))
                 continue
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - a stage must survive every input
                 self._fault("writer", e, f"{kind} frame {header.key} seq {header.seq}: ")
                 continue
             self.written[kind] += 1
@@ -649,16 +669,29 @@ class EngineServer:
         except SinkError as e:
             for message in self.writer.close_errors or [str(e)]:  # one count per file
                 self.disk_errors("close", message)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - counted, the summary still comes
             self._fault("writer", e, "closing the files: ")
 
     def _fidelity(self, enhanced: np.ndarray, raw: np.ndarray) -> dict[str, float]:
         """The raw frame's chi-square against the profile's forward model of ``enhanced``."""
         p = self.profile
-        maps = {k: p.array(k) for k in ("offset_map", "flat_field")}
-        maps = {k: v for k, v in maps.items() if v is not None and v.shape == raw.shape}
+        if p is None:
+            raise ServerError("a fidelity check needs a --profile")
+
+        def fitting(name: str) -> np.ndarray | None:  # a map of another shape is left out
+            v = p.array(name)
+            return v if v is not None and v.shape == raw.shape else None
+
         scan = p.scan if self.config.correct_bidir else None
-        f = fidelity(enhanced, raw, p.camera, scale=self.chain.scale, scan=scan, **maps)
+        f = fidelity(
+            enhanced,
+            raw,
+            p.camera,
+            scale=self.chain.scale,
+            scan=scan,
+            offset_map=fitting("offset_map"),
+            flat_field=fitting("flat_field"),
+        )
         return f.as_dict()
 
     def _publish(
@@ -676,7 +709,7 @@ class EngineServer:
         t0 = time.monotonic_ns()
         try:
             self._send_published(header, frame, kind, timings, fidelity)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - publishing must never stop the caller's stage
             self._fault("publish", e, f"{kind} frame {header.key} seq {header.seq}: ")
         if kind == "enhanced":
             now = time.monotonic_ns()
@@ -718,14 +751,15 @@ class EngineServer:
         assert sock is not None
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
-        if self._pub_monitor is not None:
-            poller.register(self._pub_monitor, zmq.POLLIN)
+        monitor = self._pub_monitor
+        if monitor is not None:
+            poller.register(monitor, zmq.POLLIN)
         while not (self._finished.is_set() and not sock.poll(0)):
             owed = False
             try:
                 ready = dict(poller.poll(50))
-                if self._pub_monitor in ready:
-                    event = recv_monitor_message(self._pub_monitor)["event"]
+                if monitor is not None and monitor in ready:
+                    event = recv_monitor_message(monitor)["event"]
                     self.viewers["connected" if event == zmq.EVENT_ACCEPTED else "gone"] += 1
                 if sock in ready:
                     parts = sock.recv_multipart()
@@ -736,7 +770,7 @@ class EngineServer:
                     reply = json.dumps(answer).encode()
                     sock.send(reply)
                     owed = False
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - the control loop answers every request
                 self._fault("control", e)
                 if owed:
                     sock.send(json.dumps({"error": f"internal error: {type(e).__name__}"}).encode())
@@ -760,7 +794,7 @@ class EngineServer:
     def status(self) -> ServerStatus:
         """Health, counters, latency percentiles per stage (ms), engine, backend, queue depths."""
         c = self.config
-        rx = self.receiver.stats
+        rx = self._receiver().stats
         healthy = not self._check_stages()
         rings = self.rings.stats()
         return ServerStatus(

@@ -58,7 +58,7 @@ def test_too_short_duration_is_refused() -> None:
 
 
 def test_unknown_engine_is_refused() -> None:
-    with pytest.raises(ValueError, match="no-such-engine.*not found"):
+    with pytest.raises(ValueError, match=r"no-such-engine.*not found"):
         run_latency(engines=["no-such-engine"], duration_s=5.0)
 
 

@@ -188,7 +188,7 @@ def test_bad_defocus_is_rejected(defocus) -> None:
 
 def test_defocus_needs_simulated_pairs(tmp_path: Path) -> None:
     folder = _pairs_folder(tmp_path / "pairs", 1)
-    with pytest.raises(ValueError, match="simulated pairs only.*real-pairs"):
+    with pytest.raises(ValueError, match=r"simulated pairs only.*real-pairs"):
         run_quality(engines=[], data=folder, defocus_um=(1.0, 2.0))
 
 
@@ -262,7 +262,7 @@ def test_empty_folder_has_no_pairs(tmp_path: Path) -> None:
         run_quality(engines=["identity"], data=tmp_path)
     (tmp_path / "low").mkdir()
     (tmp_path / "high").mkdir()
-    with pytest.raises(ValueError, match="no pairs in .*none matched"):
+    with pytest.raises(ValueError, match=r"no pairs in .*none matched"):
         run_quality(engines=["identity"], data=tmp_path)
     with pytest.raises(ValueError, match="does not exist"):
         run_quality(engines=["identity"], data=tmp_path / "missing")

@@ -18,6 +18,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from engines.cli import build as build_command
 from engines.offline.build import (
     BuildError,
     BuildRejected,
@@ -34,7 +35,6 @@ from engines.offline.build import (
     synthetic_frames,
     to_fp16,
 )
-from engines.cli import build as build_command
 from engines.package import (
     MANIFEST,
     EnginePackage,
@@ -64,7 +64,7 @@ from engines.runtime.plans import (
 )
 
 onnx = pytest.importorskip("onnx", reason="the fp16/int8 conversions need onnx (extra dev)")
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402 - only once onnx is known there
 
 H100 = MachineFacts(tensorrt="10.8.0.43", gpu="NVIDIA H100 80GB HBM3", compute_capability="9.0")
 PREFIX = b"FAKE-PLAN\0"
@@ -303,7 +303,7 @@ def test_calibration_inputs_follow_the_io_convention() -> None:
         assert item["frames"].shape == (1, 2, 32, 32)
         assert item["previous"].shape == (1, 1, 64, 64)
         assert item["background"].shape == (1, 1, 32, 32)
-        assert 0 <= item["frames"].min() and item["frames"].max() <= 1  # normalized
+        assert item["frames"].min() >= 0 and item["frames"].max() <= 1  # normalized
     assert np.array_equal(items[0]["frames"][0, 0], items[0]["frames"][0, 1])  # window padded
     assert [b["frames"].shape[0] for b in batched(items, 3)] == [3, 2]
     small = calibration_inputs(m, frames[:, :20, :20], side=32)  # padded up to the tile
@@ -414,14 +414,14 @@ def test_a_plan_that_fails_the_guard_is_not_packaged(tmp_path: Path) -> None:
 
 def test_build_errors_say_what_to_do(tmp_path: Path) -> None:
     toolkit, _ = fake_toolkit()
-    with pytest.raises(BuildError, match="shipped zoo package.*--out"):
+    with pytest.raises(BuildError, match=r"shipped zoo package.*--out"):
         build_plan("gaussian", "fp16", toolkit=toolkit)
     with pytest.raises(BuildError, match="unknown precision"):
         build_plan("gaussian", "fp8", toolkit=toolkit, out=tmp_path / "g")
     with pytest.raises(BuildError, match="int8 needs --calibration"):
         build_plan("gaussian", "int8", toolkit=toolkit, out=tmp_path / "g")
     gone, _ = fake_toolkit(MachineFacts(problem="TensorRT is not installed here"))
-    with pytest.raises(BuildError, match="fp16 ONNX passed its numerics check.*not installed"):
+    with pytest.raises(BuildError, match=r"fp16 ONNX passed its numerics check.*not installed"):
         build_plan("gaussian", "fp16", toolkit=gone, out=tmp_path / "g")
     assert not (tmp_path / "g").exists()
 

@@ -25,7 +25,11 @@ from stream.security import Curve
 
 def scopecast(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "stream", *args], capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "stream", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
 
 
@@ -154,7 +158,8 @@ def _broken_packages(tmp_path: Path) -> dict[str, Path]:
 def test_serve_engine_package_errors_are_one_red_line(tmp_path, which, message) -> None:
     package = _broken_packages(tmp_path)[which]
     r = scopecast("serve", "--engine", str(package), "--out", str(tmp_path / "runs"),
-                  "--listen", free_endpoint(), "--publish", "none", "--control", free_endpoint())  # fmt: skip
+                  "--listen", free_endpoint(), "--publish", "none",
+                  "--control", free_endpoint())  # fmt: skip
     assert r.returncode == 2, r.stderr
     lines = error_lines(r)
     assert len(lines) == 1, r.stderr
@@ -181,7 +186,8 @@ def test_insecure_warning_is_printed_once(tmp_path) -> None:
 def test_nan_input_frame_is_blamed_on_the_input_not_the_engine(tmp_path) -> None:
     listen, control = free_endpoint(), free_endpoint()
     server = start("serve", "--engine", "identity", "--mode", "complete", "--listen", listen,
-                   "--publish", "none", "--control", control, "--out", str(tmp_path), "--json")  # fmt: skip
+                   "--publish", "none", "--control", control, "--out", str(tmp_path),
+                   "--json")  # fmt: skip
     try:
         wait_ready(control, process=server, timeout_s=60)
         hook = FrameHook(listen, hwm=100)
@@ -269,7 +275,8 @@ def test_demo_prints_its_endpoints_so_status_reaches_it(tmp_path) -> None:
             assert time.monotonic() < deadline and demo.poll() is None, "no endpoints printed"
             line = demo.stderr.readline()
         endpoints = dict(zip(("listen", "publish", "control"),
-                             (w for w in line.split() if w.startswith("tcp://")), strict=True))  # fmt: skip
+                             (w for w in line.split() if w.startswith("tcp://")),
+                             strict=True))  # fmt: skip
         status = scopecast("status", "--control", endpoints["control"], "--json")
         assert status.returncode == 0, status.stderr
         assert json.loads(status.stdout)["listen"] == endpoints["listen"]
@@ -311,7 +318,7 @@ def test_serve_exits_3_naming_the_stage_that_died(tmp_path, as_json) -> None:
         [sys.executable, "-c", _DYING_SERVE, "--listen", listen, "--publish", "none",
          "--control", control, "--out", str(tmp_path), "--quiet",
          *(["--json"] if as_json else [])],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert r.returncode == 3, r.stderr
     red = [line for line in r.stderr.splitlines() if line.startswith("error:")]
@@ -324,7 +331,8 @@ def test_serve_exits_3_naming_the_stage_that_died(tmp_path, as_json) -> None:
 
 def test_serve_help_documents_exit_codes_and_ring_mb() -> None:
     r = subprocess.run([sys.executable, "-m", "stream", "serve", "--help"], capture_output=True,
-                       text=True, timeout=60, env={**os.environ, "COLUMNS": "400"})  # fmt: skip
+                       text=True, timeout=60, env={**os.environ, "COLUMNS": "400"},
+                       check=False)  # fmt: skip
     assert r.returncode == 0
     text = " ".join(r.stdout.replace("│", " ").split())
     assert "--ring-mb" in text and "idle keys are evicted past it" in text
@@ -365,6 +373,7 @@ def test_demo_exits_3_when_its_server_dies(tmp_path) -> None:
         [sys.executable, "-m", "stream", "demo", "--engine", "identity", "--duration", "20",
          "--out", str(tmp_path / "runs"), "--json"],
         capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": path},
+        check=False,
     )  # fmt: skip
     assert r.returncode == 3, r.stderr
     red = [line for line in r.stderr.splitlines() if line.startswith("error:")]

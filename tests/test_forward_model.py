@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import numpy as np
 import pytest
 from pydantic import ValidationError
@@ -70,7 +72,7 @@ def test_per_pixel_offset_and_flat_field_standardize_to_unit_normal() -> None:
     photons = np.tile(np.linspace(5.0, 400.0, 64), (64, 1))
     offset = rng.uniform(90, 110, photons.shape)
     flat = rng.uniform(0.7, 1.3, photons.shape)
-    kw = dict(offset_map=offset, flat_field=flat)
+    kw = {"offset_map": offset, "flat_field": flat}
     frames = np.stack([record(photons, CAM, rng, **kw) for _ in range(8)]).astype(np.float64)
     z = (frames - expected_adu(photons, CAM, **kw)) / np.sqrt(adu_variance(photons, CAM, **kw))
     assert abs(z.mean()) < 0.03
@@ -109,7 +111,7 @@ def test_record_rejects_mismatched_maps_and_out() -> None:
     rng = np.random.default_rng(0)
     with pytest.raises(ValueError, match=r"\(3, 4\)"):
         record(photons, CAM, rng, offset_map=np.zeros((3, 4)))
-    with pytest.raises(ValueError, match="flat_field.*-1"):
+    with pytest.raises(ValueError, match=r"flat_field.*-1"):
         record(photons, CAM, rng, flat_field=-np.ones((4, 4)))
     with pytest.raises(ValueError, match="float32"):
         record(photons, CAM, rng, out=np.zeros((4, 4), np.float32))
@@ -193,13 +195,13 @@ def test_defocus_blur_grows_with_abs_dz_and_is_symmetric(optics: OpticsParams) -
         k = psf_kernel(optics, 0.05, dz)
         np.testing.assert_array_equal(k, psf_kernel(optics, 0.05, -dz))
         widths.append(_second_moment_px2(k))
-    assert all(b > a * 1.05 for a, b in zip(widths, widths[1:]))
+    assert all(b > a * 1.05 for a, b in pairwise(widths))
 
 
 def test_psf_kernel_rejects_bad_size_and_pixel() -> None:
-    with pytest.raises(ValueError, match="size.*4"):
+    with pytest.raises(ValueError, match=r"size.*4"):
         psf_kernel(OpticsParams(), 0.1, size=4)
-    with pytest.raises(ValueError, match="pixel_size_um.*-0.1"):
+    with pytest.raises(ValueError, match=r"pixel_size_um.*-0\.1"):
         psf_kernel(OpticsParams(), -0.1)
 
 

@@ -90,11 +90,11 @@ def test_paired_metrics_reject_bad_inputs() -> None:
     bad[3, 4] = np.nan
     with pytest.raises(ValueError, match="non-finite"):
         nrmse(a, bad)
-    with pytest.raises(ValueError, match="constant.*data_range"):
+    with pytest.raises(ValueError, match=r"constant.*data_range"):
         psnr(a, a + 1)
     with pytest.raises(ValueError, match="normalization"):
         nrmse(a, a, normalization="max")
-    with pytest.raises(ValueError, match="10x40 px.*11 px"):
+    with pytest.raises(ValueError, match=r"10x40 px.*11 px"):
         ssim(np.ones((10, 40)), np.ones((10, 40)), data_range=1)
 
 
@@ -133,7 +133,7 @@ def test_ms_ssim_falls_with_blur() -> None:
 
 def test_ms_ssim_too_small_names_the_size() -> None:
     small = _camera(256)[:175, :200]
-    with pytest.raises(ValueError, match="175x200 px.*176 px"):
+    with pytest.raises(ValueError, match=r"175x200 px.*176 px"):
         ms_ssim(small, small)
     assert ms_ssim(small, small, weights=(0.3, 0.3, 0.4)) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="weights"):
@@ -212,7 +212,7 @@ def test_decorrelation_pixel_size_and_offset() -> None:
 
 def test_decorrelation_rejects_bad_arguments() -> None:
     image = _white_texture_blurred(2.0)
-    with pytest.raises(ValueError, match="16x300 px.*32 px"):
+    with pytest.raises(ValueError, match=r"16x300 px.*32 px"):
         decorrelation_resolution(np.ones((16, 300)))
     with pytest.raises(ValueError, match="n_radii"):
         decorrelation_resolution(image, n_radii=5)

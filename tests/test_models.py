@@ -11,7 +11,8 @@ import pytest
 torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 
-from engines.models import (
+# these import torch: only once the importorskip above has passed
+from engines.models import (  # noqa: E402
     DISCRIMINATORS,
     GENERATORS,
     TemporalGenerator,
@@ -19,13 +20,13 @@ from engines.models import (
     build_generator,
     count_parameters,
 )
-from engines.models.onnx_export import (
+from engines.models.onnx_export import (  # noqa: E402
     ParityError,
     check_parity,
     example_inputs,
     export_onnx,
 )
-from engines.models.tgan import NoiseInjection
+from engines.models.tgan import NoiseInjection  # noqa: E402
 
 H, W = 16, 24  # multiples of every tiny and small generator's `multiple`
 
@@ -124,13 +125,13 @@ def test_input_errors_name_the_bad_values() -> None:
 
 
 def test_build_errors_list_choices() -> None:
-    with pytest.raises(ValueError, match="unknown generator 'nope'.*ciegan, rrdb, tgan, unet"):
+    with pytest.raises(ValueError, match=r"unknown generator 'nope'.*ciegan, rrdb, tgan, unet"):
         build_generator("nope")
-    with pytest.raises(ValueError, match="unknown size 'huge'.*small.*large"):
+    with pytest.raises(ValueError, match=r"unknown size 'huge'.*small.*large"):
         build_generator("unet", "huge")
-    with pytest.raises(ValueError, match="no option 'widht'.*features"):
+    with pytest.raises(ValueError, match=r"no option 'widht'.*features"):
         build_generator("unet", widht=3)
-    with pytest.raises(ValueError, match="unknown discriminator 'nope'.*cnn, patchgan, unet-sn"):
+    with pytest.raises(ValueError, match=r"unknown discriminator 'nope'.*cnn, patchgan, unet-sn"):
         build_discriminator("nope")
 
 

@@ -107,8 +107,9 @@ def test_a_cached_wheel_is_reused_without_pip(wheel: Path, tmp_path: Path,
     assert fetch_wheel("fake-pkg") == moved
 
 
-def test_an_unreachable_index_is_a_clear_error(tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+def test_an_unreachable_index_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
     monkeypatch.setenv("PIP_NO_CACHE_DIR", "1")
     monkeypatch.delenv("PIP_FIND_LINKS", raising=False)
@@ -117,7 +118,7 @@ def test_an_unreachable_index_is_a_clear_error(tmp_path: Path,
     message = str(e.value)
     assert "'no-such-scopecast-test-pkg'" in message and "pip download" in message
     assert "no-such-scopecast-test-pkg" in message.split("said:", 1)[1]  # pip's own output
-    assert not [p for p in (tmp_path / "cache").iterdir()]  # nothing half-written is left
+    assert not list((tmp_path / "cache").iterdir())  # nothing half-written is left
 
 
 # -- pairs ------------------------------------------------------------------------------------
@@ -236,7 +237,8 @@ def test_real_pairs_command_from_a_cached_wheel(tmp_path: Path) -> None:
     out = tmp_path / "pairs"
     runner = CliRunner(env={"COLUMNS": "300"})
     run = runner.invoke(app, ["real-pairs", "--out", str(out), "--source", "stardist", "--cache",
-                              str(cache), "--scale", "2", "--history", "2", "--defocus", "0,1"])  # fmt: skip
+                              str(cache), "--scale", "2", "--history", "2",
+                              "--defocus", "0,1"])  # fmt: skip
     assert run.exit_code == 0, run.output
     assert "stardist: 1 image(s) from stardist-0.0.1-py3-none-any.whl" in run.output
     assert "wrote 1 pair(s), confocal-20fps x2, 2 raw frame(s) per pair" in run.output

@@ -330,7 +330,7 @@ def test_concurrent_pushes_to_many_keys():
             for t in range(200):
                 w = rings.push(header(t, p), frame(t))
                 assert values(w) == [max(t - 1, 0), t]
-        except BaseException as e:
+        except BaseException as e:  # noqa: BLE001 - a thread's failure is asserted on below
             errors.append(e)
 
     threads = [threading.Thread(target=worker, args=(p,)) for p in range(8)]

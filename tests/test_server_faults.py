@@ -16,19 +16,24 @@ import numpy as np
 import pytest
 import tifffile
 import zmq
+from test_server import (
+    Temporal,
+    helper,
+    make_engine,
+    ramp_frames,
+    send_frames,
+)
 
 from stream.acquire import free_endpoint
 from stream.protocol import FrameHeader, encode
 from stream.sinks.index import read_index
 from stream.sinks.recover import recover
-from test_server import (  # noqa: F401 - servers is a fixture
-    Temporal, helper, make_engine, ramp_frames, send_frames, servers,
-)
 
 
 def _header(**fields) -> FrameHeader:
-    base = dict(stream="good", seq=0, shape=(16, 16), dtype="uint16",
-                mono_ns=time.monotonic_ns(), wall_time=time.time(), pixel_size_um=0.5)  # fmt: skip
+    base = {"stream": "good", "seq": 0, "shape": (16, 16), "dtype": "uint16",
+            "mono_ns": time.monotonic_ns(), "wall_time": time.time(),
+            "pixel_size_um": 0.5}  # fmt: skip
     return FrameHeader.model_construct(**{**base, **fields})
 
 
@@ -196,7 +201,7 @@ def test_grid_tiles_and_shared_stream_ids_keep_their_temporal_state(tmp_path, se
     push = zmq.Context.instance().socket(zmq.PUSH)
     push.connect(srv.listen)
     acquisitions = [str(uuid.uuid4()), str(uuid.uuid4())]
-    seq = {a: 0 for a in acquisitions}
+    seq = dict.fromkeys(acquisitions, 0)
     frame = np.ones((16, 16), np.uint16)
     for t in range(10):
         for a in acquisitions:
@@ -222,7 +227,7 @@ def small_disk(tmp_path):
     mount = tmp_path / "disk"
     mount.mkdir()
     run = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mount)],
-                         capture_output=True, text=True)  # fmt: skip
+                         capture_output=True, text=True, check=False)  # fmt: skip
     if run.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({run.stderr.strip()}): needs root in a "
                     "container that allows mounts")  # fmt: skip

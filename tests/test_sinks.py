@@ -348,7 +348,7 @@ def test_recover_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="not written by scopecast"):
         recover(tmp_path / "other.tif")
     (tmp_path / "junk.ome.tif").write_bytes(b"not a tiff at all")
-    with pytest.raises(ValueError, match="junk.ome.tif is not a TIFF file"):
+    with pytest.raises(ValueError, match=r"junk\.ome\.tif is not a TIFF file"):
         recover(tmp_path / "junk.ome.tif")
     with pytest.raises(FileNotFoundError, match="index"):
         recover(tmp_path / "other.tif", index=tmp_path / "index.jsonl")

@@ -29,18 +29,18 @@ CHANNELS = ["DAPI", "FITC"]
 
 
 def header(seq: int, index: dict[str, int], *, shape=(16, 24), dtype="uint16", **fields):
-    defaults = dict(
-        stream="cam",
-        seq=seq,
-        index=index,
-        shape=shape,
-        dtype=dtype,
-        mono_ns=time.monotonic_ns(),
-        wall_time=1.7e9 + seq,
-        exposure_ms=10.0,
-        pixel_size_um=0.5,
-        acquisition="acq-1",
-    )
+    defaults = {
+        "stream": "cam",
+        "seq": seq,
+        "index": index,
+        "shape": shape,
+        "dtype": dtype,
+        "mono_ns": time.monotonic_ns(),
+        "wall_time": 1.7e9 + seq,
+        "exposure_ms": 10.0,
+        "pixel_size_um": 0.5,
+        "acquisition": "acq-1",
+    }
     return FrameHeader(**{**defaults, **fields})
 
 
@@ -74,6 +74,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
         timeout=120,
         cwd=REPO,
         env=env,
+        check=False,
     )
 
 
@@ -213,6 +214,7 @@ def run_child(code: str, *args: str) -> subprocess.CompletedProcess[str]:
         capture_output=True,
         text=True,
         timeout=120,
+        check=False,
     )
 
 
@@ -380,7 +382,7 @@ def test_grid_tiles_get_their_own_files_with_channels_and_z_spacing(tmp_path: Pa
             for (t, gg, c, z), plane in sent.items():
                 if gg == g:
                     np.testing.assert_array_equal(data[t, c, z], make(plane))
-            meta, xml = ome_of(path)
+            meta, _ = ome_of(path)
             px = meta.images[0].pixels
             assert [ch.name for ch in px.channels] == CHANNELS
             assert px.physical_size_z == pytest.approx(0.75)

@@ -140,8 +140,10 @@ def test_profiles_must_cover_the_tiling(tmp_path: Path) -> None:
     bigger = m.model_copy(update={"tile": Tiling(size=64, overlap=8, batch=4)})
     choice = select_plan(bigger, H100, shapes=needed_shapes(bigger))
     assert choice.action == "rebuild"
-    assert "matches TensorRT 10.8.0.43 on NVIDIA H100 80GB HBM3 (sm 9.0) but no optimization " \
-           "profile covers frames 4x1x64x64" in choice.reason  # fmt: skip
+    assert (
+        "matches TensorRT 10.8.0.43 on NVIDIA H100 80GB HBM3 (sm 9.0) but no optimization "
+        "profile covers frames 4x1x64x64"
+    ) in choice.reason
     assert parse_profiles(choice.profiles)[0]["frames"].max == (4, 1, 64, 64)
     broken = m.model_copy(
         update={"plans": [m.plans[0].model_copy(update={"profiles": [{"x": 1}]})]}
@@ -342,7 +344,7 @@ def test_gpu_build_run_and_pipeline(gpu: MachineFacts, tmp_path: Path) -> None:
     batches = [{"frames": rng.random((n, 1, 512, 512), dtype=np.float32)} for n in (1, 2, 1, 2, 1)]
     with seam.TensorRtBackend(package, package.manifest.plans[1]) as fp32:
         tickets = [fp32.submit(b) for b in batches]  # more than the two slots: kept in order
-        for t, b in reversed(list(zip(tickets, batches))):
+        for t, b in reversed(list(zip(tickets, batches, strict=True))):
             np.testing.assert_allclose(fp32.result(t), reference(b), atol=2e-3)
         with pytest.raises(BackendError, match="no pending result"):
             fp32.result(tickets[0])

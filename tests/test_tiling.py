@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -71,7 +73,7 @@ def test_tile_starts_cover_with_enough_overlap(length, tile, data):
     assert starts == sorted(set(starts))
     if length > tile:
         assert starts[-1] + tile == length
-        assert all(b - a <= tile - overlap for a, b in zip(starts, starts[1:], strict=False))
+        assert all(b - a <= tile - overlap for a, b in pairwise(starts))
 
 
 @pytest.mark.parametrize(("tile", "overlap"), [(8, 8), (8, 9), (8, -1)])
@@ -177,7 +179,7 @@ def _column_steps(out: np.ndarray, cuts: list[int], margin: int) -> tuple[float,
 
 def _cuts(length: int, tile: int, overlap: int) -> list[int]:
     s = tile_starts(length, tile, overlap)
-    return [(a + b + tile) // 2 for a, b in zip(s, s[1:], strict=False)]
+    return [(a + b + tile) // 2 for a, b in pairwise(s)]
 
 
 def test_no_step_across_tile_borders_on_a_smooth_ramp():

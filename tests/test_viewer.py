@@ -188,8 +188,9 @@ class FakeServer:
                 "latency_ms": {"total": {"p50": 10.0, "p99": 20.0, "p90": 15.0, "max": 30.0}},
                 # the rest of a ServerStatus (stream/status.py), which the viewer validates
                 "listen": "tcp://127.0.0.1:5555", "publish": None, "out_dir": "run",
-                "uptime_s": 1.0, "rss_mb": None, "cpu_s": 0.5, "frames_received_by_stream": {"s": 7},
-                "frames_missing": 0, "frames_rejected": {}, "frames_spilled": 0,
+                "uptime_s": 1.0, "rss_mb": None, "cpu_s": 0.5,
+                "frames_received_by_stream": {"s": 7}, "frames_missing": 0, "frames_rejected": {},
+                "frames_spilled": 0,
                 "frames_not_enhanced": 0, "frames_written": {"raw": 7, "enhanced": 7},
                 "engine_errors": {}, "disk_errors": {}, "stage_errors": {}, "requests_rejected": 0,
                 "published": 14, "viewers": {"connected": 1, "gone": 0},
@@ -372,7 +373,7 @@ def test_demo_view_in_headless_chromium(tmp_path: Path) -> None:
 
     def read_stderr() -> None:
         for line in demo.stderr:
-            lines.append(line)  # noqa: PERF402 - the main thread reads it while it grows
+            lines.append(line)
 
     threading.Thread(target=read_stderr, daemon=True).start()
     try:

@@ -17,7 +17,7 @@ import operator
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from itertools import product
-from typing import Protocol, runtime_checkable
+from typing import Protocol, cast, runtime_checkable
 
 import numpy as np
 from numpy.typing import NDArray
@@ -431,7 +431,11 @@ class FluorescentSpecimen:
             weights += [w * (1 - fu) * (1 - fv), w * fu * (1 - fv), w * (1 - fu) * fv, w * fu * fv]
         if not index:
             return np.zeros(view.shape, dtype=np.float64)
-        flat = np.bincount(np.concatenate(index), np.concatenate(weights), minlength=height * width)
+        # float64 with weights; numpy's stubs type every bincount as an integer array
+        flat = cast(
+            FloatArray,
+            np.bincount(np.concatenate(index), np.concatenate(weights), minlength=height * width),
+        )
         canvas = flat.reshape(height, width)
         if sigma_px > 0.05:
             canvas = ndimage.gaussian_filter(canvas, sigma_px, mode="constant", truncate=4.0)
@@ -598,8 +602,8 @@ class BrightfieldSpecimen:
         for cell in self._cells_near(t, view):
             self._add_cell(cell, view, image)
         image += 1.0
-        bg_x = self._background(0, x0 + px * np.arange(cols))
-        bg_y = self._background(1, y0 + px * np.arange(rows))
+        bg_x = self._background(0, x0 + px * np.arange(cols, dtype=np.float64))
+        bg_y = self._background(1, y0 + px * np.arange(rows, dtype=np.float64))
         light_x = ((1.0 + bg_x) * self.illumination_photons).astype(np.float32)
         light_y = (bg_y * self.illumination_photons).astype(np.float32)
         image *= light_x[None, :] + light_y[:, None]
@@ -752,7 +756,7 @@ class BeadSlide:
         for ix, iy in tiles:
             rng = np.random.default_rng([self.seed, 7, ix + 2**31, iy + 2**31])
             xy = rng.uniform(0.0, self.TILE_UM, (rng.poisson(per_tile), 2))
-            parts.append(xy + (ix * self.TILE_UM, iy * self.TILE_UM))
+            parts.append(xy + np.array((ix * self.TILE_UM, iy * self.TILE_UM)))  # the tile's origin
         xy = np.concatenate(parts) if parts else np.empty((0, 2))
         inside = (xy[:, 0] >= x0) & (xy[:, 0] < x1) & (xy[:, 1] >= y0) & (xy[:, 1] < y1)
         return xy[inside]

@@ -95,7 +95,8 @@ class Generator(nn.Module):
         return self.channels * self.window
 
     def config(self) -> dict[str, Any]:
-        """The constructor kwargs that rebuild this generator (JSON-able; saved with checkpoints)."""
+        """The constructor kwargs that rebuild this generator (JSON-able; saved with
+        checkpoints)."""
         return {
             "channels": self.channels,
             "scale": self.scale,
@@ -197,7 +198,8 @@ class Generator(nn.Module):
         )
 
     def base_image(self, frames: Tensor) -> Tensor:
-        """The newest frame at output size (bilinear for scale > 1): what the net adds a residual to."""
+        """The newest frame at output size (bilinear for scale > 1): what the net adds a residual
+        to."""
         cur = self.current(frames)
         if self.scale == 1:
             return cur

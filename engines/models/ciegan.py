@@ -105,6 +105,6 @@ class CIEGANGenerator(Generator):
             skips.append(x)
             x = down(x)
         x = self.bottleneck(x)
-        for up, skip in zip(self.ups[::-1], skips[::-1]):
+        for up, skip in zip(self.ups[::-1], skips[::-1], strict=True):
             x = up(x) + skip
         return self.base_image(frames) + self.tail(x)

@@ -133,8 +133,8 @@ def check_parity(
     )
     worst, report = 0.0, []
     m = model.multiple
-    for i, (n, h, w) in enumerate(sizes):
-        h, w = -(-h // m) * m, -(-w // m) * m
+    for i, (n, h_asked, w_asked) in enumerate(sizes):
+        h, w = -(-h_asked // m) * m, -(-w_asked // m) * m
         inputs = example_inputs(model, n, h, w, seed=i + 1)
         with inference_mode(model), torch.no_grad():
             reference = model(**inputs).numpy()

@@ -88,12 +88,12 @@ class ResUNet(Generator):
     ) -> Tensor:
         x = self.head(self.early_fusion(frames, previous, background))
         skips = []
-        for encode, down in zip(self.encoders, self.downs):
+        for encode, down in zip(self.encoders, self.downs, strict=True):
             x = encode(x)
             skips.append(x)
             x = self.act(down(x))
         x = self.bottom(x)
-        for up, decode, skip in zip(self.ups[::-1], self.decoders[::-1], skips[::-1]):
+        for up, decode, skip in zip(self.ups[::-1], self.decoders[::-1], skips[::-1], strict=True):
             x = self.act(up(F.interpolate(x, scale_factor=2.0, mode="nearest")))
             x = decode(torch.cat([x, skip], 1))
         return self.base_image(frames) + self.tail(self.act(x))

@@ -121,7 +121,9 @@ def check_outputs(
     details: list[str] = []
     images = sum(len(_images(r, r)[0]) for r in refs)
     shapes = [
-        (i, r.shape, g.shape) for i, (r, g) in enumerate(zip(refs, gots)) if r.shape != g.shape
+        (i, r.shape, g.shape)
+        for i, (r, g) in enumerate(zip(refs, gots, strict=True))
+        if r.shape != g.shape
     ]
     if shapes:
         i, want, got = shapes[0]
@@ -134,7 +136,11 @@ def check_outputs(
         failed.append("nonfinite")
         details.append(f"{nonfinite} NaN/inf output values (fp16 overflow or a broken plan)")
     constant = 0
-    pairs = [(r1, g1) for r, g in zip(refs, gots) for r1, g1 in zip(*_images(r, g))]
+    pairs = [
+        (r1, g1)
+        for r, g in zip(refs, gots, strict=True)
+        for r1, g1 in zip(*_images(r, g), strict=True)
+    ]
     for i, (r, g) in enumerate(pairs):
         finite = g[np.isfinite(g)]
         if np.ptp(r) > 0 and (finite.size == 0 or np.ptp(finite) == 0):
@@ -152,7 +158,9 @@ def check_outputs(
     scale = hi - lo
     if scale <= 0:  # a constant reference (e.g. a flat input through identity)
         scale = max(abs(hi), abs(lo), 1.0)
-    diffs = [np.abs(np.where(np.isfinite(g), g, np.inf) - r) for r, g in zip(refs, gots)]
+    diffs = [
+        np.abs(np.where(np.isfinite(g), g, np.inf) - r) for r, g in zip(refs, gots, strict=True)
+    ]
     total = sum(d.size for d in diffs)
     max_abs = max(float(d.max()) for d in diffs)
     mean_abs = sum(float(d.sum()) for d in diffs) / total

@@ -178,8 +178,9 @@ def fit_fixed_dims(profile: Profile, fixed: Mapping[str, Sequence[int]]) -> Prof
                         f"input {name!r} has a fixed size {d} on axis {axis}, outside the "
                         f"profile's {lo}..{hi}: export the model with that axis dynamic"
                     )
-                lo = op = hi = d
-            ranges.append((lo, op, hi))
+                ranges.append((d, d, d))
+            else:
+                ranges.append((lo, op, hi))
         out[name] = ShapeRange(
             min=tuple(x[0] for x in ranges), opt=tuple(x[1] for x in ranges),
             max=tuple(x[2] for x in ranges),

@@ -342,9 +342,9 @@ class Trainer:
             f.write(json.dumps({"time": time.time(), **record}) + "\n")
 
     def _plot(self, panels: list[tuple[np.ndarray, ...]]) -> None:
-        import matplotlib
+        import matplotlib as mpl
 
-        matplotlib.use("Agg")
+        mpl.use("Agg")
         import matplotlib.pyplot as plt
 
         fig, axes = plt.subplots(len(panels), 3, figsize=(9, 3 * len(panels)), squeeze=False)

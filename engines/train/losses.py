@@ -152,7 +152,7 @@ def ms_ssim_levels(height: int, width: int, max_levels: int = len(MS_SSIM_WEIGHT
             f"ms_ssim_loss needs images of at least {SSIM_WINDOW}x{SSIM_WINDOW} pixels, got "
             f"{height}x{width}: use larger training patches"
         )
-    return max(1, min(max_levels, 1 + int(math.floor(math.log2(side / SSIM_WINDOW)))))
+    return max(1, min(max_levels, 1 + math.floor(math.log2(side / SSIM_WINDOW))))
 
 
 def ms_ssim_loss(

@@ -16,6 +16,7 @@ from typing import Protocol
 
 import numpy as np
 
+from calibration.errors import InvalidInput
 from stream.protocol import FrameHeader
 from stream.sinks.tiff import PlaneRecord
 
@@ -113,11 +114,11 @@ def register_sink(
 
 
 def sink_type(name: str) -> SinkType:
-    """The row ``name``; ValueError naming the known sinks if there is none."""
+    """The row ``name``; InvalidInput (a ValueError) naming the known sinks if there is none."""
     try:
         return SINKS[name]
     except KeyError:
-        raise ValueError(
+        raise InvalidInput(
             f"unknown sink {name!r}: choose one of {', '.join(SINKS) or 'none registered'}"
         ) from None
 

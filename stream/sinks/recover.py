@@ -4,9 +4,9 @@
 suffix, see :data:`stream.sinks.base.SINKS`); this module holds the OME-TIFF one,
 :func:`recover_ome_tiff`. The run's index says where every completed plane lies and its
 crc32; each plane is read back, checked, and written through :class:`OmeTiffSink` (the same
-metadata logic as a live run) to ``<name>.recovered.ome.tif``. Damaged index lines are skipped and counted; a plane
-they leave without a record is taken from the file's own pages. Without an index the
-file's complete pages are used. The damaged original is never changed.
+metadata logic as a live run) to ``<name>.recovered.ome.tif``. Damaged index lines are
+skipped and counted; a plane they leave without a record is taken from the file's own pages.
+Without an index the file's complete pages are used. The damaged original is never changed.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import math
 import re
 import zlib
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -227,7 +227,7 @@ def _unlisted_pages(
     try:
         with tifffile.TiffFile(path) as tif:
             return dict(_pages(tif, gaps, kind))
-    except Exception:  # the pages are a second source; the index's planes stand on their own
+    except Exception:  # noqa: BLE001 - the pages are a second source; the index's planes stand
         return {}
 
 
@@ -248,7 +248,7 @@ def _pages(
             ):
                 return  # an empty IFD or cut-off pixels: the page being written at the crash
             frame = page.asarray()
-        except Exception:  # the end of the chain, or a page damaged by the crash
+        except Exception:  # noqa: BLE001 - the end of the chain, or a page damaged by the crash
             return
         if kind is None:
             if not _storable(frame.shape) or frame.dtype.kind not in "uif":
@@ -263,9 +263,7 @@ def _pages(
 def _storable(shape: tuple[int, ...]) -> bool:
     """Whether a sink stores planes of ``shape``: (rows, cols) or (rows, cols, 1-4)."""
     return (
-        len(shape) in (2, 3)
-        and min(shape) > 0
-        and (len(shape) == 2 or shape[2] <= MAX_COMPONENTS)
+        len(shape) in (2, 3) and min(shape) > 0 and (len(shape) == 2 or shape[2] <= MAX_COMPONENTS)
     )
 
 
@@ -310,10 +308,14 @@ def _header(raw: Any, number: int, frame: np.ndarray) -> FrameHeader:
         shape=frame.shape,
         dtype=frame.dtype.name,
         mono_ns=0,
-        wall_time=_number(raw.get("wall_time")),
+        # unvalidated on purpose: a lost wall time stays None (FrameHeader would refuse it;
+        # the TIFF writer, this header's only reader, writes it as unknown)
+        wall_time=_number(raw.get("wall_time")),  # type: ignore[arg-type]
         exposure_ms=_number(raw.get("exposure_ms")),
         stage=(
-            StagePosition.model_construct(**{ax: _number(stage.get(ax)) for ax in "xyz"})
+            StagePosition.model_construct(
+                x=_number(stage.get("x")), y=_number(stage.get("y")), z=_number(stage.get("z"))
+            )
             if isinstance(stage, dict)
             else None
         ),
@@ -350,10 +352,8 @@ def _write(source: Path, output: Path, planes: list[Plane], size: float | None, 
             sink.write(frame, header)
         sink.close()
     except SinkError as e:
-        try:
+        with suppress(SinkError):
             sink.close()
-        except SinkError:
-            pass
         output.unlink(missing_ok=True)
         cause = e.__cause__ or e
         advice = (

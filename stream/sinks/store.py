@@ -159,7 +159,7 @@ class RunWriter:
                 self._close_sink(sink)
             try:
                 self.index.close()
-            except Exception as e:
+            except OSError as e:
                 self._close_failed(f"{self.index.path}: closing the index failed ({e})")
             if self.close_errors:
                 n = len(self.close_errors)
@@ -228,7 +228,7 @@ class RunWriter:
         """Close ``sink``; a failure is recorded for close() to report, never raised here."""
         try:
             sink.close()
-        except Exception as e:  # one bad file must not keep the others from closing
+        except Exception as e:  # noqa: BLE001 - one bad file must not keep the others from closing
             self._close_failed(str(e) if isinstance(e, SinkError) else f"{sink.path}: {e!r}")
 
     def _close_failed(self, message: str) -> None:

@@ -197,7 +197,8 @@ class _PlaneTable:
         self._n += 1
         if self._n == len(self._buffer):
             if self._file is None:
-                self._file = tempfile.TemporaryFile(prefix="scopecast-planes-")
+                # lives as long as the table; closed by close()
+                self._file = tempfile.TemporaryFile(prefix="scopecast-planes-")  # noqa: SIM115
             self._file.seek(0, os.SEEK_END)
             self._file.write(self._buffer.tobytes())
             self._spilled += self._n
@@ -232,8 +233,8 @@ class _PlaneTable:
 
     def _plane(self, r: np.void) -> _Plane:
         t, c, z = (int(v) for v in r["tcz"])
-        wall, exposure, *stage = (None if v != v else float(v) for v in r["floats"])
-        return _Plane((t, c, z), self._by_id[int(r["channel"])], wall, exposure, tuple(stage))
+        wall, exposure, sx, sy, sz = (None if v != v else float(v) for v in r["floats"])
+        return _Plane((t, c, z), self._by_id[int(r["channel"])], wall, exposure, (sx, sy, sz))
 
 
 def _known(value: Any) -> float:
@@ -547,7 +548,7 @@ class OmeTiffSink:
                 self._file.write(b"\0" * 8)
             self._file.truncate(end)
             self._file.seek(end)
-        except Exception as e:  # the chain may now point at garbage: append nothing more
+        except OSError as e:  # the chain may now point at garbage: append nothing more
             self.broken = f"undoing a failed write failed: {e}"
             log.error("%s: %s", self.path, self.broken)
 

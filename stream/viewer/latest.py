@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -88,7 +89,7 @@ class LatestFrames:
         self._bytes = 0
 
     def put(
-        self, header: PublishedHeader, pixels: np.ndarray, watched: set[str] = frozenset()
+        self, header: PublishedHeader, pixels: np.ndarray, watched: AbstractSet[str] = frozenset()
     ) -> bool:
         """Keep this frame as its topic's newest; True when its key was not known before."""
         new_key = header.key not in self.keys
@@ -112,7 +113,7 @@ class LatestFrames:
     def nbytes(self) -> int:
         return self._bytes
 
-    def _evict(self, keep: set[str]) -> None:
+    def _evict(self, keep: AbstractSet[str]) -> None:
         for topic in list(self._frames):
             if self._bytes <= self.max_bytes:
                 return

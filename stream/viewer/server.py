@@ -28,6 +28,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp.typedefs import Handler
 from pydantic import BaseModel, ConfigDict, Field
 
 from calibration.errors import ScopecastError
@@ -212,16 +213,17 @@ class Viewer:
     # -- browser side ---------------------------------------------------------------------
 
     @web.middleware
-    async def _guard(self, req: web.Request, handler: Callable) -> web.StreamResponse:
+    async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        # aiohttp's Middleware protocol calls it with these parameter names
         why = check_request(
             token=self.token,
-            given=req.query.get("token") or req.cookies.get(COOKIE),
-            host_header=req.host,
-            origin=req.headers.get("Origin") if req.path == "/ws" else None,
+            given=request.query.get("token") or request.cookies.get(COOKIE),
+            host_header=request.host,
+            origin=request.headers.get("Origin") if request.path == "/ws" else None,
         )
         if why:
             return web.Response(status=403, text=f"scopecast viewer: {why}\n")
-        resp = await handler(req)
+        resp = await handler(request)
         if not resp.prepared:  # a WebSocket is prepared (and already upgraded) by now
             resp.headers.update(HEADERS)
         return resp
