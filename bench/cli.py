@@ -230,22 +230,38 @@ def quality(
             "engines' warm-up frames (0: none)"
         ),
     ] = 8,
+    motion: Annotated[
+        list[float] | None,
+        typer.Option(
+            "--motion",
+            metavar="V",
+            help="motion sweep (simulated): score every method with the specimen moving V "
+            "output px per frame (repeat for several speeds, e.g. --motion 0 --motion 2)",
+        ),
+    ] = None,
     out_dir: Out = Path("bench-results"),
     older: Compare = None,
 ) -> None:
     """How good every engine is against the classical baselines (identity, bicubic, Gaussian,
-    non-local means, Richardson-Lucy, unsharp+CLAHE) on paired or held-out simulated data
-    (--defocus: out-of-focus simulated frames, for deblur engines)."""
-    from .quality import plot_quality, run_quality
+    non-local means, Richardson-Lucy, unsharp+CLAHE, variance-stabilised NLM with the known
+    camera, 2-frame mean + Gaussian) on paired or held-out simulated data (--defocus:
+    out-of-focus simulated frames, for deblur engines; --motion: moving specimens)."""
+    from .quality import check_motion, plot_quality, run_quality
 
     if (data is None) == (simulated is None):
         raise InvalidInput("give exactly one of --data DIR or --simulated PRESET")
+    if motion is not None and data is not None:
+        raise InvalidInput("--motion needs --simulated PRESET: folder pairs are used as recorded")
     defocus_um = _defocus(defocus)
+    try:
+        speeds = check_motion(motion or None)
+    except ValueError as e:
+        raise InvalidInput(f"--motion: {e}") from e
 
     def measure() -> dict[str, Any]:
         return run_quality(engines=engine, data=data, simulated=simulated, pairs=pairs,
                            defocus_um=defocus_um, truth=truth, field=field,
-                           sequence=sequence)  # fmt: skip
+                           sequence=sequence, motion=speeds)  # fmt: skip
 
     _run(measure, plot_quality, _quality_table, out_dir, older)
 
@@ -535,9 +551,22 @@ def _quality_table(result: dict[str, Any]) -> Table:
     metrics = {"psnr": "PSNR dB", "ssim": "SSIM", "ms_ssim": "MS-SSIM", "nrmse": "NRMSE",
                "decorrelation_px": "decorr px", "fidelity_chi2": "chi2",
                "flicker": "flicker"}  # fmt: skip
-    table = Table(Column("method", no_wrap=True), *metrics.values(),
-                  title=f"quality, {result.get('simulated') or result.get('data')}, "
-                  f"{result['pairs']} pairs (mean)")  # fmt: skip
-    for name, m in result["methods"].items():
-        table.add_row(name.replace("engine:", "engine "), *(fmt(m.get(k)) for k in metrics))
+    title = (f"quality, {result.get('simulated') or result.get('data')}, "
+             f"{result['pairs']} pairs (mean)")  # fmt: skip
+    groups = result.get("by_motion")
+    if not groups:
+        table = Table(Column("method", no_wrap=True), *metrics.values(), title=title)
+        for name, m in result["methods"].items():
+            table.add_row(name.replace("engine:", "engine "), *(fmt(m.get(k)) for k in metrics))
+        table.caption = f"best baseline: {result.get('best_baseline')}"
+        return table
+    table = Table("px/frame", Column("method", no_wrap=True), *metrics.values(),
+                  title=f"{title}, specimen moving (output px per frame)")  # fmt: skip
+    for speed, group in groups.items():
+        for i, (name, m) in enumerate(group["methods"].items()):
+            label = name.replace("engine:", "engine ")
+            if name == group.get("best_baseline"):
+                label += " (best baseline)"
+            table.add_row(speed if i == 0 else "", label, *(fmt(m.get(k)) for k in metrics))
+        table.add_section()
     return table

@@ -60,7 +60,7 @@ from engines.package import PackageError
 from stream.protocol import DTYPES, FrameHeader
 from stream.ring import Ring
 
-from .baselines import BASELINES, upsample_nearest
+from .baselines import BASELINES, baseline_history, run_baseline, upsample_nearest
 
 Progress = Callable[[str], None]
 """``progress(message)``, called as pairs are made and methods scored."""
@@ -79,6 +79,10 @@ HELD_OUT_SEED = 1000
 BACKGROUND_FRAMES = 9
 """Frames in a temporal engine's background median: the server ring's default."""
 PANEL_PAIRS = 3
+MOTION_DIRECTION = (0.8, 0.6)
+"""Unit (x, y) direction the specimen moves in a motion sweep: off both axes, so each frame's
+shift is sub-pixel on rows and columns alike."""
+_EXTRA_HISTORY_STREAM = 6  # rng stream of frames only temporal baselines use
 """Pairs whose images are kept for :func:`plot_quality`."""
 DEFAULT_PSF_SIGMA_PX = 1.0
 """Richardson-Lucy's PSF sigma (raw px) for folder data, when none is given."""
@@ -185,9 +189,19 @@ def check_defocus(defocus_um: Sequence[float]) -> tuple[float, float]:
 def _simulated(preset: Preset, *, scale: int, pairs: int, history: int, sequence: int,
                seed: int, frame_field: int | None, progress: Progress | None,
                defocus_um: tuple[float, float] = (0.0, 0.0),
-               truth: Truth = "high-quality") -> _Data:  # fmt: skip
+               truth: Truth = "high-quality", baseline_frames: int = 1,
+               motion_px: float | None = None) -> _Data:  # fmt: skip
     """Held-out pairs (``history`` raw frames each, truth at the last) and one raw sequence,
-    the raw frames of each at one defocus drawn from ``defocus_um`` (a ``|dz|`` range)."""
+    the raw frames of each at one defocus drawn from ``defocus_um`` (a ``|dz|`` range).
+
+    ``baseline_frames`` above ``history`` prepends the frames a temporal baseline uses, drawn
+    from a noise stream of their own: every other frame stays as it was without them.
+    ``motion_px`` moves the specimen at that many output px (raw px / scale) per frame along
+    :data:`MOTION_DIRECTION`: each frame is rendered at its own stage position, sub-pixel, and
+    degraded by the same forward model; the truth is at the scored (last) frame's position.
+    In a sweep (``motion_px`` not None, 0 included) each frame draws its noise from a stream of
+    its own, so every speed has the same instants, positions, scored frames and truths: only
+    the earlier frames move. None keeps the still pairs of a run without a sweep."""
     defocus_um = check_defocus(defocus_um)
     if truth not in TRUTHS:
         raise ValueError(f"truth {truth!r} must be one of {', '.join(TRUTHS)}")
@@ -206,10 +220,34 @@ def _simulated(preset: Preset, *, scale: int, pairs: int, history: int, sequence
     rng = np.random.default_rng([seed + HELD_OUT_SEED, 1])
     dz_rng = np.random.default_rng([seed + HELD_OUT_SEED, 3])
     truth_rng = np.random.default_rng([seed + HELD_OUT_SEED, 5])  # the same raw for each truth
+    extra = max(0, baseline_frames - history)
+    extra_rng = np.random.default_rng([seed + HELD_OUT_SEED, _EXTRA_HISTORY_STREAM])
+    sweep = motion_px is not None
+    step_um = (motion_px or 0.0) * preset.pixel_size_um / scale
+
+    def noise(i: int, k: int, shared: np.random.Generator) -> np.random.Generator:
+        """Frame ``k`` (0: the scored one) of pair ``i`` (-1: the sequence): its own stream in
+        a sweep, else the shared one."""
+        return (
+            np.random.default_rng([seed + HELD_OUT_SEED, 8, i + 1, k + 10_000]) if sweep else shared
+        )
+
+    def moved(xy: tuple[float, float], k: float) -> tuple[float, float]:
+        """The field centre ``k`` frames after ``xy`` (negative: before)."""
+        dx, dy = MOTION_DIRECTION
+        return xy[0] + k * step_um * dx, xy[1] + k * step_um * dy
+
+    def earlier(t: float, xy: tuple[float, float], n: int, dz: float, i: int) -> list[np.ndarray]:
+        """``extra`` frames before the ``n`` frames that end at (t, xy), oldest first."""
+        ks = range(-(n - 1) - extra, -(n - 1))
+        return [rig.low(t + k * rig.dt_s, moved(xy, k), noise(i, k, extra_rng), dz) for k in ks]
+
     for i in range(pairs):
         t, xy = rig.draw(rng, (history - 1) * rig.dt_s)
         dz = _draw_dz(dz_rng, defocus_um)
-        frames = [rig.low(t - (history - 1 - j) * rig.dt_s, xy, rng, dz) for j in range(history)]
+        ks = range(-(history - 1), 1)
+        frames = [rig.low(t + k * rig.dt_s, moved(xy, k), noise(i, k, rng), dz) for k in ks]
+        frames = earlier(t, xy, history, dz, i) + frames
         out.append(_Pair(f"sim-{i}", frames, rig.truth(t, xy, scale, truth_rng, truth), offset))
         dzs.append(dz)
         if progress is not None:
@@ -220,11 +258,16 @@ def _simulated(preset: Preset, *, scale: int, pairs: int, history: int, sequence
         seq_rng = np.random.default_rng([seed + HELD_OUT_SEED, 2])
         t, xy = rig.draw(seq_rng, warmup * rig.dt_s)
         seq_dz = _draw_dz(np.random.default_rng([seed + HELD_OUT_SEED, 4]), defocus_um)
-        frames_seq = [rig.low(t + (j - warmup) * rig.dt_s, xy, seq_rng, seq_dz)
-                      for j in range(warmup + sequence)]  # fmt: skip
+        frames_seq = [rig.low(t + k * rig.dt_s, moved(xy, k), noise(-1, k, seq_rng), seq_dz)
+                      for k in range(-warmup, sequence)]  # fmt: skip
+        frames_seq = earlier(t, xy, warmup + 1, seq_dz, -1) + frames_seq
+        warmup += extra
     info = {"preset": preset.name, "channel": rig.channel, "scene_seed": seed + HELD_OUT_SEED,
             "field": list(rig.shape), "dt_s": rig.dt_s, "defocus_um": list(defocus_um),
             "dz_um": dzs, "sequence_dz_um": seq_dz, "truth": truth}  # fmt: skip
+    if sweep:
+        info["motion_px_per_frame"] = motion_px
+        info["motion_direction_xy"] = list(MOTION_DIRECTION)
     return _Data(
         pairs=out,
         scale=scale,
@@ -462,6 +505,27 @@ def _check_args(engines: Sequence[str], data: Path | None, simulated: str | None
         raise ValueError(f"unknown baseline(s) {unknown}: choose from {', '.join(BASELINES)}")
 
 
+def check_motion(motion: Sequence[float] | None) -> tuple[float, ...] | None:
+    """The speeds of a motion sweep (output px per frame) as floats, or a ValueError unless
+    each is finite and >= 0 and none repeats; None stays None (no sweep)."""
+    if motion is None:
+        return None
+    if isinstance(motion, str):
+        raise ValueError(f"motion must be a list of speeds, got the string {motion!r}")
+    try:
+        speeds = tuple(float(v) for v in motion)
+    except (TypeError, ValueError):
+        raise ValueError(f"motion {motion!r} must be speeds in output px per frame") from None
+    if not speeds:
+        raise ValueError("motion must list at least one speed (output px per frame), e.g. [0, 2]")
+    bad = [v for v in speeds if not (math.isfinite(v) and v >= 0)]
+    if bad:
+        raise ValueError(f"motion speeds {bad} must be finite and >= 0 (output px per frame)")
+    if len(set(speeds)) != len(speeds):
+        raise ValueError(f"motion speeds {list(speeds)} repeat a speed")
+    return speeds
+
+
 def _common_scale(chains: dict[str, EngineChain]) -> int | None:
     scales = {name: c.scale for name, c in chains.items()}
     if len(set(scales.values())) > 1:
@@ -488,6 +552,7 @@ def run_quality(
     backend: str = "auto",
     defocus_um: tuple[float, float] = (0.0, 0.0),
     truth: Truth = "high-quality",
+    motion: Sequence[float] | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Score every baseline and engine on held-out pairs from ``data`` or ``simulated``.
@@ -501,11 +566,20 @@ def run_quality(
     ``psf_sigma_px`` overrides Richardson-Lucy's PSF (default: the preset's optics, or 1 px for
     folder data); ``match`` fits folder high images onto the low images' ADU. With no engines the
     baselines run at the data's scale (1 for simulated data).
+
+    ``motion`` (simulated only) is a sweep of speeds in output px per frame: the held-out pairs
+    and the flicker sequence are rendered moving at each speed (same instants, positions and
+    noise; see :func:`_simulated`) and every method is scored per speed, under
+    ``result["by_motion"]["<speed>"]``; the top-level methods are the first speed's.
     """
     frame_field = field
     defocus_um = check_defocus(defocus_um)
     _check_args(engines, data, simulated, pairs, sequence, seed, baselines, frame_field,
                 defocus_um)  # fmt: skip
+    speeds = check_motion(motion)
+    if data is not None and speeds is not None:
+        raise ValueError(f"motion {list(speeds)} needs simulated pairs; folder pairs are used as "
+                         "recorded")  # fmt: skip
     if data is not None and truth != "high-quality":
         raise ValueError(f"truth {truth!r} needs simulated pairs; folder pairs are scored "
                          "against their high images")  # fmt: skip
@@ -519,10 +593,16 @@ def run_quality(
         scale = _common_scale(chains)
         history = max([_history(c) for c in chains.values()] + [1])
         if preset is not None:
-            d = _simulated(preset, scale=scale or 1, pairs=pairs, history=history,
-                           sequence=sequence, seed=seed, frame_field=frame_field,
-                           progress=progress, defocus_um=defocus_um,
-                           truth=truth)  # fmt: skip
+
+            def simulate(v: float | None) -> _Data:
+                assert preset is not None
+                return _simulated(preset, scale=scale or 1, pairs=pairs, history=history,
+                                  sequence=sequence, seed=seed, frame_field=frame_field,
+                                  progress=progress, defocus_um=defocus_um, truth=truth,
+                                  baseline_frames=baseline_history(baselines),
+                                  motion_px=v)  # fmt: skip
+
+            d = simulate(speeds[0] if speeds else None)
         else:
             assert data is not None
             d = _folder(Path(data), match, progress)
@@ -542,7 +622,26 @@ def run_quality(
                 chain.check(d.pairs[0].frames[-1].shape)
             except EngineError as e:
                 raise ValueError(f"engine {name!r} cannot take these frames: {e}") from e
-        return _evaluate(d, chains, list(baselines), data, simulated, seed, progress)
+        result = _evaluate(d, chains, list(baselines), data, simulated, seed, progress)
+        if speeds is None:
+            return result
+        result["motion_px_per_frame"] = list(speeds)
+        result["by_motion"] = {}
+        for i, v in enumerate(speeds):
+            if i:
+                if progress is not None:
+                    progress(f"motion {v:g} px/frame")
+                d = simulate(v)
+                if psf_sigma_px is not None:
+                    d.psf_sigma_px = float(psf_sigma_px)
+                at = _evaluate(d, chains, list(baselines), data, simulated, seed, progress)
+            else:
+                at = result
+            result["by_motion"][f"{v:g}"] = {
+                "motion_px_per_frame": v,
+                **{k: at[k] for k in ("best_baseline", "info", "truth", "methods")},
+            }
+        return result
     finally:
         for chain in chains.values():
             chain.close()
@@ -565,15 +664,15 @@ def _evaluate(d: _Data, chains: dict[str, EngineChain], baselines: list[str],
     sequences["raw"] = list
     offset = float(np.mean([p.offset for p in d.pairs]))  # the sequence's frames (flicker)
     for b in baselines:
-        fn = BASELINES[b]
 
-        def baseline(p: _Pair, fn: Callable[..., np.ndarray] = fn) -> tuple[np.ndarray, np.ndarray]:
-            est = fn(p.frames[-1], offset=p.offset, **kw)
+        def baseline(p: _Pair, b: str = b) -> tuple[np.ndarray, np.ndarray]:
+            est = run_baseline(b, p.frames, offset=p.offset, camera=d.camera, **kw)
             return est, est
 
         outputs[b] = baseline
-        sequences[b] = lambda frames, fn=fn, offset=offset: [
-            fn(f, offset=offset, **kw) for f in frames
+        sequences[b] = lambda frames, b=b, offset=offset: [
+            run_baseline(b, frames[: i + 1], offset=offset, camera=d.camera, **kw)
+            for i in range(len(frames))
         ]
         kinds[b] = {"kind": "baseline"}
     for name, chain in chains.items():

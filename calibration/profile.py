@@ -107,7 +107,7 @@ class CalibrationProfile(BaseModel):
         if not json_path.is_file():
             raise CalibrationError(
                 f"no calibration profile at {path}: create one with `scopecast calibrate camera "
-                f"--out {path}`"
+                f"--profile {path}`"
             )
         try:
             profile = cls.model_validate(json.loads(json_path.read_text()))

@@ -3,6 +3,11 @@
 An :class:`Engine` is one package on one backend. An :class:`EngineChain` runs several in
 order (tGAN's dual-resolution design: a temporal model at low resolution, then SR); only the
 first stage may be temporal, each stage keeps its own previous output. No torch here.
+
+An engine in electrons (``normalization.units``) gets the rig's ADU <-> electrons conversion
+(``calibration.units``, from the server's calibration profile), or uses the camera its manifest
+declares; an engine in ADU takes raw frames as they are. Either way a stage takes and returns
+the rig's ADU.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from calibration.errors import ScopecastError
+from calibration.units import Electrons
 
 from .package import EnginePackage, Manifest, load_package
 from .runtime import PlanRebuilder, open_backend
@@ -74,16 +80,30 @@ class Engine:
         threads: int | None = None,
         *,
         rebuild: PlanRebuilder | None = None,
+        units: Electrons | None = None,
     ):
         """``rebuild`` rebuilds a TensorRT plan missing for this GPU (the commands pass
-        ``engines.offline.build.rebuild_plan``; the live code never imports it)."""
+        ``engines.offline.build.rebuild_plan``; the live code never imports it). ``units`` is
+        the rig's ADU <-> electrons conversion (from its calibration profile): an electrons
+        engine uses it, else the camera its manifest declares; an ADU engine ignores it."""
         self.package = package
         self.manifest: Manifest = package.manifest
+        self.units = _conversion(self.manifest, units)
+        self.input_scale = 1
+        """The grid of this stage's input, relative to the chain's input (set by the chain)."""
         self.backend, self.reason = open_backend(package, backend, threads, rebuild=rebuild)
 
     @property
     def name(self) -> str:
         return self.manifest.name
+
+    @property
+    def assumption(self) -> str:
+        """The units this engine takes and where their conversion comes from, in one line."""
+        norm = self.manifest.normalization
+        if self.units is None:
+            return f"adu: raw frames as (raw - {norm.offset:g}) / {norm.scale:g}"
+        return f"electrons: {self.units.describe()}"
 
     def check(self, shape: tuple[int, ...]) -> None:
         """Raise EngineInputError if frames of ``shape`` cannot go through this engine."""
@@ -113,19 +133,21 @@ class Engine:
         if floats:
             _check_finite_input(self.name, stack[-1], "the input frame")
             _check_finite_input(self.name, stack[:-1], "an earlier frame of the temporal window")
-        inputs: dict[str, tuple[np.ndarray, int]] = {"frames": (_normalize(stack, norm), 1)}
+        stack = self._model_units(stack, 1)
+        inputs: dict[str, tuple[np.ndarray, int]] = {"frames": (stack, 1)}
         if m.temporal.previous_output:
             if previous is None:  # first frame of a key: the current frame, upsampled
                 previous = np.repeat(np.repeat(stack[-1], m.scale, 0), m.scale, 1)
             # finite: outputs are checked before a ring keeps them, the first one is the frame
-            inputs["previous"] = (_normalize(previous[None].astype(np.float32), norm), m.scale)
+            prev = previous[None].astype(np.float32)
+            inputs["previous"] = (self._model_units(prev, m.scale), m.scale)
         if m.temporal.background:
             if background is None:
                 background = stack[-1]
             background = background[None].astype(np.float32)
             if floats:
                 _check_finite_input(self.name, background, "the background (from earlier inputs)")
-            inputs["background"] = (_normalize(background, norm), 1)
+            inputs["background"] = (self._model_units(background, 1), 1)
         spent = [0.0]
 
         def infer(batch: dict[str, np.ndarray]) -> np.ndarray:
@@ -151,6 +173,8 @@ class Engine:
             out *= np.float32(norm.scale)
         if norm.offset:
             out += np.float32(norm.offset)
+        if self.units is not None:
+            out = self.units.to_adu(out, scale=self.input_scale * m.scale)
         if bad := _nonfinite(out):
             raise EngineOutputError(
                 f"engine {self.name!r} produced {bad} NaN/inf values: output discarded "
@@ -162,8 +186,34 @@ class Engine:
         _add(timings, "postprocess", t3 - t2)
         return out
 
+    def _model_units(self, x: np.ndarray, scale: int) -> np.ndarray:
+        """``x`` (float32, this stage's input units, on a grid ``scale`` times the input's) in
+        model units: to electrons for an electrons engine, then normalized. May reuse ``x``."""
+        if self.units is not None:
+            try:
+                x = self.units.to_electrons(x, scale=self.input_scale * scale)
+            except ValueError as e:
+                raise EngineInputError(f"engine {self.name!r}: {e}") from None
+        return _normalize(x, self.manifest.normalization)
+
     def close(self) -> None:
         self.backend.close()
+
+
+def _conversion(manifest: Manifest, units: Electrons | None) -> Electrons | None:
+    """The conversion an engine uses: none for ADU engines, the rig's, else the manifest's."""
+    norm = manifest.normalization
+    if norm.units == "adu":
+        return None
+    if units is not None:
+        return units
+    if norm.camera is None:  # refused by the manifest's validation
+        raise ValueError(f"electrons engine {manifest.name!r} declares no camera")
+    return Electrons.from_camera(
+        norm.camera.offset_adu,
+        norm.camera.gain_adu_per_electron,
+        source=f"no profile, assuming {manifest.name}'s manifest camera",
+    )
 
 
 class EngineChain:
@@ -180,6 +230,10 @@ class EngineChain:
                     f"{t.background}); only the first engine of a chain may be: put it first"
                 )
         self.engines = list(engines)
+        grid = 1
+        for e in self.engines:
+            e.input_scale = grid
+            grid *= e.manifest.scale
 
     @classmethod
     def open(
@@ -189,9 +243,13 @@ class EngineChain:
         threads: int | None = None,
         *,
         rebuild: PlanRebuilder | None = None,
+        units: Electrons | None = None,
     ) -> EngineChain:
-        """Load and verify each package, open it on ``backend`` (``rebuild``: see Engine)."""
-        return cls([Engine(load_package(n), backend, threads, rebuild=rebuild) for n in names])
+        """Load and verify each package, open it on ``backend`` (``rebuild``, ``units``: see
+        Engine)."""
+        return cls(
+            [Engine(load_package(n), backend, threads, rebuild=rebuild, units=units) for n in names]
+        )
 
     @property
     def name(self) -> str:
@@ -220,6 +278,7 @@ class EngineChain:
             "window": self.window,
             "backend": [e.backend.describe() for e in self.engines],
             "reason": [e.reason for e in self.engines],
+            "units": [e.assumption for e in self.engines],
         }
 
     def check(self, shape: tuple[int, ...]) -> None:

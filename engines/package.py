@@ -7,13 +7,15 @@ sha256 against the manifest and only ever reads listed, hash-checked bytes; noth
 Model I/O convention (every engine's ``model.onnx``; N, h and w are dynamic dimensions):
 
 - input ``frames``: float32 (N, channels * window, h, w): the ``window`` most recent frames,
-  oldest first, stacked as channels, already normalized as ``(raw - offset) / scale``.
+  oldest first, stacked as channels, already normalized as ``(x - offset) / scale``: ``x`` is
+  the raw frame (``units`` "adu") or its photo-electrons per pixel (``units`` "electrons").
 - input ``previous`` (only when ``temporal.previous_output``): float32
   (N, channels, h * scale, w * scale): the engine's own previous (normalized) output.
 - input ``background`` (only when ``temporal.background``): float32 (N, channels, h, w): a
   normalized reference background for this stream key.
 - one output (any name): float32 (N, channels, h * scale, w * scale); the caller maps it back
-  with ``y * scale + offset`` and, for ``output_dtype="input"``, rounds and clips to the raw dtype.
+  with ``y * scale + offset`` (electrons: then to the rig's ADU) and, for
+  ``output_dtype="input"``, rounds and clips to the raw dtype.
 """
 
 from __future__ import annotations
@@ -112,11 +114,45 @@ class Tiling(_Frozen):
         return self
 
 
-class Normalization(_Frozen):
-    """Map raw pixels to model units: ``(raw - offset) / scale``; outputs map back."""
+class UnitsCamera(_Frozen):
+    """The camera an electrons engine assumes when the server has no calibration profile."""
 
+    offset_adu: float = Field(ge=0, allow_inf_nan=False, description="Dark offset, in ADU.")
+    gain_adu_per_electron: float = Field(
+        gt=0, allow_inf_nan=False, description="System gain: ADU per photo-electron."
+    )
+
+
+class Normalization(_Frozen):
+    """Map pixels to model units: ``(x - offset) / scale``; outputs map back.
+
+    ``units="adu"`` (the default; manifests from before units existed): ``x`` is the raw frame
+    in ADU, so the engine only suits cameras with the offset and gain it was trained on.
+    ``units="electrons"``: ``x`` is photo-electrons per pixel (``calibration.units``), converted
+    with the rig's calibration profile, else with ``camera`` (the assumption the engine makes
+    without one); the output goes back to the rig's ADU the same way.
+    """
+
+    units: Literal["adu", "electrons"] = "adu"
     offset: float = Field(0.0, allow_inf_nan=False)
     scale: float = Field(1.0, gt=0, allow_inf_nan=False)
+    camera: UnitsCamera | None = Field(
+        None, description="electrons engines: the camera assumed without a profile"
+    )
+
+    @model_validator(mode="after")
+    def _camera(self) -> Normalization:
+        if self.units == "electrons" and self.camera is None:
+            raise ValueError(
+                "an electrons engine needs normalization.camera (offset_adu, "
+                "gain_adu_per_electron): the camera assumed when serving without a profile"
+            )
+        if self.units == "adu" and self.camera is not None:
+            raise ValueError(
+                "normalization.camera is only for units 'electrons'; an ADU engine takes raw "
+                "frames as they are"
+            )
+        return self
 
 
 class PlanInfo(_Frozen):

@@ -262,8 +262,9 @@ def serve(
     profile: Annotated[
         Path | None,
         typer.Option(
-            help="calibration profile folder (`scopecast calibrate`): every enhanced frame gets "
-            "a fidelity residual"
+            help="calibration profile folder (`scopecast calibrate`): electrons engines take the "
+            "rig's offsets, gain, flat field and bad pixels from it (without it they assume "
+            "their manifest's camera), and every enhanced frame gets a fidelity residual"
         ),
     ] = None,
     correct_bidir: Annotated[
@@ -352,6 +353,7 @@ def _serve(config: Any, *, quiet: bool) -> dict[str, Any]:
         e = server.chain.describe()
         err.print(
             f"serving [bold]{e['engine']}[/bold] ({e['reason'][0]})\n"
+            f"  units: {'; '.join(e['units'])}\n"
             f"  frames in {config.listen}  ->  publish {config.publish}  control "
             f"{config.control}\n  writing {server.run_dir}   Ctrl-C stops",
             highlight=False,

@@ -48,8 +48,9 @@ from zmq.utils.monitor import recv_monitor_message
 
 from calibration.bidir import correct_phase
 from calibration.errors import ScopecastError
-from calibration.fidelity import fidelity
+from calibration.fidelity import MismatchMonitor, fidelity, mismatch_band
 from calibration.profile import CalibrationProfile
+from calibration.units import Electrons
 from engines.engine import EngineChain, EngineError, to_dtype
 from engines.package import PackageError
 from engines.runtime import PlanRebuilder
@@ -86,6 +87,9 @@ THREADS = ("receive", "engine", "writer", "control")
 GUARDED = (*THREADS, "publish", "spill")
 #: A control ``stop`` waits at most this long for expected frames.
 MAX_STOP_WAIT_S = 3600.0
+#: Consecutive frames of a stream whose noise statistic must leave its band before the server
+#: says the profile does not match the camera (and as many back in it before it stops saying so).
+MISMATCH_RUN = 10
 
 T = TypeVar("T")
 
@@ -111,7 +115,9 @@ class ServerConfig(BaseModel):
         1024.0, gt=0, description="temporal state (rings) kept in memory; idle keys evicted past it"
     )
     max_pause_s: float | None = Field(10.0, gt=0)
-    profile: Path | None = Field(None, description="calibration profile: fidelity residuals")
+    profile: Path | None = Field(
+        None, description="calibration profile: the rig's units for electrons engines, fidelity"
+    )
     correct_bidir: bool = Field(False, description="undo the profile's line phase first")
     rcvhwm: int = Field(64, ge=1)
     fsync: bool = False
@@ -350,6 +356,19 @@ class _Once:
             log.warning("%s: %s (counted; logged once per kind)", kind, message, exc_info=exc)
 
 
+def _log_units(chain: EngineChain, profiled: bool) -> None:
+    """Say once, at start, which units each engine takes and what it assumes without a profile."""
+    for e in chain.engines:
+        if e.units is not None and not profiled:
+            log.warning(
+                "engine %s works in electrons and no --profile was given: %s; pass the rig's "
+                "calibration profile (`scopecast calibrate camera`) if its camera differs",
+                e.name, e.assumption,
+            )  # fmt: skip
+        else:
+            log.info("engine %s: %s", e.name, e.assumption)
+
+
 class EngineServer:
     """The running server; ``run()`` serves until ``stop()`` (or a control ``stop``)."""
 
@@ -362,12 +381,18 @@ class EngineServer:
         self.curve: Curve | None = curve_or_none(c.keys)
         for ep in filter(None, (c.listen, c.publish, c.control)):
             check_bind(ep, insecure=c.insecure, authenticated=self.curve is not None)
+        self.profile = CalibrationProfile.load(c.profile) if c.profile else None
         try:
             sink_type(c.sink)
-            self.chain = EngineChain.open(c.engines, c.backend, c.threads, rebuild=rebuild)
+            units = Electrons.from_profile(self.profile) if self.profile else None
+            self.chain = EngineChain.open(
+                c.engines, c.backend, c.threads, rebuild=rebuild, units=units
+            )
         except (PackageError, ValueError) as e:
             raise ServerError(str(e)) from e
-        self.profile = CalibrationProfile.load(c.profile) if c.profile else None
+        _log_units(self.chain, self.profile is not None)
+        self._mismatch: dict[str, MismatchMonitor] = {}  # per stream: the engine thread's
+        self.fidelity_mismatch: str | None = None
         if c.correct_bidir and not (self.profile and self.profile.scan.bidirectional):
             raise ServerError(
                 "--correct-bidir needs a --profile whose scan is bidirectional: measure the "
@@ -538,9 +563,11 @@ class EngineServer:
         ):
             time.sleep(0.01)
         self._stop_receiving.set()
-        if not self._threads["writer"].is_alive():
+        if "writer" in self._deaths or not self._threads["writer"].is_alive():
             # the writer died: a fresh one drains the queue, so receive (which may wait on a
-            # full queue) can finish and every raw frame still reaches the disk
+            # full queue) can finish and every raw frame still reaches the disk (a writer whose
+            # death is recorded may still be logging it: it ends first)
+            self._join("writer")
             self._threads["writer"] = self._thread("writer")
             self._threads["writer"].start()
         self._join("receive")
@@ -631,7 +658,7 @@ class EngineServer:
         checked = None
         if self.profile is not None:
             t = time.perf_counter()
-            checked = self._fidelity(result.stages[-1].output, job.pixels)
+            checked = self._fidelity(result.stages[-1].output, job.pixels, h.stream)
             timings["fidelity"] = (time.perf_counter() - t) * 1e3
         for k, v in timings.items():
             self.times.add(k, v)
@@ -672,8 +699,9 @@ class EngineServer:
         except Exception as e:  # noqa: BLE001 - counted, the summary still comes
             self._fault("writer", e, "closing the files: ")
 
-    def _fidelity(self, enhanced: np.ndarray, raw: np.ndarray) -> dict[str, float]:
-        """The raw frame's chi-square against the profile's forward model of ``enhanced``."""
+    def _fidelity(self, enhanced: np.ndarray, raw: np.ndarray, stream: str) -> dict[str, float]:
+        """The raw frame's chi-square against the profile's forward model of ``enhanced``, and
+        its noise against the profile's noise model, watched per stream for a mismatch."""
         p = self.profile
         if p is None:
             raise ServerError("a fidelity check needs a --profile")
@@ -691,8 +719,35 @@ class EngineServer:
             scan=scan,
             offset_map=fitting("offset_map"),
             flat_field=fitting("flat_field"),
+            # the output carries the camera's fixed pattern: an electrons engine converts back
+            # with the profile's maps, an ADU engine (the zoo's are linear filters) passes it on
+            pattern_in_output=True,
+            noise=True,
         )
+        if f.noise is not None:
+            self._watch_noise(stream, f.noise, raw.size)
         return f.as_dict()
+
+    def _watch_noise(self, stream: str, value: float, pixels: int) -> None:
+        """Feed one frame's noise ratio to its stream's monitor; warn once when it fires."""
+        monitor = self._mismatch.get(stream)
+        if monitor is None:
+            monitor = MismatchMonitor(mismatch_band(pixels), run=MISMATCH_RUN)
+            self._mismatch[stream] = monitor
+        if monitor.update(value):
+            log.warning(
+                "stream %s: the profile does not match this camera, fidelity check unreliable "
+                "(%s); recalibrate with `scopecast calibrate camera --profile DIR`",
+                stream, monitor.mismatch,
+            )  # fmt: skip
+        bad = {k: m.mismatch for k, m in self._mismatch.items() if m.mismatch}
+        self.fidelity_mismatch = (
+            "the profile does not match this camera: fidelity check unreliable (stream "
+            + "; stream ".join(f"{k}: {why}" for k, why in sorted(bad.items()))
+            + "); run `scopecast calibrate camera --profile DIR`"
+            if bad
+            else None
+        )
 
     def _publish(
         self,
@@ -831,6 +886,7 @@ class EngineServer:
             rings=RingStats.model_validate(rings),
             latency_ms={k: Latency(**v) for k, v in self.times.summary().items()},
             files=[str(p) for p in self.writer.files],
+            fidelity_mismatch=self.fidelity_mismatch,
         )
 
 

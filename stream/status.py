@@ -62,6 +62,11 @@ class EngineInfo(_Part):
     window: int = Field(description="frames the first engine takes (temporal window)")
     backend: list[BackendInfo] = Field(description="one per engine of the chain")
     reason: list[str] = Field(description="why each backend was chosen")
+    units: list[str] = Field(
+        default_factory=list,
+        description="one per engine: the units it takes (adu, or electrons and the conversion "
+        "used: the --profile's, else the camera its manifest assumes)",
+    )
 
 
 class Latency(_Part):
@@ -171,6 +176,12 @@ class ServerStatus(_Part):
     rings: RingStats
     latency_ms: dict[str, Latency] = Field(description="by stage, in pipeline order")
     files: list[str]
+    fidelity_mismatch: str | None = Field(
+        None,
+        description="set while the --profile's noise model does not describe the camera (a "
+        "stream's raw noise stayed out of its expected band): the fidelity check is unreliable; "
+        "recalibrate with `scopecast calibrate camera`",
+    )
 
 
 def schema_json() -> str:

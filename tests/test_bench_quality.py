@@ -11,7 +11,16 @@ import pytest
 import tifffile
 from scipy import ndimage
 
-from bench.baselines import BASELINES, gaussian_psf, noise_sigma, upsample_cubic
+from bench.baselines import (
+    BASELINES,
+    gat_forward,
+    gat_inverse,
+    gat_read_sigma_electrons,
+    gaussian_psf,
+    noise_sigma,
+    run_baseline,
+    upsample_cubic,
+)
 from bench.quality import (
     HELD_OUT_SEED,
     METRICS,
@@ -371,3 +380,132 @@ def test_expected_truth_is_the_noise_free_slow_scan_of_the_same_raw_frames() -> 
     assert gain["expected"] > gain["high-quality"]
     with pytest.raises(ValueError, match="truth 'clean' must be one of"):
         run_quality(**{**kw, "truth": "clean"})
+
+
+# -- variance-stabilised NLM, the 2-frame baseline, the motion sweep --------------------------
+
+
+def test_gat_inverse_round_trips_the_mean() -> None:
+    """The unbiased inverse of the transform's mean gives back the mean signal, and the
+    transformed noise has sigma 1, on Poisson-Gaussian ADU made as the camera makes them."""
+    camera = get_preset("confocal-20fps").camera
+    g, zero, sigma_e = (camera.gain_adu_per_electron, camera.offset_adu,
+                        gat_read_sigma_electrons(camera))  # fmt: skip
+    rng = np.random.default_rng(0)
+    for electrons in (1.0, 2.0, 5.0, 20.0, 100.0):
+        e = rng.poisson(electrons, 100_000) + rng.normal(0, camera.read_noise_electrons, 100_000)
+        adu = np.round(g * e + zero)
+        d = gat_forward(adu, gain=g, offset=zero, sigma_e=sigma_e)
+        back = gat_inverse(np.array([d.mean()]), gain=g, offset=zero, sigma_e=sigma_e)[0]
+        assert (back - zero) / g == pytest.approx(electrons, rel=0.05), electrons
+        if electrons >= 2:
+            assert d.std() == pytest.approx(1.0, abs=0.05), electrons
+    # the algebraic inverse of the mean is biased low at low counts; the unbiased one is not
+    level = np.full(4, 3.0)
+    assert gat_inverse(gat_forward(level * g + zero, gain=g, offset=zero, sigma_e=sigma_e),
+                       gain=g, offset=zero, sigma_e=sigma_e) == pytest.approx(
+        level * g + zero, rel=0.05)  # fmt: skip
+
+
+def test_vst_nlm_beats_gaussian_and_nlm_on_the_forward_model() -> None:
+    """Raw frames through the simulated confocal camera (Poisson-Gaussian, gain 8, offset 50),
+    scored against their noise-free expectation: stabilising the variance with the known camera
+    lets NLM denoise the bright structure as much as the background."""
+    preset = get_preset("confocal-20fps")
+    data = _simulated(preset, scale=1, pairs=2, history=1, sequence=0, seed=0, frame_field=FIELD,
+                      progress=None, truth="expected")  # fmt: skip
+    score: dict[str, float] = {}
+    for name in ("gaussian", "nlm", "vst-nlm"):
+        values = [psnr(p.truth, run_baseline(name, p.frames, scale=1, offset=p.offset,
+                                             psf_sigma_px=data.psf_sigma_px, camera=data.camera),
+                       data_range=float(np.ptp(p.truth)))
+                  for p in data.pairs]  # fmt: skip
+        score[name] = float(np.mean(values))
+    assert score["vst-nlm"] > score["gaussian"] and score["vst-nlm"] > score["nlm"], score
+
+
+def test_mean2_gaussian_is_causal() -> None:
+    rng = np.random.default_rng(2)
+    frames = [rng.poisson(100, (32, 32)).astype(np.uint16) for _ in range(4)]
+    kw = {"scale": 1, "psf_sigma_px": 1.0, "offset": 0.0}
+
+    def stream(fs):
+        return [run_baseline("mean2+gaussian", fs[: t + 1], **kw) for t in range(len(fs))]
+
+    before = stream(frames)
+    changed = [*frames[:3], frames[3] + np.uint16(50)]
+    after = stream(changed)
+    for t in range(3):  # changing frame 3 changes no output before it
+        assert np.array_equal(before[t], after[t]), t
+    assert not np.array_equal(before[3], after[3])
+    # the first frame: the Gaussian alone; later ones: the Gaussian of the 2-frame mean
+    assert np.array_equal(before[0], BASELINES["gaussian"](frames[0], **kw))
+    mean = (frames[1].astype(float) + frames[2]) / 2
+    assert np.allclose(before[2], BASELINES["gaussian"](mean, **kw))
+    with pytest.raises(ValueError, match="differ in shape"):
+        BASELINES["mean2+gaussian"](frames[0], previous=frames[0][:8], **kw)
+
+
+def test_motion_moves_the_raw_frames_sub_pixel() -> None:
+    """With 100x the light (noise negligible), the earlier frame is the scored one moved by
+    ``v`` raw px along the sweep's direction: found by least squares over sub-pixel shifts
+    (seed 3: a field with cells in it)."""
+    preset = get_preset("confocal-20fps")
+    channels = {name: spec.model_copy(update={"photons_per_ms": 100 * spec.photons_per_ms})
+                for name, spec in preset.channels.items()}  # fmt: skip
+    bright = preset.model_copy(update={"channels": channels})
+
+    def best_shift(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        inner = (slice(8, -8), slice(8, -8))
+        grid = [
+            np.array([r, c]) for r in np.arange(-4, 4.01, 0.2) for c in np.arange(-4, 4.01, 0.2)
+        ]
+        errors = [float(np.mean((ndimage.shift(b, s, order=1)[inner] - a[inner]) ** 2))
+                  for s in grid]  # fmt: skip
+        return grid[int(np.argmin(errors))]
+
+    for v in (0.0, 3.0):
+        data = _simulated(bright, scale=1, pairs=1, history=2, sequence=0, seed=3,
+                          frame_field=48, progress=None, motion_px=v)  # fmt: skip
+        before, now = (f.astype(float) for f in data.pairs[0].frames)
+        shift = best_shift(now, before)  # (rows, cols) moving the earlier frame onto this one
+        assert float(np.hypot(*shift)) == pytest.approx(v, abs=0.3), (v, shift)
+        if v:  # along the fixed direction (x, y) = (0.8, 0.6), up to the sign convention
+            assert abs(shift[1]) / abs(shift[0]) == pytest.approx(0.8 / 0.6, rel=0.25), shift
+
+
+def test_cli_motion_sweep_reports_every_speed(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from bench.cli import app
+
+    runner = CliRunner(env={"COLUMNS": "300"})
+    args = ["quality", "--engine", "gaussian", "--simulated", "confocal-20fps", "--pairs", "1",
+            "--field", "32", "--sequence", "2", "--motion", "0", "--motion", "2",
+            "--out", str(tmp_path)]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "vst-nlm" in result.output and "mean2+gaussian" in result.output
+    assert "(best baseline)" in result.output
+    saved = json.loads((tmp_path / "quality.json").read_text())
+    assert saved["motion_px_per_frame"] == [0.0, 2.0] and list(saved["by_motion"]) == ["0", "2"]
+    expected = ["raw", *BASELINES, "engine:gaussian"]
+    for speed, group in saved["by_motion"].items():
+        assert list(group["methods"]) == expected, speed
+        assert group["best_baseline"] in BASELINES
+        assert all(math.isfinite(m["psnr"]) for m in group["methods"].values())
+    assert saved["by_motion"]["2"]["info"]["motion_px_per_frame"] == 2.0
+    # every speed scores the same frame against the same truth: only earlier frames move
+    psnrs = {s: g["methods"]["raw"]["per_pair"]["psnr"] for s, g in saved["by_motion"].items()}
+    assert psnrs["0"] == psnrs["2"]
+    bad = runner.invoke(app, [*args[:-2], "--motion", "-1", "--out", str(tmp_path / "b")])
+    assert bad.exit_code == 2 and "motion" in bad.output
+
+
+def test_motion_needs_simulated_pairs(tmp_path: Path) -> None:
+    folder = _pairs_folder(tmp_path / "pairs", 1)
+    with pytest.raises(ValueError, match=r"motion .* needs simulated pairs"):
+        run_quality(engines=[], data=folder, motion=[0, 2])
+    for bad in ([float("nan")], [1, 1], [], "2"):
+        with pytest.raises(ValueError, match="motion"):
+            run_quality(engines=[], simulated="confocal-20fps", motion=bad)

@@ -105,7 +105,11 @@ def test_a_receiver_that_goes_away_is_counted_and_noticed(endpoint: str) -> None
     while hook.receiver_connected():
         assert time.monotonic() < deadline, "the disconnect was not noticed"
         time.sleep(0.01)
-    assert not hook.send(frame)
+    # ZeroMQ's I/O thread reports the disconnect a moment before the socket drops the pipe: a
+    # frame sent in that moment goes down with the receiver (the case the docstring describes)
+    while hook.send(frame):
+        assert time.monotonic() < deadline, "frames still handed over to a receiver that left"
+        time.sleep(0.01)
     assert hook.stats.receiver_disconnects == 1
     assert hook.stats.summary()["receiver_disconnects"] == 1
     assert hook.stats.not_handed_over == {"no_receiver_or_hwm": 1}

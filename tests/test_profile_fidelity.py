@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from calibration.camera import CameraParams, expected_adu, record
+from calibration.camera import CameraParams, expected_adu, photons_from_adu, record
 from calibration.errors import CalibrationError
-from calibration.fidelity import fidelity
+from calibration.fidelity import MismatchMonitor, fidelity, mismatch_band, noise_ratio
 from calibration.profile import CalibrationProfile
 from calibration.scan import ScanParams, bidirectional_shift
 from stream.simulated import SimulatedMicroscope
@@ -100,3 +100,151 @@ def test_the_simulator_images_with_a_profiles_parameters():
     scope.shutter.set_open(False)
     scope.core.snapImage()
     assert abs(scope.core.getImage().mean() - 300.0) < 1
+
+
+# ---- the offset map in the prediction, and the model-mismatch alarm --------------------------
+
+
+@pytest.fixture(scope="module")
+def columns(scene):
+    """The confocal scene on a camera with column (and pixel) offsets: its offset map, the
+    noise-free truth (the specimen: scalar offset) and 4 recordings."""
+    camera, truth, _ = scene
+    rng = np.random.default_rng(11)
+    shape = truth.shape
+    omap = camera.offset_adu + rng.normal(0, 12, shape[1])[None, :] + rng.normal(0, 1, shape)
+    omap = omap.astype(np.float32)
+    photons = photons_from_adu(truth, camera)
+    raws = [record(photons, camera, rng, offset_map=omap) for _ in range(4)]
+    return camera, omap, truth, photons, raws
+
+
+def test_column_offsets_are_part_of_the_prediction(columns):
+    camera, omap, truth, photons, raws = columns
+    for raw in raws:
+        f = fidelity(truth, raw, camera, offset_map=omap)
+        assert 0.9 < f.chi2 < 1.1, f
+        # the old prediction (the map in the variance only) equals pattern_in_output here
+        old = fidelity(truth, raw, camera, offset_map=omap, pattern_in_output=True)
+        assert old.chi2 > 1.4, old
+        # an output that carries the map (an electrons engine converts back with it) is honest
+        rig = expected_adu(photons, camera, offset_map=omap)
+        carried = fidelity(rig, raw, camera, offset_map=omap, pattern_in_output=True)
+        assert carried.chi2 == pytest.approx(f.chi2, rel=1e-3)
+
+
+def _wrong(camera: CameraParams, omap: np.ndarray, **scaled: float):
+    """Another rig's profile: the camera with ``scaled`` parameters, its offset map moved."""
+    update = {k: getattr(camera, k) * v for k, v in scaled.items()}
+    wrong = camera.model_copy(update=update)
+    return wrong, np.maximum(omap - camera.offset_adu + wrong.offset_adu, 0)
+
+
+def _first_alarm(monitor: MismatchMonitor, values) -> int | None:
+    for i, v in enumerate(values):
+        if monitor.update(v):
+            return i + 1
+    return None
+
+
+def test_a_matching_profile_never_raises_the_alarm(columns):
+    camera, omap, truth, photons, _ = columns
+    rng = np.random.default_rng(12)
+    band = mismatch_band(truth.size)
+    by_noise, by_chi2 = MismatchMonitor(band, run=10), MismatchMonitor(band, run=10)
+    noise, chi2 = [], []
+    for _ in range(200):
+        raw = record(photons, camera, rng, offset_map=omap)
+        f = fidelity(truth, raw, camera, offset_map=omap, noise=True)
+        assert f.noise is not None
+        # the noise ratio does not depend on the engine: identity (raw itself) gives the same
+        assert noise_ratio(raw, raw, camera, offset_map=omap) == pytest.approx(f.noise, rel=0.03)
+        noise.append(f.noise), chi2.append(f.chi2)
+    assert _first_alarm(by_noise, noise) is None and by_noise.mismatch is None
+    assert _first_alarm(by_chi2, chi2) is None
+    lo, hi = band
+    assert lo < min(noise) and max(noise) < hi, (min(noise), max(noise), band)
+
+
+@pytest.mark.parametrize(
+    "scaled",
+    [
+        {"gain_adu_per_electron": 2.0},
+        {"gain_adu_per_electron": 0.5},
+        {"offset_adu": 2.0},
+        {"offset_adu": 0.5},
+    ],
+)
+def test_a_profile_off_by_2x_raises_the_alarm_within_20_frames(columns, scaled):
+    camera, omap, truth, photons, _ = columns
+    wrong, wrong_map = _wrong(camera, omap, **scaled)
+    rng = np.random.default_rng(13)
+    band = mismatch_band(truth.size)
+    by_noise, by_chi2 = MismatchMonitor(band, run=10), MismatchMonitor(band, run=10)
+    noise, chi2 = [], []
+    for _ in range(20):
+        raw = record(photons, camera, rng, offset_map=omap)
+        f = fidelity(truth, raw, wrong, offset_map=wrong_map, noise=True)
+        assert f.noise is not None
+        noise.append(f.noise), chi2.append(f.chi2)
+    assert _first_alarm(by_noise, noise) == 10, noise
+    assert by_noise.mismatch and ("low" in by_noise.mismatch or "high" in by_noise.mismatch)
+    assert _first_alarm(by_chi2, chi2) == 10, chi2
+
+
+def test_the_monitor_needs_a_run_and_clears_after_one():
+    m = MismatchMonitor((0.8, 1.25), run=3)
+    assert not any(m.update(v) for v in (0.1, 0.1, 1.0, 0.1, 0.1, float("nan")))
+    assert m.mismatch is None
+    assert m.update(0.1) is True and "low" in (m.mismatch or "")  # nan: no evidence, no reset
+    m = MismatchMonitor((0.8, 1.25), run=3)
+    assert [m.update(v) for v in (5, 5, 5, 5)] == [False, False, True, False]
+    assert m.mismatch and "high" in m.mismatch and m.fired == 1
+    for v in (1.0, 1.0):
+        m.update(v)
+    assert m.mismatch is not None
+    m.update(1.0)
+    assert m.mismatch is None
+    lo, hi = mismatch_band(256 * 256)
+    assert 0.7 < lo < 0.8 and 1.25 < hi < 1.35
+    with pytest.raises(ValueError, match="band"):
+        MismatchMonitor((1.1, 2.0))
+
+
+def test_the_server_says_when_the_profile_does_not_match(tmp_path, caplog):
+    """Identity engine, a profile whose gain is 2x the camera's: status, log and brief say so."""
+    import logging
+    import threading
+
+    from stream.acquire import free_endpoint
+    from stream.server import MISMATCH_RUN, EngineServer, ServerConfig
+    from stream.viewer.server import _brief
+
+    true_camera = CameraParams(offset_adu=100.0, gain_adu_per_electron=2.0)
+    wrong = true_camera.model_copy(update={"gain_adu_per_electron": 4.0})
+    CalibrationProfile(rig="other", pixel_size_um=0.1, camera=wrong).save(tmp_path / "p")
+    config = ServerConfig(out_dir=tmp_path / "run", listen=free_endpoint(), publish=None,
+                          control=free_endpoint(), profile=tmp_path / "p")  # fmt: skip
+    server = EngineServer(config)
+    runner = threading.Thread(target=server.run)
+    runner.start()
+    rng = np.random.default_rng(0)
+    photons = np.full((64, 64), 20.0, np.float32)
+    try:
+        with caplog.at_level(logging.WARNING, logger="stream.server"):
+            for _ in range(MISMATCH_RUN):
+                assert server.fidelity_mismatch is None
+                raw = record(photons, true_camera, rng)
+                checked = server._fidelity(raw, raw, "scope")  # identity: output = input
+            assert checked["noise"] < 0.5
+            status = server.status()
+        assert status.fidelity_mismatch and "does not match this camera" in (
+            status.fidelity_mismatch
+        )
+        assert "scopecast calibrate camera --profile" in status.fidelity_mismatch
+        assert _brief(status)["fidelity_mismatch"] == status.fidelity_mismatch
+        warned = [r for r in caplog.records if "does not match this camera" in r.getMessage()]
+        assert len(warned) == 1 and "calibrate camera --profile DIR" in warned[0].getMessage()
+    finally:
+        server.stop()
+        runner.join(60)

@@ -109,9 +109,13 @@ def test_export_runs_in_the_server_backend_like_torch(trained, tmp_path):
     frame = np.random.default_rng(0).poisson(80, (256, 256)).astype(np.uint16) + 50  # one tile
     served = chain.enhance([frame], {}, None).stages[-1].output
     n = m.normalization
+    # simulated data: the camera is known, so the manifest is in electrons with the same input
+    assert n.units == "electrons" and n.camera is not None
+    gain = n.camera.gain_adu_per_electron
+    offset, scale = n.offset * gain + n.camera.offset_adu, n.scale * gain  # the ADU equivalent
     with torch.no_grad():
-        x = torch.from_numpy((frame.astype(np.float32) - n.offset) / n.scale)[None, None]
-        ref = g(x)[0, 0].numpy() * n.scale + n.offset
+        x = torch.from_numpy((frame.astype(np.float32) - offset) / scale)[None, None]
+        ref = g(x)[0, 0].numpy() * scale + offset
     assert np.abs(served - ref).max() <= 1e-4 * np.abs(ref).max()
 
 

@@ -1,6 +1,11 @@
 """Checkpoint -> engine package: ONNX (dynamic height and width, opset 17), checked against
 torch on random inputs, with a manifest recording task, scale, temporal inputs, tile size,
-normalization, the training config's hash and the validation metrics."""
+normalization, the training config's hash and the validation metrics.
+
+Training normalizes raw ADU; when the training data's camera is known (simulated or synthetic
+data: the profile's camera, else the preset's) the manifest is written in electrons with the
+same numbers divided by the gain, so the model's input is the same on the training rig and any
+other rig converts through its own profile (``calibration.units``)."""
 
 from __future__ import annotations
 
@@ -10,6 +15,10 @@ from pathlib import Path
 
 import torch
 
+from calibration.camera import CameraParams
+from calibration.errors import CalibrationError
+from calibration.profile import CalibrationProfile
+from calibration.sim.presets import get_preset
 from engines.models import GENERATORS
 from engines.models.onnx_export import check_parity, export_onnx
 from engines.package import (
@@ -18,6 +27,7 @@ from engines.package import (
     Normalization,
     Temporal,
     Tiling,
+    UnitsCamera,
     write_package,
 )
 from engines.train.checkpoint import load_checkpoint, strip_prefix
@@ -52,7 +62,7 @@ def export(checkpoint: Path, out: Path, *, name: str | None = None) -> tuple[Eng
             window=cfg.window, previous_output=cfg.previous, background=cfg.background
         ),
         tile=_tiling(cfg.tile, g.receptive_radius, g.multiple),
-        normalization=Normalization.model_validate(meta["normalization"]),
+        normalization=in_electrons(Normalization.model_validate(meta["normalization"]), cfg),
         precision="fp32",
         provenance={
             "train_config": meta["train_config"],
@@ -67,6 +77,38 @@ def export(checkpoint: Path, out: Path, *, name: str | None = None) -> tuple[Eng
         metrics={k: v for k, v in meta["best"].items() if k != "step"},
     )
     return write_package(Path(out), manifest, {"model.onnx": model}), error
+
+
+def training_camera(cfg: TrainConfig) -> CameraParams | None:
+    """The camera the training frames were made with, where known: simulated and synthetic
+    data use the profile's camera, else the preset's; recorded pairs come from unknown ones."""
+    data = cfg.data
+    if data.kind not in ("simulated", "synthetic"):
+        return None
+    if data.profile is not None:
+        try:
+            return CalibrationProfile.load(data.profile).camera
+        except CalibrationError:
+            return None  # not here any more: the manifest stays in ADU
+    try:
+        return get_preset(data.preset).camera
+    except (KeyError, ValueError):
+        return None
+
+
+def in_electrons(norm: Normalization, cfg: TrainConfig) -> Normalization:
+    """``norm`` (ADU, from training) as an electrons normalization giving the model the same
+    input on the training camera; unchanged when that camera is unknown."""
+    camera = training_camera(cfg)
+    if norm.units != "adu" or camera is None:
+        return norm
+    gain = camera.gain_adu_per_electron
+    return Normalization(
+        units="electrons",
+        offset=(norm.offset - camera.offset_adu) / gain,
+        scale=norm.scale / gain,
+        camera=UnitsCamera(offset_adu=camera.offset_adu, gain_adu_per_electron=gain),
+    )
 
 
 def _tiling(tile: int | None, radius: int, multiple: int) -> Tiling:

@@ -305,7 +305,8 @@ class Viewer:
 
 #: ServerStatus fields the page shows as they are (see status.schema.json beside viewer.js).
 SHOWN = {"healthy", "failure", "mode", "uptime_s", "frames_received", "frames_enhanced",
-         "frames_skipped", "frames_missing", "engine_errors", "stage_errors"}  # fmt: skip
+         "frames_skipped", "frames_missing", "engine_errors", "stage_errors",
+         "fidelity_mismatch"}  # fmt: skip
 
 
 def _brief(status: ServerStatus) -> dict[str, Any]:

@@ -304,7 +304,8 @@
   function renderFrameStats(meta) {
     const f = meta.fidelity;
     $("st-fidelity").textContent = f
-      ? `${fmt(f.chi2)}${f.worst_block !== undefined ? ` (worst block ${fmt(f.worst_block)})` : ""}`
+      ? `${fmt(f.chi2)}${f.worst_block !== undefined ? ` (worst block ${fmt(f.worst_block)})` : ""}` +
+        `${f.noise !== undefined ? ` noise ${fmt(f.noise)}` : ""}`
       : "- (no profile)";
     state.lastTimings = meta.timings_ms || {};
   }
@@ -360,6 +361,9 @@
     else if (st.ok && st.server.healthy === false) {
       const f = st.server.failure || {};
       [text, cls] = [`UNHEALTHY: stage ${f.stage} died (${f.error}); the server is stopping`, "bad"];
+    } else if (st.ok && st.server.fidelity_mismatch) {
+      // the --profile's noise model does not describe this camera (stream/server.py)
+      [text, cls] = [st.server.fidelity_mismatch, "warn"];
     } else if (st.ok) [text, cls] = [`answering, up ${fmt(st.server.uptime_s, 2)} s`, "good"];
     else [text, cls] = [st.error, "bad"];
     server.textContent = text;
