@@ -54,6 +54,7 @@ from calibration.pairfolder import pair_files, read_pair
 from calibration.scan import ScanParams
 from calibration.sim.pairs import TRAIN_SPAN_S, PairRig, match_intensity
 from calibration.sim.presets import get_preset
+from calibration.sim.randomize import StageMotion
 from calibration.sim.scene import Preset
 from engines.engine import EngineChain, EngineError
 from engines.package import PackageError
@@ -223,7 +224,8 @@ def _simulated(preset: Preset, *, scale: int, pairs: int, history: int, sequence
     extra = max(0, baseline_frames - history)
     extra_rng = np.random.default_rng([seed + HELD_OUT_SEED, _EXTRA_HISTORY_STREAM])
     sweep = motion_px is not None
-    step_um = (motion_px or 0.0) * preset.pixel_size_um / scale
+    # the stage moves the field as training's motion does (calibration.sim.randomize)
+    stage = StageMotion((motion_px or 0.0) * preset.pixel_size_um / scale, MOTION_DIRECTION)
 
     def noise(i: int, k: int, shared: np.random.Generator) -> np.random.Generator:
         """Frame ``k`` (0: the scored one) of pair ``i`` (-1: the sequence): its own stream in
@@ -232,10 +234,7 @@ def _simulated(preset: Preset, *, scale: int, pairs: int, history: int, sequence
             np.random.default_rng([seed + HELD_OUT_SEED, 8, i + 1, k + 10_000]) if sweep else shared
         )
 
-    def moved(xy: tuple[float, float], k: float) -> tuple[float, float]:
-        """The field centre ``k`` frames after ``xy`` (negative: before)."""
-        dx, dy = MOTION_DIRECTION
-        return xy[0] + k * step_um * dx, xy[1] + k * step_um * dy
+    moved = stage.center  # the field centre k frames after xy (negative: before)
 
     def earlier(t: float, xy: tuple[float, float], n: int, dz: float, i: int) -> list[np.ndarray]:
         """``extra`` frames before the ``n`` frames that end at (t, xy), oldest first."""

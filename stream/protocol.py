@@ -225,8 +225,10 @@ class PublishedHeader(FrameHeader):
     timings_ms: dict[str, float] = Field(
         default_factory=dict, description="per-stage server timings for this frame"
     )
-    fidelity: dict[str, float] | None = Field(
-        None, description="raw frame's chi-square against the enhanced one (needs a profile)"
+    fidelity: dict[str, Any] | None = Field(
+        None,
+        description="raw frame's chi-square against the enhanced one and the regions its scan "
+        "flagged (needs a profile)",
     )
 
     @property

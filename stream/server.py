@@ -48,7 +48,8 @@ from zmq.utils.monitor import recv_monitor_message
 
 from calibration.bidir import correct_phase
 from calibration.errors import ScopecastError
-from calibration.fidelity import MismatchMonitor, fidelity, mismatch_band
+from calibration.fidelity import MismatchMonitor, default_sigmas, fidelity, mismatch_band
+from calibration.optics import psf_sigma_um
 from calibration.profile import CalibrationProfile
 from calibration.units import Electrons
 from engines.engine import EngineChain, EngineError, to_dtype
@@ -171,7 +172,7 @@ class ToWrite:
     header: FrameHeader
     frame: np.ndarray
     timings_ms: dict[str, float]
-    fidelity: dict[str, float] | None = None
+    fidelity: dict[str, Any] | None = None
 
 
 class Scheduler:
@@ -393,6 +394,7 @@ class EngineServer:
         _log_units(self.chain, self.profile is not None)
         self._mismatch: dict[str, MismatchMonitor] = {}  # per stream: the engine thread's
         self.fidelity_mismatch: str | None = None
+        self.frames_flagged = 0  # frames whose fidelity scan flagged a region (engine thread)
         if c.correct_bidir and not (self.profile and self.profile.scan.bidirectional):
             raise ServerError(
                 "--correct-bidir needs a --profile whose scan is bidirectional: measure the "
@@ -699,9 +701,10 @@ class EngineServer:
         except Exception as e:  # noqa: BLE001 - counted, the summary still comes
             self._fault("writer", e, "closing the files: ")
 
-    def _fidelity(self, enhanced: np.ndarray, raw: np.ndarray, stream: str) -> dict[str, float]:
-        """The raw frame's chi-square against the profile's forward model of ``enhanced``, and
-        its noise against the profile's noise model, watched per stream for a mismatch."""
+    def _fidelity(self, enhanced: np.ndarray, raw: np.ndarray, stream: str) -> dict[str, Any]:
+        """The raw frame's chi-square against the profile's forward model of ``enhanced``, the
+        regions its scan flags (PSF to 8x PSF, 5% false alarms per honest frame), and its noise
+        against the profile's noise model, watched per stream for a mismatch."""
         p = self.profile
         if p is None:
             raise ServerError("a fidelity check needs a --profile")
@@ -723,7 +726,10 @@ class EngineServer:
             # with the profile's maps, an ADU engine (the zoo's are linear filters) passes it on
             pattern_in_output=True,
             noise=True,
+            sigmas=default_sigmas((p.psf_sigma_um or psf_sigma_um(p.optics)) / p.pixel_size_um),
         )
+        if f.scan is not None and f.scan.flagged:
+            self.frames_flagged += 1
         if f.noise is not None:
             self._watch_noise(stream, f.noise, raw.size)
         return f.as_dict()
@@ -756,7 +762,7 @@ class EngineServer:
         *,
         kind: str,
         timings: dict[str, float] | None = None,
-        fidelity: dict[str, float] | None = None,
+        fidelity: dict[str, Any] | None = None,
     ) -> None:
         """Send one frame on PUB from the calling stage (receive or engine). PUB never blocks:
         a subscriber that falls behind loses frames, the server does not wait, and libzmq does
@@ -777,7 +783,7 @@ class EngineServer:
         frame: np.ndarray,
         kind: str,
         timings: dict[str, float] | None,
-        fidelity: dict[str, float] | None,
+        fidelity: dict[str, Any] | None,
     ) -> None:
         if self._pub is not None:
             scale = self.chain.scale if kind == "enhanced" else 1
@@ -887,6 +893,7 @@ class EngineServer:
             latency_ms={k: Latency(**v) for k, v in self.times.summary().items()},
             files=[str(p) for p in self.writer.files],
             fidelity_mismatch=self.fidelity_mismatch,
+            frames_flagged=self.frames_flagged,
         )
 
 

@@ -182,6 +182,12 @@ class ServerStatus(_Part):
         "stream's raw noise stayed out of its expected band): the fidelity check is unreliable; "
         "recalibrate with `scopecast calibrate camera`",
     )
+    frames_flagged: int = Field(
+        0,
+        description="enhanced frames whose fidelity scan (needs --profile) flagged a region the "
+        "raw frame does not support (invented or removed structure; about 5% of honest frames "
+        "at most)",
+    )
 
 
 def schema_json() -> str:

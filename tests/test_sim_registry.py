@@ -112,3 +112,16 @@ def test_unknown_kinds_and_presets_name_the_known_ones() -> None:
     with pytest.raises(ValueError, match="factory must be callable"):
         register_specimen("not-callable", "Stripes")  # type: ignore[arg-type]
     assert "not-callable" not in SPECIMEN_KINDS
+
+
+@pytest.mark.parametrize("kind", ["puncta", "membranes"])
+def test_shipped_new_kinds_image_through_a_rig(kind: str) -> None:
+    base = get_preset("confocal-20fps")
+    preset = base.model_copy(update={
+        "name": f"toy-{kind}", "shape": (32, 32),
+        "channels": {"GFP": ChannelSpec(specimen=kind, photons_per_ms=2.0, wavelength_nm=510)},
+    })  # fmt: skip
+    scene = Scene(preset, seed=1)
+    out = np.empty((32, 32), np.uint16)
+    scene.record(out, t_s=1.0, channel="GFP", exposure_ms=preset.exposure_ms, xyz_um=(0, 0, 0))
+    assert out.max() > preset.camera.offset_adu

@@ -233,3 +233,68 @@ def test_brightfield_changes_smoothly_in_time() -> None:
         now, next_second = spec.render(t, view), spec.render(t + 1.0, view)
         assert np.abs(next_second - now).max() < 0.03 * spec.illumination_photons
         assert np.abs(spec.render(t + 600.0, view) - now).max() > 0.05 * spec.illumination_photons
+
+
+# --- puncta and membranes (registered kinds) -------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["puncta", "membranes"])
+def test_new_kinds_render_deterministic_photons(kind: str) -> None:
+    from calibration.sim.specimen import get_specimen_kind
+
+    row = get_specimen_kind(kind)
+    assert not row.transmitted
+    view = View((96, 96), 0.1, (3.0, -2.0))
+    image = row.factory(5).render(4.0, view)
+    assert image.dtype == np.float32 and image.shape == (96, 96)
+    assert np.isfinite(image).all() and image.min() >= 0 and image.max() > 0.5
+    np.testing.assert_array_equal(image, row.factory(5).render(4.0, view))
+    assert np.abs(image - row.factory(6).render(4.0, view)).mean() > 1e-3
+    # flux is conserved across grids (fluorescence: photons per pixel scale with pixel area)
+    fine, coarse = View((192, 192), 0.05, (3.0, -2.0)), View((48, 48), 0.2, (3.0, -2.0))
+    total = float(image.sum())
+    for v in (fine, coarse):
+        assert float(row.factory(5).render(4.0, v).sum()) == pytest.approx(total, rel=0.05)
+
+
+@pytest.mark.parametrize("kind", ["puncta", "membranes"])
+def test_new_kinds_move_continuously(kind: str) -> None:
+    from calibration.sim.specimen import get_specimen_kind
+
+    spec = get_specimen_kind(kind).factory(2)
+    view = View((128, 128), 0.1)
+    now = spec.render(20.0, view)
+    scale = float(np.abs(now).mean())
+    assert float(np.abs(spec.render(20.001, view) - now).mean()) < 0.02 * scale
+    assert float(np.abs(spec.render(30.0, view) - now).mean()) > 0.1 * scale
+
+
+def test_puncta_fast_ones_move_fast_and_blink() -> None:
+    from calibration.sim.specimen import PunctaSpecimen
+
+    spec = PunctaSpecimen(1, fast_fraction=0.3)
+    assert 0.15 < spec.fast.mean() < 0.45
+    step = _periodic_distance_rows(spec.positions_at(1.0) - spec.positions_at(0.0), 50.0)
+    assert step[spec.fast].min() > 0.5 and step[~spec.fast].max() < 0.6
+    seen = np.stack([spec.visibility(t) for t in np.arange(0.0, 80.0, 0.5)])
+    assert seen.min() == 0.0 and seen.max() == 1.0  # puncta disappear and come back
+    assert np.abs(np.diff(seen, axis=0)).max() < 0.6  # ... fading, not popping
+
+
+def test_membranes_are_thin_closed_outlines() -> None:
+    from calibration.sim.specimen import MembraneSpecimen
+
+    spec = MembraneSpecimen(0, n_cells=1, field_um=40.0)
+    pts = spec.outline(0, 0.0)
+    gaps = np.hypot(*np.diff(np.vstack([pts, pts[:1]]), axis=0).T)
+    assert gaps.max() < 0.05  # closed: the last point runs back to the first
+    centre = spec._c0[0]
+    view = View((300, 300), 0.1, (float(centre[0]), float(centre[1])))
+    image = spec.render(0.0, view)
+    assert image[150, 150] < 0.2 * image.max()  # dim inside, bright rim
+    assert (image > 0.5 * image.max()).mean() < 0.05  # a thin line
+
+
+def _periodic_distance_rows(d: np.ndarray, period: float) -> np.ndarray:
+    d = (d + 0.5 * period) % period - 0.5 * period
+    return np.hypot(d[:, 0], d[:, 1])

@@ -213,7 +213,7 @@ def test_rollout_needs_previous_and_later_settings_keep_older_hashes():
     # a setting added later is left out of the hash at its default: shipped engines still match
     cfg = TrainConfig.model_validate(config(rollout=1, lr_decay="constant"))
     dump = cfg.model_dump(mode="json")
-    del dump["rollout"], dump["lr_decay"]
+    del dump["rollout"], dump["lr_decay"], dump["rig"], dump["motion"]
     assert cfg.digest() == hashlib.sha256(json.dumps(dump, sort_keys=True).encode()).hexdigest()
     temporal = config(task="denoise-super-resolution", scale=2, window=2, previous=True)
     assert TrainConfig.model_validate({**temporal, "rollout": 2}).digest() != (
@@ -241,3 +241,23 @@ def test_cosine_lr_decay_falls_over_each_phase(tmp_path):
     constant = Trainer(TrainConfig.model_validate(config()), tmp_path / "constant")
     constant.step = 7
     assert constant._generator_lr() == 2e-3
+
+
+def test_config_rig_and_motion_sections_are_opt_in():
+    plain = TrainConfig.model_validate(config())
+    assert plain.rig is None and plain.motion is None
+    assert plain.digest() == TrainConfig.model_validate(config(rig=None, motion=None)).digest()
+    cfg = TrainConfig.model_validate(config(rig={"gain_adu_per_electron": [1, 4],
+                                                 "bidirectional": None},
+                                            motion={"max_speed_px": 4}))  # fmt: skip
+    assert cfg.rig.gain_adu_per_electron == (1.0, 4.0) and cfg.rig.read_noise_e == (0.3, 3.0)
+    assert cfg.motion.max_speed_px == 4 and cfg.digest() != plain.digest()
+    with pytest.raises(ValueError, match="above 0"):
+        TrainConfig.model_validate(config(rig={"gain_adu_per_electron": [0, 4]}))
+    with pytest.raises(ValueError, match="low <= high"):
+        TrainConfig.model_validate(config(rig={"read_noise_e": [3, 1]}))
+    with pytest.raises(ValueError, match="simulated"):
+        TrainConfig.model_validate(config(motion={}, data={"kind": "paired", "folder": "x"}))
+    example = load_config(Path(__file__).parents[1] / "engines/zoo/configs/examples"
+                          / "confocal-denoise-randomized.yaml")  # fmt: skip
+    assert example.rig is not None and example.motion is not None

@@ -331,3 +331,122 @@ def test_video_augment_moves_the_rollout_inputs_with_the_rest():
         assert {k: v.shape for k, v in out.items()} == {k: v.shape for k, v in item.items()}
         assert torch.equal(out["frames_prev"], out["frames"])
         assert torch.equal(out["previous_prev"], out["previous"])
+
+
+# -- opt-in rig and motion randomization --------------------------------------------------------
+
+#: sha256 of the data the shipped configs give (tiny sizes; see _data_digest), computed with the
+#: code before rig and motion randomization existed: without them the data stay bit-identical
+SHIPPED_DATA_SHA256 = {
+    "confocal-denoise": "2811c10193f77efe4d5da9437c2c9f1e1048fed7dc68bd48dec7c3e88473156e",
+    "confocal-denoise-sr2x": "85062964680a9092f823a46b471e7d56dca9029f4726dcb9050deabdba57acec",
+}
+
+
+def _shipped(name: str, **data):
+    from pathlib import Path
+
+    from engines.train.config import load_config
+
+    cfg = load_config(Path(__file__).parents[1] / "engines/zoo/configs" / f"{name}.yaml")
+    tiny = {"pairs": 2, "val_pairs": 1, "field": 32, "patch": 16, **data}
+    return cfg, cfg.data.model_copy(update=tiny)
+
+
+def _data_digest(cfg, data, **kw) -> tuple[str, list]:
+    import hashlib
+
+    kw = {"rig": cfg.rig, "motion": cfg.motion, **kw}
+    train, val, norm = build_datasets(data, scale=cfg.scale, window=cfg.window,
+                                      previous=cfg.previous, background=cfg.background,
+                                      rollout=cfg.rollout, **kw)  # fmt: skip
+    h = hashlib.sha256()
+    for s in train.series:
+        h.update(np.ascontiguousarray(s.low).tobytes())
+        for t in sorted(s.targets):
+            h.update(np.ascontiguousarray(s.targets[t]).tobytes())
+    torch.manual_seed(0)
+    for ds in (train, val):
+        for i in range(len(ds)):
+            for k, v in sorted(ds[i].items()):
+                h.update(k.encode())
+                h.update(v.numpy().tobytes())
+    h.update(norm.model_dump_json().encode())
+    return h.hexdigest(), train.series
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED_DATA_SHA256))
+def test_shipped_configs_give_the_same_data_as_before_randomization(name):
+    cfg, data = _shipped(name)
+    assert cfg.rig is None and cfg.motion is None
+    assert _data_digest(cfg, data)[0] == SHIPPED_DATA_SHA256[name]
+
+
+def test_motion_moves_the_field_between_frames():
+    from calibration.sim.randomize import MotionRanges
+
+    cfg, data = _shipped("confocal-denoise-sr2x", target="clean", pairs=3, field=64)
+    motion = MotionRanges(max_speed_px=6, max_rotation_deg=0)
+    _, series = _data_digest(cfg, data, motion=motion)
+    _, still = _data_digest(cfg, data, motion=MotionRanges(max_speed_px=0, max_rotation_deg=0))
+    for s, s0 in zip(series, still, strict=True):
+        last = max(s.targets)
+        assert s.meta["t_s"] == s0.meta["t_s"] and s.meta["xy_um"] == s0.meta["xy_um"]
+        np.testing.assert_array_equal(s.targets[last], s0.targets[last])  # scored: unmoved
+        np.testing.assert_array_equal(s.low[-1], s0.low[-1])
+        assert np.abs(s.low[0].astype(float) - s0.low[0]).mean() > 1  # earlier: moved
+        m = s.meta["motion"]
+        px = CONFOCAL.pixel_size_um / cfg.scale  # output px
+        a, b = s.targets[last][0], s.targets[last - 1][0]
+        # the field moved step_um along direction (row: y, column: x), so the image content
+        # moves the other way in the newer frame; the specimen drifts a little itself
+        want = -np.array(m["direction"][::-1]) * m["step_um"] / px
+        inner = (slice(12, -12), slice(12, -12))
+        moved_back = ndimage.shift(b, want, order=1)[inner]
+        assert np.abs(moved_back - a[inner]).mean() < 0.6 * np.abs(b - a)[inner].mean()
+        assert 0 <= m["step_um"] / px <= 6
+
+
+def test_rig_randomization_is_seeded_and_in_one_set_of_units():
+    from calibration.sim.randomize import RigRanges
+
+    cfg, data = _shipped("confocal-denoise", pairs=6, val_pairs=1)
+    rig = RigRanges(gain_adu_per_electron=(0.5, 10.0), peak_photons=(100.0, 100.0),
+                    column_offset_sd_adu=(3.0, 3.0), read_noise_e=(0.3, 0.3))  # fmt: skip
+    digest, series = _data_digest(cfg, data, rig=rig)
+    assert digest == _data_digest(cfg, data, rig=rig)[0]  # seeded: reproducible
+    assert digest != SHIPPED_DATA_SHA256["confocal-denoise"]
+    gains = [s.meta["rig"]["gain_adu_per_electron"] for s in series]
+    assert len(set(gains)) == len(gains) and all(0.5 <= g <= 10 for g in gains)
+    cam = CONFOCAL.camera  # every sample in the preset camera's ADU, whatever its rig's gain
+    peaks = []
+    for s in series:
+        assert s.low.dtype == np.float32
+        electrons = (s.low[-1, 0] - cam.offset_adu) / cam.gain_adu_per_electron
+        smooth = ndimage.uniform_filter(electrons, 3)
+        peaks.append(float(smooth.max()))
+    # 100 photons at the brightest pixel (qe x), smoothed a little: same level for every gain
+    assert max(peaks) < 2.5 * min(peaks)
+    assert 0.2 * 100 * cam.quantum_efficiency < np.median(peaks) < 1.5 * 100
+
+
+def test_a_drawn_rigs_conversion_removes_its_column_pattern():
+    from calibration.camera import record
+    from calibration.sim.randomize import RigRanges
+
+    drawn = RigRanges(column_offset_sd_adu=(4.0, 4.0), read_noise_e=(0.0, 0.0)).draw(
+        np.random.default_rng(0), CONFOCAL.camera
+    )
+    dark = record(np.zeros((8, 16), np.float32), drawn.camera, np.random.default_rng(1),
+                  offset_map=drawn.offset_map((8, 16)))  # fmt: skip
+    assert np.ptp(dark[0].astype(float)) > 3  # a column pattern ...
+    electrons = drawn.electrons((8, 16)).to_electrons(dark)
+    assert np.abs(electrons).max() <= 0.5 / drawn.camera.gain_adu_per_electron + 1e-6  # ... gone
+
+
+def test_randomization_needs_simulated_data(tmp_path):
+    from calibration.sim.randomize import RigRanges
+
+    with pytest.raises(ValueError, match="kind='simulated'"):
+        build_datasets(DataConfig(kind="synthetic", **TINY), scale=1, window=1, previous=False,
+                       background=False, rig=RigRanges())  # fmt: skip

@@ -17,9 +17,11 @@ import math
 import numpy as np
 from scipy import ndimage
 
+from calibration import camera as _camera
 from calibration.forward import ForwardModel
 from calibration.optics import psf_kernel
 
+from .randomize import RigDraw, render_posed
 from .scene import Preset, Scene
 from .specimen import View
 
@@ -96,6 +98,8 @@ class PairRig:
         seed: int = 0,
         field: int | None = None,
         max_defocus_um: float = 0.0,
+        max_psf_scale: float = 1.0,
+        max_phase_px: float = 0.0,
     ) -> None:
         self.preset = preset
         self.channel = channel or next(iter(preset.channels))
@@ -112,19 +116,26 @@ class PairRig:
         self.dwell = preset.exposure_ms * self.spec.photons_per_ms
         self.shape = (field, field) if field else preset.shape
         self.margin = 0
-        if field:
-            size = psf_kernel(self.fast.optics, preset.pixel_size_um, max_defocus_um).shape[0]
-            m = size // 2 + 2 + math.ceil(abs(preset.scan.phase_px))
+        if field:  # a randomized rig (max_psf_scale, max_phase_px) may blur and shift further
+            optics = self.fast.optics
+            if max_psf_scale > 1:
+                wavelength = optics.wavelength_nm * max_psf_scale
+                optics = optics.model_copy(update={"wavelength_nm": wavelength})
+            size = psf_kernel(optics, preset.pixel_size_um, max_defocus_um).shape[0]
+            phase = max(abs(preset.scan.phase_px), abs(max_phase_px))
+            m = size // 2 + 2 + math.ceil(phase)
             self.margin = m + m % 2
 
     def fine(self, t_s: float, xy: tuple[float, float], model: ForwardModel, dwell: float,
-             grid: int) -> np.ndarray:  # fmt: skip
+             grid: int, angle: float = 0.0) -> np.ndarray:  # fmt: skip
         """Photons on ``model``'s fine grid for the field (margin included) at ``grid`` x the
-        fast pixel density, exactly as ``Scene.fine_photons`` renders a full frame."""
+        fast pixel density, exactly as ``Scene.fine_photons`` renders a full frame; the field
+        turned by ``angle`` radians about its centre (``randomize.render_posed``)."""
         d, m = model.scan.downsample, self.margin
         rows, cols = ((n + 2 * m) * grid * d for n in self.shape)
         view = View(shape=(rows, cols), pixel_size_um=model.fine_pixel_size_um, center_um=xy)
-        return self.scene.specimen(self.channel).render(t_s, view) * np.float32(dwell)
+        specimen = self.scene.specimen(self.channel)
+        return render_posed(specimen, t_s, view, angle) * np.float32(dwell)
 
     def crop(self, image: np.ndarray, grid: int) -> np.ndarray:
         """Cut the margin off an image on a grid ``grid`` x finer than the fast scan."""
@@ -132,10 +143,31 @@ class PairRig:
         return image[m : image.shape[0] - m, m : image.shape[1] - m] if m else image
 
     def low(self, t_s: float, xy: tuple[float, float], rng: np.random.Generator,
-            dz: float = 0.0) -> np.ndarray:  # fmt: skip
-        """One noisy fast-scan frame (uint16) at defocus ``dz``."""
-        frame = self.fast.record(self.fine(t_s, xy, self.fast, self.dwell, 1), rng, z_um=dz)
+            dz: float = 0.0, *, angle: float = 0.0, rig: RigDraw | None = None,
+            brightness: float = 1.0) -> np.ndarray:  # fmt: skip
+        """One noisy fast-scan frame (uint16) at defocus ``dz``, the field turned by ``angle``;
+        with ``rig``, recorded by that rig (its camera, column offsets, PSF width and line
+        phase) in its ADU, the specimen ``brightness`` times as bright."""
+        if rig is None:
+            fine = self.fine(t_s, xy, self.fast, self.dwell, 1, angle)
+            return self.crop(self.fast.record(fine, rng, z_um=dz), 1)
+        model = rig.model(self.fast)
+        photons = model.expected_photons(
+            self.fine(t_s, xy, model, self.dwell * brightness, 1, angle), dz
+        )
+        frame = _camera.record(photons, model.camera, rng, offset_map=rig.offset_map(photons.shape))
         return self.crop(frame, 1)
+
+    def brightness(self, t_s: float, xy: tuple[float, float], rig: RigDraw,
+                   dz: float = 0.0) -> float:  # fmt: skip
+        """The factor on the specimen's brightness that gives the rig's ``peak_photons`` at the
+        brightest pixel of the fast scan's expected photons at (t, xy); 1 without a budget."""
+        if rig.peak_photons is None:
+            return 1.0
+        model = rig.model(self.fast)
+        peak = float(self.crop(model.expected_photons(self.fine(t_s, xy, model, self.dwell, 1),
+                                                      dz), 1).max())  # fmt: skip
+        return rig.peak_photons / peak if peak > 0 else 1.0
 
     def target_gain(self, kind: str, scale: int) -> float:
         """``k`` taking the target's ADU to raw-equivalent ADU: photons per pixel scale with
@@ -146,25 +178,28 @@ class PairRig:
         return (1 if self.transmitted else f**2) / self.preset.high_quality_dwell
 
     def target(self, t_s: float, xy: tuple[float, float], scale: int, kind: str,
-               rng: np.random.Generator) -> np.ndarray:  # fmt: skip
+               rng: np.random.Generator, *, angle: float = 0.0, rig: RigDraw | None = None,
+               brightness: float = 1.0) -> np.ndarray:  # fmt: skip
         """The in-focus target at ``scale`` in raw-equivalent ADU: the slow high-quality scan
         (``kind="high-quality"``), that scan's noise-free expectation (``"expected"``: what a
         perfect estimator of the slow scan returns; ``rng`` unused) or the noise-free image on
-        the fast scan's optics at ``scale`` x finer pixels (``"clean"``)."""
-        offset, k = self.fast.camera.offset_adu, self.target_gain(kind, scale)
+        the fast scan's optics at ``scale`` x finer pixels (``"clean"``). ``angle``, ``rig`` and
+        ``brightness`` as for :meth:`low`; with a rig the ADU are that rig's camera's (scalar
+        offset: the slow scan gets no column pattern)."""
+        fast = self.fast if rig is None else rig.model(self.fast)
+        slow = self.slow if rig is None else rig.model(self.slow, scan=False)
+        dwell0 = self.dwell if rig is None else self.dwell * brightness
+        offset, k = fast.camera.offset_adu, self.target_gain(kind, scale)
         if kind == "clean":
-            model = self.fast.model_copy(update={
-                "scan": self.fast.scan.model_copy(update={"bidirectional": False}),
-                "pixel_size_um": self.fast.pixel_size_um / scale,
+            model = fast.model_copy(update={
+                "scan": fast.scan.model_copy(update={"bidirectional": False}),
+                "pixel_size_um": fast.pixel_size_um / scale,
             })  # fmt: skip
-            adu = model.expected_adu(self.fine(t_s, xy, model, self.dwell, scale))
+            adu = model.expected_adu(self.fine(t_s, xy, model, dwell0, scale, angle))
             return raw_equivalent(self.crop(adu, scale), offset, k)
         f, dwell = self.preset.high_quality_factor, self.preset.high_quality_dwell
-        photons = self.fine(t_s, xy, self.slow, self.dwell * dwell, f)
-        if kind == "expected":
-            hq = self.slow.expected_adu(photons)
-        else:
-            hq = self.slow.record(photons, rng)
+        photons = self.fine(t_s, xy, slow, dwell0 * dwell, f, angle)
+        hq = slow.expected_adu(photons) if kind == "expected" else slow.record(photons, rng)
         return raw_equivalent(bin_mean(self.crop(hq, f), f // scale), offset, k)
 
     def clean(self, t_s: float, xy: tuple[float, float], scale: int) -> np.ndarray:

@@ -30,6 +30,8 @@ __all__ = [
     "BeadSlide",
     "BrightfieldSpecimen",
     "FluorescentSpecimen",
+    "MembraneSpecimen",
+    "PunctaSpecimen",
     "Specimen",
     "SpecimenKind",
     "UniformSlide",
@@ -269,6 +271,51 @@ def _drift(rng: np.random.Generator, n: int, low: float, high: float) -> FloatAr
     return np.column_stack([speed * np.cos(heading), speed * np.sin(heading)])
 
 
+def _splat_periodic(
+    xy: FloatArray, weight: FloatArray, view: View, period_um: float, sigma_um: float
+) -> FloatArray:
+    """Photons ``weight`` at the points ``xy`` (wrapped into a field of side ``period_um``
+    centred on (0, 0) that repeats over the plane), split bilinearly between pixels of a padded
+    canvas, then blurred by a Gaussian of ``sigma_um`` (less the pixel's own width)."""
+    rows, cols = view.shape
+    px = view.pixel_size_um
+    sigma_px = math.sqrt(max((sigma_um / px) ** 2 - 1.0 / 12.0, 0.0))
+    pad = math.ceil(4.0 * sigma_px) + 2
+    height, width = rows + 2 * pad, cols + 2 * pad
+    x0, y0 = view.origin_um
+    u = (xy[:, 0] - x0) / px + pad
+    v = (xy[:, 1] - y0) / px + pad
+    period = period_um / px
+    u_edge = (-0.5 * period_um - x0) / px + pad
+    v_edge = (-0.5 * period_um - y0) / px + pad
+    kxs = range(math.floor(-u_edge / period) - 1, math.ceil((width - u_edge) / period) + 1)
+    kys = range(math.floor(-v_edge / period) - 1, math.ceil((height - v_edge) / period) + 1)
+
+    index, weights = [], []
+    for kx, ky in product(kxs, kys):
+        uu, vv = u + kx * period, v + ky * period
+        keep = (uu >= 0.0) & (uu < width - 1) & (vv >= 0.0) & (vv < height - 1)
+        if not keep.any():
+            continue
+        uu, vv, w = uu[keep], vv[keep], weight[keep]
+        iu, iv = uu.astype(np.intp), vv.astype(np.intp)
+        fu, fv = uu - iu, vv - iv
+        base = iv * width + iu
+        index += [base, base + 1, base + width, base + width + 1]
+        weights += [w * (1 - fu) * (1 - fv), w * fu * (1 - fv), w * (1 - fu) * fv, w * fu * fv]
+    if not index:
+        return np.zeros(view.shape, dtype=np.float64)
+    # float64 with weights; numpy's stubs type every bincount as an integer array
+    flat = cast(
+        FloatArray,
+        np.bincount(np.concatenate(index), np.concatenate(weights), minlength=height * width),
+    )
+    canvas = flat.reshape(height, width)
+    if sigma_px > 0.05:
+        canvas = ndimage.gaussian_filter(canvas, sigma_px, mode="constant", truncate=4.0)
+    return canvas[pad : pad + rows, pad : pad + cols]
+
+
 class FluorescentSpecimen:
     """Fluorescent filaments and nuclei that drift, turn and divide.
 
@@ -388,15 +435,10 @@ class FluorescentSpecimen:
     def _render_filaments(self, t: float, view: View) -> FloatArray:
         """Splat points along every filament with bilinear weights onto a padded canvas, then blur
         it to the filament width; point spacing follows the pixel size."""
-        rows, cols = view.shape
         n_fil = len(self._fil_flux)
         if n_fil == 0 or self.peak_photons == 0.0:
             return np.zeros(view.shape, dtype=np.float64)
         px = view.pixel_size_um
-        sigma_px = math.sqrt(max((self._sigma_um / px) ** 2 - 1.0 / 12.0, 0.0))
-        pad = math.ceil(4.0 * sigma_px) + 2
-        height, width = rows + 2 * pad, cols + 2 * pad
-
         stride = max(1, int(0.5 * px / self._STEP_UM))
         local, fid = self._fil_local[::stride], self._fil_id[::stride]
         points = np.maximum(np.bincount(fid, minlength=n_fil), 1)
@@ -408,38 +450,7 @@ class FluorescentSpecimen:
         y = centre[:, 1] + sin * local[:, 0] + cos * local[:, 1]
         xy = self._wrap(np.column_stack([x, y]))
 
-        x0, y0 = view.origin_um
-        u = (xy[:, 0] - x0) / px + pad
-        v = (xy[:, 1] - y0) / px + pad
-        period = self.field_um / px
-        u_edge = (-0.5 * self.field_um - x0) / px + pad
-        v_edge = (-0.5 * self.field_um - y0) / px + pad
-        kxs = range(math.floor(-u_edge / period) - 1, math.ceil((width - u_edge) / period) + 1)
-        kys = range(math.floor(-v_edge / period) - 1, math.ceil((height - v_edge) / period) + 1)
-
-        index, weights = [], []
-        for kx, ky in product(kxs, kys):
-            uu, vv = u + kx * period, v + ky * period
-            keep = (uu >= 0.0) & (uu < width - 1) & (vv >= 0.0) & (vv < height - 1)
-            if not keep.any():
-                continue
-            uu, vv, w = uu[keep], vv[keep], weight[keep]
-            iu, iv = uu.astype(np.intp), vv.astype(np.intp)
-            fu, fv = uu - iu, vv - iv
-            base = iv * width + iu
-            index += [base, base + 1, base + width, base + width + 1]
-            weights += [w * (1 - fu) * (1 - fv), w * fu * (1 - fv), w * (1 - fu) * fv, w * fu * fv]
-        if not index:
-            return np.zeros(view.shape, dtype=np.float64)
-        # float64 with weights; numpy's stubs type every bincount as an integer array
-        flat = cast(
-            FloatArray,
-            np.bincount(np.concatenate(index), np.concatenate(weights), minlength=height * width),
-        )
-        canvas = flat.reshape(height, width)
-        if sigma_px > 0.05:
-            canvas = ndimage.gaussian_filter(canvas, sigma_px, mode="constant", truncate=4.0)
-        return canvas[pad : pad + rows, pad : pad + cols]
+        return _splat_periodic(xy, weight, view, self.field_um, self._sigma_um)
 
     def _add_nuclei(self, t: float, view: View, out: FloatArray, area: float) -> None:
         """Add each nucleus (or daughter pair), wherever it repeats on the view, over its box."""
@@ -779,6 +790,187 @@ class BeadSlide:
         return image
 
 
+class PunctaSpecimen:
+    """Fluorescent puncta (vesicles, spots): sub-resolution points that drift, a share of them
+    fast (directed transport), and fade in and out (appear and disappear).
+
+    The scene repeats periodically like :class:`FluorescentSpecimen`'s. Each punctum carries
+    ``FLUX * peak_photons`` photons per unit dwell (a 0.1 um pixel centred on a still one collects
+    about ``peak_photons``), spread over ``SIZE_FWHM_UM``; the optics' PSF then makes it a
+    diffraction-limited spot. ``fast_fraction`` of them move 1-3 um/s, the rest 0.02-0.2 um/s,
+    each along a straight line with a slow sinusoidal wobble; each blinks with its own period
+    (8-40 s), off a third of it, fading over ``FADE_S``. A faint cytoplasm background (1.5% of
+    ``peak_photons`` per (0.1 um)^2) fills the field. Deterministic in (seed, t, view).
+    """
+
+    FLUX = 2.2
+    SIZE_FWHM_UM = 0.12
+    FADE_S = 1.5
+    BACKGROUND_FRACTION = 0.015
+
+    def __init__(
+        self,
+        seed: int = 0,
+        *,
+        field_um: float = 50.0,
+        n_puncta: int = 400,
+        fast_fraction: float = 0.15,
+        peak_photons: float = 1.0,
+    ) -> None:
+        self.seed = _check_count("seed", seed)
+        self.field_um = _check_positive("field_um", field_um)
+        self.peak_photons = _check_positive("peak_photons", peak_photons, allow_zero=True)
+        n = _check_count("n_puncta", n_puncta)
+        if not 0.0 <= _as_float(fast_fraction) <= 1.0:
+            raise ValueError(f"fast_fraction must be in [0, 1], got {fast_fraction!r}")
+        rng = np.random.default_rng([self.seed, 21])
+        half = 0.5 * self.field_um
+        fast = rng.uniform(size=n) < fast_fraction
+        self.fast = fast
+        self._c0 = rng.uniform(-half, half, (n, 2))
+        self._v = np.where(fast[:, None], _drift(rng, n, 1.0, 3.0), _drift(rng, n, 0.02, 0.2))
+        self._wobble = rng.uniform(0.05, 0.3, (n, 1)) * np.array([[1.0, 1.0]])
+        self._wobble_w = rng.uniform(0.2, 1.0, n)
+        self._wobble_phase = rng.uniform(0.0, 2.0 * math.pi, (n, 2))
+        self._flux = self.FLUX * rng.uniform(0.5, 1.5, n)
+        self._period = rng.uniform(8.0, 40.0, n)
+        self._phase = rng.uniform(0.0, 1.0, n)
+
+    def positions_at(self, t_s: float) -> FloatArray:
+        """Centres (x, y) of the puncta at ``t_s``, wrapped into the field, shape (n, 2)."""
+        t = _check_time(t_s)
+        wobble = self._wobble * np.sin(self._wobble_w[:, None] * t + self._wobble_phase)
+        xy = self._c0 + self._v * t + wobble
+        half = 0.5 * self.field_um
+        return np.mod(xy + half, self.field_um) - half
+
+    def visibility(self, t_s: float) -> FloatArray:
+        """Each punctum's brightness factor in [0, 1] at ``t_s``: on for two thirds of its blink
+        period, off for one third, fading in and out over :attr:`FADE_S` seconds."""
+        t = _check_time(t_s)
+        # time into the off part (negative: on); its ends ramp over FADE_S
+        u = np.mod(t / self._period + self._phase, 1.0) * self._period
+        on_s = 2.0 / 3.0 * self._period
+        fade_out = np.clip((u - on_s) / self.FADE_S, 0.0, 1.0)
+        fade_in = np.clip((self._period - u) / self.FADE_S, 0.0, 1.0)
+        off = np.minimum(fade_out, fade_in)
+        return 1.0 - off * off * (3.0 - 2.0 * off)
+
+    def render(self, t_s: float, view: View) -> NDArray[np.float32]:
+        """Expected photons per pixel of ``view`` at ``t_s`` (units in the class docstring)."""
+        xy = self.positions_at(t_s)
+        weight = self.peak_photons * self._flux * self.visibility(t_s)
+        if len(xy) and self.peak_photons > 0:
+            out = _splat_periodic(xy, weight, view, self.field_um,
+                                  self.SIZE_FWHM_UM / _FWHM_PER_SIGMA)  # fmt: skip
+        else:
+            out = np.zeros(view.shape, dtype=np.float64)
+        area = (view.pixel_size_um / _REF_PIXEL_UM) ** 2
+        out = out + self.BACKGROUND_FRACTION * self.peak_photons * area
+        return out.astype(np.float32)
+
+
+class MembraneSpecimen:
+    """Fluorescent cell membranes: thin closed contours (cell outlines) that drift, turn and
+    slowly change shape.
+
+    Each cell's outline is ``r(phi) = R (1 + sum_k a_k cos(k phi + p_k + w_k t))``, k = 2..4,
+    of radius 4-9 um, sampled every few nm and drawn as a line of ``FWHM_UM`` carrying the same
+    photons per um as :class:`FluorescentSpecimen`'s filaments (a 0.1 um pixel on it collects
+    about ``peak_photons``); the cell's inside has a dim cytoplasm (5% of that per (0.1 um)^2).
+    The scene repeats periodically like the other fluorescent specimens.
+    """
+
+    FWHM_UM = 0.12
+    CYTOPLASM_FRACTION = 0.05
+    _STEP_UM = 0.025
+    _HARMONICS = (2, 3, 4)
+
+    def __init__(
+        self, seed: int = 0, *, field_um: float = 50.0, n_cells: int = 14,
+        peak_photons: float = 1.0,
+    ) -> None:  # fmt: skip
+        self.seed = _check_count("seed", seed)
+        self.field_um = _check_positive("field_um", field_um)
+        self.peak_photons = _check_positive("peak_photons", peak_photons, allow_zero=True)
+        n = _check_count("n_cells", n_cells)
+        rng = np.random.default_rng([self.seed, 22])
+        half = 0.5 * self.field_um
+        h = len(self._HARMONICS)
+        self._c0 = rng.uniform(-half, half, (n, 2))
+        self._v = _drift(rng, n, 0.02, 0.2)
+        self._radius = rng.uniform(4.0, 9.0, n)
+        self._theta0 = rng.uniform(0.0, 2.0 * math.pi, n)
+        self._omega = rng.uniform(-0.03, 0.03, n)
+        self._amp = rng.uniform(0.0, 0.08, (n, h))
+        self._phase = rng.uniform(0.0, 2.0 * math.pi, (n, h))
+        self._rate = rng.uniform(-0.1, 0.1, (n, h))
+        self._brightness = rng.uniform(0.7, 1.0, n)
+        self._sigma_um = self.FWHM_UM / _FWHM_PER_SIGMA
+        centred = math.erf(0.5 * _REF_PIXEL_UM / (math.sqrt(2.0) * self._sigma_um))
+        self._photons_per_um = 1.0 / (_REF_PIXEL_UM * centred)
+
+    def outline(self, i: int, t_s: float, step_um: float | None = None) -> FloatArray:
+        """Points (x, y) along cell ``i``'s membrane at ``t_s``, unwrapped, shape (m, 2)."""
+        t = _check_time(t_s)
+        step = self._STEP_UM if step_um is None else step_um
+        m = max(16, math.ceil(2.0 * math.pi * self._radius[i] * 1.3 / step))
+        phi = np.linspace(0.0, 2.0 * math.pi, m, endpoint=False)
+        r = np.ones(m)
+        for j, k in enumerate(self._HARMONICS):
+            r += self._amp[i, j] * np.cos(k * phi + self._phase[i, j] + self._rate[i, j] * t)
+        r *= self._radius[i]
+        angle = phi + self._theta0[i] + self._omega[i] * t
+        centre = self._c0[i] + self._v[i] * t
+        return np.column_stack([centre[0] + r * np.cos(angle), centre[1] + r * np.sin(angle)])
+
+    def render(self, t_s: float, view: View) -> NDArray[np.float32]:
+        """Expected photons per pixel of ``view`` at ``t_s`` (units in the class docstring)."""
+        t = _check_time(t_s)
+        area = (view.pixel_size_um / _REF_PIXEL_UM) ** 2
+        out = np.zeros(view.shape, dtype=np.float64)
+        n = len(self._radius)
+        if n == 0 or self.peak_photons == 0.0:
+            return out.astype(np.float32)
+        step = max(self._STEP_UM, 0.5 * view.pixel_size_um)
+        points, weights = [], []
+        for i in range(n):
+            pts = self.outline(i, t, step)
+            seg = np.roll(pts, -1, axis=0) - pts
+            length = np.hypot(seg[:, 0], seg[:, 1])
+            points.append(pts)
+            weights.append(length * self._photons_per_um * self._brightness[i])
+        half = 0.5 * self.field_um
+        xy = np.mod(np.concatenate(points) + half, self.field_um) - half
+        out += _splat_periodic(xy, self.peak_photons * np.concatenate(weights), view,
+                               self.field_um, self._sigma_um)  # fmt: skip
+        self._add_cytoplasm(t, view, out, area)
+        return out.astype(np.float32)
+
+    def _add_cytoplasm(self, t: float, view: View, out: FloatArray, area: float) -> None:
+        """The dim inside of each cell, bounded by its outline, wherever it repeats."""
+        level = self.CYTOPLASM_FRACTION * self.peak_photons * area
+        for i in range(len(self._radius)):
+            centre = self._c0[i] + self._v[i] * t
+            wx, wy = np.mod(centre + 0.5 * self.field_um, self.field_um) - 0.5 * self.field_um
+            reach = self._radius[i] * (1.0 + float(self._amp[i].sum())) + 1.0
+            for sx, sy in _periodic_shifts(wx, wy, reach, view, self.field_um):
+                box = _pixel_box(view, wx + sx, wy + sy, reach)
+                if box is None:
+                    continue
+                rows, cols, xs, ys = box
+                dx, dy = (xs - wx - sx)[None, :], (ys - wy - sy)[:, None]
+                phi = np.arctan2(dy, dx) - (self._theta0[i] + self._omega[i] * t)
+                r = np.ones_like(phi)
+                for j, k in enumerate(self._HARMONICS):
+                    r += self._amp[i, j] * np.cos(
+                        k * phi + self._phase[i, j] + self._rate[i, j] * t
+                    )
+                r *= self._radius[i]
+                inside = 0.5 - 0.5 * np.tanh((np.hypot(dx, dy) - r) / 0.1)
+                out[rows, cols] += level * self._brightness[i] * inside
+
+
 # -- the specimen kinds a preset's channel can image ------------------------------------------
 
 
@@ -860,4 +1052,15 @@ register_specimen(
     BrightfieldSpecimen,
     transmitted=True,
     description="unstained cells on a well-plate bottom in transmitted light",
+)
+register_specimen(
+    "puncta",
+    PunctaSpecimen,
+    description="fluorescent puncta/vesicles: diffraction-limited spots, some moving fast, "
+    "fading in and out",
+)
+register_specimen(
+    "membranes",
+    MembraneSpecimen,
+    description="fluorescent cell membranes: thin closed outlines that drift and deform",
 )

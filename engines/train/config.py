@@ -11,6 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from calibration.errors import ScopecastError
+from calibration.sim.randomize import MotionRanges, RigRanges
 from engines.package import ENGINE_NAME, Normalization
 
 from .data import DataConfig
@@ -59,7 +60,7 @@ class Schedule(BaseModel):
         return min(1.0, (step - start) / length) if length else 0.0
 
 
-_ADDED_LATER = ("rollout", "lr_decay")
+_ADDED_LATER = ("rollout", "lr_decay", "rig", "motion")
 """TrainConfig settings newer than the first shipped engines (see ``TrainConfig.digest``)."""
 
 
@@ -85,6 +86,17 @@ class TrainConfig(BaseModel):
     )
     discriminator: ModelConfig | None = None
     data: DataConfig
+    rig: RigRanges | None = Field(
+        None,
+        description="simulated data: record each sample with a rig drawn from these ranges "
+        "(gain, read noise, offset, column pattern, PSF width, photons, line phase); None: the "
+        "preset's rig as it is",
+    )
+    motion: MotionRanges | None = Field(
+        None,
+        description="simulated data: move and turn the field of view of each sequence between "
+        "its frames; None: a still stage",
+    )
     normalization: Normalization | None = Field(None, description="None: from the data")
     losses: dict[str, float] = Field(
         default_factory=lambda: {"l1": 1.0}, description="weight per term of losses.LOSSES"
@@ -141,6 +153,11 @@ class TrainConfig(BaseModel):
             raise ValueError("adversarial_steps > 0 needs a weight for losses.adversarial")
         if s.total == 0:
             raise ValueError("the schedule has no steps: set schedule.pretrain_steps")
+        if (self.rig is not None or self.motion is not None) and self.data.kind != "simulated":
+            raise ValueError(
+                f"rig and motion randomize simulated data; data.kind is {self.data.kind!r}: "
+                "drop the rig and motion sections, or use data.kind: simulated"
+            )
         if self.rollout > 1 and not self.previous:
             raise ValueError(
                 f"rollout={self.rollout} needs previous: true (it rolls the generator's own "

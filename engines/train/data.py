@@ -47,6 +47,8 @@ from calibration.pairfolder import pair_files, read_pair
 from calibration.profile import CalibrationProfile
 from calibration.sim.pairs import TRAIN_SPAN_S, PairRig, degrade, match_intensity
 from calibration.sim.presets import get_preset
+from calibration.sim.randomize import MotionRanges, RigDraw, RigRanges, StageMotion
+from calibration.units import Electrons
 from engines.package import Normalization
 
 if TYPE_CHECKING:
@@ -225,12 +227,17 @@ def build_datasets(
     rollout: int = 1,
     normalization: Normalization | None = None,
     progress: Progress | None = None,
+    rig: RigRanges | None = None,
+    motion: MotionRanges | None = None,
 ) -> tuple[PairDataset, PairDataset, Normalization]:
     """Train and validation datasets for ``cfg``, and the normalization their items use.
 
     With ``normalization`` None it comes from the training low frames: offset = the camera
     offset (simulated/synthetic) or their 0.1th percentile (paired/stacks), scale = their
     99.9th percentile minus the offset, rounded to 3 significant digits.
+
+    ``rig`` and ``motion`` (simulated data only; None: off, the data as before they existed)
+    draw a rig per sample and a stage motion per sequence (:func:`_randomized`).
     """
     if scale not in (1, 2, 4):
         raise ValueError(f"scale={scale} is not supported: use 1 (denoise/deblur), 2 or 4 (SR)")
@@ -239,8 +246,13 @@ def build_datasets(
     if not (isinstance(rollout, int) and rollout >= 1):
         raise ValueError(f"rollout={rollout!r} must be an int >= 1 (steps before the scored one)")
     history = _history(window, previous, background, rollout)
+    if (rig is not None or motion is not None) and cfg.kind != "simulated":
+        raise ValueError(
+            f"rig and motion randomization need kind='simulated' data, not kind={cfg.kind!r}: "
+            "drop the rig and motion sections"
+        )
     if cfg.kind == "simulated":
-        made = _simulated(cfg, scale, history, previous, progress)
+        made = _simulated(cfg, scale, history, previous, progress, rig, motion)
     elif cfg.kind == "synthetic":
         made = _synthetic(cfg, scale, history, previous, progress)
     else:
@@ -326,13 +338,16 @@ def _check_memory(n: int, frames: int, low_px: int, targets: int, target_px: int
 class _Rig(PairRig):
     """The simulated rig a DataConfig asks for (profile applied), and where training draws."""
 
-    def __init__(self, cfg: DataConfig) -> None:
+    def __init__(self, cfg: DataConfig, rig: RigRanges | None = None) -> None:
         preset: Preset = get_preset(cfg.preset)
         self.profile = CalibrationProfile.load(cfg.profile) if cfg.profile is not None else None
         if self.profile is not None:
             preset = preset.with_profile(self.profile)
+        extra: dict[str, float] = {}
+        if rig is not None:  # room for the widest PSF and line phase the rig may draw
+            extra = {"max_psf_scale": rig.max_psf_scale, "max_phase_px": rig.max_phase_px}
         super().__init__(preset, channel=cfg.channel, seed=cfg.seed, field=cfg.field,
-                         max_defocus_um=cfg.defocus_um[1])  # fmt: skip
+                         max_defocus_um=cfg.defocus_um[1], **extra)  # fmt: skip
         if cfg.folder is None and min(self.shape) < cfg.patch:
             raise ValueError(
                 f"field {self.shape[0]}x{self.shape[1]} is smaller than patch={cfg.patch}: "
@@ -364,10 +379,11 @@ def _upsample(low: np.ndarray, k: int) -> np.ndarray:
 
 
 def _simulated(
-    cfg: DataConfig, scale: int, n_low: int, previous: bool, progress: Progress | None
-) -> _Made:
+    cfg: DataConfig, scale: int, n_low: int, previous: bool, progress: Progress | None,
+    rig_ranges: RigRanges | None = None, motion: MotionRanges | None = None,
+) -> _Made:  # fmt: skip
     """True pairs: fast-scan frames at t - (L-1) dt ... t and the slow (or clean) target at t."""
-    rig = _Rig(cfg)
+    rig = _Rig(cfg, rig_ranges)
     f = rig.preset.high_quality_factor
     if cfg.target == "high-quality" and (scale > f or f % scale):
         raise ValueError(
@@ -383,15 +399,28 @@ def _simulated(
     total = cfg.pairs + cfg.val_pairs
     for split, n in enumerate((cfg.pairs, cfg.val_pairs)):
         rng = np.random.default_rng([cfg.seed, split])
+        # rig and motion draw from streams of their own: instants, fields and noise stay put
+        rig_rng = np.random.default_rng([cfg.seed, split, 7])
+        motion_rng = np.random.default_rng([cfg.seed, split, 8])
         for _ in range(n):
             t, xy, dz = rig.draw(rng, (n_low - 1) * cfg.dt_s, cfg.defocus_um)
             times = [t - (n_low - 1 - i) * cfg.dt_s for i in range(n_low)]
-            low = np.stack([rig.low(ti, xy, rng, dz) for ti in times])[:, None]
-            targets = {n_low - 1: rig.target(t, xy, scale, cfg.target, rng)[None]}
-            if previous:
-                targets[n_low - 2] = rig.target(times[-2], xy, scale, cfg.target, rng)[None]
             meta = {"name": f"{('train', 'val')[split]}-{len(splits[split])}", "t_s": times,
                     "xy_um": xy, "dz_um": dz, "margin": rig.margin}  # fmt: skip
+            if rig_ranges is None and motion is None:
+                low = np.stack([rig.low(ti, xy, rng, dz) for ti in times])[:, None]
+                targets = {n_low - 1: rig.target(t, xy, scale, cfg.target, rng)[None]}
+                if previous:
+                    targets[n_low - 2] = rig.target(times[-2], xy, scale, cfg.target, rng)[None]
+            else:
+                drawn = None if rig_ranges is None else rig_ranges.draw(rig_rng, rig.fast.camera)
+                moves = (
+                    None if motion is None
+                    else motion.draw(motion_rng, rig.preset.pixel_size_um, scale)
+                )  # fmt: skip
+                low, targets = _randomized(rig, cfg, scale, times, xy, dz, rng, previous,
+                                           drawn, moves)  # fmt: skip
+                meta.update(_describe(drawn, moves))
             splits[split].append((len(series), n_low - 1))
             series.append(Series(low, targets, meta))
             if progress is not None:
@@ -399,6 +428,66 @@ def _simulated(
     info = {"kind": "simulated", "preset": rig.preset.name, "channel": rig.channel,
             "target": cfg.target, "target_gain": rig.target_gain(cfg.target, scale)}  # fmt: skip
     return series, splits[0], splits[1], rig.fast.camera.offset_adu, info
+
+
+def _randomized(
+    rig: _Rig, cfg: DataConfig, scale: int, times: list[float], xy: tuple[float, float],
+    dz: float, rng: np.random.Generator, previous: bool, drawn: RigDraw | None,
+    moves: StageMotion | None,
+) -> tuple[np.ndarray, dict[int, np.ndarray]]:  # fmt: skip
+    """One sequence recorded by a drawn rig and/or through a moving field of view.
+
+    Frame ``k`` (0: the scored, newest) is seen at ``moves.center(xy, k)`` turned by
+    ``moves.angle(k)``, so the scored frame and its target sit where they would without motion.
+    With a drawn rig each raw frame (uint16, the rig's ADU) is converted to photo-electrons with
+    that rig's conversion (its column offsets included), the target with its scalar one, and
+    both are expressed in the preset's (or profile's) camera ADU, ``e * gain + offset``, float32:
+    the units the normalization and the exported electrons manifest assume, so the network sees
+    the same units whatever rig drew the sample. Each frame and target draws its noise from a
+    stream of its own (seeded from ``rng``, which gives the same number of draws whatever the
+    rig and motion), so two speeds give the same instants, fields, scored frame and target."""
+    n_low = len(times)
+    streams = [np.random.default_rng(s) for s in rng.integers(0, 2**63, n_low + 2)]
+    motion = moves or StageMotion()
+
+    def pose(i: int) -> tuple[tuple[float, float], float]:
+        k = i - (n_low - 1)
+        return motion.center(xy, k), motion.angle(k)
+
+    bright = 1.0 if drawn is None else rig.brightness(times[-1], xy, drawn, dz)
+    lows = []
+    for i, ti in enumerate(times):
+        at, angle = pose(i)
+        lows.append(rig.low(ti, at, streams[i], dz, angle=angle, rig=drawn, brightness=bright))
+    low = np.stack(lows)[:, None]
+    scored = [n_low - 1, n_low - 2] if previous else [n_low - 1]
+    targets = {}
+    for j, i in enumerate(scored):
+        at, angle = pose(i)
+        targets[i] = rig.target(times[i], at, scale, cfg.target, streams[n_low + j], angle=angle,
+                                rig=drawn,
+                                brightness=bright)[None]  # fmt: skip
+    if drawn is not None:
+        reference = Electrons.from_camera(rig.fast.camera)
+        low = reference.to_adu(drawn.electrons(low.shape[-2:]).to_electrons(low))
+        own = Electrons.from_camera(drawn.camera)
+        targets = {i: reference.to_adu(own.to_electrons(a)) for i, a in targets.items()}
+    return low, targets
+
+
+def _describe(drawn: RigDraw | None, moves: StageMotion | None) -> dict[str, Any]:
+    """What a randomized sample was drawn with, for its meta."""
+    out: dict[str, Any] = {}
+    if drawn is not None:
+        out["rig"] = {"gain_adu_per_electron": drawn.camera.gain_adu_per_electron,
+                      "read_noise_e": drawn.camera.read_noise_electrons,
+                      "offset_adu": drawn.camera.offset_adu, "column_sd_adu": drawn.column_sd_adu,
+                      "psf_scale": drawn.psf_scale, "bidirectional": drawn.bidirectional,
+                      "phase_px": drawn.phase_px, "peak_photons": drawn.peak_photons}  # fmt: skip
+    if moves is not None:
+        out["motion"] = {"step_um": moves.step_um, "direction": list(moves.direction),
+                         "rotation_rad": moves.rotation_rad}  # fmt: skip
+    return out
 
 
 # -- synthetic: clean images through a forward model ------------------------------------------

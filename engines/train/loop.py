@@ -114,7 +114,7 @@ class Trainer:
         self.train_set, self.val_set, self.norm = build_datasets(
             cfg.data, scale=cfg.scale, window=cfg.window, previous=cfg.previous,
             rollout=cfg.rollout,
-            background=cfg.background, normalization=norm,
+            background=cfg.background, normalization=norm, rig=cfg.rig, motion=cfg.motion,
         )  # fmt: skip
         self.g = build_generator(
             cfg.generator.arch, cfg.generator.size, scale=cfg.scale, window=cfg.window,
