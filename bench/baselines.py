@@ -99,6 +99,21 @@ def noise_sigma(image: np.ndarray) -> float:
     return float(np.median(np.abs(diagonal)) / 0.6744897501960817)  # MAD -> sigma (Gaussian)
 
 
+def _nlm(image: np.ndarray, sigma: float) -> np.ndarray:
+    """scikit-image's fast non-local means at noise ``sigma`` (unchanged when it is 0)."""
+    if sigma <= 0:
+        return image
+    return denoise_nl_means(
+        image,
+        patch_size=NLM_PATCH_SIZE,
+        patch_distance=NLM_PATCH_DISTANCE,
+        h=NLM_H_PER_SIGMA * sigma,
+        sigma=sigma,
+        fast_mode=True,
+        preserve_range=True,
+    )
+
+
 def nlm(raw: np.ndarray, *, scale: int, psf_sigma_px: float, offset: float) -> np.ndarray:
     """Non-local means (Buades, Coll & Morel, CVPR 2005; scikit-image fast mode), noise sigma
     from :func:`noise_sigma`, then cubic upsampling.
@@ -107,18 +122,7 @@ def nlm(raw: np.ndarray, *, scale: int, psf_sigma_px: float, offset: float) -> n
     estimate, so NLM denoises bright regions less than a variance-stabilized variant would.
     """
     image = _checked(raw, scale, psf_sigma_px)
-    sigma = noise_sigma(image)
-    if sigma > 0:
-        image = denoise_nl_means(
-            image,
-            patch_size=NLM_PATCH_SIZE,
-            patch_distance=NLM_PATCH_DISTANCE,
-            h=NLM_H_PER_SIGMA * sigma,
-            sigma=sigma,
-            fast_mode=True,
-            preserve_range=True,
-        )
-    return upsample_cubic(image, scale)
+    return upsample_cubic(_nlm(image, noise_sigma(image)), scale)
 
 
 def gaussian_psf(sigma_px: float) -> np.ndarray:
@@ -228,17 +232,7 @@ def vst_nlm(raw: np.ndarray, *, scale: int, psf_sigma_px: float, offset: float,
     else:
         gain, zero, sigma_e = 1.0, offset, 0.0
     stable = gat_forward(image, gain=gain, offset=zero, sigma_e=sigma_e)
-    sigma = 1.0 if camera is not None else noise_sigma(stable)
-    if sigma > 0:
-        stable = denoise_nl_means(
-            stable,
-            patch_size=NLM_PATCH_SIZE,
-            patch_distance=NLM_PATCH_DISTANCE,
-            h=NLM_H_PER_SIGMA * sigma,
-            sigma=sigma,
-            fast_mode=True,
-            preserve_range=True,
-        )
+    stable = _nlm(stable, 1.0 if camera is not None else noise_sigma(stable))
     return upsample_cubic(gat_inverse(stable, gain=gain, offset=zero, sigma_e=sigma_e), scale)
 
 
