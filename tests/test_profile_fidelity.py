@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -219,26 +222,38 @@ def test_the_monitor_needs_a_run_and_clears_after_one():
         MismatchMonitor((1.1, 2.0))
 
 
-def test_the_server_says_when_the_profile_does_not_match(tmp_path, caplog):
-    """Identity engine, a profile whose gain is 2x the camera's: status, log and brief say so."""
-    import logging
-    import threading
-
+@contextmanager
+def _serving(tmp_path, camera: CameraParams) -> Iterator:
+    """A running identity EngineServer whose --profile has ``camera`` (tests call its
+    ``_fidelity`` with frames of their own)."""
     from stream.acquire import free_endpoint
-    from stream.server import MISMATCH_RUN, EngineServer, ServerConfig
-    from stream.viewer.server import _brief
+    from stream.server import EngineServer, ServerConfig
 
-    true_camera = CameraParams(offset_adu=100.0, gain_adu_per_electron=2.0)
-    wrong = true_camera.model_copy(update={"gain_adu_per_electron": 4.0})
-    CalibrationProfile(rig="other", pixel_size_um=0.1, camera=wrong).save(tmp_path / "p")
+    CalibrationProfile(rig="r", pixel_size_um=0.1, camera=camera).save(tmp_path / "p")
     config = ServerConfig(out_dir=tmp_path / "run", listen=free_endpoint(), publish=None,
                           control=free_endpoint(), profile=tmp_path / "p")  # fmt: skip
     server = EngineServer(config)
     runner = threading.Thread(target=server.run)
     runner.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        runner.join(60)
+
+
+def test_the_server_says_when_the_profile_does_not_match(tmp_path, caplog):
+    """Identity engine, a profile whose gain is 2x the camera's: status, log and brief say so."""
+    import logging
+
+    from stream.server import MISMATCH_RUN
+    from stream.viewer.server import _brief
+
+    true_camera = CameraParams(offset_adu=100.0, gain_adu_per_electron=2.0)
+    wrong = true_camera.model_copy(update={"gain_adu_per_electron": 4.0})
     rng = np.random.default_rng(0)
     photons = np.full((64, 64), 20.0, np.float32)
-    try:
+    with _serving(tmp_path, wrong) as server:
         with caplog.at_level(logging.WARNING, logger="stream.server"):
             for _ in range(MISMATCH_RUN):
                 assert server.fidelity_mismatch is None
@@ -253,9 +268,6 @@ def test_the_server_says_when_the_profile_does_not_match(tmp_path, caplog):
         assert _brief(status)["fidelity_mismatch"] == status.fidelity_mismatch
         warned = [r for r in caplog.records if "does not match this camera" in r.getMessage()]
         assert len(warned) == 1 and "calibrate camera --profile DIR" in warned[0].getMessage()
-    finally:
-        server.stop()
-        runner.join(60)
 
 
 # -- the localized scan ------------------------------------------------------------------------
@@ -313,7 +325,7 @@ def test_a_planted_object_of_snr_8_is_found(dim, sign):
     assert found >= 36
 
 
-def test_the_scan_is_normalized_and_fast():
+def test_the_scan_is_normalized():
     rng = np.random.default_rng(0)
     r = rng.standard_normal((512, 512)).astype(np.float32)
     s = scan(r, np.zeros_like(r), np.ones_like(r), sigmas=default_sigmas(1.0))
@@ -321,21 +333,10 @@ def test_the_scan_is_normalized_and_fast():
 
 
 def test_the_server_publishes_flagged_regions_and_counts_them(tmp_path):
-    import threading
-
-    from stream.acquire import free_endpoint
-    from stream.server import EngineServer, ServerConfig
-
     camera = CameraParams(offset_adu=100.0, gain_adu_per_electron=2.0)
-    CalibrationProfile(rig="r", pixel_size_um=0.1, camera=camera).save(tmp_path / "p")
-    config = ServerConfig(out_dir=tmp_path / "run", listen=free_endpoint(), publish=None,
-                          control=free_endpoint(), profile=tmp_path / "p")  # fmt: skip
-    server = EngineServer(config)
-    runner = threading.Thread(target=server.run)
-    runner.start()
     rng = np.random.default_rng(0)
     photons = np.full((64, 64), 20.0, np.float32)
-    try:
+    with _serving(tmp_path, camera) as server:
         truth = expected_adu(photons, camera)
         honest = server._fidelity(truth, record(photons, camera, rng), "scope")
         assert honest["flagged"] == []
@@ -345,6 +346,3 @@ def test_the_server_publishes_flagged_regions_and_counts_them(tmp_path):
         assert region["sign"] == -1 and abs(region["y"] - 30) < 3 and abs(region["x"] - 40) < 3
         assert set(region) == {"y", "x", "scale_px", "z", "sign"}
         assert server.status().frames_flagged == 1
-    finally:
-        server.stop()
-        runner.join(60)
