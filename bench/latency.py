@@ -171,10 +171,11 @@ class _Subscriber:
                 continue
             frames = sock.recv_multipart(copy=False)
             now = time.monotonic_ns()
-            if frames[0].bytes.endswith(b"/enhanced"):
+            topic = frames[0].bytes
+            if topic.endswith(b"/enhanced"):
                 self.enhanced.append((now, frames[1].bytes))
-            else:
-                self.raw += 1
+            elif topic.endswith(b"/raw"):
+                self.raw += 1  # (a profiled server also publishes significance maps)
 
     def stop(self) -> None:
         """Take what is still on its way, then close."""

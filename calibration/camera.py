@@ -219,6 +219,30 @@ def adu_variance(
     return electrons_var * np.float32(camera.gain_adu_per_electron**2) + np.float32(1 / 12)
 
 
+def variance_at_mean(
+    mean_adu: np.ndarray, camera: CameraParams, *, offset_map: np.ndarray | None = None
+) -> np.ndarray:
+    """Variance of recorded ADU (float32) whose expectation is ``mean_adu``, the same as
+    ``adu_variance(max(photons_from_adu(mean_adu), 0))`` in fewer passes: the mean electrons
+    are ``(mean - offset) / gain`` whatever the quantum efficiency and the flat field, so the
+    variance is ``gain * max(mean - offset, 0) + gain**2 * read_noise**2 + 1/12``. For live
+    checks on large frames; ``offset_map`` (the image's shape) replaces the scalar offset and
+    is not re-validated."""
+    mean = np.asarray(mean_adu, dtype=np.float32)
+    if offset_map is not None and np.shape(offset_map) != mean.shape:
+        raise ValueError(
+            f"offset_map has shape {np.shape(offset_map)} but the image has shape {mean.shape}; "
+            "pass a map of the same shape."
+        )
+    offset = offset_map if offset_map is not None else np.float32(camera.offset_adu)
+    g = float(camera.gain_adu_per_electron)
+    var = np.subtract(mean, offset, dtype=np.float32)
+    np.maximum(var, 0, out=var)
+    var *= np.float32(g)
+    var += np.float32(g * g * float(camera.read_noise_electrons) ** 2 + 1 / 12)
+    return var
+
+
 def photons_from_adu(
     adu: np.ndarray,
     camera: CameraParams,

@@ -26,7 +26,8 @@ monitor says so instead of staying silent.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
@@ -35,7 +36,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from .camera import CameraParams, adu_variance, expected_adu, photons_from_adu
+from .camera import CameraParams, expected_adu, photons_from_adu, variance_at_mean
 from .scan import ScanParams, bidirectional_shift, bin_image
 
 BLOCK = 16
@@ -65,6 +66,7 @@ class Fidelity:
             d["noise"] = round(self.noise, 4)
         if self.scan is not None:
             d["flagged"] = [g.as_dict() for g in self.scan.regions]
+            d["threshold"] = round(self.scan.threshold, 3)
         return d
 
 
@@ -90,6 +92,8 @@ def fidelity(
     noise: bool = False,
     sigmas: Sequence[float] | None = None,
     false_alarm: float = FALSE_ALARM,
+    map_bin: int | None = None,
+    max_regions: int = MAX_REGIONS,
 ) -> Fidelity:
     """Chi-square per pixel of ``raw`` against the forward model of ``enhanced``.
 
@@ -97,22 +101,21 @@ def fidelity(
     ``pattern_in_output``: the enhanced frame already carries them. ``noise``: also compute
     :func:`noise_ratio` (engine-independent, for :class:`MismatchMonitor`). ``sigmas`` (raw
     px, e.g. :func:`default_sigmas` of the PSF): also scan the same residual for localized
-    excess or missing signal (:func:`scan_residual`) at ``false_alarm`` per frame."""
+    excess or missing signal (:func:`scan_residual`) at ``false_alarm`` per frame, and with
+    ``map_bin`` pool its significance into a coarse map (:attr:`Scan.map`)."""
     if enhanced.shape[0] != raw.shape[0] * scale or enhanced.shape[1] != raw.shape[1] * scale:
         raise ValueError(
             f"enhanced shape {enhanced.shape} is not raw shape {raw.shape} times scale {scale}"
         )
     pred = predicted_raw(enhanced, scale, scan)
-    if pattern_in_output:
-        photons = photons_from_adu(pred, camera, offset_map=offset_map, flat_field=flat_field)
-    else:  # the specimen on this camera: its offsets and sensitivity put into the prediction
-        photons = photons_from_adu(pred, camera)
-        if offset_map is not None or flat_field is not None:
-            pred = expected_adu(photons, camera, offset_map=offset_map, flat_field=flat_field)
-    var = adu_variance(np.maximum(photons, 0.0), camera, flat_field=flat_field)
-    r = raw.astype(np.float32) - pred
+    if not pattern_in_output and (offset_map is not None or flat_field is not None):
+        # the specimen on this camera: its offsets and sensitivity put into the prediction
+        pred = expected_adu(photons_from_adu(pred, camera), camera, offset_map=offset_map,
+                            flat_field=flat_field)  # fmt: skip
+    var = variance_at_mean(pred, camera, offset_map=offset_map)
+    r = np.subtract(raw, pred, dtype=np.float32)
     r /= np.sqrt(var)
-    chi = r * r
+    chi = np.square(r)
     rows, cols = (s // block * block for s in chi.shape)
     if rows and cols:
         blocks = chi[:rows, :cols].reshape(rows // block, block, cols // block, block)
@@ -121,10 +124,11 @@ def fidelity(
         worst = float(chi.mean())
     ratio = None
     if noise:
-        ratio = noise_ratio(raw, pred, camera, offset_map=offset_map, flat_field=flat_field)
+        ratio = noise_ratio(raw, pred, camera, offset_map=offset_map)
     found = None
     if sigmas is not None:
-        found = scan_residual(r, sigmas=sigmas, false_alarm=false_alarm, noise=(var, camera))
+        found = scan_residual(r, sigmas=sigmas, false_alarm=false_alarm, noise=(var, camera),
+                              map_bin=map_bin, max_regions=max_regions)  # fmt: skip
     return Fidelity(float(chi.mean()), worst, ratio, found)
 
 
@@ -139,7 +143,6 @@ def noise_ratio(
     camera: CameraParams,
     *,
     offset_map: np.ndarray | None = None,
-    flat_field: np.ndarray | None = None,
 ) -> float:
     """The raw frame's noise variance over the model's, from the raw frame alone: about 1 when
     the camera model (gain, offset, read noise) describes this camera, whatever the engine did.
@@ -152,26 +155,66 @@ def noise_ratio(
     so specimen structure does not count. ``mean`` sets only the variance's level (smoothed
     with a 1-pixel Gaussian first), so passing the raw frame itself is fine; the engine's
     output never enters the noise itself. A mean, not a median: the median is biased for the
-    few-electron, discrete counts of photon-counting cameras, the mean is not.
+    few-electron, discrete counts of photon-counting cameras, the mean is not. A frame larger
+    than :data:`NOISE_PIXELS` is sampled in :data:`NOISE_BAND`-row bands spread evenly over
+    it (rows are the statistic's unit): as many pixels as a 256x256 frame, which holds the
+    statistic well inside :func:`mismatch_band` and keeps its cost flat in the frame size.
     """
-    r = np.asarray(raw, np.float32)
+    r = np.asarray(raw)
     if r.ndim != 2 or r.shape[1] < 3:
         return float("nan")
+    rows, cols = r.shape
+    bands = max(1, NOISE_PIXELS // (NOISE_BAND * cols))
+    if rows * cols <= NOISE_PIXELS or bands * NOISE_BAND >= rows:
+        starts, height = [0], rows
+    else:
+        starts, height = np.linspace(0, rows - NOISE_BAND, bands).astype(int).tolist(), NOISE_BAND
+    total, count = 0.0, 0
+    for y in starts:
+        part = slice(y, y + height)
+        offsets = None if offset_map is None else offset_map[part]
+        terms = _noise_terms(r[part], np.asarray(mean)[part], camera, offsets)
+        total, count = total + float(terms.sum()), count + terms.size
+    return total / count if count else float("nan")
+
+
+#: Pixels :func:`noise_ratio` looks at, at most (a 256x256 frame's), and the height of the row
+#: bands it samples a larger frame with.
+NOISE_PIXELS = 256 * 256
+NOISE_BAND = 32
+
+
+def _noise_terms(
+    raw: np.ndarray, mean: np.ndarray, camera: CameraParams, offset_map: np.ndarray | None
+) -> np.ndarray:
+    """:func:`noise_ratio`'s per-pixel terms ``h**2 / E[h**2]`` where the frame is flat, over
+    the pixels the smoothing's support lies inside (binomial filters: a level of variance 1,
+    the Gaussian of sigma 1 the statistic was designed with, and a curvature smoothing of
+    variance 2.5, sigma 1.6)."""
+    r = np.asarray(raw, np.float32)
     if offset_map is not None:
         r = r - offset_map
-    level = ndimage.gaussian_filter(np.asarray(mean, np.float32), 1.0)
-    photons = np.maximum(
-        photons_from_adu(level, camera, offset_map=offset_map, flat_field=flat_field), 0.0
-    )
-    v = adu_variance(photons, camera, flat_field=flat_field)
-    h = r[:, :-2] - 2 * r[:, 1:-1] + r[:, 2:]
+    edge = _CURVATURE_ORDER // 2
+    if min(r.shape) <= 2 * edge + 2:
+        return np.empty(0, np.float32)
+    trim = edge - _LEVEL_ORDER // 2
+    level = _pair_sums(np.asarray(mean, np.float32), _LEVEL_ORDER)[trim:-trim, trim:-trim]
+    level *= np.float32(0.25**_LEVEL_ORDER)
+    inner = (slice(edge, -edge),) * 2
+    v = variance_at_mean(level, camera,
+                         offset_map=None if offset_map is None else offset_map[inner])  # fmt: skip
+    r_in = r[inner]
+    h = r_in[:, :-2] - 2 * r_in[:, 1:-1] + r_in[:, 2:]
     vh = v[:, :-2] + 4 * v[:, 1:-1] + v[:, 2:]
-    s = ndimage.gaussian_filter(r, 1.5)
+    s = _pair_sums(r, _CURVATURE_ORDER)
+    s *= np.float32(0.25**_CURVATURE_ORDER)
     hs = s[:, :-2] - 2 * s[:, 1:-1] + s[:, 2:]
     flat = hs * hs < FLAT_CURVATURE * vh
-    if not flat.any():
-        return float("nan")
-    return float((h[flat] ** 2 / vh[flat]).mean())
+    return h[flat] ** 2 / vh[flat]
+
+
+_LEVEL_ORDER = 4
+_CURVATURE_ORDER = 10
 
 
 def mismatch_band(
@@ -242,6 +285,44 @@ class MismatchMonitor:
         return False
 
 
+class CheckSchedule:
+    """Which frames get the full check (chi-square and scan) when it cannot run on every frame
+    in a live budget: every ``every``-th frame of each key, or with ``every=0`` as often as a
+    per-frame budget of ``max(min_ms, ns_per_px * pixels)`` allows (the issue's 5 ms at 512x512
+    and 40 ms at 2048x2048), from the median cost per pixel of the last ``window`` checks. The
+    first frame of a key is always checked. Pure: feed it the measured costs."""
+
+    def __init__(self, every: int = 0, *, ns_per_px: float = 10.0, min_ms: float = 5.0,
+                 window: int = 16) -> None:  # fmt: skip
+        if every < 0 or ns_per_px <= 0 or min_ms <= 0 or window < 1:
+            raise ValueError(
+                f"every must be >= 0 (0: automatic), got {every}; ns_per_px, min_ms and window "
+                f"must be > 0, got {ns_per_px}, {min_ms}, {window}"
+            )
+        self.fixed, self.ns_per_px, self.min_ms = int(every), float(ns_per_px), float(min_ms)
+        self._costs: deque[float] = deque(maxlen=window)  # ns per pixel of recent checks
+        self._since: dict[Hashable, int] = {}
+        self.every = max(self.fixed, 1)
+        """The schedule in force: check one frame in ``every`` of each key."""
+
+    def due(self, key: Hashable, pixels: int) -> bool:
+        """Whether this frame of ``key`` (of ``pixels`` raw px) gets the full check."""
+        if not self.fixed and self._costs:
+            budget_ns = max(self.min_ms * 1e6, self.ns_per_px * pixels)
+            self.every = max(1, math.ceil(float(np.median(self._costs)) * pixels / budget_ns))
+        since = self._since.get(key)
+        if since is None or since + 1 >= self.every:
+            self._since[key] = 0
+            return True
+        self._since[key] = since + 1
+        return False
+
+    def record(self, ms: float, pixels: int) -> None:
+        """The cost of one full check of a frame of ``pixels`` raw px."""
+        if pixels > 0 and math.isfinite(ms) and ms >= 0:
+            self._costs.append(ms * 1e6 / pixels)
+
+
 # -- the localized scan -------------------------------------------------------------------------
 
 #: A scale is filtered on the residual binned by the largest power of two ``d`` with
@@ -271,13 +352,16 @@ class Region:
 @dataclass(frozen=True)
 class Scan:
     """A frame's localized scan: the regions above ``threshold`` (strongest first, at most
-    :data:`MAX_REGIONS`), the threshold, the largest ``|z|`` over every scale, and the scales
-    the filters really had (raw px)."""
+    :data:`MAX_REGIONS`), the threshold, the largest ``|z|`` over every scale, the scales the
+    filters really had (raw px), and optionally a coarse significance map."""
 
     regions: tuple[Region, ...]
     threshold: float
     max_z: float
     scales: tuple[float, ...]
+    map: np.ndarray | None = None
+    """The signed significance of largest magnitude over every scale and position in each
+    cell of ``map_bin`` raw px (:func:`scan_residual`), float32; None unless asked for."""
 
     @property
     def flagged(self) -> bool:
@@ -371,16 +455,23 @@ def _bin2(a: np.ndarray) -> np.ndarray:
     return out
 
 
+def _pair_sums(a: np.ndarray, order: int) -> np.ndarray:
+    """The unnormalized binomial filter of ``order`` (weights C(order, j), summing to
+    ``4**order`` in 2-D) over the valid positions of ``a``: output ``i`` is centred on input
+    ``i + order/2``. Repeated pair sums: ``order`` additions per axis, no multiplications."""
+    for _ in range(order):
+        a = a[:-1] + a[1:]
+    for _ in range(order):
+        a = a[:, :-1] + a[:, 1:]
+    return a
+
+
 def _significance(level: np.ndarray, f: _Filter) -> np.ndarray:
     """The binomial filter of ``f`` over the valid positions of ``level`` (the residual binned
-    by ``f.d``), as a standard normal under the null: the unnormalized binomial's weights
-    C(n, j) have squared sum C(2n, n) per axis, and a block mean of unit-variance pixels has
-    variance 1/d**2. Repeated pair sums: ``order`` additions per axis, no multiplications."""
-    a = level
-    for _ in range(f.order):
-        a = a[:-1] + a[1:]
-    for _ in range(f.order):
-        a = a[:, :-1] + a[:, 1:]
+    by ``f.d``), as a standard normal under the null: the binomial's weights C(n, j) have
+    squared sum C(2n, n) per axis, and a block mean of unit-variance pixels has variance
+    1/d**2."""
+    a = _pair_sums(level, f.order)
     a *= np.float32(f.d / math.comb(2 * f.order, f.order))
     return a
 
@@ -420,9 +511,32 @@ def _binned(a: np.ndarray) -> np.ndarray:
 
 #: Peaks per filter and sign looked at (the strongest), at most.
 PEAKS = 2 * MAX_REGIONS
-#: How far below the threshold a "missing" peak is still looked at: shot noise's skew makes
-#: the lower tail lighter, so its skew-corrected significance can be larger than ``|z|``.
-SKEW_MARGIN = 1.5
+
+
+def _pixel_skew_bound(noise: tuple[np.ndarray, CameraParams] | None) -> float:
+    """The largest skewness (:func:`skew_map`) any pixel of this frame has: as a function of
+    the variance ``v`` it peaks at ``v = 3 floor`` (``floor``: read and quantization
+    variance), so it is taken there, or at the frame's variance range's nearer end."""
+    if noise is None:
+        return 0.0
+    var, camera = noise
+    g = float(camera.gain_adu_per_electron)
+    floor = g * g * float(camera.read_noise_electrons) ** 2 + 1 / 12
+    v = min(max(3 * floor, float(var.min())), float(var.max()))
+    return g * max(v - floor, 0.0) / v**1.5
+
+
+def _negative_candidate(u: float, f: _Filter, pixel_skew: float) -> float:
+    """The smallest ``|z|`` of a negative peak of filter ``f`` whose skew-corrected
+    significance (:func:`_regions`) can pass ``u``: shot noise's skew makes the lower tail
+    lighter, so the corrected ``|z| + g (z**2 - 1) / 6`` is larger than ``|z|``. ``g`` is at
+    most the frame's largest pixel skewness (:func:`_pixel_skew_bound`) over ``d`` for the
+    binning, times the binomial's ``sum w**3 / (sum w**2)**1.5``. Below it no peak is looked
+    at, so an honest frame costs the filters and their extremes, nothing more."""
+    w = [math.comb(f.order, j) for j in range(f.order + 1)]
+    shape = sum(c**3 for c in w) ** 2 / math.comb(2 * f.order, f.order) ** 3
+    a = pixel_skew / f.d * shape / 6
+    return (math.sqrt(1 + 4 * a * (u + a)) - 1) / (2 * a) if a > 0 else u
 
 
 def skew_map(var: np.ndarray, camera: CameraParams) -> np.ndarray:
@@ -456,18 +570,19 @@ def _regions(
     f: _Filter,
     row: int = 0,
     noise: tuple[np.ndarray, CameraParams] | None = None,
+    candidate: float | None = None,
 ) -> list[Region]:
     """The regions of one filter's significance (valid output rows from ``row`` on), each at
-    its peak; with ``noise`` (the raw grid's variance and the camera, :func:`skew_map`) the
-    peak's significance is Cornish-Fisher corrected for the filtered noise's skewness ``g``,
-    ``z - g (z**2 - 1) / 6``, and kept only if still past ``u``. (Shifting the threshold
-    instead, ``g (u**2 - 1) / 6``, left 11-22% false alarms at 1.5 photons per pixel; this
-    form measured 1%, at the price of some power for excess signal.)"""
+    its peak, negative ones looked at from ``-candidate`` (default ``u``,
+    :func:`_negative_candidate`). With ``noise`` (the raw grid's variance and the camera,
+    :func:`skew_map`) the peak's significance is Cornish-Fisher corrected for the filtered
+    noise's skewness ``g``, ``z - g (z**2 - 1) / 6``, and kept only if still past ``u``.
+    (Shifting the threshold instead, ``g (u**2 - 1) / 6``, left 11-22% false alarms at 1.5
+    photons per pixel; this form measured 1%, at the price of some power for excess signal.)"""
     found = []
     shift = f.order // 2  # valid output i is centred on binned pixel i + order/2
     for sign in (1, -1):
-        margin = SKEW_MARGIN if noise is not None and sign < 0 else 0.0
-        mask = z > u if sign > 0 else z < -(u - margin)
+        mask = z > u if sign > 0 else z < -(u if candidate is None else candidate)
         if not mask.any():
             continue
         labels, _ = ndimage.label(mask)
@@ -486,6 +601,51 @@ def _regions(
             cy, cx = ((i + shift + 0.5) * f.d - 0.5 for i in (y + row, x))  # on the raw grid
             found.append(Region(float(cy), float(cx), f.scale, abs(value), sign))
     return found
+
+
+#: Raw pixels per side of a cell of the published significance map.
+MAP_BIN = 8
+
+
+class _MapPool:
+    """Pools filter outputs into a coarse map: per cell of ``bin`` raw px, the signed value of
+    largest magnitude any filter had at the positions centred in that cell (0 where no filter
+    was evaluated over the whole cell: within about two scales of the edge)."""
+
+    def __init__(self, shape: tuple[int, int], bin: int) -> None:
+        if bin < 1:
+            raise ValueError(f"map_bin must be >= 1, got {bin}")
+        self.bin = bin
+        self.map = np.zeros((max(shape[0] // bin, 1), max(shape[1] // bin, 1)), np.float32)
+
+    def add(self, z: np.ndarray, f: _Filter, row: int) -> None:
+        """Pool one filter's valid outputs from valid row ``row`` on (:func:`_strips`)."""
+        top, left = row + f.order // 2, f.order // 2  # the binned px z[0, 0] is centred on
+        if f.d < self.bin:  # k x k binned px per cell: reduce whole cells, rows first
+            k = self.bin // f.d
+            r0, c0 = -top % k, -left % k  # z's first row and column on a cell boundary
+            y0, x0 = (top + r0) // k, (left + c0) // k
+            rows = min((z.shape[0] - r0) // k, self.map.shape[0] - y0)
+            cols = min((z.shape[1] - c0) // k, self.map.shape[1] - x0)
+            if rows <= 0 or cols <= 0:
+                return
+            whole = z[r0 : r0 + rows * k, c0 : c0 + cols * k].reshape(rows, k, cols * k)
+            hi = whole.max(axis=1).reshape(rows, cols, k).max(axis=2)
+            lo = whole.min(axis=1).reshape(rows, cols, k).min(axis=2)
+            cell = np.where(hi >= -lo, hi, lo)
+        else:  # one binned px covers k x k cells
+            k = f.d // self.bin
+            y0, x0 = top * k, left * k
+            cell = np.repeat(np.repeat(z, k, axis=0), k, axis=1)
+            rows, cols = (
+                min(cell.shape[0], self.map.shape[0] - y0),
+                min(cell.shape[1], self.map.shape[1] - x0),
+            )
+            if rows <= 0 or cols <= 0:
+                return
+            cell = cell[:rows, :cols]
+        target = self.map[y0 : y0 + rows, x0 : x0 + cols]
+        np.copyto(target, cell, where=np.abs(cell) > np.abs(target))
 
 
 def scan(
@@ -517,6 +677,7 @@ def scan_residual(
     false_alarm: float = FALSE_ALARM,
     max_regions: int = MAX_REGIONS,
     noise: tuple[np.ndarray, CameraParams] | None = None,
+    map_bin: int | None = None,
 ) -> Scan:
     """The scan of a signed, whitened residual ``r`` (unit variance, independent pixels when
     the prediction is right).
@@ -531,14 +692,17 @@ def scan_residual(
     null regions over all positions, scales and both signs ``false_alarm``. Regions: the
     connected components of ``|z|`` above it, per scale and sign, at their peak; a weaker
     region of the same sign within twice the larger scale of a stronger one is the same object
-    at another scale and is dropped."""
+    at another scale and is dropped. ``map_bin``: also pool every scale's signed significance
+    into a map of ``map_bin``-pixel cells (:class:`_MapPool`), for viewers."""
     r = np.asarray(r, np.float32)
     sigmas = tuple(float(s) for s in sigmas)
     u = scan_threshold(r.shape, sigmas, float(false_alarm))
     filters = [_plan(s) for s in sigmas]
+    skew = _pixel_skew_bound(noise)
     levels = {1: r}
     found: list[Region] = []
     best = 0.0
+    pooled = None if map_bin is None else _MapPool(r.shape, map_bin)
     for f in filters:
         while f.d not in levels:
             d = max(levels)
@@ -546,11 +710,14 @@ def scan_residual(
         level = levels[f.d]
         if min(level.shape) <= f.order:
             continue
+        candidate = _negative_candidate(u, f, skew)
         for row, z in _strips(level, f):
             hi, lo = float(z.max()), float(z.min())
             best = max(best, hi, -lo)
-            if hi > u or lo < -(u - (SKEW_MARGIN if noise is not None else 0.0)):
-                found.extend(_regions(z, u, f, row, noise))
+            if hi > u or lo < -candidate:
+                found.extend(_regions(z, u, f, row, noise, candidate))
+            if pooled is not None:
+                pooled.add(z, f, row)
     found.sort(key=lambda g: -g.z)
     kept: list[Region] = []
     for g in found:
@@ -561,4 +728,5 @@ def scan_residual(
             for k in kept
         ):
             kept.append(g)
-    return Scan(tuple(kept), u, best, tuple(f.scale for f in filters))
+    scales = tuple(f.scale for f in filters)
+    return Scan(tuple(kept), u, best, scales, None if pooled is None else pooled.map)

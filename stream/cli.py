@@ -270,6 +270,16 @@ def serve(
     correct_bidir: Annotated[
         bool, typer.Option(help="undo the profile's bidirectional line phase before the engine")
     ] = False,
+    fidelity_every: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="with --profile: the full fidelity check (chi-square, scan for invented or "
+            "removed objects, significance map on PUB) on every Nth enhanced frame of each "
+            "position; the camera-noise check runs on every frame. 0: automatic, as often as "
+            "5 ms a frame or 10 ns a raw pixel allows (status says the schedule)",
+        ),
+    ] = 0,
     keys: Annotated[
         Path | None,
         typer.Option(help="CURVE key folder from `scopecast keys` (required off loopback)"),
@@ -308,6 +318,7 @@ def serve(
         sink=sink,
         profile=profile,
         correct_bidir=correct_bidir,
+        fidelity_every=fidelity_every,
         keys=keys,
         insecure=insecure,
     )

@@ -215,7 +215,13 @@ class PublishedHeader(FrameHeader):
     frame; ``shape`` and ``pixel_size_um`` are those of the published pixels.
     """
 
-    kind: Literal["raw", "enhanced"]
+    kind: Literal["raw", "enhanced", "significance"] = Field(
+        description="raw: the frame as received; enhanced: the engine's output; significance: "
+        "the fidelity scan's coarse map for that enhanced frame (float32, one value per "
+        "calibration.fidelity.MAP_BIN raw px square: the signed matched-filter significance of "
+        "largest magnitude there, positive where the raw frame holds more signal than the "
+        "output explains, negative where the output shows signal the raw data do not support)"
+    )
     pixel_size_um: Finite | None = Field(
         None, gt=0, description="pixel size of the published pixels (the raw one / scale)"
     )

@@ -48,7 +48,16 @@ from zmq.utils.monitor import recv_monitor_message
 
 from calibration.bidir import correct_phase
 from calibration.errors import ScopecastError
-from calibration.fidelity import MismatchMonitor, default_sigmas, fidelity, mismatch_band
+from calibration.fidelity import (
+    MAP_BIN,
+    NOISE_PIXELS,
+    CheckSchedule,
+    MismatchMonitor,
+    default_sigmas,
+    fidelity,
+    mismatch_band,
+    noise_ratio,
+)
 from calibration.optics import psf_sigma_um
 from calibration.profile import CalibrationProfile
 from calibration.units import Electrons
@@ -120,6 +129,13 @@ class ServerConfig(BaseModel):
         None, description="calibration profile: the rig's units for electrons engines, fidelity"
     )
     correct_bidir: bool = Field(False, description="undo the profile's line phase first")
+    fidelity_every: int = Field(
+        0,
+        ge=0,
+        description="with a profile: the full fidelity check (chi-square, scan, significance "
+        "map) on every Nth enhanced frame of each stream key; the camera-noise check runs on "
+        "every frame. 0: automatic, as often as 5 ms per frame or 10 ns per raw pixel allows",
+    )
     rcvhwm: int = Field(64, ge=1)
     fsync: bool = False
     sink: str = Field("ome-tiff", description="how frames are stored: a stream.sinks.SINKS name")
@@ -395,6 +411,8 @@ class EngineServer:
         self._mismatch: dict[str, MismatchMonitor] = {}  # per stream: the engine thread's
         self.fidelity_mismatch: str | None = None
         self.frames_flagged = 0  # frames whose fidelity scan flagged a region (engine thread)
+        self.frames_checked = 0  # frames given the full check (engine thread)
+        self._schedule = CheckSchedule(c.fidelity_every)
         if c.correct_bidir and not (self.profile and self.profile.scan.bidirectional):
             raise ServerError(
                 "--correct-bidir needs a --profile whose scan is bidirectional: measure the "
@@ -657,10 +675,12 @@ class EngineServer:
         for stage in result.stages:
             self.rings.set_previous(h.state_key, stage.stage, stage.output, window.generation)
         timings = {"queue": (start_ns - job.recv_ns) / 1e6, **result.timings_ms}
-        checked = None
+        checked, significance = None, None
         if self.profile is not None:
             t = time.perf_counter()
-            checked = self._fidelity(result.stages[-1].output, job.pixels, h.stream)
+            checked, significance = self._fidelity(
+                result.stages[-1].output, job.pixels, h.stream, h.state_key
+            )
             timings["fidelity"] = (time.perf_counter() - t) * 1e3
         for k, v in timings.items():
             self.times.add(k, v)
@@ -669,6 +689,8 @@ class EngineServer:
         out = result.frame
         self._writer_q.put(ToWrite("enhanced", h, out, timings, checked), out.nbytes)
         self._publish(h, out, kind="enhanced", timings=timings, fidelity=checked)
+        if significance is not None:
+            self._publish(h, significance, kind="significance", fidelity=checked)
 
     def _writer_loop(self) -> None:
         while (item := self._writer_q.get()) is not None:
@@ -701,10 +723,15 @@ class EngineServer:
         except Exception as e:  # noqa: BLE001 - counted, the summary still comes
             self._fault("writer", e, "closing the files: ")
 
-    def _fidelity(self, enhanced: np.ndarray, raw: np.ndarray, stream: str) -> dict[str, Any]:
-        """The raw frame's chi-square against the profile's forward model of ``enhanced``, the
-        regions its scan flags (PSF to 8x PSF, 5% false alarms per honest frame), and its noise
-        against the profile's noise model, watched per stream for a mismatch."""
+    def _fidelity(
+        self, enhanced: np.ndarray, raw: np.ndarray, stream: str, key: str
+    ) -> tuple[dict[str, Any], np.ndarray | None]:
+        """The raw frame's noise against the profile's noise model (every frame, watched per
+        stream for a mismatch) and, on the frames of state ``key`` the schedule picks
+        (``--fidelity-every``),
+        its chi-square against the profile's forward model of ``enhanced``, the regions its
+        scan flags (PSF to 8x PSF, 5% false alarms per honest frame) and the scan's coarse
+        significance map (returned for PUB)."""
         p = self.profile
         if p is None:
             raise ServerError("a fidelity check needs a --profile")
@@ -713,32 +740,40 @@ class EngineServer:
             v = p.array(name)
             return v if v is not None and v.shape == raw.shape else None
 
-        scan = p.scan if self.config.correct_bidir else None
+        offset_map = fitting("offset_map")
+        if not self._schedule.due(key, raw.size):
+            noise = noise_ratio(raw, raw, p.camera, offset_map=offset_map)
+            self._watch_noise(stream, noise, raw.size)
+            return {"noise": round(noise, 4), "checked": False}, None
+        t = time.perf_counter()
         f = fidelity(
             enhanced,
             raw,
             p.camera,
             scale=self.chain.scale,
-            scan=scan,
-            offset_map=fitting("offset_map"),
+            scan=p.scan if self.config.correct_bidir else None,
+            offset_map=offset_map,
             flat_field=fitting("flat_field"),
             # the output carries the camera's fixed pattern: an electrons engine converts back
             # with the profile's maps, an ADU engine (the zoo's are linear filters) passes it on
             pattern_in_output=True,
             noise=True,
             sigmas=default_sigmas((p.psf_sigma_um or psf_sigma_um(p.optics)) / p.pixel_size_um),
+            map_bin=MAP_BIN,
         )
+        self._schedule.record((time.perf_counter() - t) * 1e3, raw.size)
+        self.frames_checked += 1
         if f.scan is not None and f.scan.flagged:
             self.frames_flagged += 1
         if f.noise is not None:
             self._watch_noise(stream, f.noise, raw.size)
-        return f.as_dict()
+        return f.as_dict(), None if f.scan is None else f.scan.map
 
     def _watch_noise(self, stream: str, value: float, pixels: int) -> None:
         """Feed one frame's noise ratio to its stream's monitor; warn once when it fires."""
         monitor = self._mismatch.get(stream)
         if monitor is None:
-            monitor = MismatchMonitor(mismatch_band(pixels), run=MISMATCH_RUN)
+            monitor = MismatchMonitor(mismatch_band(min(pixels, NOISE_PIXELS)), run=MISMATCH_RUN)
             self._mismatch[stream] = monitor
         if monitor.update(value):
             log.warning(
@@ -787,12 +822,15 @@ class EngineServer:
     ) -> None:
         if self._pub is not None:
             scale = self.chain.scale if kind == "enhanced" else 1
+            size = header.pixel_size_um
+            if size is not None:  # of the published pixels: finer, or a map's coarse cells
+                size = size * MAP_BIN if kind == "significance" else size / scale
             fields = header.model_dump(exclude={"shape", "dtype", "pixel_size_um"})
             ph = PublishedHeader(
                 **fields,
                 shape=frame.shape,
                 dtype=frame.dtype.name,
-                pixel_size_um=header.pixel_size_um / scale if header.pixel_size_um else None,
+                pixel_size_um=size,
                 kind=kind,
                 engine=self.chain.name if kind == "enhanced" else None,
                 backend=self._backend_name,
@@ -894,6 +932,8 @@ class EngineServer:
             files=[str(p) for p in self.writer.files],
             fidelity_mismatch=self.fidelity_mismatch,
             frames_flagged=self.frames_flagged,
+            frames_checked=self.frames_checked,
+            fidelity_every=self._schedule.every if self.profile is not None else None,
         )
 
 

@@ -188,6 +188,15 @@ class ServerStatus(_Part):
         "raw frame does not support (invented or removed structure; about 5% of honest frames "
         "at most)",
     )
+    frames_checked: int = Field(
+        0, description="enhanced frames given the full fidelity check (chi-square and scan)"
+    )
+    fidelity_every: int | None = Field(
+        None,
+        description="the full fidelity check's schedule in force: one enhanced frame in this "
+        "many per stream key (--fidelity-every, or automatic from its cost); None without a "
+        "--profile. The camera-noise check runs on every frame",
+    )
 
 
 def schema_json() -> str:

@@ -258,7 +258,9 @@ def test_the_server_says_when_the_profile_does_not_match(tmp_path, caplog):
             for _ in range(MISMATCH_RUN):
                 assert server.fidelity_mismatch is None
                 raw = record(photons, true_camera, rng)
-                checked = server._fidelity(raw, raw, "scope")  # identity: output = input
+                checked, _ = server._fidelity(
+                    raw, raw, "scope", "scope"
+                )  # identity: output = input
             assert checked["noise"] < 0.5
             status = server.status()
         assert status.fidelity_mismatch and "does not match this camera" in (
@@ -338,11 +340,19 @@ def test_the_server_publishes_flagged_regions_and_counts_them(tmp_path):
     photons = np.full((64, 64), 20.0, np.float32)
     with _serving(tmp_path, camera) as server:
         truth = expected_adu(photons, camera)
-        honest = server._fidelity(truth, record(photons, camera, rng), "scope")
+        honest, _ = server._fidelity(truth, record(photons, camera, rng), "scope", "scope")
         assert honest["flagged"] == []
         invented = truth + 30 * _blob(truth.shape, 30, 40, 2.0)
-        checked = server._fidelity(invented, record(photons, camera, rng), "scope")
+        checked, significance = server._fidelity(
+            invented, record(photons, camera, rng), "scope", "scope"
+        )
         (region,) = checked["flagged"]
         assert region["sign"] == -1 and abs(region["y"] - 30) < 3 and abs(region["x"] - 40) < 3
         assert set(region) == {"y", "x", "scale_px", "z", "sign"}
-        assert server.status().frames_flagged == 1
+        status = server.status()
+        assert status.frames_flagged == 1 and status.frames_checked == 2
+        assert status.fidelity_every == 1  # a 64x64 check is far within 5 ms
+        # the coarse map for PUB: 8x8 raw px cells, most negative in the invented blob's cell
+        assert significance is not None and significance.shape == (8, 8)
+        assert np.unravel_index(significance.argmin(), significance.shape) == (30 // 8, 40 // 8)
+        assert significance.min() < -checked["threshold"] + 1

@@ -14,6 +14,7 @@ import sys
 import tempfile
 import threading
 import time
+from io import BytesIO
 from pathlib import Path
 
 import numpy as np
@@ -167,9 +168,11 @@ class FakeServer:
     """The engine server's two outward sockets: PUB (frames) and REP (status)."""
 
     def __init__(
-        self, ctx: zmq.asyncio.Context, publish: str, control: str, failure: dict | None = None
-    ) -> None:
+        self, ctx: zmq.asyncio.Context, publish: str, control: str, failure: dict | None = None,
+        frames_flagged: int = 0,
+    ) -> None:  # fmt: skip
         self.failure = failure
+        self.frames_flagged = frames_flagged
         self.pub = ctx.socket(zmq.PUB)
         self.rep = ctx.socket(zmq.REP)
         for sock, ep in ((self.pub, publish), (self.rep, control)):
@@ -195,6 +198,7 @@ class FakeServer:
                 "engine_errors": {}, "disk_errors": {}, "stage_errors": {}, "requests_rejected": 0,
                 "published": 14, "viewers": {"connected": 1, "gone": 0},
                 "queues": {"engine": 0, "writer": 0}, "files": [],
+                "frames_flagged": self.frames_flagged,
                 "rings": {"keys": 1, "bytes": 0, "budget_bytes": None,
                           "evicted": {"budget": 0, "idle": 0},
                           "resets": dict.fromkeys(RESET_REASONS, 0)},
@@ -456,3 +460,222 @@ def test_demo_view_in_headless_chromium(tmp_path: Path) -> None:
                 demo.kill()
         driver.quit()
         shutil.rmtree(profile, ignore_errors=True)
+
+
+# -- the fidelity scan's flagged regions on the page ---------------------------------------------
+
+BACKGROUND, SPOT = 100, 4000
+
+
+def _flagged_pair(
+    seq: int, scale: int, raw_shape: tuple[int, int], regions: list[dict]
+) -> list[tuple[PublishedHeader, np.ndarray]]:
+    """A raw frame and its enhanced frame (``scale`` times larger) whose fidelity scan flagged
+    ``regions`` (raw px, as the server publishes them). Each region is shown where it is: an
+    invented one (sign -1) as a bright block of the enhanced frame over its raw pixel, a removed
+    one (+1) as a bright raw pixel; the rest is dark."""
+    h, w = raw_shape
+    raw = np.full(raw_shape, BACKGROUND, np.uint16)
+    enhanced = np.full((h * scale, w * scale), BACKGROUND, np.uint16)
+    for g in regions:
+        y, x = int(g["y"]), int(g["x"])
+        if g["sign"] > 0:
+            raw[y, x] = SPOT
+        else:
+            enhanced[y * scale : (y + 1) * scale, x * scale : (x + 1) * scale] = SPOT
+    fidelity = {"chi2": 1.02, "worst_block": 1.4, "noise": 0.99, "flagged": regions}
+    enh = header(seq, "enhanced", shape=enhanced.shape).model_copy(
+        update={"scale": scale, "fidelity": fidelity}
+    )
+    return [(header(seq, shape=raw_shape), raw), (enh, enhanced)]
+
+
+class _LoopThread:
+    """An asyncio loop in a thread: the viewer and the fake server run there while the test
+    drives the browser."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro, timeout_s: float = 30.0):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+#: Where the overlay's elements and the panes are on the page (CSS px), and the screen's scale.
+LAYOUT_JS = """
+const box = (e) => {
+  const b = e.getBoundingClientRect();
+  return [b.left, b.top, b.width, b.height];
+};
+const svg = document.getElementById('overlay-enhanced');
+const canvas = document.getElementById('canvas-enhanced');
+return {
+  dpr: devicePixelRatio, seq: svg.dataset.seq, display: getComputedStyle(svg).display,
+  raw: box(document.querySelector('#pane-raw .viewport')),
+  enhanced: box(document.querySelector('#pane-enhanced .viewport')),
+  px: canvas.getBoundingClientRect().width / canvas.width,
+  regions: [...svg.querySelectorAll('g.region')].map((g) => ({
+    kind: g.classList[1], label: g.querySelector('text').textContent,
+    title: g.querySelector('title').textContent, box: box(g.querySelector('circle')),
+  })),
+};
+"""
+
+
+def _screenshot(driver) -> np.ndarray:
+    from PIL import Image  # matplotlib's dependency
+
+    png = driver.get_screenshot_as_png()
+    return np.asarray(Image.open(BytesIO(png)).convert("RGB")).astype(np.int32)
+
+
+def _centroid(shot: np.ndarray, dpr: float, color: str, box) -> tuple[float, float] | None:
+    """The centre (CSS px) of the ``color`` pixels inside ``box`` (left, top, width, height);
+    grey pixels (the picture) are neither magenta nor cyan."""
+    left, top, width, height = (round(v * dpr) for v in box)
+    r, g, b = (shot[top : top + height, left : left + width, i] for i in range(3))
+    mask = {
+        "white": (r > 200) & (g > 200) & (b > 200),
+        "magenta": (r > 90) & (b > 90) & (g < 0.4 * np.minimum(r, b)),
+        "cyan": (g > 90) & (b > 90) & (r < 0.4 * np.minimum(g, b)),
+    }[color]
+    if mask.sum() < 4:
+        return None
+    ys, xs = np.nonzero(mask)
+    return (left + xs.mean() + 0.5) / dpr, (top + ys.mean() + 0.5) / dpr
+
+
+def _grown(box, by: float = 4.0):
+    return box[0] - by, box[1] - by, box[2] + 2 * by, box[3] + 2 * by
+
+
+def _near(a, b, tol: float = 1.5) -> bool:
+    return a is not None and b is not None and abs(a[0] - b[0]) < tol and abs(a[1] - b[1]) < tol
+
+
+def test_fidelity_overlay_in_headless_chromium() -> None:
+    """Flagged regions published in the frame's header are outlined on the enhanced pane where
+    their structure is in the picture (scale 2 and 4, zoomed), colored by sign, labelled with z,
+    gone with a frame that flagged nothing and hidden by the checkbox; the panel counts them."""
+    from stream.viewer import Viewer, ViewerConfig
+
+    driver, profile = _chromium_or_skip()
+    loop = _LoopThread()
+    publish, control = free_endpoint(), free_endpoint()
+
+    async def start():
+        ctx = zmq.asyncio.Context()
+        server = FakeServer(ctx, publish, control, frames_flagged=3)
+        viewer = Viewer(ViewerConfig(publish=publish, control=control, port=0,
+                                     status_every_s=0.2))  # fmt: skip
+        return ctx, server, viewer, await viewer.start()
+
+    async def send(frames, until_known: bool = False) -> None:
+        while True:  # PUB drops what it sends before the viewer's SUB is connected
+            for h, px in frames:
+                await server.pub.send_multipart(encode_published(h, px))
+            if not until_known or viewer.latest.keys:
+                return
+            await asyncio.sleep(0.05)
+
+    async def stop() -> None:
+        await viewer.stop()
+        await server.close()
+        ctx.term()
+
+    ctx, server, viewer, url = loop.run(start())
+    try:
+        invented = {"y": 10.0, "x": 30.0, "scale_px": 1.0, "z": 6.3, "sign": -1}
+        removed = {"y": 25.0, "x": 12.0, "scale_px": 1.5, "z": 7.4, "sign": 1}
+        loop.run(send(_flagged_pair(1, 2, (40, 48), [invented, removed]), until_known=True))
+        driver.get(url)
+
+        def layout(seq: int) -> dict | None:
+            shown = driver.execute_script("return window.scopecast.probe()")
+            if any(shown[p]["seq"] != seq for p in ("raw", "enhanced")):
+                return None
+            return driver.execute_script(LAYOUT_JS)
+
+        def text(id_: str) -> str:
+            return driver.find_element("id", id_).text.strip()
+
+        page = _wait("frame 1 with its overlay", lambda: layout(1))
+        assert page["seq"] == "1" and page["display"] != "none"
+        regions = {g["kind"]: g for g in page["regions"]}
+        assert set(regions) == {"invented", "removed"}
+        assert regions["invented"]["label"] == "z 6.3" and regions["removed"]["label"] == "z 7.4"
+        assert "does not support" in regions["invented"]["title"]
+        assert "lacks" in regions["removed"]["title"]
+        assert text("st-flagged") == "2 (1 invented, 1 removed)"
+        _wait("the server's flagged frames", lambda: text("st-frames-flagged") == "3")
+
+        def check(page: dict, scale: int, regions: list[dict]) -> None:
+            """Each outline's ring is centred on its structure in the picture, and its radius
+            is twice the filter's sigma in enhanced px at the pane's zoom."""
+            shot = _screenshot(driver)
+            dpr = page["dpr"]
+            drawn_by_z = {d["label"]: d for d in page["regions"]}
+            for g in regions:
+                drawn = drawn_by_z[f"z {g['z']:.1f}"]
+                ring = _centroid(shot, dpr, "magenta" if g["sign"] < 0 else "cyan",
+                                 _grown(drawn["box"]))  # fmt: skip
+                pane = "enhanced" if g["sign"] < 0 else "raw"
+                spot = _centroid(shot, dpr, "white", page[pane])
+                assert spot is not None, f"no {pane} spot on the screen"
+                # the raw pane is drawn at the enhanced pane's size: compare within each pane
+                spot = (spot[0] - page[pane][0] + page["enhanced"][0],
+                        spot[1] - page[pane][1] + page["enhanced"][1])  # fmt: skip
+                assert _near(ring, spot), (g, ring, spot)
+                radius = drawn["box"][2] / 2
+                assert abs(radius - 2 * g["scale_px"] * scale * page["px"]) < 1.0, (g, radius)
+
+        check(page, 2, [invented, removed])
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        assert driver.save_screenshot(str(ARTIFACTS / "viewer-overlay.png"))
+        # zoom in on the invented spot: both panes and the outlines follow
+        spot = _centroid(_screenshot(driver), page["dpr"], "white", page["enhanced"])
+        driver.execute_script(
+            "document.querySelector('#pane-enhanced .viewport').dispatchEvent(new WheelEvent("
+            "'wheel', {deltaY: -300, clientX: arguments[0], clientY: arguments[1], bubbles: true,"
+            " cancelable: true}))", *spot,
+        )  # fmt: skip
+        zoomed = driver.execute_script(LAYOUT_JS)
+        assert zoomed["px"] > 1.4 * page["px"]
+        check(zoomed, 2, [invented])  # the removed one is out of view in the raw pane
+        driver.execute_script("document.getElementById('reset-view').click()")
+
+        # the checkbox hides the outlines and shows them again
+        driver.find_element("id", "overlay").click()
+        hidden = driver.execute_script(LAYOUT_JS)
+        assert hidden["display"] == "none"
+        shot = _screenshot(driver)
+        assert _centroid(shot, hidden["dpr"], "magenta", hidden["enhanced"]) is None
+        assert _centroid(shot, hidden["dpr"], "cyan", hidden["enhanced"]) is None
+        driver.find_element("id", "overlay").click()
+        check(driver.execute_script(LAYOUT_JS), 2, [invented, removed])
+
+        # scale 4: the same raw-pixel regions land four times further out
+        at_x4 = {"y": 3.0, "x": 17.0, "scale_px": 0.8, "z": 9.0, "sign": -1}
+        loop.run(send(_flagged_pair(2, 4, (20, 24), [at_x4])))
+        page = _wait("frame 2 with its overlay", lambda: layout(2))
+        assert [g["label"] for g in page["regions"]] == ["z 9.0"]
+        check(page, 4, [at_x4])
+        assert text("st-flagged") == "1 (1 invented, 0 removed)"
+
+        # a frame that flagged nothing: no outline is left over from the one before
+        loop.run(send(_flagged_pair(3, 2, (40, 48), [])))
+        page = _wait("frame 3", lambda: layout(3))
+        assert page["regions"] == [] and text("st-flagged") == "0"
+        assert _centroid(_screenshot(driver), page["dpr"], "magenta", page["enhanced"]) is None
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+        loop.run(stop())
+        loop.close()

@@ -306,7 +306,7 @@ class Viewer:
 #: ServerStatus fields the page shows as they are (see status.schema.json beside viewer.js).
 SHOWN = {"healthy", "failure", "mode", "uptime_s", "frames_received", "frames_enhanced",
          "frames_skipped", "frames_missing", "engine_errors", "stage_errors",
-         "fidelity_mismatch"}  # fmt: skip
+         "fidelity_mismatch", "frames_flagged"}  # fmt: skip
 
 
 def _brief(status: ServerStatus) -> dict[str, Any]:

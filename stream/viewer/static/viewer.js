@@ -78,7 +78,7 @@
         pane.drawn.push(pane.lastAt);
         draw(pane);
         renderCaption(pane);
-        if (meta.pane === "enhanced") renderFrameStats(meta);
+        if (meta.pane === "enhanced") { drawOverlay(); renderFrameStats(meta); }
       }
     } finally {
       send({ ack: meta.pane }); // whatever happened, the next frame may come
@@ -181,6 +181,60 @@
 
   function redraw() { PANES.forEach((p) => { draw(state.panes[p]); renderCaption(state.panes[p]); }); }
 
+  // ---- the fidelity scan's flagged regions, outlined on the enhanced pane --------------------
+
+  // meta.fidelity.flagged (needs `serve --profile`): regions in raw pixels, row y and column x
+  // of the raw frame; sign -1: the output shows structure the raw frame does not support, +1:
+  // the raw frame holds structure the output lacks (calibration/fidelity.py, Region)
+  const SVG = "http://www.w3.org/2000/svg";
+  const SIGNS = {
+    "-1": ["invented", "the enhanced frame shows structure here that the raw frame does not support"],
+    "1": ["removed", "the raw frame holds structure here that the enhanced frame lacks"],
+  };
+
+  // Raw pixel x covers enhanced pixels [x * scale, (x + 1) * scale), so a region's centre is at
+  // (x + 0.5) * scale in the enhanced canvas's pixel units (pixel x * scale + (scale - 1) / 2,
+  // counted from pixel centres); its radius, twice the matched filter's sigma, scales likewise.
+  function flaggedRegions(meta) {
+    const f = meta && meta.fidelity;
+    if (!f || !Array.isArray(f.flagged)) return [];
+    const k = meta.scale || 1;
+    return f.flagged.map((g) => ({
+      ...g, cx: (g.x + 0.5) * k, cy: (g.y + 0.5) * k, r: 2 * (g.scale_px || 1) * k,
+    }));
+  }
+
+  // Redrawn from the enhanced pane's own frame on every frame, zoom, pan and resize: an outline
+  // never outlives the frame it came with. Screen units, so lines and labels keep their size.
+  function drawOverlay() {
+    const pane = state.panes.enhanced, svg = $("overlay-enhanced");
+    svg.classList.toggle("off", !$("overlay").checked);
+    const regions = pane.frame ? flaggedRegions(pane.meta) : [];
+    svg.dataset.seq = regions.length ? pane.meta.seq : "";
+    if (!regions.length) { svg.replaceChildren(); return; }
+    const box = svg.getBoundingClientRect(), img = pane.canvas.getBoundingClientRect();
+    const k = img.width / pane.canvas.width; // screen px per enhanced px, zoom included
+    const ox = img.left - box.left, oy = img.top - box.top;
+    svg.replaceChildren(...regions.map((g) => {
+      const [kind, what] = SIGNS[g.sign > 0 ? "1" : "-1"];
+      const x = ox + g.cx * k, y = oy + g.cy * k, r = Math.max(4, g.r * k);
+      const el = (name, attrs) => {
+        const e = document.createElementNS(SVG, name);
+        for (const [a, v] of Object.entries(attrs)) e.setAttribute(a, String(v));
+        return e;
+      };
+      const group = el("g", { class: `region ${kind}`, "data-x": g.cx, "data-y": g.cy, "data-z": g.z });
+      const title = el("title", {});
+      title.textContent = `${kind}, z ${fmt(g.z, 3)}: ${what} (raw pixel row ${g.y}, column ${g.x})`;
+      const label = el("text", { x: x + r + 3, y: y + 4 });
+      label.textContent = `z ${Number(g.z).toFixed(1)}`;
+      group.append(title, el("circle", { cx: x, cy: y, r }), label);
+      return group;
+    }));
+  }
+
+  new ResizeObserver(drawOverlay).observe($("overlay-enhanced"));
+
   // ---- stream / position / channel / z ------------------------------------------------------
 
   const SELECTS = [["sel-stream", "stream"], ["sel-p", "p"], ["sel-c", "c"], ["sel-z", "z"]];
@@ -226,6 +280,7 @@
         Object.assign(pane, { frame: null, meta: null, drawn: [] });
         pane.caption.textContent = "waiting for a frame";
       }
+      drawOverlay();
     }
     send({ select: key });
   }
@@ -236,6 +291,7 @@
     const { s, tx, ty } = state.view;
     for (const p of PANES) state.panes[p].canvas.style.transform = `translate(${tx}px, ${ty}px) scale(${s})`;
     $("zoom").textContent = `${s.toFixed(2)}x`;
+    drawOverlay();
   }
 
   function clampView(width, height) {
@@ -307,6 +363,10 @@
       ? `${fmt(f.chi2)}${f.worst_block !== undefined ? ` (worst block ${fmt(f.worst_block)})` : ""}` +
         `${f.noise !== undefined ? ` noise ${fmt(f.noise)}` : ""}`
       : "- (no profile)";
+    const flagged = f && Array.isArray(f.flagged) ? f.flagged : null;
+    const invented = flagged ? flagged.filter((g) => g.sign < 0).length : 0;
+    $("st-flagged").textContent = !flagged ? "-"
+      : flagged.length ? `${flagged.length} (${invented} invented, ${flagged.length - invented} removed)` : "0";
     state.lastTimings = meta.timings_ms || {};
   }
 
@@ -328,6 +388,7 @@
     $("st-enhanced").textContent = fmt(s.frames_enhanced);
     $("st-skipped").textContent = fmt(s.frames_skipped);
     $("st-missing").textContent = fmt(s.frames_missing);
+    $("st-frames-flagged").textContent = fmt(s.frames_flagged);
     const ns = st.not_shown || {};
     $("st-notshown").textContent = `${fmt(ns.raw)} / ${fmt(ns.enhanced)}`;
     const v = st.viewer || {};
@@ -389,6 +450,7 @@
   $("gamma").addEventListener("input", () => { $("gamma-out").textContent = Number($("gamma").value).toFixed(2); redraw(); });
   $("smooth").addEventListener("change", () => document.body.classList.toggle("smooth", $("smooth").checked));
   $("reset-view").addEventListener("click", resetView);
+  $("overlay").addEventListener("change", drawOverlay);
 
   // what a test (or a curious user in the console) can read
   window.scopecast = {
