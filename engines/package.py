@@ -28,7 +28,16 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from calibration.errors import ScopecastError
 
@@ -189,6 +198,27 @@ class PlanInfo(_Frozen):
         return None if v is None else _safe_name(v)
 
 
+class HeldOutScore(_Frozen):
+    """One held-out measurement ``bench quality --record`` wrote into the manifest: the engine on
+    one data set, recorded by one rig, at one motion speed, against the best classical baseline
+    of the same run. A metric that could not be computed (or was not finite) is None."""
+
+    data: dict[str, Any] = Field(
+        description="what was scored: simulated preset or folder, rig (and its definition), "
+        "motion speed, pairs, truth, field, scale, seed"
+    )
+    psnr: float | None = Field(None, allow_inf_nan=False, description="mean PSNR, dB")
+    ssim: float | None = Field(None, allow_inf_nan=False, description="mean SSIM")
+    best_baseline: str | None = Field(None, description="the classical baseline of highest PSNR")
+    baseline_psnr: float | None = Field(None, allow_inf_nan=False)
+    baseline_ssim: float | None = Field(None, allow_inf_nan=False)
+    margin_db: float | None = Field(
+        None, allow_inf_nan=False, description="psnr - baseline_psnr (dB; > 0: the engine wins)"
+    )
+    date: str = Field(min_length=1, description="when it was measured (ISO 8601)")
+    scopecast_version: str = Field(min_length=1)
+
+
 class Manifest(_Frozen):
     """Everything a runtime needs to know about an engine, and the sha256 of each of its files."""
 
@@ -210,7 +240,19 @@ class Manifest(_Frozen):
     plans: list[PlanInfo] = []
     provenance: dict[str, Any] = {}
     metrics: dict[str, Any] = {}
+    held_out: list[HeldOutScore] = Field(
+        [], description="Held-out metrics `bench quality --record` wrote (optional; not hashed)."
+    )
     files: dict[str, str] = {}
+
+    @model_serializer(mode="wrap")
+    def _omit_empty_held_out(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Without held-out metrics the field is left out, so manifests written before it
+        existed are rewritten byte-identically."""
+        data: dict[str, Any] = handler(self)
+        if not self.held_out:
+            data.pop("held_out", None)
+        return data
 
     @field_validator("name")
     @classmethod

@@ -509,3 +509,229 @@ def test_motion_needs_simulated_pairs(tmp_path: Path) -> None:
     for bad in ([float("nan")], [1, 1], [], "2"):
         with pytest.raises(ValueError, match="motion"):
             run_quality(engines=[], simulated="confocal-20fps", motion=bad)
+
+
+# -- rig sweep and recording ------------------------------------------------------------------
+
+
+def _electrons_gaussian(folder: Path) -> Path:
+    """The zoo's Gaussian as an electrons engine (same ONNX): it smooths photo-electrons, so it
+    only removes a camera's column offsets when it is fed through the rig's profile."""
+    from engines.package import Manifest, load_package, write_package
+
+    package = load_package("gaussian")
+    norm = {"units": "electrons", "offset": 0.0, "scale": 1.0,
+            "camera": {"offset_adu": 50.0, "gain_adu_per_electron": 8.0}}  # fmt: skip
+    manifest = Manifest.model_validate(
+        {**package.manifest.model_dump(), "name": "gaussian-e", "normalization": norm}
+    )
+    write_package(folder, manifest, {"model.onnx": package.read("model.onnx")})
+    return folder
+
+
+def test_rig_table_has_the_rigs_the_issue_asks_for() -> None:
+    from calibration.sim.rigs import OWN_RIG, RIGS, resolve_rig
+
+    assert len(RIGS) >= 3 and all(spec.doc for spec in RIGS.values())
+    columns = [s for s in RIGS.values() if s.column_sd_adu > 0]
+    assert columns and columns[0].gain_adu_per_electron != 8.0
+    assert any((s.gain_adu_per_electron, s.offset_adu, s.read_noise_e) == (2.0, 100.0, 1.5)
+               for s in RIGS.values())  # fmt: skip
+    assert any(s.psf_scale > 1 and s.peak_photons for s in RIGS.values())
+    assert resolve_rig(OWN_RIG) is None and resolve_rig("scmos-columns") is RIGS["scmos-columns"]
+    with pytest.raises(ValueError, match=r"unknown rig 'nope'.*scmos-columns"):
+        resolve_rig("nope")
+    from typer.testing import CliRunner
+
+    from bench.cli import app
+
+    shown = CliRunner(env={"COLUMNS": "1000"}).invoke(app, ["quality", "--help"]).output
+    assert all(name in shown for name in RIGS), "bench quality --rig's help names every rig"
+
+
+def test_column_rig_records_its_column_offsets_and_its_profile_has_them() -> None:
+    """The same held-out frames (same seeds) recorded with and without the sCMOS rig's column
+    pattern differ by that pattern, column by column: sd as specified, constant down each
+    column; the rig's profile (the engines' conversion) carries exactly the recorded map."""
+    from dataclasses import replace
+
+    from calibration.sim.rigs import RIGS
+
+    spec = RIGS["scmos-columns"]
+    flat = replace(spec, name="no-columns", column_sd_adu=0.0)
+    kw = {"scale": 1, "pairs": 1, "history": 1, "sequence": 0, "seed": 0, "frame_field": 48,
+          "progress": None}  # fmt: skip
+    with_pattern = _simulated(get_preset("confocal-20fps"), rig_spec=spec, rig_name=spec.name,
+                              **kw)  # fmt: skip
+    without = _simulated(get_preset("confocal-20fps"), rig_spec=flat, rig_name=flat.name, **kw)
+    raw = with_pattern.pairs[0].frames[-1].astype(np.float64)
+    plain = without.pairs[0].frames[-1].astype(np.float64)
+    diff = raw - plain
+    assert np.abs(diff).max() > 5  # the pattern is there
+    units = with_pattern.units
+    assert units is not None and units.offset_map is not None and units.shape == (48, 48)
+    assert units.gain_adu_per_electron == 1.5 and units.offset_adu == 200.0
+    pattern = units.offset_map - 200.0
+    assert np.array_equal(pattern, np.broadcast_to(pattern[0], pattern.shape))  # per column
+    assert float(np.std(pattern[0])) == pytest.approx(6.0, rel=0.35)
+    # rounding to whole ADU is all that separates the frames from the pattern
+    assert np.abs(diff - pattern).max() <= 1.0
+    assert np.abs(diff.mean(axis=0) - pattern[0]).max() < 0.6
+    assert without.units is not None and without.units.offset_map is None
+    # the truth is in the rig's ADU with its scalar offset: no pattern in it
+    assert np.array_equal(with_pattern.pairs[0].truth, without.pairs[0].truth)
+    assert with_pattern.info["rig_definition"]["column_sd_adu"] == 6.0
+
+
+def test_rig_sweep_feeds_engines_through_each_rigs_profile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One section per rig. On the column-offset rig an electrons engine, fed through the rig's
+    profile as serve --profile feeds it, smooths electrons and loses nothing to the pattern
+    (it scores as the Gaussian baseline on corrected frames); the same network fed raw ADU
+    smooths the pattern into the image."""
+    import bench.quality as quality
+    from calibration.units import Electrons
+    from engines.engine import EngineChain
+
+    opened: list[tuple[str, Electrons | None]] = []
+    real_open = quality._open
+
+    def spy(name: str, backend: str, units: Electrons | None = None) -> EngineChain:
+        opened.append((name, units))
+        return real_open(name, backend, units)
+
+    monkeypatch.setattr(quality, "_open", spy)
+    engine = str(_electrons_gaussian(tmp_path / "gaussian-e"))
+    rigs = ["preset", "scmos-columns"]
+    result = run_quality(engines=[engine, "gaussian"], simulated="confocal-20fps", pairs=2,
+                         sequence=0, field=48, baselines=["gaussian", "vst-nlm"],
+                         rigs=rigs)  # fmt: skip
+    assert result["rigs"] == rigs and list(result["by_rig"]) == rigs
+    listed = quality.sections(result)
+    assert [s["rig"] for s in listed] == rigs
+    for section in listed:
+        assert list(section["methods"]) == ["raw", "gaussian", "vst-nlm", f"engine:{engine}",
+                                            "engine:gaussian"]  # fmt: skip
+        assert section["best_baseline"] in ("gaussian", "vst-nlm")
+        assert section["info"]["rig"] == section["rig"]
+    fed = {n: u for n, u in opened if u is not None and u.offset_map is not None}
+    assert set(fed) == {engine, "gaussian"}  # both opened with the column rig's profile
+    assert fed[engine].gain_adu_per_electron == 1.5 and fed[engine].shape == (48, 48)
+    m = result["by_rig"]["scmos-columns"]["methods"]
+    assert m[f"engine:{engine}"]["psnr"] == pytest.approx(m["gaussian"]["psnr"], abs=0.5)
+    assert m["engine:gaussian"]["psnr"] < m[f"engine:{engine}"]["psnr"] - 3
+    preset = result["by_rig"]["preset"]["methods"]  # no pattern: both see the same frames
+    assert preset["engine:gaussian"]["psnr"] == pytest.approx(preset[f"engine:{engine}"]["psnr"],
+                                                              abs=0.1)  # fmt: skip
+    with pytest.raises(ValueError, match="repeat a rig"):
+        run_quality(engines=[], simulated="confocal-20fps", rigs=["preset", "preset"])
+
+
+def test_record_writes_held_out_metrics_that_load_back(tmp_path: Path) -> None:
+    import shutil
+
+    from bench.quality import record_held_out
+    from engines.package import ZOO_DIR, load_package, manifest_json, verify_package
+
+    copy = tmp_path / "identity"
+    shutil.copytree(ZOO_DIR / "identity", copy)
+    model = (copy / "model.onnx").read_bytes()
+    result = run_quality(engines=[str(copy)], simulated="confocal-20fps", pairs=2, sequence=0,
+                         field=32, baselines=["gaussian", "nlm"],
+                         rigs=["gain2-offset100"])  # fmt: skip
+    said = record_held_out(result, when="2026-01-02T03:04:05+0000")
+    assert str(copy / "manifest.json") in said[str(copy)]
+    package = load_package(copy)  # hashes still verify: only the manifest was rewritten
+    assert verify_package(copy) == [] and (copy / "model.onnx").read_bytes() == model
+    (entry,) = package.manifest.held_out
+    section = result["by_rig"]["gain2-offset100"]
+    engine, best = section["methods"][f"engine:{copy}"], section["best_baseline"]
+    assert entry.data["simulated"] == "confocal-20fps" and entry.data["rig"] == "gain2-offset100"
+    assert entry.data["pairs"] == 2 and entry.data["truth"] == "high-quality"
+    assert entry.data["rig_definition"]["gain_adu_per_electron"] == 2.0
+    assert entry.psnr == pytest.approx(engine["psnr"]) and entry.ssim == pytest.approx(
+        engine["ssim"]
+    )
+    assert entry.best_baseline == best in ("gaussian", "nlm")
+    assert entry.baseline_psnr == pytest.approx(section["methods"][best]["psnr"])
+    assert entry.psnr is not None and entry.baseline_psnr is not None
+    assert entry.margin_db == pytest.approx(entry.psnr - entry.baseline_psnr)
+    assert entry.margin_db is not None and entry.margin_db < 0  # identity loses to a denoiser
+    assert entry.date == "2026-01-02T03:04:05+0000" and entry.scopecast_version
+    # the same data again replaces its entry; other data adds one
+    record_held_out(result)
+    assert len(load_package(copy).manifest.held_out) == 1
+    other = json.loads(json.dumps({**result, "samples": None}, default=str))
+    other["by_rig"]["gain2-offset100"]["info"]["field"] = [40, 40]
+    record_held_out(other)
+    assert len(load_package(copy).manifest.held_out) == 2
+    # a failed scoring is never recorded
+    before = (copy / "manifest.json").read_bytes()
+    other["by_rig"]["gain2-offset100"]["methods"][f"engine:{copy}"]["psnr"] = None
+    assert "not recorded" in record_held_out(other)[str(copy)]
+    assert (copy / "manifest.json").read_bytes() == before
+    # a manifest without held-out metrics is written as before the field existed
+    shipped = load_package("identity")
+    assert manifest_json(shipped.manifest) == (ZOO_DIR / "identity" / "manifest.json").read_text()
+
+
+def test_cli_rig_and_motion_sweep_with_record(tmp_path: Path) -> None:
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from bench.cli import app
+    from engines.package import ZOO_DIR, load_package
+
+    copy = tmp_path / "gaussian"
+    shutil.copytree(ZOO_DIR / "gaussian", copy)
+    runner = CliRunner(env={"COLUMNS": "300"})
+    args = ["quality", "--engine", str(copy), "--simulated", "confocal-20fps", "--pairs", "1",
+            "--field", "32", "--sequence", "2", "--motion", "0", "--motion", "2",
+            "--rig", "scmos-columns", "--rig", "wide-psf-dim", "--record", "--markdown",
+            "--out", str(tmp_path / "out")]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "| rig | px/frame | method |" in result.output
+    assert "| scmos-columns | 2 | raw |" in result.output
+    assert "| wide-psf-dim | 0 |" in result.output and "(best baseline)" in result.output
+    assert "recorded 4 held-out entries" in result.output
+    saved = json.loads((tmp_path / "out" / "quality.json").read_text())
+    assert list(saved["by_rig"]) == ["scmos-columns", "wide-psf-dim"]
+    assert list(saved["by_rig"]["wide-psf-dim"]["by_motion"]) == ["0", "2"]
+    held = load_package(copy).manifest.held_out
+    assert [(h.data["rig"], h.data["motion_px_per_frame"]) for h in held] == [
+        ("scmos-columns", 0.0), ("scmos-columns", 2.0), ("wide-psf-dim", 0.0),
+        ("wide-psf-dim", 2.0)]  # fmt: skip
+    rich = runner.invoke(app, [*args[:17], "--out", str(tmp_path / "b")])
+    assert rich.exit_code == 0, rich.output
+    assert "scmos-columns" in rich.output and "px/frame" in rich.output
+    bad = runner.invoke(app, [*args[:15], "--rig", "nope", "--out", str(tmp_path / "c")])
+    assert bad.exit_code == 2 and "unknown rig 'nope'" in bad.output
+
+
+def test_a_saved_calibration_profile_is_a_rig(tmp_path: Path) -> None:
+    """``--rig PATH``: the profile's camera and offset map (its centre, cut to the field)
+    record the frames and convert them; a flat field it cannot simulate is left out of both."""
+    from calibration.camera import CameraParams
+    from calibration.profile import CalibrationProfile
+    from calibration.sim.rigs import resolve_rig
+
+    columns = np.random.default_rng(3).normal(0, 8, 128)
+    offsets = (300 + np.tile(columns, (128, 1))).astype(np.float32)
+    camera = CameraParams(offset_adu=300, gain_adu_per_electron=3, read_noise_electrons=1.2)
+    profile = CalibrationProfile(rig="lab-scmos", pixel_size_um=0.1, camera=camera)
+    profile.with_arrays(offset_map=offsets, flat_field=np.ones((128, 128))).save(tmp_path / "p")
+    spec = resolve_rig(str(tmp_path / "p"))
+    assert spec is not None and spec.name == "lab-scmos" and "left out: flat_field" in spec.doc
+    data = _simulated(get_preset("confocal-20fps"), scale=1, pairs=1, history=1, sequence=0,
+                      seed=0, frame_field=32, progress=None, rig_spec=spec,
+                      rig_name=spec.name)  # fmt: skip
+    units = data.units
+    assert units is not None and units.flat_field is None and units.gain_adu_per_electron == 3
+    assert units.offset_map is not None
+    assert np.array_equal(units.offset_map, offsets[48:80, 48:80])  # the centre of the map
+    assert data.camera == camera and data.info["rig_definition"]["offset_map"] == [128, 128]
+    raw = data.pairs[0].frames[-1].astype(np.float64)
+    assert np.corrcoef(np.median(raw, axis=0), columns[48:80])[0, 1] > 0.8

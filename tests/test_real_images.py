@@ -251,6 +251,53 @@ def test_real_pairs_command_from_a_cached_wheel(tmp_path: Path) -> None:
     assert bad.exit_code == 2 and "LO,HI" in bad.output
 
 
+def test_make_pairs_with_held_out_rigs_and_the_rig_sweep_over_them(tmp_path: Path) -> None:
+    """`real-pairs --rig`: each rig's pairs in OUT/<rig> with its calibration profile; the
+    column rig's raw frames carry its column offsets (the dark background shows them), the
+    truth its camera's scalar offset; `bench quality --data OUT --rig ...` scores each rig with
+    the engines fed through that profile."""
+    from calibration.profile import CalibrationProfile
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    _wheel(cache / "stardist-0.0.1-py3-none-any.whl",
+           {SOURCES["stardist"].members: _tiff(_cells(100))})  # fmt: skip
+    out = tmp_path / "pairs"
+    runner = CliRunner(env={"COLUMNS": "300"})
+    run = runner.invoke(app, ["real-pairs", "--out", str(out), "--source", "stardist", "--cache",
+                              str(cache), "--field", "48", "--rig", "scmos-columns",
+                              "--rig", "wide-psf-dim"])  # fmt: skip
+    assert run.exit_code == 0, run.output
+    assert "(rig scmos-columns)" in run.output and "--rig scmos-columns --rig wide-psf-dim" in (
+        run.output)  # fmt: skip
+    low = tifffile.imread(out / "scmos-columns" / "low" / "stardist-img2d.tif").astype(float)
+    high = tifffile.imread(out / "scmos-columns" / "high" / "stardist-img2d.tif")
+    profile = CalibrationProfile.load(out / "scmos-columns" / "profile")
+    offsets = profile.array("offset_map")
+    assert offsets is not None and offsets.shape == low.shape == (48, 48)
+    assert profile.camera.gain_adu_per_electron == 1.5 and high.min() >= 200.0
+    pattern = offsets[0] - 200.0
+    assert float(np.std(pattern)) > 3
+    dim = high <= 200 + 0.02 * (high.max() - 200)  # hardly any light: the offsets show
+    cols = dim.sum(axis=0) >= 8
+    dark = np.array([np.median(low[dim[:, c], c]) for c in np.flatnonzero(cols)])
+    assert cols.sum() >= 24 and np.corrcoef(dark, pattern[cols])[0, 1] > 0.95
+    assert np.abs(dark - offsets[0][cols]).mean() < 2
+    info = json.loads((out / "wide-psf-dim" / "info.json").read_text())
+    assert info["rig"]["name"] == "wide-psf-dim" and info["brightness"]["stardist-img2d"] > 0
+    result = run_quality(engines=["gaussian"], data=out, baselines=["gaussian"],
+                         rigs=["scmos-columns", "wide-psf-dim"])  # fmt: skip
+    assert list(result["by_rig"]) == ["scmos-columns", "wide-psf-dim"]
+    section = result["by_rig"]["scmos-columns"]
+    assert section["info"]["rig"] == "scmos-columns" and "offset_map" in section["info"]["units"]
+    assert math.isfinite(section["methods"]["engine:gaussian"]["psnr"])
+    with pytest.raises(ValueError, match="no pairs for rig 'preset'"):
+        run_quality(engines=[], data=out, rigs=["preset"])
+    mixed = {"a": _cells(64), "b": _cells(80)}
+    with pytest.raises(ValueError, match="one frame shape"):
+        make_pairs(mixed, "confocal-20fps", 1, tmp_path / "mixed", rig="scmos-columns")
+
+
 # -- the real wheels --------------------------------------------------------------------------
 
 

@@ -442,6 +442,10 @@ def test_a_drawn_rigs_conversion_removes_its_column_pattern():
     assert np.ptp(dark[0].astype(float)) > 3  # a column pattern ...
     electrons = drawn.electrons((8, 16)).to_electrons(dark)
     assert np.abs(electrons).max() <= 0.5 / drawn.camera.gain_adu_per_electron + 1e-6  # ... gone
+    # a field rendered with a margin and cropped (PairRig.low) has the field's own pattern, the
+    # one training converts with
+    padded = drawn.offset_map((8 + 2 * 6, 16 + 2 * 6))
+    np.testing.assert_array_equal(padded[6:-6, 6:-6], drawn.offset_map((8, 16)))
 
 
 def test_randomization_needs_simulated_data(tmp_path):

@@ -65,18 +65,20 @@ def match_intensity(
 
 
 def degrade(model: ForwardModel, clean: np.ndarray, scale: int, dz: float,
-            rng: np.random.Generator) -> np.ndarray:  # fmt: skip
+            rng: np.random.Generator,
+            offset_map: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
     """A noisy low frame (uint16) of a raw-equivalent clean image on the target grid.
 
     ``model``'s fine grid is the target grid (``scan.downsample == scale``); the clean image's
     ADU above the camera offset become fine-grid photons ``(clean - offset) / (gain * qe *
-    scale**2)``, recorded at defocus ``dz`` from the model's focal plane.
+    scale**2)``, recorded at defocus ``dz`` from the model's focal plane, with ``offset_map``
+    (column and pixel offsets of the low frame) in place of the scalar offset when given.
     """
     cam = model.camera
     photons = np.asarray(clean, np.float32) - np.float32(cam.offset_adu)
     np.maximum(photons, 0, out=photons)
     photons *= np.float32(1 / (cam.gain_adu_per_electron * cam.quantum_efficiency * scale**2))
-    return model.record(photons, rng, z_um=model.focus_z_um + dz)
+    return model.record(photons, rng, z_um=model.focus_z_um + dz, offset_map=offset_map)
 
 
 def raw_equivalent(adu: np.ndarray, offset: float, k: float) -> np.ndarray:

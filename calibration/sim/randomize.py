@@ -133,18 +133,29 @@ class RigDraw:
         return base.model_copy(update=update)
 
     def offset_map(self, shape: tuple[int, int]) -> np.ndarray | None:
-        """The camera's offset with a fixed per-column pattern (None without one)."""
+        """The camera's offset with a fixed per-column pattern (None without one), anchored at
+        the frame's centre: column ``j`` of a frame ``w`` wide is the pattern's column
+        ``j - w // 2``, so a field rendered with a margin and cropped has the same pattern as
+        the field itself (an even margin on each side)."""
         if self.column_sd_adu == 0:
             return None
-        columns = np.random.default_rng([self.column_seed, 11]).normal(0, self.column_sd_adu,
-                                                                        shape[1])  # fmt: skip
-        row = np.maximum(self.camera.offset_adu + columns, 0).astype(np.float32)
-        return np.broadcast_to(row, shape).copy()
+        width = shape[1]
+        if width > _PATTERN_COLUMNS:
+            raise ValueError(f"frames wider than {_PATTERN_COLUMNS} px have no column pattern")
+        rng = np.random.default_rng([self.column_seed, 11])
+        columns = rng.normal(0, self.column_sd_adu, _PATTERN_COLUMNS)
+        start = _PATTERN_COLUMNS // 2 - width // 2
+        row = np.maximum(self.camera.offset_adu + columns[start : start + width], 0)
+        return np.broadcast_to(row.astype(np.float32), shape).copy()
 
     def electrons(self, shape: tuple[int, int]) -> Electrons:
         """ADU <-> electrons of this rig's frames of ``shape`` (column offsets included)."""
         return Electrons(self.camera.offset_adu, self.camera.gain_adu_per_electron,
                          offset_map=self.offset_map(shape), source="randomized rig")  # fmt: skip
+
+
+_PATTERN_COLUMNS = 16384
+"""Columns of the fixed pattern a drawn rig's frames take their centre columns from."""
 
 
 class RigRanges(BaseModel):
