@@ -334,6 +334,9 @@ def fidelity(
         ),
     ] = None,
     side: Annotated[int, typer.Option(help="raw frame side, px")] = 128,
+    scale: Annotated[
+        int | None, typer.Option(help="output px per raw px (default: the engines', else 2)")
+    ] = None,
     frames: Annotated[
         int, typer.Option(help="honest frames, and objects per kind x radius x SNR, per scene")
     ] = 10,
@@ -384,7 +387,7 @@ def fidelity(
         sides = [n for n in (cost or [512, 2048]) if n]
         return run_fidelity(engines=engine or [], preset=preset,
                             specimens=specimen or SPECIMENS, real=images, side=side,
-                            frames=frames, kinds=kind or KINDS, snrs=snr or SNRS,
+                            scale=scale, frames=frames, kinds=kind or KINDS, snrs=snr or SNRS,
                             radii=radius or RADII, false_alarms=FALSE_ALARMS,
                             column_sd_adu=column_offsets, cost_sides=sides, backend=backend,
                             progress=say)  # fmt: skip
@@ -768,7 +771,7 @@ def _fidelity_table(result: dict[str, Any]) -> Table:
         roc = "  ".join(f"{fmt(r['false_alarm'])}->{fmt(r['detection_snr5'])}" for r in s["roc"])
         table.add_row(source, "ROC: false alarms -> detection (SNR>=5)", roc, end_section=True)
     for n, c in (result.get("cost_ms") or {}).items():
-        table.add_row(f"{n}x{n}", "cost ms: full / noise only",
+        table.add_row(f"{n}x{n} x{c['scale']:g}", "cost ms: full / noise only",
                       f"{fmt(c['full_ms'])} / {fmt(c['noise_only_ms'])}; auto schedule 1 in "
                       f"{c['auto_every']}: {fmt(c['per_frame_ms'])} ms/frame")  # fmt: skip
     return table

@@ -506,23 +506,24 @@ def _bin_order(b: str) -> float:
 def measure_cost(sides: Sequence[int], progress: Progress | None = None,
                  runs: int = 7) -> dict[str, Any]:  # fmt: skip
     """Median time of the server's full check (chi-square, noise, scan, significance map) and of
-    the noise-only check, per frame side, on a simulated nuclei frame (2x engine output); the
-    automatic schedule (``serve --fidelity-every 0``) those costs give."""
+    the noise-only check, per raw frame side, on a simulated nuclei frame (a x2 output up to
+    512x512, the confocal case; x1 above, a 2048x2048 deblur); the automatic schedule
+    (``serve --fidelity-every 0``) those costs give."""
     from calibration.fidelity import CheckSchedule
 
     out: dict[str, Any] = {}
     for n in sides:
         if progress is not None:
             progress(f"cost at {n}x{n}")
-        scene = simulated_scenes("confocal-20fps", ["nuclei"], n, 2)[0]
+        scale = 2 if n <= 512 else 1  # the confocal preset's x2, a 2048x2048 deblur's x1
+        scene = simulated_scenes("confocal-20fps", ["nuclei"], n, scale)[0]
         rng = np.random.default_rng(0)
         raw = scene.record(scene.expected, rng)
         sigmas = default_sigmas(scene.psf_sigma_px)
-
-        full = partial(fidelity, scene.expected, raw, scene.camera, scale=2, noise=True,
+        full = partial(fidelity, scene.expected, raw, scene.camera, scale=scale, noise=True,
                        sigmas=sigmas, map_bin=MAP_BIN, pattern_in_output=True)  # fmt: skip
         noise = partial(noise_ratio, raw, raw, scene.camera)
-        row: dict[str, float] = {}
+        row: dict[str, float] = {"scale": scale}
         for name, fn in (("full_ms", full), ("noise_only_ms", noise)):
             fn()  # warm (the threshold's cache, the thread pool)
             times = []

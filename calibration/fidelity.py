@@ -71,8 +71,19 @@ class Fidelity:
 
 
 def predicted_raw(enhanced: np.ndarray, scale: int, scan: ScanParams | None = None) -> np.ndarray:
-    """The raw frame's expected ADU from an enhanced frame: bin by ``scale``, add the line phase."""
-    pred = bin_image(np.asarray(enhanced, dtype=np.float32), scale) / np.float32(scale * scale)
+    """The raw frame's expected ADU from an enhanced frame: bin by ``scale``, add the line phase.
+    A power-of-two scale takes 2x2 block means by strided sums (a reshaped sum over two axes
+    costs several times more). At scale 1 without a line phase the result is ``enhanced``
+    itself (as float32): read it, do not write it."""
+    e = np.asarray(enhanced, dtype=np.float32)
+    if scale > 1 and scale & (scale - 1) == 0 and not (e.shape[0] % scale or e.shape[1] % scale):
+        pred = e
+        for _ in range(scale.bit_length() - 1):
+            pred = _bin2(pred)
+    elif scale == 1:
+        pred = e  # read only below: no copy
+    else:
+        pred = bin_image(e, scale) / np.float32(scale * scale)
     if scan is not None and scan.bidirectional and scan.phase_px:
         pred = bidirectional_shift(pred, scan.phase_px)
     return pred
@@ -118,8 +129,9 @@ def fidelity(
     chi = np.square(r)
     rows, cols = (s // block * block for s in chi.shape)
     if rows and cols:
-        blocks = chi[:rows, :cols].reshape(rows // block, block, cols // block, block)
-        worst = float(blocks.mean(axis=(1, 3)).max())
+        strips = chi[:rows, :cols].reshape(rows // block, block, cols).sum(axis=1)
+        worst = float(strips.reshape(rows // block, cols // block, block).sum(axis=2).max())
+        worst /= block * block
     else:
         worst = float(chi.mean())
     ratio = None
@@ -564,6 +576,31 @@ def _skewness(noise: tuple[np.ndarray, CameraParams], f: _Filter, y: int, x: int
     return float((w**3 * c).sum() / (w**2).sum() ** 1.5)
 
 
+#: Above this many pixels past the threshold a filter's regions are its excursion set's
+#: connected components (``ndimage.label``: a pass over the whole frame); below, its peaks
+#: (:func:`_peaks`: only those pixels).
+LABEL_FROM = 4096
+
+
+def _peaks(idx: np.ndarray, val: np.ndarray, width: int, radius: float) -> np.ndarray:
+    """Indices into ``idx`` (flat positions in rows of ``width``) of the strongest ``val``
+    each, greedily: the strongest pixel, then the strongest farther than ``radius`` from every
+    one kept, at most :data:`PEAKS`. A smooth field's excursion is a blob about the filter's
+    size, so this keeps one peak per blob, as its connected component would."""
+    order = np.argsort(-val)
+    ys, xs = np.divmod(idx[order], width)
+    alive = np.ones(order.size, bool)
+    kept: list[int] = []
+    for i in range(order.size):
+        if not alive[i]:
+            continue
+        kept.append(int(order[i]))
+        if len(kept) >= PEAKS:
+            break
+        alive &= (ys - ys[i]) ** 2 + (xs - xs[i]) ** 2 > radius * radius
+    return np.asarray(kept, dtype=np.intp)
+
+
 def _regions(
     z: np.ndarray,
     u: float,
@@ -585,13 +622,16 @@ def _regions(
         mask = z > u if sign > 0 else z < -(u if candidate is None else candidate)
         if not mask.any():
             continue
-        labels, _ = ndimage.label(mask)
         signed = z if sign > 0 else -z
-        idx = np.flatnonzero(mask)  # few pixels: each component's peak from them alone
-        lab, val = labels.ravel()[idx], signed.ravel()[idx]
-        order = np.lexsort((-val, lab))  # by label, strongest first within each
-        first = order[np.r_[True, lab[order][1:] != lab[order][:-1]]]
-        first = first[np.argsort(-val[first])][:PEAKS]  # the strongest components
+        idx = np.flatnonzero(mask)  # few pixels: each peak from them alone
+        val = signed.ravel()[idx]
+        if idx.size > LABEL_FROM:  # a large excursion: the peaks of its connected components
+            lab = ndimage.label(mask)[0].ravel()[idx]
+            order = np.lexsort((-val, lab))  # by label, strongest first within each
+            first = order[np.r_[True, lab[order][1:] != lab[order][:-1]]]
+            first = first[np.argsort(-val[first])][:PEAKS]  # the strongest components
+        else:
+            first = _peaks(idx, val, z.shape[1], max(2, f.order))
         for y, x in zip(*np.unravel_index(idx[first], z.shape), strict=True):
             value = float(z[y, x])
             if noise is not None:
@@ -630,8 +670,10 @@ class _MapPool:
             if rows <= 0 or cols <= 0:
                 return
             whole = z[r0 : r0 + rows * k, c0 : c0 + cols * k].reshape(rows, k, cols * k)
-            hi = whole.max(axis=1).reshape(rows, cols, k).max(axis=2)
-            lo = whole.min(axis=1).reshape(rows, cols, k).min(axis=2)
+            hi, lo = (
+                _column_blocks(whole.max(axis=1), k, np.maximum),
+                _column_blocks(whole.min(axis=1), k, np.minimum),
+            )
             cell = np.where(hi >= -lo, hi, lo)
         else:  # one binned px covers k x k cells
             k = f.d // self.bin
@@ -646,6 +688,15 @@ class _MapPool:
             cell = cell[:rows, :cols]
         target = self.map[y0 : y0 + rows, x0 : x0 + cols]
         np.copyto(target, cell, where=np.abs(cell) > np.abs(target))
+
+
+def _column_blocks(a: np.ndarray, k: int, op: np.ufunc) -> np.ndarray:
+    """``op`` (maximum or minimum) over each run of ``k`` columns of ``a``, by strided slices
+    (a reduction over a short last axis is several times slower)."""
+    out = a[:, 0::k].copy()
+    for j in range(1, k):
+        op(out, a[:, j::k], out=out)
+    return out
 
 
 def scan(

@@ -214,12 +214,14 @@ def run_with_server(
     status_every_s: float = 0.5,
     also: Sequence[Any] = (),
     on_started: Callable[[dict[str, str]], None] | None = None,
+    profile: Path | None = None,
 ) -> tuple[dict[str, Any], ServerStatus | dict[str, Any]]:
     """Run ``sequence`` into ``scopecast serve`` started in another process on free loopback
     ports; stop it once every sent frame arrived; return (hook summary, server summary).
 
     ``on_started`` gets the endpoints ``{"listen", "publish", "control"}`` once the server is
-    ready and before the acquisition starts (e.g. to connect a PUB subscriber).
+    ready and before the acquisition starts (e.g. to connect a PUB subscriber). ``profile``: the
+    server's ``--profile`` (units and the live fidelity check).
     ``on_progress`` gets the server's latest status (None before the first answer).
 
     A server that cannot start for an expected reason (unknown or tampered engine) raises
@@ -237,6 +239,8 @@ def run_with_server(
         cmd += ["--engine", str(name)]
     if threads:
         cmd += ["--threads", str(threads)]
+    if profile is not None:
+        cmd += ["--profile", str(profile)]
     # the server's output outlives several exits below; each path closes both files
     log_file = tempfile.TemporaryFile("w+")  # noqa: SIM115
     out_file = tempfile.TemporaryFile("w+")  # noqa: SIM115

@@ -526,6 +526,13 @@ def demo(
         bool, typer.Option(help="also run the live viewer (`scopecast view`) and print its URL")
     ] = False,
     view_port: Annotated[int, typer.Option(help="the viewer's web port (0: any free one)")] = 8765,
+    profile: Annotated[
+        str | None,
+        typer.Option(
+            help="calibration profile for the server (units, live fidelity check): 'preset' "
+            "(the simulated rig's own, saved under OUT/profiles/PRESET) or a profile folder"
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
 ) -> None:
     """Simulated microscope -> hook -> engine server (another process) -> OME-TIFF + PUB.
@@ -552,6 +559,7 @@ def demo(
         engines = engine or [scope.preset.engine]
         for name in engines:  # before starting anything: an unknown engine is one line
             find_package(name)
+        profile_dir = _demo_profile(profile, scope.preset, out_dir)
 
         def status_line(hook: Any, s: ServerStatus | None) -> str:
             if s is None:
@@ -595,6 +603,7 @@ def demo(
                         task, completed=h.frames_seen, status=status_line(h, s)
                     ),
                     on_started=started,
+                    profile=profile_dir,
                 )
             except acq.ServerFailed as e:
                 bar.stop()
@@ -626,6 +635,14 @@ def demo(
         },
         "files": server.files,
     }
+    if profile_dir is not None:
+        result["fidelity"] = {
+            "profile": str(profile_dir),
+            "frames_checked": server.frames_checked,
+            "fidelity_every": server.fidelity_every,
+            "frames_flagged": server.frames_flagged,
+            "mismatch": server.fidelity_mismatch,
+        }
     if as_json:
         print(json.dumps(result), flush=True)
     else:
@@ -645,6 +662,21 @@ def demo(
     if problems:
         _warning("; ".join(problems))
         raise typer.Exit(1)
+
+
+def _demo_profile(profile: str | None, preset: Any, out_dir: Path) -> Path | None:
+    """The profile folder ``demo --profile`` names: 'preset' writes the simulated rig's own
+    (its first channel's optics) under OUT/profiles/PRESET; anything else is a folder."""
+    if profile is None:
+        return None
+    if profile != "preset":
+        return Path(profile)
+    from calibration.sim.pairs import PairRig
+    from calibration.sim.rigs import rig_profile
+
+    folder = out_dir / "profiles" / preset.name
+    rig_profile(preset.name, PairRig(preset).fast, None, preset.pixel_size_um).save(folder)
+    return folder
 
 
 def _backend(status: ServerStatus | dict[str, Any]) -> str:

@@ -288,6 +288,30 @@ def test_demo_prints_its_endpoints_so_status_reaches_it(tmp_path) -> None:
     assert json.loads(out.strip().splitlines()[-1])["endpoints"] == endpoints
 
 
+@pytest.mark.slow
+def test_demo_checks_fidelity_with_the_presets_profile_and_says_when_one_does_not_match(
+    tmp_path,
+) -> None:
+    """--profile preset: every frame's noise and the scheduled full check, no mismatch; the same
+    profile with the gain doubled: the alarm fires (after MISMATCH_RUN = 10 frames of 40)."""
+    from calibration.profile import CalibrationProfile
+
+    ok = scopecast("demo", "--engine", "identity", "--duration", "2", "--profile", "preset",
+                   "--out", str(tmp_path / "a"), "--json")  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    fid = json.loads(ok.stdout)["fidelity"]
+    assert fid["mismatch"] is None and fid["frames_checked"] >= 1 and fid["fidelity_every"] >= 1
+    saved = CalibrationProfile.load(tmp_path / "a" / "profiles" / "confocal-20fps")
+    wrong = saved.updated(camera=saved.camera.model_copy(
+        update={"gain_adu_per_electron": 2 * saved.camera.gain_adu_per_electron}))  # fmt: skip
+    wrong.save(tmp_path / "wrong")
+    bad = scopecast("demo", "--engine", "identity", "--duration", "2", "--profile",
+                    str(tmp_path / "wrong"), "--out", str(tmp_path / "b"), "--json")  # fmt: skip
+    assert bad.returncode == 0, bad.stderr
+    mismatch = json.loads(bad.stdout)["fidelity"]["mismatch"]
+    assert mismatch and "does not match this camera" in mismatch and "low" in mismatch
+
+
 def test_demo_unknown_engine_is_one_line_naming_the_known_ones(tmp_path) -> None:
     r = scopecast("demo", "--engine", "unknown", "--duration", "1", "--out", str(tmp_path))
     assert r.returncode == 2
