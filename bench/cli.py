@@ -361,6 +361,13 @@ def fidelity(
             help="each scene again with per-column camera offsets of this sd (ADU; 0: none)"
         ),
     ] = 4.0,
+    peak_photons: Annotated[
+        float,
+        typer.Option(
+            help="photons at a scene's brightest raw pixel before the PSF (the "
+            "confocal preset's order: 20)"
+        ),
+    ] = 20.0,
     cost: Annotated[
         list[int] | None,
         typer.Option(
@@ -390,7 +397,7 @@ def fidelity(
                             scale=scale, frames=frames, kinds=kind or KINDS, snrs=snr or SNRS,
                             radii=radius or RADII, false_alarms=FALSE_ALARMS,
                             column_sd_adu=column_offsets, cost_sides=sides, backend=backend,
-                            progress=say)  # fmt: skip
+                            peak_photons=peak_photons, progress=say)  # fmt: skip
 
     def say(message: str) -> None:
         err.print(message, highlight=False, markup=False)
@@ -757,7 +764,8 @@ def _fidelity_table(result: dict[str, Any]) -> Table:
     op = f"{result['operating_point']:g}"
     u = fmt(result["thresholds"].get(op))
     table = Table("source", "what", "value", title=f"fidelity check, {result['preset']}, "
-                  f"{result['side_raw_px']} raw px, x{result['scale']}, threshold |z| > {u} "
+                  f"{result['side_raw_px']} raw px, x{result['scale']}, "
+                  f"{result['peak_photons']:g} photons at the brightest, threshold |z| > {u} "
                   f"at {op} false alarms/frame, one run")  # fmt: skip
     for source, s in result["by_source"].items():
         lo, hi = s["chi2_range"]

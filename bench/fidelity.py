@@ -349,6 +349,7 @@ def run_fidelity(*, engines: Sequence[str] = (), preset: str = "confocal-20fps",
                  radii: Sequence[float] = RADII,
                  false_alarms: Sequence[float] = FALSE_ALARMS, column_sd_adu: float = 4.0,
                  cost_sides: Sequence[int] = COST_SIDES, backend: str = "auto", seed: int = 0,
+                 peak_photons: float = PEAK_PHOTONS,
                  progress: Progress | None = None) -> dict[str, Any]:  # fmt: skip
     """Plant, check, count; see the module's docstring. ``frames``: honest frames and planted
     objects per (source, kind, radius, SNR) per scene. ``column_sd_adu`` > 0 adds each scene
@@ -365,9 +366,11 @@ def run_fidelity(*, engines: Sequence[str] = (), preset: str = "confocal-20fps",
         scale = scale or (scales.pop() if scales else 2)
         if chains and scale != next(iter(chains.values())).scale:
             raise ValueError(f"--scale {scale} differs from the engines' scale")
-        scenes = simulated_scenes(preset, specimens, side, scale, seed)
+        if not (math.isfinite(peak_photons) and peak_photons > 0):
+            raise ValueError(f"peak photons {peak_photons} must be > 0")
+        scenes = simulated_scenes(preset, specimens, side, scale, seed, peak_photons)
         if real:
-            scenes += real_scenes(real, preset, side, scale)
+            scenes += real_scenes(real, preset, side, scale, peak_photons)
         if not scenes:
             raise ValueError("no scene: name a specimen or a real image at least --side x scale")
         if column_sd_adu > 0:
@@ -411,7 +414,8 @@ def run_fidelity(*, engines: Sequence[str] = (), preset: str = "confocal-20fps",
             "scenes": [s.name for s in scenes], "sources": sources,
             "psf_sigma_px": scenes[0].psf_sigma_px, "scan_scales_px": list(sigmas),
             "thresholds": thresholds, "operating_point": OPERATING_POINT,
-            "column_sd_adu": column_sd_adu, "cost_ms": measure_cost(cost_sides, progress),
+            "column_sd_adu": column_sd_adu, "peak_photons": peak_photons,
+            "cost_ms": measure_cost(cost_sides, progress),
         })  # fmt: skip
         return result
     finally:

@@ -601,6 +601,19 @@ def _peaks(idx: np.ndarray, val: np.ndarray, width: int, radius: float) -> np.nd
     return np.asarray(kept, dtype=np.intp)
 
 
+def _normal_equivalent(x: float, g: float) -> float:
+    """The standard normal value as far out in its tail as ``x`` is in the tail of a
+    distribution of skewness ``g`` (Cornish-Fisher, first order: ``x = z + g (z**2 - 1) / 6``).
+    Above the mean the expansion is solved for ``z`` (monotone in ``x``; the linearised
+    ``x - g (x**2 - 1) / 6`` turns back down past ``x = 3 / g``, so a strong excess of signal
+    would look weak); below it the linearised form, which the false-alarm rate was measured
+    with."""
+    a = g / 6
+    if x <= 0 or a <= 1e-9:
+        return x - a * (x * x - 1)
+    return (math.sqrt(1 + 4 * a * (x + a)) - 1) / (2 * a)
+
+
 def _regions(
     z: np.ndarray,
     u: float,
@@ -635,7 +648,7 @@ def _regions(
         for y, x in zip(*np.unravel_index(idx[first], z.shape), strict=True):
             value = float(z[y, x])
             if noise is not None:
-                value -= _skewness(noise, f, y + row, x) * (value * value - 1) / 6
+                value = _normal_equivalent(value, _skewness(noise, f, y + row, x))
             if abs(value) <= u:
                 continue
             cy, cx = ((i + shift + 0.5) * f.d - 0.5 for i in (y + row, x))  # on the raw grid
