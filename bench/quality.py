@@ -270,8 +270,9 @@ def _simulated(preset: Preset, *, scale: int, pairs: int, history: int, sequence
 
     ``baseline_frames`` above ``history`` prepends the frames a temporal baseline uses, drawn
     from a noise stream of their own: every other frame stays as it was without them.
-    ``motion_px`` moves the specimen at that many output px (raw px / scale) per frame along
-    :data:`MOTION_DIRECTION`: each frame is rendered at its own stage position, sub-pixel, and
+    ``motion_px`` moves the stage (the field of view) that many output px (raw px / scale) per
+    frame along :data:`MOTION_DIRECTION`, so the specimen moves the opposite way across the
+    frame: each frame is rendered at its own stage position, sub-pixel, and
     degraded by the same forward model; the truth is at the scored (last) frame's position.
     In a sweep (``motion_px`` not None, 0 included) each frame draws its noise from a stream of
     its own, so every speed has the same instants, positions, scored frames and truths: only
@@ -478,7 +479,17 @@ def _folder(folder: Path, match: bool, progress: Progress | None) -> _Data:
         data.psf_sigma_px = psf_sigma_um(rig.fast.optics) / preset.pixel_size_um
         info["real_pairs"] = {
             k: rig_info.get(k)
-            for k in ("preset", "channel", "scale", "defocus_um", "history", "seed", "field")
+            for k in (
+                "preset",
+                "channel",
+                "scale",
+                "defocus_um",
+                "history",
+                "seed",
+                "field",
+                "motion_px_per_frame",
+                "motion_direction_xy",
+            )
         }
         if isinstance(rig_info.get("rig"), dict):
             _folder_rig(folder, rig_info["rig"], data)

