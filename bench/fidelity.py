@@ -216,10 +216,13 @@ def _scaled(scene: Scene, d: np.ndarray, snr: float, base: np.ndarray, added: bo
     def excess(a: float) -> float:
         return a * _snr(scene, d, base + np.float32(a) * d if added else base) - snr
 
-    hi = snr / max(_snr(scene, d, base), 1e-12)  # the answer without the variance's growth
+    a = snr / max(_snr(scene, d, base), 1e-12)  # the answer when the variance does not grow
+    if not added:
+        return d * np.float32(a)
+    hi = a
     while excess(hi) < 0:
         hi *= 2
-    return d * np.float32(brentq(excess, 0.0, hi, rtol=1e-6) if added else hi)
+    return d * np.float32(brentq(excess, 0.0, hi, rtol=1e-6))
 
 
 def _on_structure(scene: Scene, margin: float, rng: np.random.Generator) -> tuple[float, float]:

@@ -22,11 +22,12 @@ def scene():
 @pytest.mark.parametrize("kind", ["invented", "removed", "patch"])
 def test_a_planted_object_has_the_asked_snr(scene, kind):
     rng = np.random.default_rng(1)
-    p = plant(scene, kind, 2 * scene.psf_sigma_px, 6.0, scene.expected, rng)
-    assert p is not None
-    change = p.output - scene.expected if kind != "removed" else p.recorded - scene.expected
-    checked = p.output  # the check's variance is the output's prediction's
-    assert _snr(scene, change, checked) == pytest.approx(6.0, rel=1e-3)
+    for _ in range(20):  # places and shapes differ: every one at the asked SNR
+        p = plant(scene, kind, 2 * scene.psf_sigma_px, 6.0, scene.expected, rng)
+        assert p is not None
+        change = p.output - scene.expected if kind != "removed" else p.recorded - scene.expected
+        checked = p.output  # the check's variance is the output's prediction's
+        assert _snr(scene, change, checked) == pytest.approx(6.0, rel=1e-3)
     assert (kind == "removed") == (p.output is scene.expected)
     assert scene.expected.std() > 0  # the field has structure (patches copy it)
 
