@@ -40,6 +40,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack, closing
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -56,9 +57,11 @@ from calibration.fidelity import (
     default_sigmas,
     fidelity,
     noise_ratio,
+    predicted_raw,
     scan_threshold,
 )
 from calibration.optics import psf_sigma_um
+from calibration.scan import ScanParams
 from calibration.sim.pairs import bin_mean
 from calibration.sim.presets import get_preset
 from calibration.sim.specimen import SPECIMEN_KINDS, View
@@ -95,7 +98,8 @@ class Scene:
     """A truth for the check: ``expected`` is the perfect enhanced frame (``scale`` x the raw
     grid, raw-equivalent ADU: its ``scale x scale`` block means are the raw frame's expected
     ADU); the raw frames are recorded from it by ``camera`` with ``offset_map`` (raw grid,
-    None: the scalar offset) as their fixed pattern."""
+    None: the scalar offset) as their fixed pattern, through ``scan`` (a bidirectional scan's
+    line phase; the output, like a learned engine's trained on slow-scan targets, has none)."""
 
     name: str
     expected: np.ndarray
@@ -103,6 +107,13 @@ class Scene:
     camera: CameraParams
     psf_sigma_px: float
     offset_map: np.ndarray | None = None
+    scan: ScanParams | None = None
+
+    @property
+    def units(self) -> Electrons:
+        """The scene's camera as ``serve --profile`` converts it (offset map included)."""
+        return Electrons(self.camera.offset_adu, self.camera.gain_adu_per_electron,
+                         offset_map=self.offset_map, source=self.name)  # fmt: skip
 
     @property
     def raw_shape(self) -> tuple[int, int]:
@@ -110,12 +121,14 @@ class Scene:
 
     def record(self, fine: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """A raw frame (uint16) whose expectation is ``fine`` binned to the raw grid."""
-        photons = np.maximum(photons_from_adu(bin_mean(fine, self.scale), self.camera), 0)
+        mean = self.raw_mean(fine)
+        photons = np.maximum(photons_from_adu(mean, self.camera), 0)
         return record(photons, self.camera, rng, offset_map=self.offset_map)
 
-    def raw_difference(self, fine_difference: np.ndarray) -> np.ndarray:
-        """What a change of the output makes of the raw frame's expectation (ADU)."""
-        return bin_mean(fine_difference, self.scale)
+    def raw_mean(self, fine: np.ndarray) -> np.ndarray:
+        """The raw frame's expectation (ADU) of an output (or what a change of the output
+        changes of it): binned, the line phase added."""
+        return predicted_raw(fine, self.scale, self.scan)
 
 
 def _photons_to_expected(image: np.ndarray, camera: CameraParams, scale: int,
@@ -153,7 +166,8 @@ def simulated_scenes(preset_name: str, kinds: Sequence[str], side: int, scale: i
             if hi > 0 and 0.05 < float(np.mean(image > 0.2 * hi)) < 0.7:
                 break
         expected = _photons_to_expected(image, preset.camera, scale, psf_px, peak)
-        scenes.append(Scene(f"sim-{kind}", expected, scale, preset.camera, psf_px))
+        scenes.append(Scene(f"sim-{kind}", expected, scale, preset.camera, psf_px,
+                            scan=preset.scan))  # fmt: skip
     return scenes
 
 
@@ -176,7 +190,7 @@ def real_scenes(images: dict[str, np.ndarray], preset_name: str, side: int, scal
         y, x = ((s - n) // 2 for s in img.shape)
         expected = _photons_to_expected(img[y : y + n, x : x + n], preset.camera, scale,
                                         psf_px, peak)  # fmt: skip
-        scenes.append(Scene(name, expected, scale, preset.camera, psf_px))
+        scenes.append(Scene(name, expected, scale, preset.camera, psf_px, scan=preset.scan))
     return scenes
 
 
@@ -187,7 +201,8 @@ def with_column_pattern(scene: Scene, sd_adu: float, seed: int = 7) -> Scene:
     columns = rng.normal(0.0, sd_adu, cols).astype(np.float32)
     offset = np.float32(scene.camera.offset_adu) + np.broadcast_to(columns, (rows, cols))
     return Scene(f"{scene.name}+columns{sd_adu:g}", scene.expected, scene.scale, scene.camera,
-                 scene.psf_sigma_px, np.maximum(offset, 0).astype(np.float32))  # fmt: skip
+                 scene.psf_sigma_px, np.maximum(offset, 0).astype(np.float32),
+                 scene.scan)  # fmt: skip
 
 
 # -- planting -----------------------------------------------------------------------------------
@@ -201,7 +216,7 @@ def _gaussian(shape: tuple[int, int], y: float, x: float, sigma: float) -> np.nd
 def _snr(scene: Scene, fine_difference: np.ndarray, checked: np.ndarray) -> float:
     """The matched-filter SNR of a change of the output in the raw data, against the noise
     the check assumes: the variance at the ``checked`` output's prediction."""
-    d = scene.raw_difference(fine_difference)
+    d = scene.raw_mean(fine_difference)
     var = variance_at_mean(bin_mean(checked, scene.scale), scene.camera)
     return float(np.sqrt(np.sum(d * d / var)))
 
@@ -301,32 +316,33 @@ def _matching_z(scan: Scan, p: Plant, scale: int) -> float:
                default=0.0)  # fmt: skip
 
 
-def _check(scene: Scene, output: np.ndarray, raw: np.ndarray, loosest: float) -> Any:
-    """The server's check (every region kept, at the loosest false-alarm rate asked)."""
-    return fidelity(output, raw, scene.camera, scale=scene.scale, offset_map=scene.offset_map,
-                    pattern_in_output=False, sigmas=default_sigmas(scene.psf_sigma_px),
-                    false_alarm=loosest, max_regions=10_000)  # fmt: skip
+def _check(scene: Scene, output: np.ndarray, raw: np.ndarray, loosest: float,
+           pattern_in_output: bool = False) -> Any:  # fmt: skip
+    """The server's check (every region kept, at the loosest false-alarm rate asked), the line
+    phase put back into the prediction; ``pattern_in_output``: the output carries the camera's
+    offset map (an engine's, converted back with the scene's units), a perfect output not."""
+    return fidelity(output, raw, scene.camera, scale=scene.scale, scan=scene.scan,
+                    offset_map=scene.offset_map, pattern_in_output=pattern_in_output,
+                    sigmas=default_sigmas(scene.psf_sigma_px), false_alarm=loosest,
+                    max_regions=10_000)  # fmt: skip
 
 
-# -- engines ------------------------------------------------------------------------------------
-
-
-def _outputs(source: str, chains: dict[str, EngineChain],
-             scene: Scene) -> Output:  # fmt: skip
-    """``output(raw, truth)``: what ``source`` makes of a raw frame recorded from ``truth``
-    (fine grid): the perfect output is ``truth`` itself whatever the noise; an engine's is its
-    output after a warm-up on frames of the scene (a static field: the ring and the previous
-    output settle, as live)."""
-    if source == "perfect":
-        return lambda raw, truth: truth
-    chain = chains[source]
+def _engine_output(chain: EngineChain, scene: Scene) -> Output:
+    """``output(raw, truth)``: the engine's output of a raw frame after a warm-up on frames of
+    the scene (a static field: the ring and the previous output settle, as live)."""
     warm = [scene.record(scene.expected, np.random.default_rng(i)) for i in range(WARMUP)]
     return lambda raw, truth: np.asarray(_run_chain(chain, [*warm, raw])[-1][1], np.float32)
 
 
+def _perfect_output(raw: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """The perfect output of a raw frame recorded from ``truth``: ``truth``, whatever the
+    noise."""
+    return truth
+
+
 def _trial(scene: Scene, output: Output, kind: str,
            radius_px: float, snr: float | None, rng: np.random.Generator,
-           loosest: float) -> tuple[float, float] | None:  # fmt: skip
+           loosest: float, pattern: bool) -> tuple[float, float] | None:  # fmt: skip
     """One planted object: (its raw SNR, the significance the check gave it), or None when
     it could not be planted. ``removed``: the raw frame holds the object, the source's output
     of it has the object taken out."""
@@ -338,7 +354,7 @@ def _trial(scene: Scene, output: Output, kind: str,
         raw = scene.record(p.recorded, rng)
         taken_out = output(raw, p.recorded) - (p.recorded - scene.expected)
         p = Plant(kind, p.y, p.x, p.radius_px, p.snr, taken_out, p.recorded)
-    f = _check(scene, p.output, raw, loosest)
+    f = _check(scene, p.output, raw, loosest, pattern)
     return p.snr, _matching_z(f.scan, p, scene.scale)
 
 
@@ -356,74 +372,79 @@ def run_fidelity(*, engines: Sequence[str] = (), preset: str = "confocal-20fps",
                  progress: Progress | None = None) -> dict[str, Any]:  # fmt: skip
     """Plant, check, count; see the module's docstring. ``frames``: honest frames and planted
     objects per (source, kind, radius, SNR) per scene. ``column_sd_adu`` > 0 adds each scene
-    once more, recorded by a camera with that column pattern."""
+    once more, recorded by a camera with that column pattern. Engines are opened for each
+    scene with its camera's units, as ``serve --profile`` opens them."""
     _check_args(kinds, snrs, radii, false_alarms, frames, side, cost_sides)
-    chains: dict[str, EngineChain] = {}
-    try:
-        for name in engines:
-            chains[name] = _open(name, backend, Electrons.from_camera(get_preset(preset).camera))
-        scales = {c.scale for c in chains.values()}
-        if len(scales) > 1:
-            raise ValueError(f"the engines have different scales {sorted(scales)}: bench one "
-                             "scale at a time")  # fmt: skip
-        scale = scale or (scales.pop() if scales else 2)
-        if chains and scale != next(iter(chains.values())).scale:
-            raise ValueError(f"--scale {scale} differs from the engines' scale")
-        if not (math.isfinite(peak_photons) and peak_photons > 0):
-            raise ValueError(f"peak photons {peak_photons} must be > 0")
-        scenes = simulated_scenes(preset, specimens, side, scale, seed, peak_photons)
-        if real:
-            scenes += real_scenes(real, preset, side, scale, peak_photons)
-        if not scenes:
-            raise ValueError("no scene: name a specimen or a real image at least --side x scale")
-        if column_sd_adu > 0:
-            scenes += [with_column_pattern(s, column_sd_adu) for s in scenes]
-        loosest = max(false_alarms)
-        raw_shape = scenes[0].raw_shape
-        sigmas = default_sigmas(scenes[0].psf_sigma_px)
-        thresholds = {f"{fa:g}": scan_threshold(raw_shape, sigmas, fa) for fa in false_alarms}
-        sources = ["perfect", *chains]
-        honest: dict[str, dict[str, Any]] = {}
-        trials: list[dict[str, Any]] = []
-        rng = np.random.default_rng(seed)
-        for si, scene in enumerate(scenes):
-            for source in sources:
-                if progress is not None:
-                    progress(f"scene {si + 1}/{len(scenes)} {scene.name}: {source}")
-                output = _outputs(source, chains, scene)
+    if not (math.isfinite(peak_photons) and peak_photons > 0):
+        raise ValueError(f"peak photons {peak_photons} must be > 0")
+    scales = set()
+    for name in engines:
+        with closing(_open(name, backend, Electrons.from_camera(get_preset(preset).camera))) as c:
+            scales.add(c.scale)
+    if len(scales) > 1:
+        raise ValueError(f"the engines have different scales {sorted(scales)}: bench one scale "
+                         "at a time")  # fmt: skip
+    if scale is not None and scales and scale not in scales:
+        raise ValueError(f"--scale {scale} differs from the engines' scale {scales.pop()}")
+    scale = scale or (scales.pop() if scales else 2)
+    scenes = simulated_scenes(preset, specimens, side, scale, seed, peak_photons)
+    if real:
+        scenes += real_scenes(real, preset, side, scale, peak_photons)
+    if not scenes:
+        raise ValueError("no scene: name a specimen or a real image at least --side x scale")
+    if column_sd_adu > 0:
+        scenes += [with_column_pattern(s, column_sd_adu) for s in scenes]
+    loosest = max(false_alarms)
+    sigmas = default_sigmas(scenes[0].psf_sigma_px)
+    thresholds = {f"{fa:g}": scan_threshold(scenes[0].raw_shape, sigmas, fa)
+                  for fa in false_alarms}  # fmt: skip
+    sources = ["perfect", *engines]
+    honest: dict[str, dict[str, Any]] = {}
+    trials: list[dict[str, Any]] = []
+    rng = np.random.default_rng(seed)
+    for si, scene in enumerate(scenes):
+        for source in sources:
+            if progress is not None:
+                progress(f"scene {si + 1}/{len(scenes)} {scene.name}: {source}")
+            with ExitStack() as stack:
+                if source == "perfect":
+                    output, pattern = _perfect_output, False
+                else:  # its output carries the offset map, converted back with the units
+                    chain = stack.enter_context(closing(_open(source, backend, scene.units)))
+                    output, pattern = _engine_output(chain, scene), True
                 chi2, max_z = [], []
                 for _ in range(frames):
                     raw = scene.record(scene.expected, rng)
-                    f = _check(scene, output(raw, scene.expected), raw, loosest)
+                    f = _check(scene, output(raw, scene.expected), raw, loosest, pattern)
                     chi2.append(f.chi2)
                     max_z.append(max((g.z for g in f.scan.regions), default=0.0))
                 h = honest.setdefault(source, {"chi2": {}, "max_z": []})
                 h["chi2"][scene.name] = float(np.median(chi2))
                 h["max_z"] += max_z
-                for kind in kinds:
-                    for k in radii:
-                        for snr in snrs if kind != "shifted" else [None]:
-                            for _ in range(frames):
-                                z = _trial(scene, output, kind, k * scene.psf_sigma_px, snr,
-                                           rng, loosest)  # fmt: skip
-                                if z is not None:
-                                    trials.append({"source": source, "scene": scene.name,
-                                                   "kind": kind, "radius_psf": k,
-                                                   "snr": z[0], "z": z[1]})  # fmt: skip
-        result = _summarize(honest, trials, thresholds, kinds, snrs, radii)
-        result.update({
-            "kind": "fidelity", "preset": preset, "scale": scale, "side_raw_px": side,
-            "frames": frames,
-            "scenes": [s.name for s in scenes], "sources": sources,
-            "psf_sigma_px": scenes[0].psf_sigma_px, "scan_scales_px": list(sigmas),
-            "thresholds": thresholds, "operating_point": OPERATING_POINT,
-            "column_sd_adu": column_sd_adu, "peak_photons": peak_photons,
-            "cost_ms": measure_cost(cost_sides, progress),
-        })  # fmt: skip
-        return result
-    finally:
-        for chain in chains.values():
-            chain.close()
+                for kind, k, snr in _cases(kinds, radii, snrs):
+                    for _ in range(frames):
+                        z = _trial(scene, output, kind, k * scene.psf_sigma_px, snr, rng,
+                                   loosest, pattern)  # fmt: skip
+                        if z is not None:
+                            trials.append({"source": source, "scene": scene.name, "kind": kind,
+                                           "radius_psf": k, "snr": z[0], "z": z[1]})  # fmt: skip
+    result = _summarize(honest, trials, thresholds, kinds, snrs, radii)
+    result.update({
+        "kind": "fidelity", "preset": preset, "scale": scale, "side_raw_px": side,
+        "frames": frames, "scenes": [s.name for s in scenes], "sources": sources,
+        "psf_sigma_px": scenes[0].psf_sigma_px, "scan_scales_px": list(sigmas),
+        "thresholds": thresholds, "operating_point": OPERATING_POINT,
+        "column_sd_adu": column_sd_adu, "peak_photons": peak_photons,
+        "cost_ms": measure_cost(cost_sides, progress),
+    })  # fmt: skip
+    return result
+
+
+def _cases(kinds: Sequence[str], radii: Sequence[float],
+           snrs: Sequence[float]) -> list[tuple[str, float, float | None]]:  # fmt: skip
+    """(kind, radius in PSF sigmas, SNR) of every planted case; a shift has no asked SNR."""
+    return [(kind, k, snr) for kind in kinds for k in radii
+            for snr in (snrs if kind != "shifted" else [None])]  # fmt: skip
 
 
 def _check_args(kinds: Sequence[str], snrs: Sequence[float], radii: Sequence[float],
