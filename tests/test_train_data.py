@@ -407,6 +407,20 @@ def test_motion_moves_the_field_between_frames():
         assert 0 <= m["step_um"] / px <= 6
 
 
+def test_motion_ranges_can_stand_still():
+    from calibration.sim.randomize import MotionRanges, StageMotion
+
+    moving, half = MotionRanges(), MotionRanges(still=0.5)
+    a, b = np.random.default_rng(3), np.random.default_rng(3)
+    assert [moving.draw(a, 0.1, 2) for _ in range(5)] == [
+        MotionRanges(still=0.0).draw(b, 0.1, 2) for _ in range(5)
+    ]  # still=0 draws nothing more: existing configs' data stay bit-identical
+    rng = np.random.default_rng(4)
+    draws = [half.draw(rng, 0.1, 2) for _ in range(400)]
+    n = sum(d == StageMotion() for d in draws)
+    assert 160 < n < 240 and all(d.step_um > 0 for d in draws if d != StageMotion())
+
+
 def test_rig_randomization_is_seeded_and_in_one_set_of_units():
     from calibration.sim.randomize import RigRanges
 

@@ -86,14 +86,19 @@ def _check_range(name: str, v: Range | None, low: float, high: float = math.inf)
 class MotionRanges(BaseModel):
     """``motion:`` of a training config: each simulated sequence moves at a speed uniform in
     ``[0, max_speed_px]`` output px per frame (raw px / scale) in a uniform random direction,
-    and turns ``rotation_deg`` per frame, uniform in ``[-max_rotation_deg, max_rotation_deg]``."""
+    and turns ``rotation_deg`` per frame, uniform in ``[-max_rotation_deg, max_rotation_deg]``;
+    with chance ``still`` it stands still instead (a live field often does, and a temporal
+    engine should use its history there)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     max_speed_px: float = Field(8.0, ge=0, le=64, allow_inf_nan=False)
     max_rotation_deg: float = Field(1.0, ge=0, le=45, allow_inf_nan=False)
+    still: float = Field(0.0, ge=0, le=1, allow_inf_nan=False)
 
     def draw(self, rng: np.random.Generator, pixel_size_um: float, scale: int) -> StageMotion:
         """One sequence's motion; ``pixel_size_um`` of the raw (fast-scan) pixels."""
+        if self.still and float(rng.uniform()) < self.still:  # no draw at all when 0
+            return StageMotion()
         speed = float(rng.uniform(0.0, self.max_speed_px))
         heading = float(rng.uniform(0.0, 2 * math.pi))
         turn = float(rng.uniform(-self.max_rotation_deg, self.max_rotation_deg))
