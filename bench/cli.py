@@ -381,8 +381,8 @@ def fidelity(
     """Does the live fidelity check see invented and removed objects? Plants blobs, copied
     patches, removed objects and shifted structure of chosen radius and raw SNR into a perfect
     output (and each --engine's), checks them as `serve --profile` does, and reports detection
-    by kind, radius and SNR at 5% false alarms per frame, the ROC, the honest chi-square with
-    and without a column pattern, and the check's cost per frame."""
+    by kind, radius and SNR at the server's 2% (nominal) false alarms per frame, the ROC, the
+    honest chi-square with and without a column pattern, and the check's cost per frame."""
     from .fidelity import FALSE_ALARMS, KINDS, RADII, SNRS, SPECIMENS, plot_fidelity, run_fidelity
 
     def measure() -> dict[str, Any]:

@@ -52,6 +52,7 @@ from scipy.optimize import brentq
 
 from calibration.camera import CameraParams, photons_from_adu, record, variance_at_mean
 from calibration.fidelity import (
+    FALSE_ALARM,
     MAP_BIN,
     Scan,
     default_sigmas,
@@ -81,8 +82,8 @@ SNRS = (3.0, 4.0, 5.0, 6.0, 8.0)
 RADII = (1.0, 2.0, 4.0, 8.0)
 """Object radii (the blob's Gaussian sigma, a patch's or a shift's disc) in PSF sigmas."""
 FALSE_ALARMS = (0.01, 0.02, 0.05, 0.1, 0.2)
-OPERATING_POINT = 0.05
-"""The server's per-frame false-alarm rate (:data:`calibration.fidelity.FALSE_ALARM`)."""
+OPERATING_POINT = FALSE_ALARM
+"""The server's per-frame false-alarm rate (nominal)."""
 SHIFT_PX = 3.0
 """How far (raw px) a ``shifted`` object's structure moves."""
 PEAK_PHOTONS = 20.0

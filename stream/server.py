@@ -730,7 +730,7 @@ class EngineServer:
         stream for a mismatch) and, on the frames of state ``key`` the schedule picks
         (``--fidelity-every``),
         its chi-square against the profile's forward model of ``enhanced``, the regions its
-        scan flags (PSF to 8x PSF, 5% false alarms per honest frame) and the scan's coarse
+        scan flags (PSF to 8x PSF, 2% nominal false alarms per honest frame) and the scan's coarse
         significance map (returned for PUB)."""
         p = self.profile
         if p is None:

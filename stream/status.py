@@ -185,8 +185,8 @@ class ServerStatus(_Part):
     frames_flagged: int = Field(
         0,
         description="enhanced frames whose fidelity scan (needs --profile) flagged a region the "
-        "raw frame does not support (invented or removed structure; about 5% of honest frames "
-        "at most)",
+        "raw frame does not support (invented or removed structure; at most about 5% of honest "
+        "frames)",
     )
     frames_checked: int = Field(
         0, description="enhanced frames given the full fidelity check (chi-square and scan)"
