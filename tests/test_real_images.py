@@ -9,6 +9,7 @@ import math
 import tarfile
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -231,23 +232,34 @@ def test_make_pairs_bad_input(tmp_path: Path) -> None:
 # -- the command ------------------------------------------------------------------------------
 
 
-def test_real_pairs_command_from_a_cached_wheel(tmp_path: Path) -> None:
-    """`scopecast bench real-pairs` on a cache holding a stand-in stardist wheel (no network)."""
+def _stardist_cache(tmp_path: Path, side: int) -> Path:
+    """A wheel cache holding a stand-in stardist wheel (no network): a ``side`` px cell image."""
     cache = tmp_path / "cache"
     cache.mkdir()
     _wheel(cache / "stardist-0.0.1-py3-none-any.whl",
-           {SOURCES["stardist"].members: _tiff(_cells(96))})  # fmt: skip
+           {SOURCES["stardist"].members: _tiff(_cells(side))})  # fmt: skip
+    return cache
+
+
+def _real_pairs(cache: Path, *args: str) -> Any:
+    """``scopecast bench real-pairs --source stardist --cache CACHE ARGS``, in process."""
+    return CliRunner(env={"COLUMNS": "300"}).invoke(
+        app, ["real-pairs", "--source", "stardist", "--cache", str(cache), *args]
+    )
+
+
+def test_real_pairs_command_from_a_cached_wheel(tmp_path: Path) -> None:
+    """`scopecast bench real-pairs` on a cache holding a stand-in stardist wheel (no network)."""
     out = tmp_path / "pairs"
-    runner = CliRunner(env={"COLUMNS": "300"})
-    run = runner.invoke(app, ["real-pairs", "--out", str(out), "--source", "stardist", "--cache",
-                              str(cache), "--scale", "2", "--history", "2",
-                              "--defocus", "0,1"])  # fmt: skip
+    run = _real_pairs(_stardist_cache(tmp_path, 96), "--out", str(out), "--scale", "2",
+                      "--history", "2", "--defocus", "0,1")  # fmt: skip
     assert run.exit_code == 0, run.output
     assert "stardist: 1 image(s) from stardist-0.0.1-py3-none-any.whl" in run.output
     assert "wrote 1 pair(s), confocal-20fps x2, 2 raw frame(s) per pair" in run.output
     assert tifffile.imread(out / "low" / "stardist-img2d.tif").shape == (2, 48, 48)
     info = json.loads((out / "info.json").read_text())
     assert info["pairs"]["stardist-img2d"]["source"]["member"] == SOURCES["stardist"].members
+    runner = CliRunner(env={"COLUMNS": "300"})
     bad = runner.invoke(app, ["real-pairs", "--out", str(out), "--source", "nope"])
     assert bad.exit_code == 2 and "unknown --source 'nope'" in bad.output
     bad = runner.invoke(app, ["real-pairs", "--out", str(out), "--defocus", "-1,2"])
@@ -261,15 +273,9 @@ def test_make_pairs_with_held_out_rigs_and_the_rig_sweep_over_them(tmp_path: Pat
     the engines fed through that profile."""
     from calibration.profile import CalibrationProfile
 
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    _wheel(cache / "stardist-0.0.1-py3-none-any.whl",
-           {SOURCES["stardist"].members: _tiff(_cells(100))})  # fmt: skip
     out = tmp_path / "pairs"
-    runner = CliRunner(env={"COLUMNS": "300"})
-    run = runner.invoke(app, ["real-pairs", "--out", str(out), "--source", "stardist", "--cache",
-                              str(cache), "--field", "48", "--rig", "scmos-columns",
-                              "--rig", "wide-psf-dim"])  # fmt: skip
+    run = _real_pairs(_stardist_cache(tmp_path, 100), "--out", str(out), "--field", "48",
+                      "--rig", "scmos-columns", "--rig", "wide-psf-dim")  # fmt: skip
     assert run.exit_code == 0, run.output
     assert "(rig scmos-columns)" in run.output and "--rig scmos-columns --rig wide-psf-dim" in (
         run.output)  # fmt: skip
@@ -395,15 +401,10 @@ def test_real_pairs_command_writes_motion_folders(tmp_path: Path) -> None:
     """`real-pairs --motion`: OUT/motion-V per speed, one shape for all; with --rig,
     OUT/motion-V/NAME with the profile's offset map cropped as the frames are, and `bench
     quality --data OUT/motion-V --rig NAME` scores it."""
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    _wheel(cache / "stardist-0.0.1-py3-none-any.whl",
-           {SOURCES["stardist"].members: _tiff(_cells(100))})  # fmt: skip
+    cache = _stardist_cache(tmp_path, 100)
     out = tmp_path / "pairs"
-    runner = CliRunner(env={"COLUMNS": "300"})
-    args = ["real-pairs", "--out", str(out), "--source", "stardist", "--cache", str(cache),
-            "--scale", "2", "--field", "40", "--history", "2"]  # fmt: skip
-    run = runner.invoke(app, [*args, "--motion", "0", "--motion", "3"])
+    args = ["--out", str(out), "--scale", "2", "--field", "40", "--history", "2"]
+    run = _real_pairs(cache, *args, "--motion", "0", "--motion", "3")
     assert run.exit_code == 0, run.output
     assert "2 raw frame(s) per pair, moving 3 px/frame" in run.output
     assert f"--data {out / 'motion-0'}" in run.output and f"--data {out / 'motion-3'}" in run.output
@@ -413,8 +414,8 @@ def test_real_pairs_command_writes_motion_folders(tmp_path: Path) -> None:
         assert info["motion_px_per_frame"] == v and info["motion"]["margin_raw_px"] == 4
         shapes.add(tifffile.imread(out / f"motion-{v}" / "low" / "stardist-img2d.tif").shape)
     assert shapes == {(2, 32, 32)} and not (out / "low").exists()
-    rigged = runner.invoke(app, [*args, "--out", str(tmp_path / "rig"), "--motion", "3",
-                                 "--rig", "scmos-columns"])  # fmt: skip
+    rigged = _real_pairs(cache, *args, "--out", str(tmp_path / "rig"), "--motion", "3",
+                         "--rig", "scmos-columns")  # fmt: skip
     assert rigged.exit_code == 0, rigged.output
     folder = tmp_path / "rig" / "motion-3" / "scmos-columns"
     from calibration.profile import CalibrationProfile
@@ -430,7 +431,7 @@ def test_real_pairs_command_writes_motion_folders(tmp_path: Path) -> None:
     assert math.isfinite(scored["psnr"])
     for bad, says in ((["--motion", "-1"], ">= 0"), (["--motion", "2", "--motion", "2"], "repeat"),
                       (["--motion", "2", "--history", "1"], "--history >= 2")):  # fmt: skip
-        no = runner.invoke(app, [*args, *bad])
+        no = _real_pairs(cache, *args, *bad)
         assert no.exit_code == 2 and says in no.output, no.output
 
 
