@@ -728,10 +728,9 @@ class EngineServer:
     ) -> tuple[dict[str, Any], np.ndarray | None]:
         """The raw frame's noise against the profile's noise model (every frame, watched per
         stream for a mismatch) and, on the frames of state ``key`` the schedule picks
-        (``--fidelity-every``),
-        its chi-square against the profile's forward model of ``enhanced``, the regions its
-        scan flags (PSF to 8x PSF, 2% nominal false alarms per honest frame) and the scan's coarse
-        significance map (returned for PUB)."""
+        (``--fidelity-every``), its chi-square against the profile's forward model of
+        ``enhanced``, the regions its scan flags (PSF to 8x PSF, 2% nominal false alarms per
+        honest frame) and the scan's coarse significance map (returned for PUB)."""
         p = self.profile
         if p is None:
             raise ServerError("a fidelity check needs a --profile")
