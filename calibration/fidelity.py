@@ -301,6 +301,10 @@ class MismatchMonitor:
         return False
 
 
+_SCHEDULE_KEYS = 65536
+"""Keys :class:`CheckSchedule` counts frames for before it forgets them all."""
+
+
 class CheckSchedule:
     """Which frames get the full check (chi-square and scan) when it cannot run on every frame
     in a live budget: every ``every``-th frame of each key, or with ``every=0`` as often as a
@@ -327,6 +331,8 @@ class CheckSchedule:
             budget_ns = max(self.min_ms * 1e6, self.ns_per_px * pixels)
             self.every = max(1, math.ceil(float(np.median(self._costs)) * pixels / budget_ns))
         since = self._since.get(key)
+        if since is None and len(self._since) >= _SCHEDULE_KEYS:
+            self._since.clear()  # keys come and go over days: every one starts checked again
         if since is None or since + 1 >= self.every:
             self._since[key] = 0
             return True

@@ -356,3 +356,20 @@ def test_the_server_publishes_flagged_regions_and_counts_them(tmp_path):
         assert significance is not None and significance.shape == (8, 8)
         assert np.unravel_index(significance.argmin(), significance.shape) == (30 // 8, 40 // 8)
         assert significance.min() < -checked["threshold"] + 1
+
+
+def test_check_schedule_fixed_and_automatic():
+    from calibration.fidelity import CheckSchedule
+
+    fixed = CheckSchedule(3)
+    assert [fixed.due("a", 100) for _ in range(7)] == [True, False, False, True, False, False, True]
+    assert fixed.due("b", 100)  # another key starts checked
+    auto = CheckSchedule()
+    assert auto.due("a", 512 * 512) and auto.every == 1  # nothing measured yet
+    auto.record(20.0, 512 * 512)  # 20 ms a check at 512x512, against a 5 ms budget
+    assert not auto.due("a", 512 * 512) and auto.every == 4
+    big = CheckSchedule()
+    big.record(100.0, 2048 * 2048)  # 100 ms a check at 2048x2048, against 41.9 ms (10 ns/px)
+    assert big.due("c", 2048 * 2048) and big.every == 3
+    with pytest.raises(ValueError, match="every must be >= 0"):
+        CheckSchedule(-1)
