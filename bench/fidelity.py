@@ -54,6 +54,7 @@ from calibration.camera import CameraParams, photons_from_adu, record, variance_
 from calibration.fidelity import (
     FALSE_ALARM,
     MAP_BIN,
+    CheckSchedule,
     Scan,
     default_sigmas,
     fidelity,
@@ -65,6 +66,8 @@ from calibration.optics import psf_sigma_um
 from calibration.scan import ScanParams
 from calibration.sim.pairs import bin_mean
 from calibration.sim.presets import get_preset
+from calibration.sim.scene import Preset
+from calibration.sim.scene import Scene as SimScene
 from calibration.sim.specimen import SPECIMEN_KINDS, View
 from calibration.units import Electrons
 from engines.engine import EngineChain
@@ -145,6 +148,12 @@ def _photons_to_expected(image: np.ndarray, camera: CameraParams, scale: int,
     return (adu + np.float32(camera.offset_adu)).astype(np.float32)
 
 
+def _psf_px(preset: Preset) -> float:
+    """The PSF's Gaussian sigma (raw px) of the preset's first channel's fast scan."""
+    fast = SimScene(preset, 0).forward_model(next(iter(preset.channels)))
+    return psf_sigma_um(fast.optics) / preset.pixel_size_um
+
+
 def simulated_scenes(preset_name: str, kinds: Sequence[str], side: int, scale: int,
                      seed: int = 0, peak: float = PEAK_PHOTONS) -> list[Scene]:  # fmt: skip
     """One scene per specimen kind, rendered at ``scale`` x the preset's pixel density."""
@@ -152,9 +161,7 @@ def simulated_scenes(preset_name: str, kinds: Sequence[str], side: int, scale: i
     unknown = [k for k in kinds if k not in SPECIMEN_KINDS]
     if unknown:
         raise ValueError(f"unknown specimen(s) {unknown}: choose from {', '.join(SPECIMEN_KINDS)}")
-    channel = next(iter(preset.channels.values()))
-    psf_px = psf_sigma_um(preset.optics.model_copy(update={"wavelength_nm": channel.wavelength_nm})
-                          ) / preset.pixel_size_um  # fmt: skip
+    psf_px = _psf_px(preset)
     scenes = []
     for i, kind in enumerate(kinds):
         specimen = SPECIMEN_KINDS[kind].factory(seed + i)
@@ -177,9 +184,7 @@ def real_scenes(images: dict[str, np.ndarray], preset_name: str, side: int, scal
     """The central ``side * scale`` square of each real clean image (its pixels taken as the
     fine grid), blurred by the preset's PSF and recorded by its camera."""
     preset = get_preset(preset_name)
-    channel = next(iter(preset.channels.values()))
-    psf_px = psf_sigma_um(preset.optics.model_copy(update={"wavelength_nm": channel.wavelength_nm})
-                          ) / preset.pixel_size_um  # fmt: skip
+    psf_px = _psf_px(preset)
     n = side * scale
     scenes = []
     for name, image in images.items():
@@ -538,7 +543,6 @@ def measure_cost(sides: Sequence[int], progress: Progress | None = None,
     the noise-only check, per raw frame side, on a simulated nuclei frame (a x2 output up to
     512x512, the confocal case; x1 above, a 2048x2048 deblur); the automatic schedule
     (``serve --fidelity-every 0``) those costs give."""
-    from calibration.fidelity import CheckSchedule
 
     out: dict[str, Any] = {}
     for n in sides:

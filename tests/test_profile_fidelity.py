@@ -158,19 +158,29 @@ def _first_alarm(monitor: MismatchMonitor, values) -> int | None:
     return None
 
 
-def test_a_matching_profile_never_raises_the_alarm(columns):
+def _checked(columns, profile_camera, profile_map, *, frames, seed, identity_too=False):
+    """Noise ratios and chi-squares of ``frames`` honest frames of the column-offset camera,
+    checked with a profile's camera and offset map; ``identity_too``: also check that the
+    noise ratio does not depend on the engine (the raw frame as its own output gives the same)."""
     camera, omap, truth, photons, _ = columns
-    rng = np.random.default_rng(12)
+    rng = np.random.default_rng(seed)
+    noise, chi2 = [], []
+    for _ in range(frames):
+        raw = record(photons, camera, rng, offset_map=omap)
+        f = fidelity(truth, raw, profile_camera, offset_map=profile_map, noise=True)
+        assert f.noise is not None
+        if identity_too:
+            ratio = noise_ratio(raw, raw, profile_camera, offset_map=profile_map)
+            assert ratio == pytest.approx(f.noise, rel=0.03)
+        noise.append(f.noise), chi2.append(f.chi2)
+    return noise, chi2
+
+
+def test_a_matching_profile_never_raises_the_alarm(columns):
+    camera, omap, truth, _, _ = columns
     band = mismatch_band(truth.size)
     by_noise, by_chi2 = MismatchMonitor(band, run=10), MismatchMonitor(band, run=10)
-    noise, chi2 = [], []
-    for _ in range(200):
-        raw = record(photons, camera, rng, offset_map=omap)
-        f = fidelity(truth, raw, camera, offset_map=omap, noise=True)
-        assert f.noise is not None
-        # the noise ratio does not depend on the engine: identity (raw itself) gives the same
-        assert noise_ratio(raw, raw, camera, offset_map=omap) == pytest.approx(f.noise, rel=0.03)
-        noise.append(f.noise), chi2.append(f.chi2)
+    noise, chi2 = _checked(columns, camera, omap, frames=200, seed=12, identity_too=True)
     assert _first_alarm(by_noise, noise) is None and by_noise.mismatch is None
     assert _first_alarm(by_chi2, chi2) is None
     lo, hi = band
@@ -187,17 +197,11 @@ def test_a_matching_profile_never_raises_the_alarm(columns):
     ],
 )
 def test_a_profile_off_by_2x_raises_the_alarm_within_20_frames(columns, scaled):
-    camera, omap, truth, photons, _ = columns
+    camera, omap, truth, _, _ = columns
     wrong, wrong_map = _wrong(camera, omap, **scaled)
-    rng = np.random.default_rng(13)
     band = mismatch_band(truth.size)
     by_noise, by_chi2 = MismatchMonitor(band, run=10), MismatchMonitor(band, run=10)
-    noise, chi2 = [], []
-    for _ in range(20):
-        raw = record(photons, camera, rng, offset_map=omap)
-        f = fidelity(truth, raw, wrong, offset_map=wrong_map, noise=True)
-        assert f.noise is not None
-        noise.append(f.noise), chi2.append(f.chi2)
+    noise, chi2 = _checked(columns, wrong, wrong_map, frames=20, seed=13)
     assert _first_alarm(by_noise, noise) == 10, noise
     assert by_noise.mismatch and ("low" in by_noise.mismatch or "high" in by_noise.mismatch)
     assert _first_alarm(by_chi2, chi2) == 10, chi2
