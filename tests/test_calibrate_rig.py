@@ -80,7 +80,8 @@ def test_server_publishes_and_indexes_fidelity_with_a_profile(profile, tmp_path)
     listen, control = free_endpoint(), free_endpoint()
     server = subprocess.Popen(
         [sys.executable, "-m", "stream", "serve", "--engine", "identity", "--mode", "complete",
-         "--profile", str(profile), "--correct-bidir", "--listen", listen, "--publish", "none",
+         "--profile", str(profile), "--correct-bidir", "--fidelity-every", "1",  # every frame
+         "--listen", listen, "--publish", "none",
          "--control", control, "--out", str(tmp_path), "--quiet"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
