@@ -734,9 +734,9 @@ def _throughput_table(result: dict[str, Any]) -> Table:
 
 
 def _quality_table(result: dict[str, Any]) -> Table:
-    metrics = {"psnr": "PSNR dB", "ssim": "SSIM", "ms_ssim": "MS-SSIM", "nrmse": "NRMSE",
-               "decorrelation_px": "decorr px", "fidelity_chi2": "chi2",
-               "flicker": "flicker"}  # fmt: skip
+    from .quality import METRIC_LABELS as metrics
+    from .quality import truth_flicker_note
+
     title = (f"quality, {result.get('simulated') or result.get('data')}, "
              f"{result['pairs']} pairs (mean)")  # fmt: skip
     if result.get("by_rig"):
@@ -746,7 +746,10 @@ def _quality_table(result: dict[str, Any]) -> Table:
         table = Table(Column("method", no_wrap=True), *metrics.values(), title=title)
         for name, m in result["methods"].items():
             table.add_row(name.replace("engine:", "engine "), *(fmt(m.get(k)) for k in metrics))
-        table.caption = f"best baseline: {result.get('best_baseline')}"
+        note = truth_flicker_note(result)
+        table.caption = f"best baseline: {result.get('best_baseline')}" + (
+            f"; {note}" if note else ""
+        )
         return table
     table = Table("px/frame", Column("method", no_wrap=True), *metrics.values(),
                   title=f"{title}, specimen moving (output px per frame)")  # fmt: skip
@@ -757,6 +760,8 @@ def _quality_table(result: dict[str, Any]) -> Table:
                 label += " (best baseline)"
             table.add_row(speed if i == 0 else "", label, *(fmt(m.get(k)) for k in metrics))
         table.add_section()
+    notes = {s: truth_flicker_note(g) for s, g in groups.items()}
+    table.caption = "; ".join(f"{s} px/frame: {n}" for s, n in notes.items() if n)
     return table
 
 

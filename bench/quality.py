@@ -14,6 +14,10 @@ smoothed or interpolated outputs (nearest-upsampled raw included) can show a spu
 so read it beside the truth's own value (``result["truth"]``). The fidelity chi-square is about
 1 for an output that explains the raw frame within the noise; the raw frame itself scores below
 1 (it reproduces its own noise), an output that invents or removes structure far above 1.
+Flicker is read beside the truth's own (``result["truth_flicker"]``, simulated data only): the
+truth of every scored sequence frame, moving and changing as the specimen does, its flicker
+(with ``truth="high-quality"`` the slow scan's noise included), and each method's
+``flicker_ratio``, its flicker over the truth's (1: as steady as the truth).
 
 Pairs come from a folder (``low/`` and ``high/`` TIFFs matched by name, the high image fitted
 linearly onto the low image's ADU as training does) or from a simulated preset: the fast scan
@@ -118,6 +122,7 @@ MOTION_DIRECTION = (0.8, 0.6)
 """Unit (x, y) direction the specimen moves in a motion sweep: off both axes, so each frame's
 shift is sub-pixel on rows and columns alike."""
 _EXTRA_HISTORY_STREAM = 6  # rng stream of frames only temporal baselines use
+_SEQUENCE_TRUTH_STREAM = 7  # rng stream of the flicker sequence's truths (their slow-scan noise)
 """Pairs whose images are kept for :func:`plot_quality`."""
 DEFAULT_PSF_SIGMA_PX = 1.0
 """Richardson-Lucy's PSF sigma (raw px) for folder data, when none is given."""
@@ -152,6 +157,9 @@ class _Data:
     warmup: int = 0
     """Leading frames of ``sequence`` every method runs on but flicker does not score: a
     temporal engine's ring fills and its previous output settles, as it has live."""
+    sequence_truth: list[np.ndarray] | None = None
+    """The truth of every scored frame of ``sequence`` (those after ``warmup``), for the
+    truth's own flicker; None when unknown (folder data)."""
     info: dict[str, Any] = field(default_factory=dict)
     units: Electrons | None = None
     """The rig's ADU <-> electrons conversion from its calibration profile, as ``serve
@@ -348,6 +356,7 @@ def _simulated(preset: Preset, *, scale: int, pairs: int, history: int, sequence
             at = f", dz={dz:+.2f} um" if defocus_um[1] > 0 else ""
             progress(f"pair {i + 1}/{pairs} simulated ({preset.name}, t={t:.1f} s{at})")
     frames_seq, seq_dz, warmup = None, None, history - 1
+    truths_seq: list[np.ndarray] | None = None
     if sequence:
         seq_rng = np.random.default_rng([seed + HELD_OUT_SEED, 2])
         t, xy = rig.draw(seq_rng, warmup * rig.dt_s)
@@ -357,6 +366,11 @@ def _simulated(preset: Preset, *, scale: int, pairs: int, history: int, sequence
                       for k in range(-warmup, sequence)]  # fmt: skip
         frames_seq = earlier(t, xy, warmup + 1, seq_dz, -1, bright) + frames_seq
         warmup += extra
+        # the truth of each scored frame, as a pair's: its own stream leaves every draw above
+        seq_truth_rng = np.random.default_rng([seed + HELD_OUT_SEED, _SEQUENCE_TRUTH_STREAM])
+        truths_seq = [rig.truth(t + k * rig.dt_s, moved(xy, k), scale, seq_truth_rng, truth,
+                                rig=draw, brightness=bright)
+                      for k in range(sequence)]  # fmt: skip
     info = {"preset": preset.name, "channel": rig.channel, "scene_seed": seed + HELD_OUT_SEED,
             "field": list(rig.shape), "dt_s": rig.dt_s, "defocus_um": list(defocus_um),
             "dz_um": dzs, "sequence_dz_um": seq_dz, "truth": truth}  # fmt: skip
@@ -382,6 +396,7 @@ def _simulated(preset: Preset, *, scale: int, pairs: int, history: int, sequence
         psf_sigma_px=psf_sigma_um(fast.optics) / preset.pixel_size_um,
         sequence=frames_seq,
         warmup=warmup if sequence else 0,
+        sequence_truth=truths_seq,
         info=info,
         units=units,
     )
@@ -824,7 +839,7 @@ def run_quality(
             chain.close()
 
 
-_SECTION_KEYS = ("best_baseline", "info", "truth", "methods")
+_SECTION_KEYS = ("best_baseline", "info", "truth", "truth_flicker", "methods")
 
 
 def _section(at: dict[str, Any], v: float | None) -> dict[str, Any]:
@@ -834,7 +849,7 @@ def _section(at: dict[str, Any], v: float | None) -> dict[str, Any]:
 def sections(result: dict[str, Any]) -> list[dict[str, Any]]:
     """Every scored section of a :func:`run_quality` result, in order, each with ``rig`` (None
     without a rig sweep), ``motion_px_per_frame`` (None without a motion sweep),
-    ``best_baseline``, ``info``, ``truth`` and ``methods``."""
+    ``best_baseline``, ``info``, ``truth``, ``truth_flicker`` and ``methods``."""
     by_rig = result.get("by_rig")
     if by_rig:
         out = []
@@ -935,6 +950,9 @@ def _evaluate(d: _Data, chains: dict[str, EngineChain], baselines: list[str],
         manifest = chain.engines[-1].manifest
         kinds[key] = {"kind": "engine", "engine": name, "task": manifest.task}
 
+    truth_flicker: float | None = None  # the truth's own over the scored frames (simulated)
+    if d.sequence and d.sequence_truth and len(d.sequence_truth) >= 2:
+        truth_flicker = flicker(np.stack([np.asarray(f, np.float64) for f in d.sequence_truth]))
     methods: dict[str, dict[str, Any]] = {}
     samples: list[dict[str, np.ndarray]] = [
         {"truth": p.truth.astype(np.float32)} for p in d.pairs[:PANEL_PAIRS]
@@ -955,6 +973,9 @@ def _evaluate(d: _Data, chains: dict[str, EngineChain], baselines: list[str],
             **kinds[method],
             **{m: _mean(v) for m, v in per_pair.items()},
             "flicker": flick,
+            "flicker_ratio": (
+                flick / truth_flicker if flick is not None and truth_flicker else None
+            ),
             "per_pair": per_pair,
         }
         if progress is not None:
@@ -982,6 +1003,7 @@ def _evaluate(d: _Data, chains: dict[str, EngineChain], baselines: list[str],
         "pair_names": [p.name for p in d.pairs],
         "info": d.info,
         "truth": _truth_reference(d),
+        "truth_flicker": truth_flicker,
         "methods": methods,
         "samples": Samples(samples),
     }
@@ -995,9 +1017,20 @@ def _best_baseline(methods: dict[str, dict[str, Any]], baselines: list[str]) -> 
 
 # -- reports and records ---------------------------------------------------------------------
 
-_MD_METRICS = {"psnr": "PSNR dB", "ssim": "SSIM", "ms_ssim": "MS-SSIM", "nrmse": "NRMSE",
+METRIC_LABELS = {"psnr": "PSNR dB", "ssim": "SSIM", "ms_ssim": "MS-SSIM", "nrmse": "NRMSE",
                "decorrelation_px": "decorr px", "fidelity_chi2": "chi2",
-               "flicker": "flicker"}  # fmt: skip
+               "flicker": "flicker", "flicker_ratio": "flicker / truth"}  # fmt: skip
+
+
+def truth_flicker_note(section: dict[str, Any]) -> str | None:
+    """What the truth's own flicker of ``section`` is and which truth it is; None without."""
+    value = section.get("truth_flicker")
+    if value is None:
+        return None
+    kind = section["info"].get("truth")
+    which = {"high-quality": "the recorded slow scan, its noise included",
+             "expected": "the noise-free slow scan"}.get(str(kind), str(kind))  # fmt: skip
+    return f"truth's own flicker {fmt(value)} ({kind} truth: {which})"
 
 
 def format_markdown(result: dict[str, Any]) -> str:
@@ -1007,7 +1040,7 @@ def format_markdown(result: dict[str, Any]) -> str:
     rigs = any(r["rig"] is not None for r in rows)
     moving = any(r["motion_px_per_frame"] is not None for r in rows)
     head = [*(["rig"] if rigs else []), *(["px/frame"] if moving else []), "method",
-            *_MD_METRICS.values()]  # fmt: skip
+            *METRIC_LABELS.values()]  # fmt: skip
     source = result.get("simulated") or result.get("data")
     lines = [f"**quality, {source}, {result['pairs']} pairs (mean), x{result['scale']}**", "",
              "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]  # fmt: skip
@@ -1018,11 +1051,20 @@ def format_markdown(result: dict[str, Any]) -> str:
                 label = f"**{label}** (best baseline)"
             lead = [*([str(r["rig"])] if rigs else []),
                     *([fmt(r["motion_px_per_frame"])] if moving else [])]  # fmt: skip
-            cells = [*lead, label, *(fmt(m.get(k)) for k in _MD_METRICS)]
+            cells = [*lead, label, *(fmt(m.get(k)) for k in METRIC_LABELS)]
             lines.append("| " + " | ".join(cells) + " |")
     notes = {r["rig"]: r["info"]["units"] for r in rows if r["info"].get("units")}
     if notes:
         lines += ["", *(f"- {rig}: {u}" for rig, u in notes.items())]
+    truths = []
+    for r in rows:
+        note = truth_flicker_note(r)
+        if note is not None:
+            at = [*([str(r["rig"])] if rigs else []),
+                  *([f"{fmt(r['motion_px_per_frame'])} px/frame"] if moving else [])]  # fmt: skip
+            truths.append(f"- {', '.join(at) + ': ' if at else ''}{note}")
+    if truths:
+        lines += ["", *truths]
     return "\n".join(lines)
 
 

@@ -511,6 +511,62 @@ def test_motion_needs_simulated_pairs(tmp_path: Path) -> None:
             run_quality(engines=[], simulated="confocal-20fps", motion=bad)
 
 
+# -- the truth's own flicker ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def moving() -> dict:
+    """Still and moving at 4 px/frame (seed 1: a 32 px field with cells in its sequence)."""
+    return run_quality(engines=["gaussian"], simulated="confocal-20fps", pairs=1, sequence=3,
+                       field=32, seed=1, baselines=["gaussian"], motion=[0, 4])  # fmt: skip
+
+
+def test_truth_flicker_and_every_methods_ratio_to_it(moving: dict) -> None:
+    from bench.quality import format_markdown, sections
+
+    assert moving["truth_flicker"] == moving["by_motion"]["0"]["truth_flicker"]
+    for section in sections(moving):
+        truth = section["truth_flicker"]
+        assert truth is not None and truth > 0, section["motion_px_per_frame"]
+        assert section["info"]["truth"] == "high-quality"
+        for name, m in section["methods"].items():
+            assert m["flicker"] > 0, name
+            assert m["flicker_ratio"] == pytest.approx(m["flicker"] / truth, rel=1e-12), name
+    text = format_markdown(moving)
+    assert "| flicker | flicker / truth |" in text
+    assert "- 4 px/frame: truth's own flicker" in text and "high-quality truth" in text
+    saved = json.loads(json.dumps(moving, default=str))  # JSON-safe, as write_result saves it
+    assert saved["by_motion"]["4"]["truth_flicker"] == moving["by_motion"]["4"]["truth_flicker"]
+
+
+def test_a_moving_truth_flickers_more_than_a_still_one(moving: dict) -> None:
+    """The truth of every scored frame moves with the stage: not one truth, nor a constant."""
+    by = moving["by_motion"]
+    assert by["4"]["truth_flicker"] > 2 * by["0"]["truth_flicker"] > 0
+    preset = get_preset("confocal-20fps")
+    still, moved = (
+        _simulated(preset, scale=1, pairs=1, history=2, sequence=3, seed=1, frame_field=32,
+                   progress=None, motion_px=v, truth="expected").sequence_truth
+        for v in (0.0, 4.0)
+    )  # fmt: skip
+    assert still is not None and moved is not None and len(still) == len(moved) == 3
+    # the first scored frame is where both start; later ones moved 4 and 8 px
+    assert np.array_equal(still[0], moved[0])
+    assert not np.array_equal(still[1], moved[1]) and not np.array_equal(still[0], still[2])
+
+
+def test_folder_data_has_no_truth_flicker(tmp_path: Path) -> None:
+    folder = _pairs_folder(tmp_path / "pairs", 1, n=1)
+    rng = np.random.default_rng(0)
+    high = tifffile.imread(folder / "high" / "cell0.tif")
+    stack = rng.poisson(np.stack([high] * 3)).astype(np.uint16)
+    tifffile.imwrite(folder / "low" / "cell0.tif", stack, photometric="minisblack")
+    result = run_quality(engines=[], data=folder, baselines=["gaussian"], match=False)
+    assert result["sequence"] == 3 and result["truth_flicker"] is None
+    for name, m in result["methods"].items():
+        assert m["flicker"] is not None and m["flicker_ratio"] is None, name
+
+
 # -- rig sweep and recording ------------------------------------------------------------------
 
 

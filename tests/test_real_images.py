@@ -7,14 +7,14 @@ import io
 import json
 import math
 import tarfile
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import tifffile
-from scipy import ndimage
+from conftest import stand_in_cells as _cells
+from conftest import stand_in_wheel, tiff_bytes
 from typer.testing import CliRunner
 
 from bench.cli import app
@@ -37,34 +37,12 @@ from calibration.sim.randomize import StageMotion
 MEMBER = "fakepkg/data/images/cells.tif"
 
 
-def _tiff(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    tifffile.imwrite(buf, array)
-    return buf.getvalue()
-
-
-def _cells(side: int = 100, seed: int = 0) -> np.ndarray:
-    """Blurred bright nuclei on a dark background, 8-bit like BBBC007."""
-    rng = np.random.default_rng(seed)
-    spots = (rng.random((side, side)) > 0.992).astype(np.float64)
-    return np.clip(5 + 4000 * ndimage.gaussian_filter(spots, 2.5), 0, 255).astype(np.uint8)
-
-
-def _wheel(path: Path, members: dict[str, bytes]) -> Path:
-    """A minimal wheel: a .dist-info and the given members."""
-    with zipfile.ZipFile(path, "w") as z:
-        z.writestr("fakepkg-1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: fakepkg\n")
-        for name, data in members.items():
-            z.writestr(name, data)
-    return path
-
-
 @pytest.fixture
 def wheel(tmp_path: Path) -> Path:
-    return _wheel(tmp_path / "fakepkg-1.0-py3-none-any.whl", {
-        MEMBER: _tiff(_cells()),
-        "fakepkg/data/images/cells_labels.tif": _tiff(np.zeros((100, 100), np.uint8)),
-        "fakepkg/data/images/rgb.tif": _tiff(np.stack([_cells(seed=1)] * 3, axis=-1)),
+    return stand_in_wheel(tmp_path / "fakepkg-1.0-py3-none-any.whl", {
+        MEMBER: _cells(),
+        "fakepkg/data/images/cells_labels.tif": np.zeros((100, 100), np.uint8),
+        "fakepkg/data/images/rgb.tif": np.stack([_cells(seed=1)] * 3, axis=-1),
         "fakepkg/data/readme.txt": b"not an image",
     })  # fmt: skip
 
@@ -86,7 +64,7 @@ def test_read_from_wheel_picks_members_by_glob(wheel: Path) -> None:
 
 def test_read_from_an_sdist_tarball(tmp_path: Path) -> None:
     path = tmp_path / "fakepkg-1.0.tar.gz"
-    data = _tiff(_cells())
+    data = tiff_bytes(_cells())
     with tarfile.open(path, "w:gz") as t:
         info = tarfile.TarInfo(f"fakepkg-1.0/{MEMBER}")
         info.size = len(data)
@@ -236,8 +214,8 @@ def _stardist_cache(tmp_path: Path, side: int) -> Path:
     """A wheel cache holding a stand-in stardist wheel (no network): a ``side`` px cell image."""
     cache = tmp_path / "cache"
     cache.mkdir()
-    _wheel(cache / "stardist-0.0.1-py3-none-any.whl",
-           {SOURCES["stardist"].members: _tiff(_cells(side))})  # fmt: skip
+    stand_in_wheel(cache / "stardist-0.0.1-py3-none-any.whl",
+                   {SOURCES["stardist"].members: _cells(side)})  # fmt: skip
     return cache
 
 

@@ -298,3 +298,68 @@ def test_membranes_are_thin_closed_outlines() -> None:
 def _periodic_distance_rows(d: np.ndarray, period: float) -> np.ndarray:
     d = (d + 0.5 * period) % period - 0.5 * period
     return np.hypot(d[:, 0], d[:, 1])
+
+
+# --- real images as a specimen ---------------------------------------------------------------
+
+
+def _image_specimen(seed: int = 0, **kw):
+    from conftest import stand_in_cells
+
+    from calibration.sim.specimen import ImageSpecimen
+
+    return ImageSpecimen([stand_in_cells(200, 1), stand_in_cells(160, 2)], seed, **kw)
+
+
+def test_image_mosaic_is_deterministic_still_and_conserves_flux() -> None:
+    spec = _image_specimen(peak_photons=2.0)
+    view = View((96, 96), 0.1, (30.0, -20.0))
+    image = spec.render(0.0, view)
+    assert image.dtype == np.float32 and image.shape == (96, 96)
+    assert image.min() >= 0 and 1.0 < image.max() < 6.0  # 99.5th percentile -> 2 photons
+    np.testing.assert_array_equal(image, spec.render(50.0, view))  # nothing moves
+    np.testing.assert_array_equal(image, _image_specimen(peak_photons=2.0).render(0.0, view))
+    assert np.abs(image - _image_specimen(1, peak_photons=2.0).render(0.0, view)).mean() > 0.01
+    # an overlapping view shows the same specimen (the same cells, at the same place)
+    shifted = spec.render(0.0, View((96, 96), 0.1, (30.0 + 3.2, -20.0)))
+    np.testing.assert_allclose(shifted[:, :-32], image[:, 32:], atol=1e-5)
+    total = float(image.sum())  # photons per pixel scale with pixel area
+    for v in (View((192, 192), 0.05, (30.0, -20.0)), View((48, 48), 0.2, (30.0, -20.0))):
+        assert float(spec.render(0.0, v).sum()) == pytest.approx(total, rel=0.05)
+
+
+def test_image_mosaic_cells_vary_in_magnification_and_content() -> None:
+    spec = _image_specimen(pixel_um=(0.05, 0.2))
+    cells = [spec._cell(ix, iy) for ix in range(6) for iy in range(6)]
+    assert {c[0] for c in cells} == {0, 1}  # both images
+    sizes = [c[3] for c in cells]
+    assert 0.05 <= min(sizes) < 0.08 and 0.14 < max(sizes) <= 0.2
+
+
+@pytest.mark.parametrize(
+    ("images", "kw", "needle"),
+    [
+        ([], {}, "at least one image"),
+        ([np.zeros((4, 16, 16))], {}, r"image 0 has shape \(4, 16, 16\)"),
+        ([np.ones((16, 16))], {}, "image 0 is flat"),
+        ([np.full((16, 16), np.nan)], {}, "NaN"),
+        ([np.eye(16)], {"pixel_um": (0.2, 0.1)}, r"pixel_um=\(0.2, 0.1\)"),
+    ],
+)
+def test_image_specimen_rejects_bad_images(images, kw, needle: str) -> None:
+    from calibration.sim.specimen import ImageSpecimen
+
+    with pytest.raises(ValueError, match=needle):
+        ImageSpecimen(images, **kw)
+
+
+def test_wheel_kinds_image_a_sources_images(stand_in_wheels) -> None:
+    from calibration.sim.specimen import ImageSpecimen, get_specimen_kind
+    from calibration.sim.wheels import SOURCES
+
+    for name in SOURCES:
+        row = get_specimen_kind(f"wheel-{name}")
+        assert not row.transmitted and SOURCES[name].package in row.description
+        spec = row.factory(3)
+        assert isinstance(spec, ImageSpecimen) and len(spec._images) >= 1
+        assert spec.render(0.0, View((64, 64), 0.1)).max() > 0

@@ -480,3 +480,44 @@ def test_randomization_needs_simulated_data(tmp_path):
     with pytest.raises(ValueError, match="kind='simulated'"):
         build_datasets(DataConfig(kind="synthetic", **TINY), scale=1, window=1, previous=False,
                        background=False, rig=RigRanges())  # fmt: skip
+
+
+def test_specimens_mix_kinds_per_sample(stand_in_wheels):
+    """data.specimens: each sample images one of the kinds, drawn from a stream of its own (the
+    rest of the data keeps its draws), real images (wheel kinds) among them."""
+    from calibration.sim.randomize import RigRanges
+
+    def build_rigs(kinds):  # a drawn rig gives every frame a noise stream of its own
+        cfg = DataConfig(kind="simulated", specimens=kinds, **{**TINY, "pairs": 8})
+        return build_datasets(cfg, scale=2, window=1, previous=False, background=False,
+                              rig=RigRanges(read_noise_e=(0.5, 2.0)))[0]  # fmt: skip
+
+    kinds = ("puncta", "wheel-bbbc007")
+    train = build_rigs(kinds)
+    drawn = [s.meta["specimen"] for s in train.series]
+    assert set(drawn) == set(kinds)
+    assert train.info["specimens"] == list(kinds)
+    # a sample of one kind is what a config of that kind alone renders at the same instant
+    alone = build_rigs(("puncta",))
+    for mixed, single in zip(train.series, alone.series, strict=True):
+        assert mixed.meta["t_s"] == single.meta["t_s"]  # the same instants and fields
+        if mixed.meta["specimen"] == "puncta":
+            np.testing.assert_array_equal(mixed.low, single.low)
+        else:
+            assert not np.array_equal(mixed.low, single.low)
+
+
+@pytest.mark.parametrize(
+    ("cfg", "needle"),
+    [
+        ({"kind": "synthetic", "specimens": ["puncta"]}, "not kind='synthetic'"),
+        ({"kind": "simulated", "specimens": []}, "specimens is empty"),
+        ({"kind": "simulated", "specimens": ["nope"]}, "unknown specimen kind 'nope'"),
+        ({"kind": "simulated", "specimens": ["brightfield-cells"]}, "not seen in fluorescence"),
+        ({"kind": "simulated", "preset": "celldiscoverer", "specimens": ["puncta"]},
+         "not seen in transmitted light"),
+    ],
+)  # fmt: skip
+def test_specimens_errors(cfg, needle):
+    with pytest.raises(ValueError, match=needle):
+        DataConfig(**cfg)

