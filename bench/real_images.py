@@ -53,6 +53,7 @@ from calibration.sim.wheels import (  # noqa: F401  (re-exported: bench's wheel 
     fetch_wheel,
     load_sources,
     read_from_wheel,
+    source_names,
 )
 from calibration.units import Electrons
 

@@ -23,6 +23,17 @@ Every reset increments ``generation``, so a previous output computed before the 
 refused by :meth:`Ring.set_previous`. Frames are held by reference, never copied; a window-1
 ring lets go of its frame once the frame's window was taken.
 
+A hot swap of the engine (``scopecast status --swap``) is not a reset but a *restart* of every
+key (:meth:`Rings.restart`), at a frame boundary: the new engine starts with a fresh temporal
+state per key, as if each key's next frame were its first for that engine, except for what is
+raw data. Its previous-output slots start empty, so its first frame of each key takes the
+first-frame rule (the current frame upsampled, see ``engines.engine.Engine.run``); the raw
+frames a ring still holds are kept (the newest ``window`` of them, start padded with the oldest
+as always; a window-1 ring holds none once its frame was taken) and so is the raw background
+history (started from the held frames when the new engine is the first to want one).
+``generation`` increments, so an output of the old engine is never kept for the new one. A
+restart is not counted as a reset.
+
 Memory is bounded (:class:`Rings` ``budget_bytes``): past the budget, the least recently used
 keys are evicted whole; a key idle for longer than ``max_pause_s`` whose next frame would reset
 it anyway (no background history) is evicted too. An evicted key starts again as ``first``.
@@ -71,6 +82,7 @@ class Ring:
         _check_config(window, background_frames, max_pause_s)
         self.window = window
         self.background = background
+        self.background_frames = background_frames
         self.keep_previous = keep_previous
         self.max_pause_ns = None if max_pause_s is None else int(max_pause_s * 1e9)
         self.reference = (
@@ -134,6 +146,22 @@ class Ring:
             generation=self.generation,
             reset=self._reset,
         )
+
+    def restart(self, window: int, *, background: bool, keep_previous: bool) -> None:
+        """A new engine takes over this key (a hot swap): forget the previous outputs, keep the
+        raw frames (the newest ``window``) and the raw background history (see the module)."""
+        _check_config(window, self.background_frames, None)
+        self.generation += 1
+        self._previous.clear()
+        self._frames = deque(self._frames, maxlen=window)
+        if background and self.reference is None and self._history is None:
+            self._history = deque(self._frames, maxlen=self.background_frames)
+        elif not background:
+            self._history = None
+        self._median = None
+        self.window = window
+        self.background = background
+        self.keep_previous = keep_previous
 
     def set_previous(self, stage: int, output: np.ndarray, generation: int) -> bool:
         """Keep `output` as stage `stage`'s previous output, unless the state was reset since."""
@@ -217,6 +245,7 @@ class Rings:
         self._total = 0
         self._next_sweep = 0.0
         self.evicted: Counter[str] = Counter()
+        self.restarts = 0  # hot swaps of the engine (restart)
         self._retired: Counter[str] = Counter()  # resets counted by rings since evicted
         self._lock = threading.Lock()
 
@@ -266,6 +295,17 @@ class Rings:
             self._account(key, ring)
             self._evict(keep=key)
             return True
+
+    def restart(self, window: int, *, background: bool, keep_previous: bool) -> None:
+        """A new engine takes over every key (:meth:`Ring.restart`); keys seen later get its
+        window and inputs too."""
+        _check_config(window, self._config["background_frames"], None)
+        with self._lock:
+            self._config.update(window=window, background=background, keep_previous=keep_previous)
+            for key, ring in self._rings.items():
+                ring.restart(window, background=background, keep_previous=keep_previous)
+                self._account(key, ring)
+            self.restarts += 1
 
     def keys(self) -> list[str]:
         with self._lock:

@@ -12,8 +12,14 @@ writer     raw and enhanced OME-TIFFs plus the JSONL index (:mod:`stream.sinks`)
 publish    ZeroMQ PUB, topic ``{key}/raw`` or ``{key}/enhanced``, sent by the receive and
            engine stages themselves (no extra hop); a slow viewer drops frames, the server
            never waits for it
-control    REP socket answering ``status`` and ``stop`` (``scopecast status``)
+control    REP socket answering ``status``, ``stop`` and ``swap`` (``scopecast status``)
 =========  ===========================================================================
+
+``swap`` replaces the engine of a running server without losing a frame: a background thread
+loads, verifies and warms up the new engine; the engine stage switches to it between two frames
+and every key's temporal state restarts for it (:mod:`stream.swap`, :mod:`stream.ring`). Every
+enhanced frame's index line names the engine that made it (``engine_id``), and each enhanced
+OME-TIFF lists its engines with their plane ranges; the files keep the first engine's name.
 
 No message can stop a stage: each stage handles one item at a time under a guard that counts
 an unexpected exception by stage and kind (``stage_errors``), logs it once per kind, and goes
@@ -37,13 +43,14 @@ import sys
 import threading
 import time
 from collections import Counter, OrderedDict, defaultdict, deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
 import numpy as np
 import zmq
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from zmq.utils.monitor import recv_monitor_message
 
 from calibration.bidir import correct_phase
@@ -84,6 +91,7 @@ from .status import (
     StageFailure,
     Viewers,
 )
+from .swap import MAX_SHAPES, EngineSwap, SwapRefused, chain_id, keeps_previous
 
 log = logging.getLogger(__name__)
 
@@ -142,16 +150,37 @@ class ServerConfig(BaseModel):
 
 
 class ControlRequest(BaseModel):
-    """requests are JSON objects: {"cmd": "status"} or {"cmd": "stop", "expect": {"STREAM":
-    FRAMES}, "timeout_s": SECONDS}"""
+    """requests are JSON objects: {"cmd": "status"}, {"cmd": "stop", "expect": {"STREAM":
+    FRAMES}, "timeout_s": SECONDS} or {"cmd": "swap", "engines": [ENGINE, ...], "backend":
+    BACKEND, "threads": N} (backend and threads optional)"""
 
     model_config = ConfigDict(extra="forbid")
 
-    cmd: Literal["status", "stop"]
+    cmd: Literal["status", "stop", "swap"]
     expect: dict[str, Annotated[int, Field(ge=0, le=MAX_INT64)]] = Field(
         default_factory=dict, max_length=1024, description="stop: frames to wait for, by stream"
     )
     timeout_s: Annotated[float, Field(ge=0, le=MAX_STOP_WAIT_S, allow_inf_nan=False)] = 10.0
+    engines: list[Annotated[str, Field(min_length=1, max_length=4096)]] = Field(
+        default_factory=list,
+        max_length=8,
+        description="swap: engine names or package folders, chained in order",
+    )
+    backend: str | None = Field(
+        None, min_length=1, max_length=64, description="swap: default the backend in force"
+    )
+    threads: int | None = Field(
+        None, ge=1, le=1024, description="swap: inference threads; default those in force"
+    )
+
+    @model_validator(mode="after")
+    def _swap_fields(self) -> ControlRequest:
+        swap = self.engines or self.backend is not None or self.threads is not None
+        if self.cmd == "swap" and not self.engines:
+            raise ValueError("swap needs 'engines': the engine name(s) or package folder(s)")
+        if self.cmd != "swap" and swap:
+            raise ValueError(f"'engines', 'backend' and 'threads' go with swap, not {self.cmd}")
+        return self
 
 
 class ServerError(ScopecastError, RuntimeError):
@@ -180,15 +209,26 @@ class Job:
 
 
 @dataclass(frozen=True, slots=True)
+class Producer:
+    """The engine chain that made an enhanced frame (a hot swap changes it mid-run)."""
+
+    name: str
+    id: str  # name@version:sha of each engine (stream.swap.chain_id)
+    scale: int
+
+
+@dataclass(frozen=True, slots=True)
 class ToWrite:
     """A frame for the writer stage: a raw one from receive, or an enhanced one from the
-    engine (``header`` is then its raw frame's, ``fidelity`` its residual when checked)."""
+    engine (``header`` is then its raw frame's, ``fidelity`` its residual when checked,
+    ``producer`` the chain that made it)."""
 
     kind: Literal["raw", "enhanced"]
     header: FrameHeader
     frame: np.ndarray
     timings_ms: dict[str, float]
     fidelity: dict[str, Any] | None = None
+    producer: Producer | None = None
 
 
 class Scheduler:
@@ -399,15 +439,18 @@ class EngineServer:
         for ep in filter(None, (c.listen, c.publish, c.control)):
             check_bind(ep, insecure=c.insecure, authenticated=self.curve is not None)
         self.profile = CalibrationProfile.load(c.profile) if c.profile else None
+        self._rebuild = rebuild
         try:
             sink_type(c.sink)
-            units = Electrons.from_profile(self.profile) if self.profile else None
-            self.chain = EngineChain.open(
-                c.engines, c.backend, c.threads, rebuild=rebuild, units=units
-            )
+            self.chain = self.open_chain(c.engines, c.backend, c.threads)
         except (PackageError, ValueError) as e:
             raise ServerError(str(e)) from e
         _log_units(self.chain, self.profile is not None)
+        self._producer = _producer(self.chain)
+        self._file_engine = self.chain.name  # enhanced files keep it across hot swaps
+        self.swapper = EngineSwap(self.open_chain, c.backend, c.threads)
+        self._samples: OrderedDict[tuple[tuple[int, ...], str], np.ndarray] = OrderedDict()
+        self._samples_lock = threading.Lock()
         self._mismatch: dict[str, MismatchMonitor] = {}  # per stream: the engine thread's
         self.fidelity_mismatch: str | None = None
         self.frames_flagged = 0  # frames whose fidelity scan flagged a region (engine thread)
@@ -422,7 +465,7 @@ class EngineServer:
             self.chain.window,
             background=self.chain.background,
             max_pause_s=c.max_pause_s,
-            keep_previous=any(e.manifest.temporal.previous_output for e in self.chain.engines),
+            keep_previous=keeps_previous(self.chain),
             budget_bytes=int(c.ring_mb * 2**20),
         )
         self.times = StageTimes()
@@ -475,6 +518,14 @@ class EngineServer:
             on_error=self._spill_error,
         )  # fmt: skip
         self._threads = {name: self._thread(name) for name in THREADS}
+
+    def open_chain(
+        self, engines: Sequence[str | Path], backend: str, threads: int | None
+    ) -> EngineChain:
+        """Load, verify and open an engine chain with this server's rig units and plan
+        rebuilder: how the server opens its engine at start and at every hot swap."""
+        units = Electrons.from_profile(self.profile) if self.profile else None
+        return EngineChain.open(engines, backend, threads, rebuild=self._rebuild, units=units)
 
     def _thread(self, name: str) -> threading.Thread:
         loop = getattr(self, f"_{name}_loop")
@@ -596,6 +647,7 @@ class EngineServer:
         self._writer_q.put(None, 0)
         self._join("writer")
         try:
+            self.swapper.close()
             self.chain.close()
             spill = self.run_dir / "spill"
             if spill.is_dir() and not any(spill.iterdir()):
@@ -636,6 +688,7 @@ class EngineServer:
         self._writer_q.put(ToWrite("raw", header, frame, {"transport": transport}), header.nbytes)
         try:
             self.chain.check(header.shape)
+            self._sample(header, frame)
             self.scheduler.submit(Job(header, frame, recv_ns))
         except EngineError as e:
             self.engine_errors(e.kind, f"{header.key}: {e}")
@@ -643,9 +696,49 @@ class EngineServer:
             self._fault("receive", e, f"scheduling {header.key} seq {header.seq}: ")
         self._publish(header, frame, kind="raw", timings={"transport": transport})
 
+    def _sample(self, header: FrameHeader, frame: np.ndarray) -> None:
+        """Keep the latest frame of each recent shape and dtype: a hot swap warms the new
+        engine up on them (frames are never written again, so no copy)."""
+        key = (header.shape, header.dtype)
+        with self._samples_lock:
+            self._samples[key] = frame
+            self._samples.move_to_end(key)
+            if len(self._samples) > MAX_SHAPES:
+                self._samples.popitem(last=False)
+
+    def swap(
+        self, engines: Sequence[str], backend: str | None = None, threads: int | None = None
+    ) -> dict[str, Any]:
+        """Start a hot swap to ``engines`` (:mod:`stream.swap`); returns at once, the swap
+        goes on in the background (``status().swap``). SwapRefused if one is under way."""
+        if self._stop.is_set():
+            raise SwapRefused("the server is stopping: no engine swap now")
+        with self._samples_lock:
+            samples = list(self._samples.values())
+        info = self.swapper.request(
+            engines, serving=self.chain, samples=samples, backend=backend, threads=threads
+        )
+        return {"swap": info.state, **info.model_dump(mode="json", exclude={"state"})}
+
+    def _switch_engine(self) -> None:
+        """Between two frames (engine stage): serve a swapped-in chain that is ready, its
+        temporal state restarted for every key (:meth:`stream.ring.Rings.restart`)."""
+        new = self.swapper.take()
+        if new is None:
+            return
+        old = self.chain
+        self.rings.restart(new.window, background=new.background, keep_previous=keeps_previous(new))
+        self.chain = new
+        self._producer = _producer(new)
+        self._backend_name = new.engines[0].backend.name
+        self.swapper.switched(new, after=self.enhanced)
+        # off the critical path: a GPU backend may take a while to free its buffers
+        threading.Thread(target=_close_quietly, args=(old,), name="scopecast-close").start()
+
     def _engine_loop(self) -> None:
         while not self.scheduler.finished:
             try:
+                self._switch_engine()
                 got = self.scheduler.take(0.1)
             except Exception as e:  # noqa: BLE001 - a stage must survive every input
                 self._fault("engine", e)
@@ -687,7 +780,8 @@ class EngineServer:
         timings["transport"] = (job.recv_ns - h.mono_ns) / 1e6
         self.enhanced += 1
         out = result.frame
-        self._writer_q.put(ToWrite("enhanced", h, out, timings, checked), out.nbytes)
+        made = ToWrite("enhanced", h, out, timings, checked, self._producer)
+        self._writer_q.put(made, out.nbytes)
         self._publish(h, out, kind="enhanced", timings=timings, fidelity=checked)
         if significance is not None:
             self._publish(h, significance, kind="significance", fidelity=checked)
@@ -699,11 +793,14 @@ class EngineServer:
                 if kind == "raw":
                     rec = self.writer.write_raw(header, item.frame, timings_ms=item.timings_ms)
                 else:
+                    made = item.producer or self._producer
                     rec = self.writer.write_enhanced(
                         header,
                         item.frame,
-                        engine=self.chain.name,
-                        scale=self.chain.scale,
+                        engine=made.name,
+                        engine_id=made.id,
+                        file_as=self._file_engine,
+                        scale=made.scale,
                         timings_ms=item.timings_ms,
                         extra=None if item.fidelity is None else {"fidelity": item.fidelity},
                     )
@@ -873,7 +970,7 @@ class EngineServer:
                 if owed:
                     sock.send(json.dumps({"error": f"internal error: {type(e).__name__}"}).encode())
 
-    def _answer(self, parts: list[bytes]) -> ServerStatus | dict[str, str] | None:
+    def _answer(self, parts: list[bytes]) -> ServerStatus | dict[str, Any] | None:
         try:
             if len(parts) != 1:
                 raise ValueError(f"a request is one message part, not {len(parts)}")
@@ -883,6 +980,11 @@ class EngineServer:
             return {"error": f"{_first_line(e)}; {ControlRequest.__doc__}"}
         if req.cmd == "status":
             return self._summary or self.status()
+        if req.cmd == "swap":
+            try:
+                return self.swap(req.engines, req.backend, req.threads)
+            except SwapRefused as e:
+                return {"error": str(e)}
         self.stop(req.expect, req.timeout_s)
         self._finished.wait()
         return self._summary
@@ -895,10 +997,11 @@ class EngineServer:
         rx = self._receiver().stats
         healthy = not self._check_stages()
         rings = self.rings.stats()
+        chain = self.chain
         return ServerStatus(
             healthy=healthy,
             failure=self.failure,
-            engine=EngineInfo.model_validate(self.chain.describe()),
+            engine=EngineInfo.model_validate({**chain.describe(), "id": chain_id(chain)}),
             mode=c.mode,
             listen=c.listen,
             publish=c.publish,
@@ -933,7 +1036,20 @@ class EngineServer:
             frames_flagged=self.frames_flagged,
             frames_checked=self.frames_checked,
             fidelity_every=self._schedule.every if self.profile is not None else None,
+            swap=self.swapper.info,
         )
+
+
+def _producer(chain: EngineChain) -> Producer:
+    return Producer(chain.name, chain_id(chain), chain.scale)
+
+
+def _close_quietly(chain: EngineChain) -> None:
+    """Close a chain no stage uses any more; a failure is logged, never raised."""
+    try:
+        chain.close()
+    except Exception as e:  # noqa: BLE001 - the new engine serves whatever happens here
+        log.warning("closing engine %s after a swap: %s: %s", chain.name, type(e).__name__, e)
 
 
 def _raise_open_files_limit() -> None:

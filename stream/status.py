@@ -62,10 +62,40 @@ class EngineInfo(_Part):
     window: int = Field(description="frames the first engine takes (temporal window)")
     backend: list[BackendInfo] = Field(description="one per engine of the chain")
     reason: list[str] = Field(description="why each backend was chosen")
+    id: str = Field(
+        "",
+        description="name@version:sha (the first 12 hex digits of its model's sha256) of each "
+        "engine, joined by '+': how the index and the enhanced OME-TIFF name it",
+    )
     units: list[str] = Field(
         default_factory=list,
         description="one per engine: the units it takes (adu, or electrons and the conversion "
         "used: the --profile's, else the camera its manifest assumes)",
+    )
+
+
+class SwapInfo(_Part):
+    """The latest hot swap of the engine (``scopecast status --swap``; :mod:`stream.swap`)."""
+
+    number: int = Field(description="1 for the server's first swap, 2 for the next, ...")
+    state: Literal["loading", "ready", "done", "failed"] = Field(
+        description="loading: opening, verifying and warming up the new engine off the critical "
+        "path; ready: waiting for the engine stage's next frame boundary; done: it serves; "
+        "failed: not loaded, the engine before keeps serving (error says why)"
+    )
+    engine: str = Field(description="the engine asked for (chain: joined by '+')")
+    backend: str = Field(description="the backend setting it is opened with")
+    previous: str = Field(description="the engine serving when the swap was asked for")
+    engine_id: str | None = Field(None, description="once loaded: its name@version:sha")
+    error: str | None = Field(None, description="failed: what was wrong and what to do")
+    load_s: float | None = Field(
+        None, description="seconds from the request to ready (open, verify, warm up) or failed"
+    )
+    warmup_shapes: list[list[int]] = Field(
+        default_factory=list, description="frame shapes the new engine was warmed up on"
+    )
+    switched_after: int | None = Field(
+        None, description="done: frames the server had enhanced before the new engine's first"
     )
 
 
@@ -190,6 +220,9 @@ class ServerStatus(_Part):
     )
     frames_checked: int = Field(
         0, description="enhanced frames given the full fidelity check (chi-square and scan)"
+    )
+    swap: SwapInfo | None = Field(
+        None, description="the latest hot swap of the engine (`scopecast status --swap`), if any"
     )
     fidelity_every: int | None = Field(
         None,

@@ -68,7 +68,8 @@ def stand_in_wheels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     root = tmp_path / "scopecast-cache"
     (root / "wheels").mkdir(parents=True)
     for i, src in enumerate(SOURCES.values()):
-        wheel = root / "wheels" / f"{src.package.replace('-', '_')}-0.0.1-py3-none-any.whl"
+        release = src.version or "0.0.1"
+        wheel = root / "wheels" / f"{src.package.replace('-', '_')}-{release}-py3-none-any.whl"
         members = [src.members.replace("*", f"x{k}", 1).replace("*", "cells") for k in range(2)]
         stand_in_wheel(wheel, {m: stand_in_cells(128, 10 * i + k) for k, m in enumerate(members)})
     monkeypatch.setenv("SCOPECAST_CACHE", str(root))

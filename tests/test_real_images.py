@@ -239,7 +239,7 @@ def test_real_pairs_command_from_a_cached_wheel(tmp_path: Path) -> None:
     assert info["pairs"]["stardist-img2d"]["source"]["member"] == SOURCES["stardist"].members
     runner = CliRunner(env={"COLUMNS": "300"})
     bad = runner.invoke(app, ["real-pairs", "--out", str(out), "--source", "nope"])
-    assert bad.exit_code == 2 and "unknown --source 'nope'" in bad.output
+    assert bad.exit_code == 2 and "--source: unknown image source(s) ['nope']" in bad.output
     bad = runner.invoke(app, ["real-pairs", "--out", str(out), "--defocus", "-1,2"])
     assert bad.exit_code == 2 and "LO,HI" in bad.output
 
@@ -454,3 +454,15 @@ def test_an_image_gets_the_same_pair_whatever_comes_with_it(tmp_path: Path) -> N
     assert both["pairs"]["b"] == alone["pairs"]["b"]
     assert np.array_equal(tifffile.imread(tmp_path / "alone" / "low" / "b.tif"),
                           tifffile.imread(tmp_path / "both" / "low" / "b.tif"))  # fmt: skip
+
+
+def test_source_names_pick_held_out_sources() -> None:
+    from calibration.sim.wheels import TRAINING_SOURCES, source_names
+
+    assert source_names(["all"]) == list(SOURCES)
+    held = source_names(["held-out"])
+    assert held and not set(held) & set(TRAINING_SOURCES)
+    assert set(held) | set(TRAINING_SOURCES) == set(SOURCES)
+    assert source_names(["zelda", "stardist"]) == ["stardist", "zelda"]  # table order
+    with pytest.raises(ValueError, match=r"unknown image source\(s\) \['nope'\]"):
+        source_names(["nope"])

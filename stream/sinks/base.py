@@ -31,7 +31,9 @@ class Sink(Protocol):
     may retry); ``broken`` says why no plane can be appended any more ("" while usable), and
     RunWriter then continues the key in a new file, as it does when ``accepts`` is false.
     ``close`` writes the final metadata (idempotent); a file never closed is what ``recover``
-    is for.
+    is for. A sink may also have ``produced_by(engine: str)``: RunWriter calls it before each
+    enhanced plane with the engine that made it (``name@version:sha``), for the sink to record
+    which engine made which planes (OME-TIFF: ``scopecast.engines`` in its OME-XML).
     """
 
     path: Path

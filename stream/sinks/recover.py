@@ -122,6 +122,7 @@ def _from_index(
             )
         end = path.stat().st_size
         planes: dict[int, Plane] = {}
+        producers: dict[int, str] = {}  # plane -> the engine that made it (enhanced files)
         listed: set[int] = set()
         bad = missing = 0
         kind: tuple[tuple[int, ...], np.dtype] | None = None
@@ -148,6 +149,8 @@ def _from_index(
             kind = shape, dtype
             frame = np.frombuffer(data, dtype).reshape(shape)
             planes[number] = frame, _header(r.get("header"), number, frame)
+            if r.get("kind") == "enhanced" and isinstance(made := r.get("engine_id"), str):
+                producers[number] = made
     unindexed = _unlisted_pages(path, listed, kind) if planes else {}
     planes.update(unindexed)
     if not planes:
@@ -166,7 +169,9 @@ def _from_index(
             f"; {len(unindexed)} planes without a good index line were taken from the file's "
             "pages (their time, channel and position are unknown)"
         )
-    written = _write(path, output, [planes[k] for k in sorted(planes)], size, note)
+    order = sorted(planes)
+    made = [producers.get(k, "unknown") for k in order] if producers else None
+    written = _write(path, output, [planes[k] for k in order], size, note, made)
     return Recovered(path, output, written, bad, True, missing, damaged, len(unindexed))
 
 
@@ -344,11 +349,21 @@ def _axes(v: Any) -> dict[str, int]:
     }
 
 
-def _write(source: Path, output: Path, planes: list[Plane], size: float | None, note: str) -> int:
-    """Write ``planes`` to a new ``output``; on failure remove it (the source is untouched)."""
+def _write(
+    source: Path,
+    output: Path,
+    planes: list[Plane],
+    size: float | None,
+    note: str,
+    producers: list[str] | None = None,
+) -> int:
+    """Write ``planes`` to a new ``output`` (``producers``: the engine that made each, from
+    the index); on failure remove it (the source is untouched)."""
     sink = OmeTiffSink(output, pixel_size_um=size, description=note)
     try:
-        for frame, header in planes:
+        for i, (frame, header) in enumerate(planes):
+            if producers is not None:
+                sink.produced_by(producers[i])
             sink.write(frame, header)
         sink.close()
     except SinkError as e:

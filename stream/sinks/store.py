@@ -120,26 +120,36 @@ class RunWriter:
         scale: int,
         timings_ms: dict[str, float] | None = None,
         extra: dict[str, Any] | None = None,
+        engine_id: str | None = None,
+        file_as: str | None = None,
     ) -> dict[str, Any]:
         """Store an enhanced frame (``header`` is its raw frame's), then its index line;
-        ``extra`` (e.g. the fidelity residual) goes into the line as is."""
-        if not ENGINE_NAME.match(engine) or engine == "raw":
-            raise ValueError(
-                f"engine name {engine!r} must be 1-64 of [a-z0-9._-] (chains joined "
-                "by '+') and not 'raw'"
-            )
+        ``extra`` (e.g. the fidelity residual) goes into the line as is.
+
+        ``engine`` made the frame; ``engine_id`` (its ``name@version:sha``) goes into the index
+        line and, through the sink's ``produced_by``, into the file's metadata. The file is
+        named after ``file_as`` (default ``engine``): a server that swapped engines keeps
+        writing the files named after its first one."""
+        for name in (engine, file_as or engine):
+            if not ENGINE_NAME.match(name) or name == "raw":
+                raise ValueError(
+                    f"engine name {name!r} must be 1-64 of [a-z0-9._-] (chains joined "
+                    "by '+') and not 'raw'"
+                )
         if not (isinstance(scale, int) and scale >= 1):
             raise ValueError(f"scale={scale!r} must be an integer >= 1 (1 = same pixel size)")
         with self._lock:
             t0 = time.perf_counter()
             size = None if header.pixel_size_um is None else header.pixel_size_um / scale
-            plane = self._write(engine, header, frame, size)
+            plane = self._write(file_as or engine, header, frame, size, engine_id or engine)
             raw = self._raw.get((header.stream, header.acquisition, header.seq))
             if raw is None:
                 self.errors["raw_missing"] += 1
             record = self._record("enhanced", header, frame, plane, timings_ms, t0)
             record.update(extra or {})
             record.update(engine=engine, scale=scale, pixel_size_um=size, raw=raw)
+            if engine_id is not None:
+                record["engine_id"] = engine_id
             return self._append(record)
 
     def close(self) -> list[Path]:
@@ -173,7 +183,12 @@ class RunWriter:
     # -- internals --------------------------------------------------------------------------
 
     def _write(
-        self, kind: str, header: FrameHeader, frame: np.ndarray, pixel_size_um: float | None
+        self,
+        kind: str,
+        header: FrameHeader,
+        frame: np.ndarray,
+        pixel_size_um: float | None,
+        producer: str | None = None,
     ) -> PlaneRecord:
         if self.closed:
             raise SinkError(
@@ -181,6 +196,8 @@ class RunWriter:
             )
         try:
             sink = self._sink(kind, header, frame, pixel_size_um)
+            if producer is not None and (produced_by := getattr(sink, "produced_by", None)):
+                produced_by(producer)
             plane = sink.write(frame, header)
         except SinkError:
             self.errors["disk"] += 1

@@ -288,6 +288,24 @@ class OmeTiffSink:
         self._notes: set[str] = set()
         self._extra: set[tuple[tuple[str, int], ...]] = set()
         self._acquisitions: set[str] = set()
+        self._producers: list[tuple[str, int]] = []  # (engine, first plane), in plane order
+
+    def produced_by(self, engine: str) -> None:
+        """Name the engine that makes the planes written from now on (a hot swap changes it):
+        the OME-XML lists each engine with its plane range (``scopecast.engines``)."""
+        if self._producers and self._producers[-1][1] == self.planes:
+            self._producers.pop()  # nothing written under the previous name since it was given
+        if not self._producers or self._producers[-1][0] != engine:
+            self._producers.append((engine, self.planes))
+
+    def producers(self) -> list[tuple[str, int, int]]:
+        """Each engine named by :meth:`produced_by` with the first and last plane it made."""
+        ranges = []
+        for i, (engine, first) in enumerate(self._producers):
+            last = (self._producers[i + 1][1] if i + 1 < len(self._producers) else self.planes) - 1
+            if last >= first:
+                ranges.append((engine, first, last))
+        return ranges
 
     def write(self, frame: np.ndarray, header: FrameHeader) -> PlaneRecord:
         """Append ``frame`` as the next page; return where its pixels lie once they are written."""
@@ -452,6 +470,10 @@ class OmeTiffSink:
         for ax, vals in layout.values.items():
             if vals != list(range(len(vals))):
                 notes[f"scopecast.{ax}"] = _compact(vals)
+        if producers := self.producers():
+            notes["scopecast.engines"] = "; ".join(
+                f"{engine}: planes {first}..{last}" for engine, first, last in producers
+            )
         meta["MapAnnotation"] = {"Namespace": "scopecast", "Value": notes}
         ome = tifffile.OmeXml(Creator=SOFTWARE)
         stored = (self.planes, 1, 1, rows, cols, samples[0] if samples else 1)
