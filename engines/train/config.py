@@ -60,8 +60,9 @@ class Schedule(BaseModel):
         return min(1.0, (step - start) / length) if length else 0.0
 
 
-_ADDED_LATER = ("rollout", "lr_decay", "rig", "motion")
-"""TrainConfig settings newer than the first shipped engines (see ``TrainConfig.digest``)."""
+_ADDED_LATER = ("rollout", "lr_decay", "rig", "motion", "data.specimens")
+"""TrainConfig settings newer than the first shipped engines (see ``TrainConfig.digest``);
+``data.X`` is a setting of the data section."""
 
 
 class TrainConfig(BaseModel):
@@ -171,8 +172,12 @@ class TrainConfig(BaseModel):
         their default, so a config that does not use them keeps the hash it had."""
         data = self.model_dump(mode="json")
         for key in _ADDED_LATER:
-            if data[key] == type(self).model_fields[key].default:
-                del data[key]
+            section, model, name = (
+                (data["data"], DataConfig, key[5:]) if key.startswith("data.") else
+                (data, type(self), key)
+            )  # fmt: skip
+            if section[name] == model.model_fields[name].default:
+                del section[name]
         text = json.dumps(data, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()
 
