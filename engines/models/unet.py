@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Generator, UpsampleHead, _positive_int, conv3
+from .base import Generator, UpsampleHead, _flag, _positive_int, conv3
 
 
 class ResBlock(nn.Module):
@@ -39,6 +39,11 @@ class ResUNet(Generator):
     Level ``l`` has ``features * 2**l`` channels (capped at 8x); downsampling is a strided 3x3
     conv, upsampling nearest x2 + 3x3 conv, skips are concatenated. H, W: multiples of
     ``2**depth``. Scale > 1 ends in a PixelShuffle head.
+
+    ``residual=False`` drops the global residual (output = the learned image alone), as blind-
+    spot training needs (CSBDeep's Noise2Void U-Net has none): a residual would add the pixel
+    the network never saw in training. Only ``residual: false`` is recorded in ``config()``,
+    so the configs of residual U-Nets keep their form.
     """
 
     ARCH = "unet"
@@ -59,6 +64,7 @@ class ResUNet(Generator):
         features: int = 12,
         depth: int = 3,
         blocks: int = 1,
+        residual: bool = True,
     ) -> None:
         name = type(self).__name__
         features = _positive_int(name, "features", features)
@@ -66,8 +72,10 @@ class ResUNet(Generator):
         blocks = _positive_int(name, "blocks", blocks)
         super().__init__(
             channels, scale, window, previous, background,
-            arch_kwargs={"features": features, "depth": depth, "blocks": blocks},
+            arch_kwargs={"features": features, "depth": depth, "blocks": blocks,
+                         **({} if residual else {"residual": False})},
         )  # fmt: skip
+        self.residual = _flag(name, "residual", residual)
         widths = [features * min(2**level, 8) for level in range(depth + 1)]
         self.head = conv3(self.fused_channels, features)
         self.encoders = nn.ModuleList(_stage(w, w, blocks) for w in widths[:-1])
@@ -96,4 +104,5 @@ class ResUNet(Generator):
         for up, decode, skip in zip(self.ups[::-1], self.decoders[::-1], skips[::-1], strict=True):
             x = self.act(up(F.interpolate(x, scale_factor=2.0, mode="nearest")))
             x = decode(torch.cat([x, skip], 1))
-        return self.base_image(frames) + self.tail(self.act(x))
+        out = self.tail(self.act(x))
+        return self.base_image(frames) + out if self.residual else out

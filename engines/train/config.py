@@ -159,6 +159,20 @@ class TrainConfig(BaseModel):
                 f"rig and motion randomize simulated data; data.kind is {self.data.kind!r}: "
                 "drop the rig and motion sections, or use data.kind: simulated"
             )
+        if self.data.target == "blind-spot":
+            other = sorted(k for k, w in self.losses.items() if w and k not in ("l1", "mse"))
+            if other or self.discriminator is not None:
+                raise ValueError(
+                    f"blind-spot training scores the hidden pixels one by one: use the pixel "
+                    f"losses l1 and mse only, without {other or ['a discriminator']}"
+                )
+            g = self.generator
+            if g.arch != "unet" or g.overrides.get("residual", True) is not False:
+                raise ValueError(
+                    "blind-spot training needs a generator without the global residual (it "
+                    "would add back the pixel the network is trained not to see): use "
+                    "generator: {arch: unet, overrides: {residual: false}}"
+                )
         if self.rollout > 1 and not self.previous:
             raise ValueError(
                 f"rollout={self.rollout} needs previous: true (it rolls the generator's own "

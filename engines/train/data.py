@@ -3,7 +3,8 @@
 Pairs come from real paired data (``paired``: single images, ``stacks``: time-lapse stacks) or
 from the calibration forward model (``simulated``: the simulated microscope's fast and slow
 scans of the same instant; ``synthetic``: clean images degraded by a rig's forward model), never
-from bicubic downsampling alone.
+from bicubic downsampling alone; or from noisy recordings alone (``recording``: the next frame
+as target, Noise2Noise in time, or the frame itself behind blind spots, Noise2Void).
 
 Units. Low frames stay in raw ADU. Targets are in RAW-EQUIVALENT ADU: the mean of a target over
 ``scale x scale`` blocks has the expected value of the raw low frame, offset included, so the
@@ -68,18 +69,22 @@ class DataConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    kind: Literal["simulated", "paired", "stacks", "synthetic"]
+    kind: Literal["simulated", "paired", "stacks", "synthetic", "recording"]
     preset: str = Field("confocal-20fps", description="simulated rig (simulated, synthetic)")
     channel: str | None = Field(None, description="preset channel; None: its first")
     seed: int = Field(0, ge=0, description="seeds generation, noise and the train/val split")
-    target: Literal["high-quality", "clean"] = Field(
-        "high-quality", description="simulated: noisy slow scan (as real data) or noise-free"
+    target: Literal["high-quality", "clean", "next-frame", "blind-spot"] = Field(
+        "high-quality",
+        description="simulated: noisy slow scan (as real data) or noise-free; recording: the "
+        "next frame (Noise2Noise in time) or the frame itself behind blind spots (Noise2Void)",
     )
     defocus_um: tuple[float, float] = Field(
         (0.0, 0.0), description="|dz| range applied to the low frames (target in focus)"
     )
     folder: Path | None = Field(
-        None, description="paired/stacks: low/ and high/ TIFFs by name; synthetic: clean TIFFs"
+        None,
+        description="paired/stacks: low/ and high/ TIFFs by name; synthetic: clean TIFFs; "
+        "recording: (T, H, W) TIFF/OME-TIFF time-lapses, or a scopecast run folder (its raw files)",
     )
     profile: Path | None = Field(
         None, description="calibration profile: the rig simulated/synthetic data are made with"
@@ -99,6 +104,16 @@ class DataConfig(BaseModel):
     match_intensity: bool = Field(
         True, description="paired/stacks: fit high images linearly onto the low images' ADU"
     )
+    frames: int = Field(
+        500, ge=2, description="recording: at most this many frames of each time-lapse (its first)"
+    )
+    max_shift_px: float = Field(
+        0.5,
+        ge=0,
+        allow_inf_nan=False,
+        description="recording, next-frame: frame pairs whose field moved more (phase "
+        "correlation, raw px) are left out: the next frame must show the same scene",
+    )
     specimens: tuple[str, ...] | None = Field(
         None,
         description="simulated: specimen kinds (calibration.sim.SPECIMEN_KINDS, e.g. "
@@ -113,6 +128,18 @@ class DataConfig(BaseModel):
             raise ValueError(
                 f"defocus_um={self.defocus_um} must be a range (low, high) of |dz| with "
                 "0 <= low <= high, e.g. (1.0, 3.0)"
+            )
+        self_supervised = self.target in ("next-frame", "blind-spot")
+        if (self.kind == "recording") != self_supervised:
+            raise ValueError(
+                f"kind={self.kind!r} with target={self.target!r}: noisy recordings "
+                "(kind='recording') train against the next frame or blind spots "
+                "(target='next-frame' or 'blind-spot'), and only they do"
+            )
+        if self.kind == "recording" and self.folder is None:
+            raise ValueError(
+                "kind='recording' needs folder: (T, H, W) TIFF time-lapses, or a scopecast run "
+                "folder"
             )
         files = self.kind in ("paired", "stacks")
         if files and self.folder is None:
@@ -284,6 +311,8 @@ def build_datasets(
         made = _simulated(cfg, scale, history, previous, progress, rig, motion)
     elif cfg.kind == "synthetic":
         made = _synthetic(cfg, scale, history, previous, progress)
+    elif cfg.kind == "recording":
+        made = _recording(cfg, scale, window, previous, progress)
     else:
         made = _recorded(cfg, scale, progress)
     series, train_items, val_items, offset, info = made
@@ -632,6 +661,114 @@ def _field_crop(image: np.ndarray, field: int | None, scale: int,
     r = 2 * scale * int(rng.integers(0, (h - side) // (2 * scale) + 1))
     c = scale * int(rng.integers(0, (w - side) // scale + 1))
     return image[r : r + side, c : c + side]
+
+
+# -- noisy recordings alone: Noise2Noise in time, or blind spots -------------------------------
+
+
+def _recording_files(folder: Path) -> list[Path]:
+    """The time-lapses of ``folder``: its raw files if it is a scopecast run folder (an
+    index.jsonl beside ``*_raw.ome.tif``), else every TIFF in it; a file is itself."""
+    if folder.is_file():
+        return [folder]
+    if (folder / "index.jsonl").is_file():
+        files = sorted(folder.glob("*_raw.ome.tif"))
+    else:
+        files = sorted([*folder.glob("*.tif"), *folder.glob("*.tiff")])
+    if not files:
+        raise ValueError(
+            f"no time-lapse TIFFs in {folder}: give a folder of (T, H, W) TIFF/OME-TIFF files, a "
+            "scopecast run folder, or one file"
+        )
+    return files
+
+
+def _read_recording(path: Path, frames: int) -> np.ndarray:
+    """The first ``frames`` frames of a (T, H, W) time-lapse (a 2-D image: T = 1), uint or
+    float, as (T, 1, H, W)."""
+    with tifffile.TiffFile(path) as tif:
+        series = tif.series[0]
+        shape = series.shape
+        if len(shape) == 2:
+            stack = series.asarray()[None]
+        elif len(shape) == 3:
+            n = min(frames, shape[0])
+            stack = series.asarray(key=range(n)) if len(series.pages) == shape[0] else (
+                series.asarray()[:n]
+            )  # fmt: skip
+        else:
+            raise ValueError(
+                f"{path.name} has shape {shape} ({series.axes}): a recording must be (T, H, W) "
+                "(one position and channel per file); split it"
+            )
+    stack = np.asarray(stack).reshape(-1, 1, *shape[-2:])
+    if not np.issubdtype(stack.dtype, np.number) or not np.isfinite(stack).all():
+        raise ValueError(f"{path.name} holds non-numeric, NaN or inf values: fix the file")
+    return stack
+
+
+def _field_shift(a: np.ndarray, b: np.ndarray) -> float:
+    """How far (raw px) the field moved from ``a`` to ``b``: phase correlation, 0.1 px steps."""
+    from skimage.registration import phase_cross_correlation
+
+    shift, _, _ = phase_cross_correlation(a.astype(np.float32), b.astype(np.float32),
+                                          upsample_factor=10, normalization=None)  # fmt: skip
+    return float(np.hypot(*shift))
+
+
+def _recording(cfg: DataConfig, scale: int, window: int, previous: bool,
+               progress: Progress | None) -> _Made:  # fmt: skip
+    """Noisy time-lapses alone: no clean or high image anywhere. ``next-frame``: the target of
+    time t is the raw frame t+1, an independent noise draw of (nearly) the same scene, for the
+    pairs whose field moved at most ``max_shift_px``; ``blind-spot``: the target is frame t
+    itself, and training hides pixels of the input (``engines.train.blind_spot``). Split by
+    file (one file: in time, the last frames held out)."""
+    if scale != 1 or previous:
+        raise ValueError(
+            f"recordings train denoisers (scale 1, no previous output), not scale={scale}"
+            f"{' with previous' if previous else ''}: a noisy recording holds no finer or "
+            "cleaner image to learn from; set scale: 1 and previous: false"
+        )
+    assert cfg.folder is not None
+    files = _recording_files(Path(cfg.folder))
+    series: list[Series] = []
+    dropped: dict[str, int] = {}
+    next_frame = cfg.target == "next-frame"
+    for i, path in enumerate(files):
+        low = _read_recording(path, cfg.frames)
+        if next_frame and len(low) < 2:
+            raise ValueError(f"{path.name} has 1 frame: target='next-frame' needs 2 or more")
+        if next_frame:
+            keep = [t for t in range(len(low) - 1)
+                    if _field_shift(low[t, 0], low[t + 1, 0]) <= cfg.max_shift_px]  # fmt: skip
+            dropped[path.name] = len(low) - 1 - len(keep)
+            targets = {t: low[t + 1].astype(np.float32) for t in keep}
+        else:
+            targets = {t: low[t].astype(np.float32) for t in range(len(low))}
+        series.append(Series(low, targets, {"name": path.stem.split(".")[0]}))
+        if progress is not None:
+            progress(i + 1, len(files))
+    names = [s.meta["name"] for s in series]
+    usable = [(i, t) for i, s in enumerate(series) for t in sorted(s.targets) if t >= window - 1]
+    if not usable:
+        raise ValueError(
+            f"no frame of {cfg.folder} can be trained on: every pair of consecutive frames moved "
+            f"more than max_shift_px={cfg.max_shift_px} (or the files are shorter than the "
+            "window); raise max_shift_px, or use target='blind-spot'"
+        )
+    if len(series) == 1:
+        n_val = 0 if cfg.val_fraction == 0 else max(1, round(cfg.val_fraction * len(usable)))
+        n_val = min(n_val, len(usable) - 1)
+        train, val = usable[: len(usable) - n_val], usable[len(usable) - n_val :]
+    else:
+        held = _split_names(names, cfg.val_fraction, cfg.seed, f"recordings in {cfg.folder}")
+        train = [(i, t) for i, t in usable if names[i] not in held]
+        val = [(i, t) for i, t in usable if names[i] in held]
+    info = {"kind": "recording", "folder": str(cfg.folder), "target": cfg.target,
+            "files": [p.name for p in files], "frames": [len(s.low) for s in series]}  # fmt: skip
+    if next_frame:
+        info["dropped_for_motion"] = dropped
+    return series, train, val, None, info
 
 
 # -- recorded pairs: low/ and high/ folders ---------------------------------------------------

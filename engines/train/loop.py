@@ -25,6 +25,7 @@ from calibration.metrics import psnr, ssim
 from engines.models import build_discriminator, build_generator
 from engines.package import Normalization
 
+from . import blind_spot
 from . import losses as L
 from .augment import diff_augment, sample_params, video_augment
 from .checkpoint import (
@@ -167,12 +168,13 @@ class Trainer:
     def _run(self, on_progress: Callable[[Progress], None] | None, end: int) -> dict[str, Any]:
         cfg = self.cfg
         batches = self._batches()
+        hiding = torch.Generator().manual_seed(cfg.seed * 1000 + 7 + self.step)
         stopped_early = False
         if self.step == 0:
             self._validate(on_progress)
         while self.step < end:
             phase = cfg.schedule.phase(self.step)
-            batch = next(batches)
+            batch = self._hide(next(batches), hiding)
             terms = self._train_step(phase, batch)
             self.step += 1
             if self.step % cfg.log_every == 0:
@@ -227,6 +229,20 @@ class Trainer:
                     previous = self.g(frames, previous, background)
         return self.g(batch["frames"], previous, background)
 
+    def _hide(self, batch: dict[str, torch.Tensor],
+              generator: torch.Generator) -> dict[str, torch.Tensor]:  # fmt: skip
+        """Blind-spot data (``data.target: blind-spot``): the batch with pixels of its newest
+        frame hidden, and their ``mask``; any other batch as it is."""
+        if self.cfg.data.target != "blind-spot":
+            return batch
+        frames, mask = blind_spot.hide(batch["frames"], generator)
+        return {**batch, "frames": frames, "mask": mask}
+
+    def _scored(self, batch: dict[str, torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+        """What the losses and validation compare with the target: the output, or with blind
+        spots the output at the hidden pixels only (``blind_spot.scored``)."""
+        return blind_spot.scored(out, batch["target"], batch["mask"]) if "mask" in batch else out
+
     def _generator_lr(self) -> float:
         """The generator's (and flow net's) learning rate at this step (``cfg.lr_decay``)."""
         cfg = self.cfg
@@ -246,7 +262,7 @@ class Trainer:
             for group in opt.param_groups:
                 group["lr"] = lr
         terms: dict[str, float] = {}
-        fake = self._forward(batch)
+        fake = self._scored(batch, self._forward(batch))
         if phase == "adversarial":
             terms.update(self._d_step(batch, fake.detach()))
         loss, g_terms = self._g_loss(batch, fake, adversarial=phase == "adversarial")
@@ -317,7 +333,8 @@ class Trainer:
         scores, losses, panels = [], [], []
         for i in range(len(self.val_set)):
             item = {k: v[None] for k, v in self.val_set[i].items()}
-            out = self._forward(item)
+            item = self._hide(item, torch.Generator().manual_seed(i))  # the same spots each time
+            out = self._scored(item, self._forward(item))
             losses.append(float(L.l1(out, item["target"])))
             pred, truth = out[0, 0].numpy(), item["target"][0, 0].numpy()
             rng = float(truth.max() - truth.min()) or 1.0
