@@ -723,7 +723,7 @@ def _fmt(value: Any) -> str:
 
 #: where `scopecast --help` lists the commands other packages mount (typer lists single commands
 #: before groups); entry points not named here follow, by name
-HELP_ORDER = ("train", "export", "build", "engines", "calibrate", "bench")
+HELP_ORDER = ("train", "export", "adapt", "build", "engines", "calibrate", "bench")
 
 
 def _add_groups() -> None:

@@ -1,5 +1,6 @@
-"""``scopecast export``: a training checkpoint -> an engine package (ONNX + manifest). Offline:
-it needs torch (extra ``train``), imported only when the command runs."""
+"""``scopecast export``: a training checkpoint -> an engine package (ONNX + manifest), and
+``scopecast adapt``: an engine learnt from a rig's own noisy recording. Offline: they need
+torch (extra ``train``), imported only when a command runs."""
 
 from __future__ import annotations
 
@@ -7,9 +8,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
 
 from calibration.errors import user_mistakes
-from engines.train.cli import need_torch
+from engines.train.cli import need_torch, training_bar
+
+err = Console(stderr=True, soft_wrap=True)
 
 
 def export(
@@ -28,3 +32,66 @@ def export(
         f"{package.path}: {m.name} ({m.architecture}, x{m.scale}, window {m.temporal.window}, "
         f"tile {m.tile.size}/{m.tile.overlap}), ONNX vs torch max relative error {error:.2e}"
     )
+
+
+def adapt(
+    recording: Annotated[
+        Path,
+        typer.Argument(
+            help="the rig's noisy recording: a scopecast run folder (its raw files), a folder "
+            "of (T, H, W) TIFF/OME-TIFF time-lapses, or one such file"
+        ),
+    ],
+    out: Annotated[Path, typer.Option(help="folder for the engine, the run and the report")],
+    base: Annotated[
+        str | None,
+        typer.Option(help="engine to start from (name or package folder); none: from scratch"),
+    ] = "confocal-denoise",
+    target: Annotated[
+        str,
+        typer.Option(
+            help="next-frame: Noise2Noise in time (needs frames of a still field, a moving "
+            "field's pairs are left out); blind-spot: Noise2Void (single frames do; trains "
+            "from scratch)"
+        ),
+    ] = "next-frame",
+    steps: Annotated[int, typer.Option(min=1, help="training steps")] = 1500,
+    frames: Annotated[int, typer.Option(min=10, help="frames read from each file (its first)")] = (
+        500
+    ),
+    profile: Annotated[
+        Path | None,
+        typer.Option(help="the rig's calibration profile (units, offset map, noise model)"),
+    ] = None,
+    backend: Annotated[str, typer.Option(help="backend the gate runs the engines on")] = (
+        "onnxruntime"
+    ),
+) -> None:
+    """Adapt an engine to this rig and specimen from its own noisy recording alone, then gate
+    it: held-out frames must match the next raw frame at least as well as the base engine's
+    output, and their fidelity chi-square must be honest (0.8-1.3). Writes OUT/engine (passed)
+    or OUT/candidate (refused, exit code 1), OUT/report.json and OUT/report.png."""
+    need_torch()
+    from engines.offline.adapt import GateRefused
+    from engines.offline.adapt import adapt as run_adapt
+
+    if target not in ("next-frame", "blind-spot"):
+        raise typer.BadParameter(f"{target!r}: choose next-frame or blind-spot")
+    kw = {"base": None if base in (None, "", "none") else base, "target": target, "steps": steps,
+          "frames": frames, "profile": profile, "backend": backend}  # fmt: skip
+    with user_mistakes(ValueError, FileNotFoundError), training_bar("adapt", steps) as show:
+        try:
+            result = run_adapt(recording, out, on_train=show,
+                               progress=lambda m: err.print(m, highlight=False), **kw)  # fmt: skip
+        except GateRefused as e:
+            err.print(f"[red]refused:[/red] {e}", highlight=False)
+            raise typer.Exit(1) from None
+    s = result["scores"]
+    gain = result.get("consistency_gain_db")
+    err.print(
+        f"adapted in {result['total_s']:.0f} s ({result['steps']} steps); held-out consistency "
+        + (f"{gain:+.2f} dB over the base engine, " if gain is not None else "")
+        + f"fidelity chi2 {s['adapted']['chi2']:.3f}; gate passed",
+        highlight=False,
+    )
+    print(out / "engine")

@@ -81,9 +81,12 @@ def export(checkpoint: Path, out: Path, *, name: str | None = None) -> tuple[Eng
 
 def training_camera(cfg: TrainConfig) -> CameraParams | None:
     """The camera the training frames were made with, where known: simulated and synthetic
-    data use the profile's camera, else the preset's; recorded pairs come from unknown ones."""
+    data use the profile's camera, else the preset's; recordings their profile's (none without
+    one); recorded pairs come from unknown ones."""
     data = cfg.data
-    if data.kind not in ("simulated", "synthetic"):
+    if data.kind not in ("simulated", "synthetic", "recording"):
+        return None
+    if data.kind == "recording" and data.profile is None:
         return None
     if data.profile is not None:
         try:

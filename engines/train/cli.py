@@ -5,8 +5,10 @@ extra."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -26,6 +28,28 @@ def need_torch() -> None:
             f"training needs the train extra ({e.name} is missing): "
             "pip install -c requirements-lock.txt -e '.[train]'"
         ) from None
+
+
+@contextmanager
+def training_bar(name: str, total: int, done: int = 0) -> Iterator[Callable[[Any], None]]:
+    """A progress bar on stderr for a training run; yields the trainer's progress callback."""
+    bar = Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=err, transient=True,
+    )  # fmt: skip
+    with bar:
+        task = bar.add_task(name, total=total, completed=done, status="")
+
+        def show(p: Any) -> None:
+            shown = "  ".join(f"{k} {v:.4g}" for k, v in list(p.losses.items())[:4])
+            best = (
+                f"  best PSNR {p.val_psnr:.2f} dB"
+                if p.val_psnr not in (None, float("-inf"))
+                else ""
+            )
+            bar.update(task, completed=p.step, status=f"{p.phase}  {shown}{best}")
+
+        yield show
 
 
 def train(
@@ -49,22 +73,7 @@ def train(
         cfg = load_config(config)
         run = out or Path("runs/train") / cfg.name
         trainer = Trainer(cfg, run, resume=resume)
-    bar = Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=err, transient=True,
-    )  # fmt: skip
-    with bar:
-        task = bar.add_task(cfg.name, total=cfg.schedule.total, completed=trainer.step, status="")
-
-        def show(p) -> None:
-            shown = "  ".join(f"{k} {v:.4g}" for k, v in list(p.losses.items())[:4])
-            best = (
-                f"  best PSNR {p.val_psnr:.2f} dB"
-                if p.val_psnr not in (None, float("-inf"))
-                else ""
-            )
-            bar.update(task, completed=p.step, status=f"{p.phase}  {shown}{best}")
-
+    with training_bar(cfg.name, cfg.schedule.total, trainer.step) as show:
         summary = trainer.run(show)
     if as_json:
         print(json.dumps(summary), flush=True)

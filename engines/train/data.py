@@ -722,7 +722,9 @@ def _recording(cfg: DataConfig, scale: int, window: int, previous: bool,
     time t is the raw frame t+1, an independent noise draw of (nearly) the same scene, for the
     pairs whose field moved at most ``max_shift_px``; ``blind-spot``: the target is frame t
     itself, and training hides pixels of the input (``engines.train.blind_spot``). Split by
-    file (one file: in time, the last frames held out)."""
+    file (one file: in time, the last frames held out). With a ``profile`` the frames go
+    through its conversion (offset map, flat field, bad pixels) into its camera's scalar ADU,
+    the units an engine exported from them is documented in (electrons through that camera)."""
     if scale != 1 or previous:
         raise ValueError(
             f"recordings train denoisers (scale 1, no previous output), not scale={scale}"
@@ -734,8 +736,14 @@ def _recording(cfg: DataConfig, scale: int, window: int, previous: bool,
     series: list[Series] = []
     dropped: dict[str, int] = {}
     next_frame = cfg.target == "next-frame"
+    units = None  # a profile's conversion: offset map and flat field out, its scalar camera
+    if cfg.profile is not None:
+        profile = CalibrationProfile.load(cfg.profile)
+        units = (Electrons.from_profile(profile), Electrons.from_camera(profile.camera))
     for i, path in enumerate(files):
         low = _read_recording(path, cfg.frames)
+        if units is not None:
+            low = units[1].to_adu(units[0].to_electrons(low))
         if next_frame and len(low) < 2:
             raise ValueError(f"{path.name} has 1 frame: target='next-frame' needs 2 or more")
         if next_frame:
