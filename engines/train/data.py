@@ -90,7 +90,9 @@ class DataConfig(BaseModel):
         None, description="calibration profile: the rig simulated/synthetic data are made with"
     )
     pairs: int = Field(64, ge=1, description="simulated/synthetic: training pairs to generate")
-    val_pairs: int = Field(16, ge=0, description="simulated/synthetic: validation pairs")
+    val_pairs: int = Field(
+        16, ge=0, description="simulated/synthetic: validation pairs; recording: at most these"
+    )
     val_fraction: float = Field(
         0.2, ge=0, lt=1, description="paired/stacks/synthetic TIFFs: share held out by name"
     )
@@ -772,6 +774,8 @@ def _recording(cfg: DataConfig, scale: int, window: int, previous: bool,
         held = _split_names(names, cfg.val_fraction, cfg.seed, f"recordings in {cfg.folder}")
         train = [(i, t) for i, t in usable if names[i] not in held]
         val = [(i, t) for i, t in usable if names[i] in held]
+    if len(val) > cfg.val_pairs > 0:  # evenly spaced: validation stays quick on long recordings
+        val = [val[i] for i in np.linspace(0, len(val) - 1, cfg.val_pairs).round().astype(int)]
     info = {"kind": "recording", "folder": str(cfg.folder), "target": cfg.target,
             "files": [p.name for p in files], "frames": [len(s.low) for s in series]}  # fmt: skip
     if next_frame:
