@@ -26,7 +26,7 @@ from .console import progress as _progress
 from .console import warning as _warning
 from .hook import FrameHook, ReceiverUnreachable
 from .sinks.base import DEFAULT_SINK, SINKS
-from .status import ServerStatus, StageFailure
+from .status import ServerStatus, StageFailure, SwapInfo
 
 app = typer.Typer(
     name="scopecast",
@@ -406,19 +406,120 @@ def status(
     ),
     keys: Annotated[Path | None, typer.Option(help="CURVE key folder (client keys)")] = None,
     stop: Annotated[bool, typer.Option(help="ask the server to finish and exit")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="print the status as JSON")] = False,
+    swap: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="ENGINE",
+            help="hot-swap the engine of the running server: an engine name or package folder "
+            "(repeat to chain). It is loaded, verified and warmed up in the background, then "
+            "serves from the next frame on; no frame is lost. Refused if its scale or output "
+            "dtype differs from the engine serving",
+        ),
+    ] = None,
+    backend: Annotated[
+        str | None,
+        typer.Option(help="with --swap: the new engine's backend (default: the one in force)"),
+    ] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option(min=1, help="with --swap: inference threads (default: those in force)"),
+    ] = None,
+    wait: Annotated[
+        bool,
+        typer.Option(
+            help="with --swap: wait until the swap is done or failed (--no-wait: return once "
+            "the server accepted it; `scopecast status` then shows its state)"
+        ),
+    ] = True,
+    timeout: Annotated[
+        float, typer.Option(min=0, help="with --swap: seconds to wait for the swap to end")
+    ] = 120.0,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="print the status (with --swap: the swap) as JSON")
+    ] = False,
 ) -> None:
-    """Ask a running engine server for its counters, latencies, engine and queue depths."""
+    """Ask a running engine server for its counters, latencies, engine and queue depths; with
+    --stop, stop it; with --swap ENGINE, replace its engine without stopping it.
+
+    A swap prints the engine now serving (name@version:sha), how long loading, verifying and
+    warming up took, and after how many enhanced frames it took over. The index and the
+    enhanced OME-TIFF (kept under the first engine's name) say which engine made each frame.
+
+    Exit codes: 0 the status, or the swap done (accepted, with --no-wait); 1 --timeout passed
+    while the swap was still loading (it goes on: `scopecast status` shows how it ends); 2 an
+    expected mistake, or a swap refused or failed (one red line saying why; the engine before
+    keeps serving).
+    """
     from .control import status as ask_status
     from .control import stop as ask_stop
     from .security import curve_or_none
 
+    curve = curve_or_none(keys)
+    if swap:
+        if stop:
+            raise typer.BadParameter("give --swap or --stop, not both")
+        _swap(control, swap, backend, threads, curve, wait=wait, timeout=timeout, as_json=as_json)
+        return
+    for name, value in (("--backend", backend), ("--threads", threads)):
+        if value is not None:
+            raise typer.BadParameter(f"{name} goes with --swap ENGINE")
     ask = ask_stop if stop else ask_status
-    reply = ask(control, curve=curve_or_none(keys), timeout_s=600.0 if stop else 2.0)
+    reply = ask(control, curve=curve, timeout_s=600.0 if stop else 2.0)
     if as_json:
         print(json.dumps(reply.model_dump(mode="json")), flush=True)
     else:
         _print_summary("server", _brief(reply))
+
+
+def _swap(
+    control: str,
+    engines: list[str],
+    backend: str | None,
+    threads: int | None,
+    curve: Any,
+    *,
+    wait: bool,
+    timeout: float,
+    as_json: bool,
+) -> None:
+    """``status --swap``: ask for the swap, then (unless not ``wait``) follow it to its end."""
+    from .control import ControlError, wait_swap
+    from .control import swap as ask_swap
+
+    name = "+".join(engines)
+    number = ask_swap(control, engines, backend=backend, threads=threads, curve=curve)
+    if not wait:
+        if as_json:
+            print(json.dumps({"swap": "loading", "number": number, "engine": name}), flush=True)
+        else:
+            out.print(f"swap {number} to {name}: loading (`scopecast status` follows it)")
+        return
+    spinner = err.status(f"swap {number} to {name}: loading") if err.is_terminal else None
+
+    def show(i: SwapInfo) -> None:
+        if spinner is not None:
+            spinner.update(f"swap {number} to {name}: {i.state}")
+
+    with spinner or ExitStack():
+        info = wait_swap(control, number, timeout_s=timeout, curve=curve, on_state=show)
+    if as_json:
+        print(json.dumps(info.model_dump(mode="json")), flush=True)
+    if info.state == "failed":
+        raise ControlError(info.error or f"swap {number} to {name} failed")
+    if info.state != "done":
+        _warning(
+            f"swap {number} to {name} still {info.state} after {timeout:g} s; it goes on: "
+            "`scopecast status` shows how it ends"
+        )
+        raise typer.Exit(1)
+    if not as_json:
+        shapes = ", ".join("x".join(map(str, s)) for s in info.warmup_shapes) or "-"
+        out.print(
+            f"swapped {info.previous} -> [bold]{info.engine_id}[/bold] ({info.backend}): "
+            f"loaded, verified and warmed up on {shapes} in {info.load_s or 0:.2f} s; took over "
+            f"after {info.switched_after} frames enhanced, between two frames",
+            highlight=False,
+        )
 
 
 @app.command()

@@ -1,7 +1,8 @@
-"""Talk to a running server's control socket (``status``, ``stop``) — one request per socket,
-so a server that does not answer never leaves a REQ socket stuck.
+"""Talk to a running server's control socket (``status``, ``stop``, ``swap``) — one request per
+socket, so a server that does not answer never leaves a REQ socket stuck.
 
 :func:`status` and :func:`stop` return the server's answer as a :class:`ServerStatus`;
+:func:`swap` starts a hot swap of the engine and :func:`wait_swap` follows it to its end;
 :func:`request` returns any answer as the JSON it was sent as."""
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import zmq
@@ -18,7 +20,7 @@ from calibration.errors import ScopecastError
 
 from .endpoints import check_endpoint
 from .security import Curve
-from .status import ServerStatus
+from .status import ServerStatus, SwapInfo
 
 
 class ControlError(ScopecastError, RuntimeError):
@@ -98,6 +100,64 @@ def stop(
     reply = request(endpoint, "stop", timeout_s=timeout_s, curve=curve, process=process,
                     expect=expect or {})  # fmt: skip
     return parse_status(reply, endpoint)
+
+
+def swap(
+    endpoint: str,
+    engines: Sequence[str],
+    *,
+    backend: str | None = None,
+    threads: int | None = None,
+    timeout_s: float = 10.0,
+    curve: Curve | None = None,
+) -> int:
+    """Ask the server to hot-swap its engine for ``engines`` (``backend``, ``threads``: default
+    the ones in force); return the swap's number once the server accepted it (ControlError if
+    it refused: another swap under way, a stopping server)."""
+    fields: dict[str, Any] = {"engines": list(engines)}
+    if backend is not None:
+        fields["backend"] = backend
+    if threads is not None:
+        fields["threads"] = threads
+    reply = request(endpoint, "swap", timeout_s=timeout_s, curve=curve, **fields)
+    if not isinstance(reply.get("number"), int) or reply.get("swap") != "loading":
+        raise ControlError(
+            f"{endpoint} answered the swap request with {reply!r}: is it a server of the same "
+            "scopecast version?"
+        )
+    return int(reply["number"])
+
+
+def wait_swap(
+    endpoint: str,
+    number: int,
+    *,
+    timeout_s: float = 120.0,
+    curve: Curve | None = None,
+    on_state: Callable[[SwapInfo], None] | None = None,
+    poll_s: float = 0.25,
+) -> SwapInfo:
+    """Poll ``status`` until swap ``number`` is done or failed, or ``timeout_s`` passed (then
+    its state is still loading or ready); ``on_state`` sees every state polled."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        info = status(endpoint, curve=curve).swap
+        if info is None or info.number < number:
+            raise ControlError(
+                f"the server at {endpoint} knows no swap {number}: was it restarted?"
+            )
+        if info.number > number:
+            raise ControlError(
+                f"swap {number} ended and swap {info.number} was asked for before its outcome "
+                f"was seen: the server now serves {info.previous!r} or swaps to {info.engine!r}"
+            )
+        if on_state is not None:
+            on_state(info)
+        if info.state in ("done", "failed"):
+            return info
+        if time.monotonic() > deadline:
+            return info
+        time.sleep(poll_s)
 
 
 def parse_status(reply: Any, endpoint: str = "the server") -> ServerStatus:

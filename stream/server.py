@@ -718,7 +718,10 @@ class EngineServer:
         info = self.swapper.request(
             engines, serving=self.chain, samples=samples, backend=backend, threads=threads
         )
-        return {"swap": info.state, **info.model_dump(mode="json", exclude={"state"})}
+        return {
+            "swap": info.state,
+            **info.model_dump(mode="json", exclude={"state"}, exclude_none=True),
+        }
 
     def _switch_engine(self) -> None:
         """Between two frames (engine stage): serve a swapped-in chain that is ready, its
@@ -727,7 +730,12 @@ class EngineServer:
         if new is None:
             return
         old = self.chain
-        self.rings.restart(new.window, background=new.background, keep_previous=keeps_previous(new))
+        try:
+            self.rings.restart(new.window, background=new.background,
+                               keep_previous=keeps_previous(new))  # fmt: skip
+        except Exception as e:
+            self.swapper.abandon(new, e)
+            raise  # counted as a fault of the engine stage, which goes on with the old chain
         self.chain = new
         self._producer = _producer(new)
         self._backend_name = new.engines[0].backend.name

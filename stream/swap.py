@@ -108,7 +108,10 @@ def dummy_frame(chain: EngineChain) -> np.ndarray:
 def warm_up(chain: EngineChain, samples: Sequence[np.ndarray]) -> list[list[int]]:
     """Run ``chain`` :data:`WARMUP_RUNS` times on each sample (fresh temporal state, as for a
     key's first frame) and check its output; return the shapes warmed up on."""
-    frames = list(samples) or [dummy_frame(chain)]
+    frames = [
+        np.nan_to_num(f, nan=0.0, posinf=0.0, neginf=0.0) if f.dtype.kind == "f" else f
+        for f in samples  # a sender's NaN must not fail the engine's warm-up
+    ] or [dummy_frame(chain)]
     for frame in frames:
         expected = (frame.shape[0] * chain.scale, frame.shape[1] * chain.scale)
         for _ in range(WARMUP_RUNS):
@@ -132,7 +135,8 @@ class EngineSwap:
     def __init__(self, open_chain: OpenChain, backend: str, threads: int | None) -> None:
         self._open = open_chain
         self.backend = backend  # the backend setting in force (serve's --backend, or a swap's)
-        self.threads = threads
+        self.threads = threads  # the same for inference threads
+        self._asked: tuple[str, int | None] = (backend, threads)  # the swap under way's
         self._lock = threading.Lock()
         self._info: SwapInfo | None = None
         self._ready: EngineChain | None = None
@@ -174,6 +178,7 @@ class EngineSwap:
                 previous=serving.name,
             )
             self._requested = time.perf_counter()
+            self._asked = (backend, threads)
         threading.Thread(
             target=self._load,
             args=(list(engines), backend, threads, serving, list(samples)),
@@ -195,11 +200,23 @@ class EngineSwap:
         """``chain`` now serves; ``after`` frames were enhanced before its first."""
         with self._lock:
             assert self._info is not None
-            self.backend = self._info.backend
+            self.backend, self.threads = self._asked
             self._info = self._update(state="done", switched_after=after, engine=chain.name,
                                       engine_id=chain_id(chain))  # fmt: skip
         log.warning("swap %d: now serving %s (after %d frames enhanced)",
                     self._info.number, self._info.engine_id, after)  # fmt: skip
+
+    def abandon(self, chain: EngineChain, error: BaseException) -> None:
+        """The engine stage could not switch to ``chain`` (taken from :meth:`take`): close it;
+        the swap failed and the engine before keeps serving."""
+        chain.close()
+        with self._lock:
+            assert self._info is not None
+            self._info = self._update(
+                state="failed",
+                error=f"switching to {chain.name!r} failed, {self._info.previous!r} keeps "
+                f"serving: {type(error).__name__}: {error}; report this as a bug",
+            )
 
     def close(self) -> None:
         """No swap from now on; close a chain that was ready but never served."""
