@@ -280,6 +280,18 @@ def serve(
             "5 ms a frame or 10 ns a raw pixel allows (status says the schedule)",
         ),
     ] = 0,
+    adapt_after: Annotated[
+        float | None,
+        typer.Option(
+            min=0.1,
+            metavar="S",
+            help="adapt the serving denoiser (scale 1) to this rig and specimen: after S "
+            "seconds of the first stream key's frames (at most 500), `scopecast adapt` runs in "
+            "a niced one-thread child process (extra train) while the engine serves, and the "
+            "server swaps to its engine if its gate passes (status: adapt, swap)",
+        ),
+    ] = None,
+    adapt_steps: Annotated[int, typer.Option(min=1, help="--adapt-after: training steps")] = 800,
     keys: Annotated[
         Path | None,
         typer.Option(help="CURVE key folder from `scopecast keys` (required off loopback)"),
@@ -319,6 +331,8 @@ def serve(
         profile=profile,
         correct_bidir=correct_bidir,
         fidelity_every=fidelity_every,
+        adapt_after_s=adapt_after,
+        adapt_steps=adapt_steps,
         keys=keys,
         insecure=insecure,
     )

@@ -72,6 +72,7 @@ from engines.engine import EngineChain, EngineError, to_dtype
 from engines.package import PackageError
 from engines.runtime import PlanRebuilder
 
+from .adapt_after import AdaptAfter
 from .endpoints import check_bind
 from .protocol import MAX_INT64, FrameHeader, PublishedHeader, encode_published
 from .receiver import FrameReceiver
@@ -144,6 +145,14 @@ class ServerConfig(BaseModel):
         "map) on every Nth enhanced frame of each stream key; the camera-noise check runs on "
         "every frame. 0: automatic, as often as 5 ms per frame or 10 ns per raw pixel allows",
     )
+    adapt_after_s: float | None = Field(
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="adapt the serving denoiser to the first stream key's first this many "
+        "seconds of frames in a niced child process, then swap to it if its gate passes",
+    )
+    adapt_steps: int = Field(800, ge=1, description="--adapt-after: training steps")
     rcvhwm: int = Field(64, ge=1)
     fsync: bool = False
     sink: str = Field("ome-tiff", description="how frames are stored: a stream.sinks.SINKS name")
@@ -449,6 +458,8 @@ class EngineServer:
         self._producer = _producer(self.chain)
         self._file_engine = self.chain.name  # enhanced files keep it across hot swaps
         self.swapper = EngineSwap(self.open_chain, c.backend, c.threads)
+        if c.adapt_after_s is not None:
+            self._check_adaptable()
         self._samples: OrderedDict[tuple[tuple[int, ...], str], np.ndarray] = OrderedDict()
         self._samples_lock = threading.Lock()
         self._mismatch: dict[str, MismatchMonitor] = {}  # per stream: the engine thread's
@@ -512,6 +523,10 @@ class EngineServer:
         except BaseException:
             self._close_sockets()
             raise
+        self.adapter = None if c.adapt_after_s is None else AdaptAfter(
+            c.adapt_after_s, self.run_dir / "adapt", c.engines[0], steps=c.adapt_steps,
+            profile=c.profile, swap=self.swap,
+        )  # fmt: skip
         self.scheduler = Scheduler(
             c.mode, self.rings,
             backlog_bytes=int(c.backlog_mb * 2**20), spill_dir=self.run_dir / "spill",
@@ -648,6 +663,8 @@ class EngineServer:
         self._join("writer")
         try:
             self.swapper.close()
+            if self.adapter is not None:
+                self.adapter.close()
             self.chain.close()
             spill = self.run_dir / "spill"
             if spill.is_dir() and not any(spill.iterdir()):
@@ -689,6 +706,8 @@ class EngineServer:
         try:
             self.chain.check(header.shape)
             self._sample(header, frame)
+            if self.adapter is not None:
+                self.adapter.offer(header, frame)
             self.scheduler.submit(Job(header, frame, recv_ns))
         except EngineError as e:
             self.engine_errors(e.kind, f"{header.key}: {e}")
@@ -705,6 +724,15 @@ class EngineServer:
             self._samples.move_to_end(key)
             if len(self._samples) > MAX_SHAPES:
                 self._samples.popitem(last=False)
+
+    def _check_adaptable(self) -> None:
+        """``--adapt-after``: only a single denoiser (scale 1, no previous output) adapts."""
+        c, first = self.config, self.chain.engines[0].manifest
+        if len(c.engines) != 1 or first.scale != 1 or first.temporal.previous_output:
+            raise ServerError(
+                f"--adapt-after adapts a single denoiser (scale 1, no previous output), not "
+                f"{'+'.join(c.engines)}: serve e.g. --engine confocal-denoise"
+            )
 
     def swap(
         self, engines: Sequence[str], backend: str | None = None, threads: int | None = None
@@ -1045,6 +1073,7 @@ class EngineServer:
             frames_checked=self.frames_checked,
             fidelity_every=self._schedule.every if self.profile is not None else None,
             swap=self.swapper.info,
+            adapt=self.adapter.info if self.adapter is not None else None,
         )
 
 

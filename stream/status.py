@@ -99,6 +99,25 @@ class SwapInfo(_Part):
     )
 
 
+class AdaptInfo(_Part):
+    """``serve --adapt-after``: the adaptation of the serving engine to this recording
+    (:mod:`stream.adapt_after`)."""
+
+    state: Literal["collecting", "adapting", "swapping", "refused", "failed"] = Field(
+        description="collecting: keeping the first stream key's raw frames; adapting: "
+        "`scopecast adapt` runs in a niced one-thread child process while the engine serves; "
+        "swapping: its gate passed and the hot swap to it was asked for (see swap); refused: "
+        "the gate refused it (error says why), the engine serves on; failed: it did not run"
+    )
+    after_s: float = Field(description="seconds of frames it learns from (--adapt-after)")
+    base: str = Field(description="the engine adapted")
+    key: str | None = Field(None, description="the stream key whose frames it learns from")
+    frames: int = Field(0, description="frames kept for it")
+    adapt_s: float | None = Field(None, description="seconds the adaptation took")
+    engine: str | None = Field(None, description="swapping: the adapted package")
+    error: str | None = Field(None, description="refused or failed: why")
+
+
 class Latency(_Part):
     """Percentiles (ms) of one stage's recent durations; None before the first sample."""
 
@@ -223,6 +242,9 @@ class ServerStatus(_Part):
     )
     swap: SwapInfo | None = Field(
         None, description="the latest hot swap of the engine (`scopecast status --swap`), if any"
+    )
+    adapt: AdaptInfo | None = Field(
+        None, description="serve --adapt-after: the adaptation of the serving engine, if asked"
     )
     fidelity_every: int | None = Field(
         None,
