@@ -167,7 +167,7 @@ def adapt_config(base: EnginePackage | None, data_dir: Path, *, target: str, ste
                  "val_fraction": 0.2},
         "losses": {"mse": 1.0}, "schedule": {"pretrain_steps": steps}, "lr_decay": "cosine",
         "lr": 2e-4 if init_from else 1e-3, "batch": 8, "validate_every": max(1, steps // 8),
-        "patience": 100, "video_augment": True, "init_from": str(init_from) if init_from else None,
+        "patience": 100, "init_from": str(init_from) if init_from else None,
         "description": f"{name}: adapted by `scopecast adapt` from its rig's noisy recording "
         f"({target})" + (f", fine-tuned from {base.manifest.name}" if base else ""),
     })  # fmt: skip
