@@ -7,7 +7,7 @@ from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from scipy import ndimage, signal, special
+from scipy import ndimage, special
 
 _AIRY_ZEROS = (3.8317, 7.0156, 10.1735, 13.3237, 16.4706)
 _SUPERSAMPLE = 5
@@ -130,5 +130,7 @@ def blur(
     kernel = psf_kernel(optics, pixel_size_um, dz_um).astype(np.float32)
     half = kernel.shape[0] // 2
     padded = np.pad(image, half, mode="symmetric")
+    from scipy import signal  # 0.5 s to import: only where a blur is computed
+
     blurred = signal.fftconvolve(padded, kernel, mode="valid")
     return np.maximum(blurred, 0, out=blurred).astype(np.float32, copy=False)
