@@ -32,6 +32,7 @@ import numpy as np
 import tifffile
 
 from calibration.camera import CameraParams
+from calibration.errors import ScopecastError
 from calibration.fidelity import fidelity
 from calibration.profile import CalibrationProfile
 from calibration.units import Electrons
@@ -47,8 +48,9 @@ BACKGROUND_FRAMES = 9
 Progress = Callable[[str], None]
 
 
-class GateRefused(ValueError):
-    """The adapted engine did not pass the gate; the message says which test failed."""
+class GateRefused(ScopecastError, RuntimeError):
+    """The adapted engine did not pass the gate; the message says which test failed (not a
+    user mistake: ``scopecast adapt`` exits 1)."""
 
 
 @dataclass(frozen=True)
