@@ -60,8 +60,15 @@ class Schedule(BaseModel):
         return min(1.0, (step - start) / length) if length else 0.0
 
 
-_ADDED_LATER = ("rollout", "lr_decay", "rig", "motion", "data.specimens", "data.frames",
-                "data.max_shift_px")
+_ADDED_LATER = (
+    "rollout",
+    "lr_decay",
+    "rig",
+    "motion",
+    "data.specimens",
+    "data.frames",
+    "data.max_shift_px",
+)
 """TrainConfig settings newer than the first shipped engines (see ``TrainConfig.digest``);
 ``data.X`` is a setting of the data section."""
 
