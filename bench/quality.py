@@ -88,6 +88,7 @@ from calibration.sim.scene import Preset
 from calibration.units import Electrons
 from engines.engine import EngineChain, EngineError
 from engines.package import (
+    BACKGROUND_FRAMES,
     MANIFEST,
     HeldOutScore,
     Manifest,
@@ -115,8 +116,6 @@ TRUTHS: tuple[Truth, ...] = ("high-quality", "expected")
 """Simulated truth: the slow scan as recorded, or its noise-free expectation."""
 HELD_OUT_SEED = 1000
 """Added to ``seed`` for the held-out scene and noise: training's default seed is 0."""
-BACKGROUND_FRAMES = 9
-"""Frames in a temporal engine's background median: the server ring's default."""
 PANEL_PAIRS = 3
 MOTION_DIRECTION = (0.8, 0.6)
 """Unit (x, y) direction the specimen moves in a motion sweep: off both axes, so each frame's

@@ -86,6 +86,11 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+BACKGROUND_FRAMES = 9
+"""Raw frames in the running median a ``background`` engine input is: the server's rings keep
+this many, and training and the benchmarks compute it alike."""
+
+
 class Temporal(_Frozen):
     """Which inputs a temporal (tGAN-style) engine takes besides the current frame."""
 

@@ -49,6 +49,8 @@ from typing import Any, Literal, overload
 
 import numpy as np
 
+from engines.package import BACKGROUND_FRAMES
+
 from .protocol import DTYPES, FrameHeader
 
 RESET_REASONS = ("first", "acquisition", "shape", "order", "gap", "pause")
@@ -74,7 +76,7 @@ class Ring:
         window: int = 1,
         *,
         background: bool = False,
-        background_frames: int = 9,
+        background_frames: int = BACKGROUND_FRAMES,
         reference: np.ndarray | None = None,
         max_pause_s: float | None = 10.0,
         keep_previous: bool = True,
@@ -220,7 +222,7 @@ class Rings:
         window: int = 1,
         *,
         background: bool = False,
-        background_frames: int = 9,
+        background_frames: int = BACKGROUND_FRAMES,
         references: dict[str, np.ndarray] | None = None,
         max_pause_s: float | None = 10.0,
         keep_previous: bool = True,

@@ -37,13 +37,12 @@ from calibration.fidelity import fidelity
 from calibration.profile import CalibrationProfile
 from calibration.units import Electrons
 from engines.engine import EngineChain
-from engines.package import EnginePackage, Normalization, load_package
+from engines.package import BACKGROUND_FRAMES, EnginePackage, Normalization, load_package
 
 HONEST_CHI2 = (0.8, 1.3)
 """The fidelity chi-square an honest output of a calibrated rig gives (README, Measured)."""
 HELD_OUT = 0.2
 """The share of each recording's frames (its last) the gate scores on."""
-BACKGROUND_FRAMES = 9
 
 Progress = Callable[[str], None]
 
@@ -61,10 +60,10 @@ class Recording:
 
     @classmethod
     def read(cls, source: Path, frames: int) -> Recording:
-        from engines.train.data import _read_recording, _recording_files
+        from engines.train.data import read_recording, recording_files
 
-        stacks = {p.stem.split(".")[0]: _read_recording(p, frames)[:, 0]
-                  for p in _recording_files(Path(source))}  # fmt: skip
+        stacks = {p.stem.split(".")[0]: read_recording(p, frames)[:, 0]
+                  for p in recording_files(Path(source))}  # fmt: skip
         short = [n for n, s in stacks.items() if len(s) < 10]
         if short:
             raise ValueError(

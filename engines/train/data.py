@@ -51,7 +51,7 @@ from calibration.sim.presets import get_preset
 from calibration.sim.randomize import MotionRanges, RigDraw, RigRanges, StageMotion
 from calibration.sim.specimen import get_specimen_kind
 from calibration.units import Electrons
-from engines.package import Normalization
+from engines.package import BACKGROUND_FRAMES, Normalization
 
 if TYPE_CHECKING:
     from calibration.sim.scene import Preset
@@ -59,8 +59,6 @@ if TYPE_CHECKING:
 Progress = Callable[[int, int], None]
 """``progress(done, total)``, called as pairs are generated or read."""
 
-BACKGROUND_FRAMES = 9
-"""Low frames in a background median: the server ring's default running-median length."""
 _MAX_BYTES = 8 << 30  # refuse to hold more generated data than this in memory
 
 
@@ -668,7 +666,7 @@ def _field_crop(image: np.ndarray, field: int | None, scale: int,
 # -- noisy recordings alone: Noise2Noise in time, or blind spots -------------------------------
 
 
-def _recording_files(folder: Path) -> list[Path]:
+def recording_files(folder: Path) -> list[Path]:
     """The time-lapses of ``folder``: its raw files if it is a scopecast run folder (an
     index.jsonl beside ``*_raw.ome.tif``), else every TIFF in it; a file is itself."""
     if folder.is_file():
@@ -685,7 +683,7 @@ def _recording_files(folder: Path) -> list[Path]:
     return files
 
 
-def _read_recording(path: Path, frames: int) -> np.ndarray:
+def read_recording(path: Path, frames: int) -> np.ndarray:
     """The first ``frames`` frames of a (T, H, W) time-lapse (a 2-D image: T = 1), uint or
     float, as (T, 1, H, W)."""
     with tifffile.TiffFile(path) as tif:
@@ -734,7 +732,7 @@ def _recording(cfg: DataConfig, scale: int, window: int, previous: bool,
             "cleaner image to learn from; set scale: 1 and previous: false"
         )
     assert cfg.folder is not None
-    files = _recording_files(Path(cfg.folder))
+    files = recording_files(Path(cfg.folder))
     series: list[Series] = []
     dropped: dict[str, int] = {}
     next_frame = cfg.target == "next-frame"
@@ -743,7 +741,7 @@ def _recording(cfg: DataConfig, scale: int, window: int, previous: bool,
         profile = CalibrationProfile.load(cfg.profile)
         units = (Electrons.from_profile(profile), Electrons.from_camera(profile.camera))
     for i, path in enumerate(files):
-        low = _read_recording(path, cfg.frames)
+        low = read_recording(path, cfg.frames)
         if units is not None:
             low = units[1].to_adu(units[0].to_electrons(low))
         if next_frame and len(low) < 2:
