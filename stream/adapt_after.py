@@ -2,10 +2,10 @@
 
 The receiver hands every raw frame to :meth:`AdaptAfter.offer`, which keeps those of the first
 stream key it sees (references: received frames are never written again) until S seconds of
-them (or :data:`MAX_FRAMES`) have come. A thread then writes them as one TIFF time-lapse and
-runs ``scopecast adapt`` on it in a child process at the lowest priority (``nice 19``) and one
-thread (``OMP_NUM_THREADS=1``), so the engine stage keeps its cores; the old engine serves all
-along. When the child's gate passes, the new package goes through the hot swap
+them (or :data:`MAX_FRAMES`, or :data:`MAX_BYTES`) have come. A thread then writes them as one
+TIFF time-lapse and runs ``scopecast adapt`` on it in a child process at the lowest priority
+(``nice 19``) and one thread (``OMP_NUM_THREADS=1``), so the engine stage keeps its cores; the
+old engine serves all along. When the child's gate passes, the new package goes through the hot swap
 (:mod:`stream.swap`: verified, warmed up, switched between two frames); when the gate refuses
 it, nothing changes and ``status`` says why (``adapt.state: refused``, the report's reasons).
 
@@ -32,6 +32,8 @@ from .status import AdaptInfo
 
 MAX_FRAMES = 500
 """Frames an adaptation learns from at most (about 10 minutes of training on 2 cores)."""
+MAX_BYTES = 512 << 20
+"""... and bytes: the frames are held in memory until written (500 of 2048x2048 are 4 GB)."""
 NICE = 19
 
 
@@ -45,16 +47,22 @@ class AdaptAfter:
         self.steps, self.profile, self._swap = steps, profile, swap
         self.max_frames = max_frames
         self._frames: list[np.ndarray] = []
+        self._kept = self._bytes = 0
         self._key: str | None = None
         self._first_ns: int | None = None
         self._lock = threading.Lock()
         self._child: subprocess.Popen[bytes] | None = None
         self._closed = False
-        self.info = AdaptInfo(state="collecting", after_s=seconds, base=base)
+        self._info = AdaptInfo(state="collecting", after_s=seconds, base=base)
+
+    @property
+    def info(self) -> AdaptInfo:
+        """For ``status``: the state, with the key and the frames kept so far."""
+        return self._info.model_copy(update={"frames": self._kept, "key": self._key})
 
     def offer(self, header: FrameHeader, frame: np.ndarray) -> None:
         """A received raw frame (receiver stage: cheap, never raises into it)."""
-        if self.info.state != "collecting":
+        if self._info.state != "collecting":
             return
         key = header.state_key
         if self._key is None:
@@ -62,11 +70,12 @@ class AdaptAfter:
         if key != self._key:
             return
         self._frames.append(frame)
+        self._kept += 1
+        self._bytes += frame.nbytes
         assert self._first_ns is not None
         elapsed = (header.mono_ns - self._first_ns) / 1e9
-        self.info = self.info.model_copy(update={"frames": len(self._frames), "key": key})
-        if elapsed >= self.seconds or len(self._frames) >= self.max_frames:
-            self.info = self.info.model_copy(update={"state": "adapting"})
+        if elapsed >= self.seconds or self._kept >= self.max_frames or self._bytes >= MAX_BYTES:
+            self._info = self._info.model_copy(update={"state": "adapting"})
             threading.Thread(target=self._adapt, name="scopecast-adapt", daemon=True).start()
 
     def _adapt(self) -> None:
@@ -97,21 +106,21 @@ class AdaptAfter:
             gate = json.loads(report.read_text())["gate"] if report.is_file() else None
             if code == 0:
                 engine = str(self.out / "adapted" / "engine")
-                self.info = self.info.model_copy(
+                self._info = self._info.model_copy(
                     update={"state": "swapping", "adapt_s": took, "engine": engine}
                 )
                 self._swap([engine])  # status.swap follows it from here
             elif gate is not None and not gate["passed"]:
                 why = "; ".join(gate["failed"])
-                self.info = self.info.model_copy(
+                self._info = self._info.model_copy(
                     update={"state": "refused", "adapt_s": took, "error": why}
                 )
             else:
-                self.info = self.info.model_copy(update={
+                self._info = self._info.model_copy(update={
                     "state": "failed", "adapt_s": took,
                     "error": f"`scopecast adapt` exited with {code}: see {log}"})  # fmt: skip
         except Exception as e:  # noqa: BLE001 - the server serves on; status says what failed
-            self.info = self.info.model_copy(
+            self._info = self._info.model_copy(
                 update={"state": "failed", "error": f"{type(e).__name__}: {e}"}
             )
 

@@ -286,9 +286,9 @@ def serve(
             min=0.1,
             metavar="S",
             help="adapt the serving denoiser (scale 1) to this rig and specimen: after S "
-            "seconds of the first stream key's frames (at most 500), `scopecast adapt` runs in "
-            "a niced one-thread child process (extra train) while the engine serves, and the "
-            "server swaps to its engine if its gate passes (status: adapt, swap)",
+            "seconds of the first stream key's frames (at most 500, 512 MB), `scopecast "
+            "adapt` runs in a niced one-thread child process (extra train) while the engine "
+            "serves, and the server swaps to its engine if its gate passes (status: adapt, swap)",
         ),
     ] = None,
     adapt_steps: Annotated[int, typer.Option(min=1, help="--adapt-after: training steps")] = 800,
