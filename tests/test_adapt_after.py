@@ -8,14 +8,13 @@ import time
 
 import numpy as np
 import pytest
-import useq
+from test_server import send_frame, started_hook
 
 pytest.importorskip("torch", reason="adaptation needs the train extra")
 
 from calibration.sim.pairs import PairRig
 from calibration.sim.presets import get_preset
 from stream.control import request
-from stream.hook import FrameHook
 from stream.server import EngineServer, ServerConfig, ServerError
 
 
@@ -30,18 +29,11 @@ def test_adapt_after_adapts_in_a_child_process_and_swaps(tmp_path, servers):
     srv = servers(tmp_path, "--engine", "confocal-denoise", "--mode", "complete",
                   "--adapt-after", "0.1", "--adapt-steps", "4")  # fmt: skip
     frames = still_frames(24)
-    hook = FrameHook(srv.listen, stream="scope", hwm=1000)
-    hook.wait_for_receiver(10)
-    hook.sequenceStarted(useq.MDASequence(time_plan={"interval": 0, "loops": 1}))
-
-    def send(t: int) -> None:
-        assert hook.send(frames[t], event=useq.MDAEvent(index={"t": t}),
-                         meta={"pixel_size_um": 0.1})  # fmt: skip
-
+    hook = started_hook(srv.listen)
     for t in range(11):
-        send(t)
+        send_frame(hook, frames[t], t)
     time.sleep(0.3)
-    send(11)  # 0.1 s after the first: these 12 frames are the recording
+    send_frame(hook, frames[11], 11)  # 0.1 s after the first: these 12 are the recording
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         status = request(srv.control, "status")
@@ -53,7 +45,7 @@ def test_adapt_after_adapts_in_a_child_process_and_swaps(tmp_path, servers):
     log = srv.run_dir / "adapt" / "adapt.log"
     assert adapt["state"] in ("swapping", "refused"), (adapt, log.is_file() and log.read_text())
     for t in range(12, 24):  # the server went on serving throughout
-        send(t)
+        send_frame(hook, frames[t], t)
     hook.close()
     summary = srv.stop({"scope": 24})
     assert summary["frames_enhanced"] == summary["frames_written"]["enhanced"] == 24

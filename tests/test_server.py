@@ -106,14 +106,24 @@ class Viewer:
         return self.got
 
 
-def send_frames(endpoint: str, frames, *, positions: int = 1, stream: str = "scope", curve=None):
-    """Push frames through a real FrameHook, interleaving positions like a plate scan."""
+def started_hook(endpoint: str, *, stream: str = "scope", curve=None) -> FrameHook:
+    """A real FrameHook, its receiver reached and one acquisition started (one state key)."""
     hook = FrameHook(endpoint, stream=stream, hwm=1000, curve=curve)
     hook.wait_for_receiver(10)
     hook.sequenceStarted(useq.MDASequence(time_plan={"interval": 0, "loops": 1}))
+    return hook
+
+
+def send_frame(hook: FrameHook, frame: np.ndarray, t: int, p: int = 0) -> None:
+    assert hook.send(frame, event=useq.MDAEvent(index={"t": t, "p": p}),
+                     meta={"pixel_size_um": 0.5})  # fmt: skip
+
+
+def send_frames(endpoint: str, frames, *, positions: int = 1, stream: str = "scope", curve=None):
+    """Push frames through a real FrameHook, interleaving positions like a plate scan."""
+    hook = started_hook(endpoint, stream=stream, curve=curve)
     for i, frame in enumerate(frames):
-        event = useq.MDAEvent(index={"t": i // positions, "p": i % positions})
-        assert hook.send(frame, event=event, meta={"pixel_size_um": 0.5})
+        send_frame(hook, frame, i // positions, i % positions)
     hook.close()
     return hook.stats
 

@@ -15,18 +15,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-import useq
 import zmq
 from test_server import (
     Temporal,
     helper,
     make_engine,
     ramp_frames,
+    send_frame,
     send_frames,
+    started_hook,
 )
 
 from stream.acquire import free_endpoint
-from stream.hook import FrameHook
 from stream.protocol import FrameHeader, encode
 from stream.sinks.index import read_index
 from stream.sinks.recover import recover
@@ -256,23 +256,16 @@ def test_full_disk_while_streaming_spilling_and_closing(small_disk, servers):
     indexed plane is on disk bit-exact in files that tifffile opens."""
     srv = servers(small_disk, "--engine", "gaussian", "--mode", "complete", "--backlog-mb", "0.1")
     frames = ramp_frames(60, shape=(128, 128), seed=5)  # 32 kB raw + 32 kB enhanced each
-    hook = FrameHook(srv.listen, stream="a", hwm=1000)
-    hook.wait_for_receiver(10)
-    hook.sequenceStarted(useq.MDASequence(time_plan={"interval": 0, "loops": 1}))
-
-    def send(t: int) -> None:
-        assert hook.send(frames[t], event=useq.MDAEvent(index={"t": t}),
-                         meta={"pixel_size_um": 0.5})  # fmt: skip
-
+    hook = started_hook(srv.listen, stream="a")
     for t in range(4):  # on disk before it fills (on a slow machine spilled frames could fill
-        send(t)  # it before the writer's first raw frame)
+        send_frame(hook, frames[t], t)  # it before the writer's first raw frame)
     deadline = time.monotonic() + 60
     while srv.status()["frames_written"]["raw"] < 4:
         assert time.monotonic() < deadline, "the first frames were not written"
         time.sleep(0.05)
     filler = _fill(small_disk, "filler", leave=700_000)
     for t in range(4, 40):
-        send(t)
+        send_frame(hook, frames[t], t)
     hook.close()
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
