@@ -93,3 +93,26 @@ def test_adapt_command_trains_gates_and_reports(tmp_path):
     bad = CliRunner().invoke(app, ["adapt", str(rec), "--out", str(tmp_path / "x"),
                                    "--base", "confocal-denoise-sr2x"])  # fmt: skip
     assert bad.exit_code == 2 and "trains denoisers (scale 1" in bad.output
+
+
+def test_check_gates_an_engine_made_elsewhere_without_training(tmp_path):
+    from typer.testing import CliRunner
+
+    from stream.cli import _add_groups, app
+
+    _add_groups()
+    rec = _recording(tmp_path / "rec", files=1)
+    runner = CliRunner()
+    # a mild Gaussian blur: it keeps noise (chi2 below the band) and matches the next raw frame
+    # worse than the shipped denoiser
+    wrong = runner.invoke(app, ["adapt", str(rec), "--check", "gaussian"])
+    assert wrong.exit_code == 1, wrong.output
+    assert "engine gaussian is refused for" in wrong.output
+    assert "worse than the base engine's" in wrong.output and "it keeps noise" in wrong.output
+    fit = runner.invoke(app, ["adapt", str(rec), "--check", "confocal-denoise", "--base", "none"])
+    assert fit.exit_code == 0, fit.output
+    result = json.loads(fit.output)
+    assert result["gate"]["passed"] and set(result["scores"]) == {"engine"}
+    assert result["frames"] == {"r0": 12} and 0.8 <= result["scores"]["engine"]["chi2"] <= 1.3
+    no_out = runner.invoke(app, ["adapt", str(rec)])
+    assert no_out.exit_code == 2 and "adapting needs --out DIR" in no_out.output

@@ -1,5 +1,6 @@
-"""Training from noisy recordings alone: blind spots (Noise2Void, N2V2's median replacement)
-and the next frame as target (Noise2Noise in time), on real TIFF time-lapses and run folders."""
+"""Training from noisy recordings alone: blind spots (Noise2Void, N2V2's median replacement),
+the next frame as target (Noise2Noise in time) and the frame's other scan lines
+(Neighbor2Neighbor), on real TIFF time-lapses and run folders."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import tifffile
 
 torch = pytest.importorskip("torch", reason="training needs the train extra")
 
-from engines.train import blind_spot  # noqa: E402
+from engines.train import blind_spot, line_split  # noqa: E402
 from engines.train.config import TrainConfig  # noqa: E402
 from engines.train.data import DataConfig, build_datasets  # noqa: E402
 from engines.train.loop import Trainer  # noqa: E402
@@ -44,6 +45,39 @@ def test_scored_counts_the_hidden_pixels_only():
     output = torch.ones(1, 1, 8, 8)  # wrong everywhere
     blended = blind_spot.scored(output, target, mask)
     assert float(blended.sum()) == 1.0  # only the hidden pixel's error is left
+
+
+def test_line_split_takes_one_pixel_of_each_line_of_every_2x2_cell():
+    frames = torch.arange(2 * 2 * 6 * 8, dtype=torch.float32).view(2, 2, 6, 8)
+    first, second = line_split.cells(frames.shape, torch.Generator().manual_seed(0))
+    assert first.shape == second.shape == (2, 12)
+    for idx_a, idx_b in zip(first.view(-1), second.view(-1), strict=True):
+        (ra, ca), (rb, cb) = divmod(int(idx_a), 8), divmod(int(idx_b), 8)
+        assert (ra // 2, ca // 2) == (rb // 2, cb // 2)  # the same cell
+        assert ra != rb  # one pixel of each line
+    rows = first.view(-1) // 8 % 2
+    assert 0 < int(rows.sum()) < len(rows)  # either line goes first, at random
+    half = line_split.take(frames, first)
+    assert half.shape == (2, 2, 3, 4)
+    # the same pixels in every channel: channel 1 is channel 0 plus one frame's size
+    torch.testing.assert_close(half[:, 1] - half[:, 0], torch.full((2, 3, 4), 48.0))
+    with pytest.raises(ValueError, match="even frame sides, got 5x8"):
+        line_split.cells(torch.Size((1, 1, 5, 8)), torch.Generator())
+
+
+def test_line_split_target_is_the_other_half_corrected_by_the_outputs_own_difference():
+    g = torch.Generator().manual_seed(3)
+    frames, output = torch.rand(1, 2, 8, 8), torch.rand(1, 1, 8, 8)
+    target = frames[:, -1:]
+    halves, corrected, first = line_split.pairs(frames, target, output, g)
+    a, b = line_split.cells(frames.shape, torch.Generator().manual_seed(3))
+    assert torch.equal(first, a)
+    w = line_split.GAMMA / (1 + line_split.GAMMA)
+    want = line_split.take(target, b) + w * (
+        line_split.take(output, a) - line_split.take(output, b)
+    )
+    torch.testing.assert_close(corrected, want)
+    torch.testing.assert_close(halves, line_split.take(frames, a))
 
 
 def _write_stack(path: Path, frames: int = 6, side: int = 48, shift: float = 0.0,
@@ -143,6 +177,34 @@ def test_blind_spot_training_takes_pixel_losses_and_no_global_residual(tmp_path)
         _config(tmp_path, "blind-spot", generator=unet)
 
 
+def test_line_split_training_takes_pixel_losses_and_the_recorded_orientation(tmp_path):
+    with pytest.raises(ValueError, match=r"line-split training scores half-size.*\['ssim'\]"):
+        _config(tmp_path, "line-split", losses={"mse": 1.0, "ssim": 0.2}, video_augment=False)
+    with pytest.raises(ValueError, match="set video_augment: false"):
+        _config(tmp_path, "line-split")
+
+
+def test_line_split_data_undo_a_bidirectional_profiles_line_phase(tmp_path):
+    from calibration.bidir import correct_phase
+    from calibration.camera import CameraParams
+    from calibration.profile import CalibrationProfile
+    from calibration.scan import ScanParams
+
+    raw = _write_stack(tmp_path / "rec" / "a.tif", frames=4)
+    camera = CameraParams()
+    profile = CalibrationProfile(
+        rig="bidir", pixel_size_um=0.1, camera=camera,
+        scan=ScanParams(bidirectional=True, phase_px=1.5),
+    ).save(tmp_path / "profile")  # fmt: skip
+    split, _, _ = _build(tmp_path / "rec", target="line-split", profile=profile, val_fraction=0)
+    blind, _, _ = _build(tmp_path / "rec", target="blind-spot", profile=profile, val_fraction=0)
+    for t in range(3):
+        np.testing.assert_array_equal(blind.series[0].targets[t][0], raw[t].astype(np.float32))
+        want = correct_phase(raw[t].astype(np.float32), 1.5)
+        np.testing.assert_allclose(split.series[0].targets[t][0], want, rtol=1e-6)
+    assert not np.array_equal(split.series[0].targets[0][0], raw[0])
+
+
 def test_a_unet_without_residual_records_it_and_outputs_its_own_image():
     from engines.models import GENERATORS
 
@@ -156,11 +218,12 @@ def test_a_unet_without_residual_records_it_and_outputs_its_own_image():
         torch.testing.assert_close(plain(x) - bare(x), x)
 
 
-@pytest.mark.parametrize("target", ["blind-spot", "next-frame"])
+@pytest.mark.parametrize("target", ["blind-spot", "next-frame", "line-split"])
 def test_a_short_self_supervised_run_trains_and_validates(tmp_path, target):
     for j in range(2):
         _write_stack(tmp_path / "rec" / f"r{j}.tif", frames=8, seed=j)
-    summary = Trainer(_config(tmp_path / "rec", target), tmp_path / "run").run()
+    over = {"video_augment": False} if target == "line-split" else {}
+    summary = Trainer(_config(tmp_path / "rec", target, **over), tmp_path / "run").run()
     assert summary["steps"] == 20
     scores = [
         json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()

@@ -5,7 +5,8 @@ recording alone, and a gate that refuses it unless it is better than the engine 
    first 80% of each file trains, the rest is held out for the gate.
 2. Training fine-tunes the base engine (a shipped package: its weights come back out of its
    ONNX graph, :func:`base_checkpoint`) against the next frame (Noise2Noise in time, frames
-   whose field moved left out), or trains a new U-Net behind blind spots (Noise2Void; a
+   whose field moved left out) or the frame's other scan lines (Neighbor2Neighbor,
+   ``engines.train.line_split``), or trains a new U-Net behind blind spots (Noise2Void; a
    residual base cannot be fine-tuned into one). See ``engines.train.data`` ("recording").
 3. The gate, on the held-out frames, as the server runs both engines (ONNX Runtime, the rig's
    units): the held-out self-supervised loss, which is also a consistency measure, the mean
@@ -13,6 +14,8 @@ recording alone, and a gate that refuses it unless it is better than the engine 
    draw of the same scene, so it is the error against the clean scene plus a constant), must
    not be worse than the base engine's; and the fidelity chi-square of the enhanced frames
    against their own raw frames must lie in the honest band :data:`HONEST_CHI2`.
+   :func:`run_check` (``adapt --check ENGINE``) runs the gate alone, on every frame, for an
+   engine made elsewhere.
 
 What it cannot do: a noisy recording holds no finer or cleaner image, so adaptation learns
 denoising at the recording's own sampling; super-resolution engines are not adapted here.
@@ -167,6 +170,7 @@ def adapt_config(base: EnginePackage | None, data_dir: Path, *, target: str, ste
                  "profile": str(profile) if profile else None, "patch": 64, "frames": 100_000,
                  "val_fraction": 0.2},
         "losses": {"mse": 1.0}, "schedule": {"pretrain_steps": steps}, "lr_decay": "cosine",
+        "video_augment": target != "line-split",
         "lr": 2e-4 if init_from else 1e-3, "batch": 8, "validate_every": max(1, steps // 8),
         "patience": 100, "init_from": str(init_from) if init_from else None,
         "description": f"{name}: adapted by `scopecast adapt` from its rig's noisy recording "
@@ -217,7 +221,7 @@ def gate(base: GateScores | None, adapted: GateScores) -> list[str]:
     failed = []
     if base is not None and adapted.consistency_mse > base.consistency_mse:
         failed.append(
-            f"held-out consistency: enhanced frame t vs raw frame t+1 has mean squared difference "
+            f"consistency: enhanced frame t vs raw frame t+1 has mean squared difference "
             f"{adapted.consistency_mse:.4g} ADU^2, worse than the base engine's "
             f"{base.consistency_mse:.4g}"
         )
@@ -303,19 +307,8 @@ def adapt(recording: Path, out: Path, *, base: str | None, target: str = "next-f
     trained_s = time.monotonic() - started
     candidate = out / "candidate"
     export(out / "run" / "best.safetensors", candidate, name=name)
-    units = Electrons.from_profile(rig) if rig is not None else None
-    camera = _camera(rig, package)
     say("gate: running the base and the adapted engine over the held-out frames")
-    scores: dict[str, GateScores] = {}
-    for key, where in (("base", base), ("adapted", str(candidate))):
-        if where is None:
-            continue
-        chain = EngineChain.open([where], backend, units=units)
-        try:
-            scores[key] = score(chain, held, camera, units)
-        finally:
-            chain.close()
-    failed = gate(scores.get("base"), scores["adapted"])
+    units, scores, failed = _run_gate(held, base, str(candidate), backend, rig, package)
     curve = [(round(r["time"] - wall, 1), r["val_psnr"])
              for r in _log(out / "run" / "log.jsonl") if "val_psnr" in r]  # fmt: skip
     result = {
@@ -344,6 +337,48 @@ def adapt(recording: Path, out: Path, *, base: str | None, target: str = "next-f
     return result
 
 
+def _run_gate(held: dict[str, np.ndarray], base: str | None, candidate: str, backend: str,
+              rig: CalibrationProfile | None, package: EnginePackage | None,
+              ) -> tuple[Electrons | None, dict[str, GateScores], list[str]]:  # fmt: skip
+    """The profile's conversion, the base's and the candidate's scores, and what the candidate
+    fails."""
+    units = Electrons.from_profile(rig) if rig is not None else None
+    camera = _camera(rig, package)
+    scores: dict[str, GateScores] = {}
+    for key, where in (("base", base), ("adapted", candidate)):
+        if where is None:
+            continue
+        chain = EngineChain.open([where], backend, units=units)
+        try:
+            scores[key] = score(chain, held, camera, units)
+        finally:
+            chain.close()
+    return units, scores, gate(scores.get("base"), scores["adapted"])
+
+
+def run_check(recording: Path, engine: str, *, base: str | None, frames: int = 500,
+          profile: Path | None = None, backend: str = "onnxruntime") -> dict[str, Any]:  # fmt: skip
+    """The gate alone, on every frame of ``recording``: ``engine`` (one made elsewhere, or an
+    earlier adaptation) against ``base``, with no training. Raises GateRefused naming what it
+    fails; returns the scores when it passes."""
+    rig = CalibrationProfile.load(profile) if profile is not None else None
+    package = load_package(base) if base is not None else None
+    stacks = Recording.read(recording, frames).stacks
+    units, scores, failed = _run_gate(stacks, base, engine, backend, rig, package)
+    result = {
+        "recording": str(recording), "engine": engine, "base": base,
+        "frames": {n: len(s) for n, s in stacks.items()},
+        "units": units.describe() if units is not None else "raw ADU as recorded (no --profile)",
+        "scores": {("engine" if k == "adapted" else k): {"consistency_mse_adu2": v.consistency_mse,
+                                                          "chi2": v.chi2}
+                   for k, v in scores.items()},
+        "gate": {"passed": not failed, "failed": failed, "honest_chi2": list(HONEST_CHI2)},
+    }  # fmt: skip
+    if failed:
+        raise GateRefused(f"engine {engine} is refused for {recording}: " + "; ".join(failed))
+    return result
+
+
 def _camera(rig: CalibrationProfile | None, package: EnginePackage | None) -> CameraParams:
     """The noise model the gate's fidelity check uses: the rig's profile, else the camera of
     the preset the base engine was trained on (the confocal preset's from scratch)."""
@@ -359,4 +394,4 @@ def _log(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-__all__ = ["GateRefused", "adapt", "base_checkpoint", "gate"]
+__all__ = ["GateRefused", "adapt", "base_checkpoint", "gate", "run_check"]

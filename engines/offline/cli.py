@@ -4,6 +4,7 @@ torch (extra ``train``), imported only when a command runs."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -42,7 +43,9 @@ def adapt(
             "of (T, H, W) TIFF/OME-TIFF time-lapses, or one such file"
         ),
     ],
-    out: Annotated[Path, typer.Option(help="folder for the engine, the run and the report")],
+    out: Annotated[
+        Path | None, typer.Option(help="folder for the engine, the run and the report")
+    ] = None,
     base: Annotated[
         str | None,
         typer.Option(help="engine to start from (name or package folder); none: from scratch"),
@@ -52,7 +55,8 @@ def adapt(
         typer.Option(
             help="next-frame: Noise2Noise in time (needs frames of a still field, a moving "
             "field's pairs are left out); blind-spot: Noise2Void (single frames do; trains "
-            "from scratch)"
+            "from scratch); line-split: Neighbor2Neighbor on the scan lines (single frames do; "
+            "undoes a bidirectional profile's line phase, so serve with --correct-bidir)"
         ),
     ] = "next-frame",
     steps: Annotated[int, typer.Option(min=1, help="training steps")] = 1500,
@@ -66,19 +70,40 @@ def adapt(
     backend: Annotated[str, typer.Option(help="backend the gate runs the engines on")] = (
         "onnxruntime"
     ),
+    check: Annotated[
+        str | None,
+        typer.Option(
+            help="no training: run the gate alone on every frame of the recording, ENGINE "
+            "(a name or package folder made elsewhere) against --base; exit 1 if refused"
+        ),
+    ] = None,
 ) -> None:
     """Adapt an engine to this rig and specimen from its own noisy recording alone, then gate
     it: held-out frames must match the next raw frame at least as well as the base engine's
     output, and their fidelity chi-square must be honest (0.8-1.3). Writes OUT/engine (passed)
-    or OUT/candidate (refused, exit code 1), OUT/report.json and OUT/report.png."""
+    or OUT/candidate (refused, exit code 1), OUT/report.json and OUT/report.png. With
+    --check ENGINE, the gate alone: is an engine made elsewhere fit for this recording?"""
     need_torch()
-    from engines.offline.adapt import GateRefused
+    from engines.offline.adapt import GateRefused, run_check
     from engines.offline.adapt import adapt as run_adapt
 
-    if target not in ("next-frame", "blind-spot"):
-        raise typer.BadParameter(f"{target!r}: choose next-frame or blind-spot")
-    kw = {"base": None if base in (None, "", "none") else base, "target": target, "steps": steps,
-          "frames": frames, "profile": profile, "backend": backend}  # fmt: skip
+    base = None if base in (None, "", "none") else base
+    if check is not None:
+        with user_mistakes(ValueError, FileNotFoundError):
+            try:
+                checked = run_check(recording, check, base=base, frames=frames, profile=profile,
+                                    backend=backend)  # fmt: skip
+            except GateRefused as e:
+                err.print(f"[red]refused:[/red] {e}", highlight=False)
+                raise typer.Exit(1) from None
+        print(json.dumps(checked, indent=2))
+        return
+    if out is None:
+        raise typer.BadParameter("adapting needs --out DIR (only --check runs without it)")
+    if target not in ("next-frame", "blind-spot", "line-split"):
+        raise typer.BadParameter(f"{target!r}: choose next-frame, blind-spot or line-split")
+    kw = {"base": base, "target": target, "steps": steps, "frames": frames, "profile": profile,
+          "backend": backend}  # fmt: skip
     with user_mistakes(ValueError, FileNotFoundError), training_bar("adapt", steps) as show:
         try:
             result = run_adapt(recording, out, on_train=show,

@@ -167,13 +167,22 @@ class TrainConfig(BaseModel):
                 f"rig and motion randomize simulated data; data.kind is {self.data.kind!r}: "
                 "drop the rig and motion sections, or use data.kind: simulated"
             )
-        if self.data.target == "blind-spot":
+        target = self.data.target
+        if target in ("blind-spot", "line-split"):
             other = sorted(k for k, w in self.losses.items() if w and k not in ("l1", "mse"))
             if other or self.discriminator is not None:
+                what = ("scores the hidden pixels one by one" if target == "blind-spot" else
+                        "scores half-size images against a corrected target")  # fmt: skip
                 raise ValueError(
-                    f"blind-spot training scores the hidden pixels one by one: use the pixel "
-                    f"losses l1 and mse only, without {other or ['a discriminator']}"
+                    f"{target} training {what}: use the pixel losses l1 and mse only, without "
+                    f"{other or ['a discriminator']}"
                 )
+        if target == "line-split" and self.video_augment:
+            raise ValueError(
+                "line-split training splits the frames by their recorded lines, which rotations "
+                "would turn into columns: set video_augment: false"
+            )
+        if target == "blind-spot":
             g = self.generator
             if g.arch != "unet" or g.overrides.get("residual", True) is not False:
                 raise ValueError(

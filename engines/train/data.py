@@ -4,7 +4,8 @@ Pairs come from real paired data (``paired``: single images, ``stacks``: time-la
 from the calibration forward model (``simulated``: the simulated microscope's fast and slow
 scans of the same instant; ``synthetic``: clean images degraded by a rig's forward model), never
 from bicubic downsampling alone; or from noisy recordings alone (``recording``: the next frame
-as target, Noise2Noise in time, or the frame itself behind blind spots, Noise2Void).
+as target, Noise2Noise in time; the frame itself behind blind spots, Noise2Void; or its other
+scan lines, Neighbor2Neighbor).
 
 Units. Low frames stay in raw ADU. Targets are in RAW-EQUIVALENT ADU: the mean of a target over
 ``scale x scale`` blocks has the expected value of the raw low frame, offset included, so the
@@ -43,6 +44,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch.utils.data import Dataset
 
+from calibration.bidir import correct_phase
 from calibration.forward import ForwardModel
 from calibration.pairfolder import pair_files, read_pair
 from calibration.profile import CalibrationProfile
@@ -59,6 +61,8 @@ if TYPE_CHECKING:
 Progress = Callable[[int, int], None]
 """``progress(done, total)``, called as pairs are generated or read."""
 
+SELF_SUPERVISED = ("next-frame", "blind-spot", "line-split")
+"""Targets that noisy recordings alone train against (``kind: recording``)."""
 _MAX_BYTES = 8 << 30  # refuse to hold more generated data than this in memory
 
 
@@ -71,10 +75,11 @@ class DataConfig(BaseModel):
     preset: str = Field("confocal-20fps", description="simulated rig (simulated, synthetic)")
     channel: str | None = Field(None, description="preset channel; None: its first")
     seed: int = Field(0, ge=0, description="seeds generation, noise and the train/val split")
-    target: Literal["high-quality", "clean", "next-frame", "blind-spot"] = Field(
+    target: Literal["high-quality", "clean", "next-frame", "blind-spot", "line-split"] = Field(
         "high-quality",
         description="simulated: noisy slow scan (as real data) or noise-free; recording: the "
-        "next frame (Noise2Noise in time) or the frame itself behind blind spots (Noise2Void)",
+        "next frame (Noise2Noise in time), the frame itself behind blind spots (Noise2Void), or "
+        "the frame's other lines (Neighbor2Neighbor on scan lines, engines.train.line_split)",
     )
     defocus_um: tuple[float, float] = Field(
         (0.0, 0.0), description="|dz| range applied to the low frames (target in focus)"
@@ -129,12 +134,12 @@ class DataConfig(BaseModel):
                 f"defocus_um={self.defocus_um} must be a range (low, high) of |dz| with "
                 "0 <= low <= high, e.g. (1.0, 3.0)"
             )
-        self_supervised = self.target in ("next-frame", "blind-spot")
+        self_supervised = self.target in SELF_SUPERVISED
         if (self.kind == "recording") != self_supervised:
             raise ValueError(
                 f"kind={self.kind!r} with target={self.target!r}: noisy recordings "
-                "(kind='recording') train against the next frame or blind spots "
-                "(target='next-frame' or 'blind-spot'), and only they do"
+                "(kind='recording') train against the next frame, blind spots or the other "
+                "lines (target='next-frame', 'blind-spot' or 'line-split'), and only they do"
             )
         if self.kind == "recording" and self.folder is None:
             raise ValueError(
@@ -720,11 +725,14 @@ def _recording(cfg: DataConfig, scale: int, window: int, previous: bool,
                progress: Progress | None) -> _Made:  # fmt: skip
     """Noisy time-lapses alone: no clean or high image anywhere. ``next-frame``: the target of
     time t is the raw frame t+1, an independent noise draw of (nearly) the same scene, for the
-    pairs whose field moved at most ``max_shift_px``; ``blind-spot``: the target is frame t
-    itself, and training hides pixels of the input (``engines.train.blind_spot``). Split by
-    file (one file: in time, the last frames held out). With a ``profile`` the frames go
+    pairs whose field moved at most ``max_shift_px``; ``blind-spot`` and ``line-split``: the
+    target is frame t itself, and training hides pixels of the input
+    (``engines.train.blind_spot``) or splits it by lines (``engines.train.line_split``). Split
+    by file (one file: in time, the last frames held out). With a ``profile`` the frames go
     through its conversion (offset map, flat field, bad pixels) into its camera's scalar ADU,
-    the units an engine exported from them is documented in (electrons through that camera)."""
+    the units an engine exported from them is documented in (electrons through that camera);
+    for ``line-split`` a bidirectional scan's line phase is undone too, as ``serve
+    --correct-bidir`` does, so that neighbouring lines show the same content."""
     if scale != 1 or previous:
         raise ValueError(
             f"recordings train denoisers (scale 1, no previous output), not scale={scale}"
@@ -737,13 +745,18 @@ def _recording(cfg: DataConfig, scale: int, window: int, previous: bool,
     dropped: dict[str, int] = {}
     next_frame = cfg.target == "next-frame"
     units = None  # a profile's conversion: offset map and flat field out, its scalar camera
+    phase = 0.0  # line-split: the bidirectional line phase to undo
     if cfg.profile is not None:
         profile = CalibrationProfile.load(cfg.profile)
         units = (Electrons.from_profile(profile), Electrons.from_camera(profile.camera))
+        if cfg.target == "line-split" and profile.scan.bidirectional:
+            phase = profile.scan.phase_px
     for i, path in enumerate(files):
         low = read_recording(path, cfg.frames)
         if units is not None:
             low = units[1].to_adu(units[0].to_electrons(low))
+        if phase:
+            low = np.stack([correct_phase(f[0], phase) for f in low])[:, None]
         if next_frame and len(low) < 2:
             raise ValueError(f"{path.name} has 1 frame: target='next-frame' needs 2 or more")
         if next_frame:

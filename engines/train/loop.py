@@ -25,7 +25,7 @@ from calibration.metrics import psnr, ssim
 from engines.models import build_discriminator, build_generator
 from engines.package import Normalization
 
-from . import blind_spot
+from . import blind_spot, line_split
 from . import losses as L
 from .augment import diff_augment, sample_params, video_augment
 from .checkpoint import (
@@ -174,7 +174,7 @@ class Trainer:
             self._validate(on_progress)
         while self.step < end:
             phase = cfg.schedule.phase(self.step)
-            batch = self._hide(next(batches), hiding)
+            batch = self._self_supervised(next(batches), hiding)
             terms = self._train_step(phase, batch)
             self.step += 1
             if self.step % cfg.log_every == 0:
@@ -229,14 +229,33 @@ class Trainer:
                     previous = self.g(frames, previous, background)
         return self.g(batch["frames"], previous, background)
 
-    def _hide(self, batch: dict[str, torch.Tensor],
-              generator: torch.Generator) -> dict[str, torch.Tensor]:  # fmt: skip
+    def _self_supervised(self, batch: dict[str, torch.Tensor], generator: torch.Generator,
+                         *, validating: bool = False) -> dict[str, torch.Tensor]:  # fmt: skip
         """Blind-spot data (``data.target: blind-spot``): the batch with pixels of its newest
-        frame hidden, and their ``mask``; any other batch as it is."""
-        if self.cfg.data.target != "blind-spot":
-            return batch
-        frames, mask = blind_spot.hide(batch["frames"], generator)
-        return {**batch, "frames": frames, "mask": mask}
+        frame hidden, and their ``mask``; line-split data: the batch's input halves and
+        corrected target halves (``engines.train.line_split``, from the generator's full-size
+        output without a gradient; validation scores against the plain other half, which does
+        not move with the generator); any other batch as it is."""
+        target = self.cfg.data.target
+        if target == "blind-spot":
+            frames, mask = blind_spot.hide(batch["frames"], generator)
+            return {**batch, "frames": frames, "mask": mask}
+        if target == "line-split":
+            frames = batch["frames"]
+            frames = frames[..., : frames.shape[-2] // 2 * 2, : frames.shape[-1] // 2 * 2]
+            batch = {k: v[..., : frames.shape[-2], : frames.shape[-1]] for k, v in batch.items()}
+            full = None
+            if not validating:
+                with torch.no_grad():
+                    full = self._forward(batch)
+            gamma = 0.0 if validating else line_split.GAMMA
+            halves, target_half, first = line_split.pairs(frames, batch["target"], full, generator,
+                                                          gamma)  # fmt: skip
+            out = {**batch, "frames": halves, "target": target_half}
+            if "background" in batch:
+                out["background"] = line_split.take(batch["background"], first)
+            return out
+        return batch
 
     def _scored(self, batch: dict[str, torch.Tensor], out: torch.Tensor) -> torch.Tensor:
         """What the losses and validation compare with the target: the output, or with blind
@@ -333,7 +352,8 @@ class Trainer:
         scores, losses, panels = [], [], []
         for i in range(len(self.val_set)):
             item = {k: v[None] for k, v in self.val_set[i].items()}
-            item = self._hide(item, torch.Generator().manual_seed(i))  # the same spots each time
+            # the same blind spots (or line split) at each validation
+            item = self._self_supervised(item, torch.Generator().manual_seed(i), validating=True)
             out = self._scored(item, self._forward(item))
             losses.append(float(L.l1(out, item["target"])))
             pred, truth = out[0, 0].numpy(), item["target"][0, 0].numpy()
