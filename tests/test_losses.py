@@ -396,7 +396,7 @@ def test_one_table_of_loss_terms() -> None:
 
     assert GENERATOR_LOSSES == losses.KNOWN_TERMS == tuple(losses.LOSSES)
     assert {"l1", "mse", "ssim", "ms_ssim", "tv", "perceptual", "style", "adversarial",
-            "temporal"} == set(losses.LOSSES)  # fmt: skip
+            "temporal", "poisson_gaussian"} == set(losses.LOSSES)  # fmt: skip
     described = losses.describe_losses().splitlines()
     assert [line.split(":")[0] for line in described] == list(losses.LOSSES)
     assert all(len(term.description) > 10 for term in losses.LOSSES.values())
@@ -405,6 +405,35 @@ def test_one_table_of_loss_terms() -> None:
     for name in ("l1", "mse", "ssim", "ms_ssim", "tv"):
         _, terms = WeightedLoss({name: 1.0})(pred, target)
         assert terms[name] == pytest.approx(terms["total"]) and terms[name] >= 0
+
+
+def test_noise_model_is_the_cameras_variance_in_normalized_units() -> None:
+    from calibration.camera import CameraParams, adu_variance, expected_adu
+
+    camera = CameraParams(gain_adu_per_electron=1.5, offset_adu=200.0, read_noise_electrons=1.4)
+    offset, scale = 195.0, 90.0  # a run's normalization: v = (adu - offset) / scale
+    noise = losses.NoiseModel.of(1.5, 200.0, 1.4, offset, scale)
+    photons = np.array([0.0, 3.0, 30.0, 300.0], np.float32)
+    v = (expected_adu(photons, camera) - offset) / scale
+    want = (adu_variance(photons, camera) - 1 / 12) / scale**2  # no quantization in the model
+    np.testing.assert_allclose(noise.slope * v + noise.intercept, want, rtol=1e-4)
+    assert noise.floor == pytest.approx(1.5**2 * 1.4**2 / scale**2)
+
+
+def test_poisson_gaussian_weighs_an_error_against_the_noise_where_it_is() -> None:
+    noise = losses.NoiseModel(slope=1.0, intercept=0.01, floor=0.01)
+    target = torch.tensor([[[[0.0, 1.0]]]])  # a dark and a bright pixel (variance 0.01 and 1.01)
+    dark = losses.poisson_gaussian(target + torch.tensor([[[[0.1, 0.0]]]]), target, noise)
+    bright = losses.poisson_gaussian(target + torch.tensor([[[[0.0, 0.1]]]]), target, noise)
+    assert float(dark) > 20 * float(bright)  # the same error counts far more where noise is low
+    assert float(losses.poisson_gaussian(target, target, noise)) == 0.0
+    pred = torch.full((1, 1, 4, 4), 0.5, requires_grad=True)
+    losses.poisson_gaussian(pred, torch.zeros(1, 1, 4, 4), noise).backward()
+    assert pred.grad is not None and (pred.grad > 0).all()  # the weight itself takes no gradient
+    with pytest.raises(ValueError, match="no noise model was given"):
+        WeightedLoss({"poisson_gaussian": 1.0})(pred, pred)
+    total, _ = WeightedLoss({"poisson_gaussian": 1.0}, noise=noise)(target, target)
+    assert float(total) == 0.0
 
 
 # --- augmentation -----------------------------------------------------------------------------

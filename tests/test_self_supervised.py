@@ -170,7 +170,7 @@ def _config(folder: Path, target: str, **over) -> TrainConfig:
 
 
 def test_blind_spot_training_takes_pixel_losses_and_no_global_residual(tmp_path):
-    with pytest.raises(ValueError, match=r"l1 and mse only, without \['ssim'\]"):
+    with pytest.raises(ValueError, match=r"l1, mse, poisson_gaussian only, without \[.ssim.\]"):
         _config(tmp_path, "blind-spot", losses={"mse": 1.0, "ssim": 0.2})
     unet = {"arch": "unet", "size": "small"}
     with pytest.raises(ValueError, match="without the global residual"):
@@ -190,7 +190,7 @@ def test_line_split_data_undo_a_bidirectional_profiles_line_phase(tmp_path):
     from calibration.profile import CalibrationProfile
     from calibration.scan import ScanParams
 
-    raw = _write_stack(tmp_path / "rec" / "a.tif", frames=4)
+    raw = _write_stack(tmp_path / "rec" / "a.tif", frames=5)
     camera = CameraParams()
     profile = CalibrationProfile(
         rig="bidir", pixel_size_um=0.1, camera=camera,
@@ -203,6 +203,26 @@ def test_line_split_data_undo_a_bidirectional_profiles_line_phase(tmp_path):
         want = correct_phase(raw[t].astype(np.float32), 1.5)
         np.testing.assert_allclose(split.series[0].targets[t][0], want, rtol=1e-6)
     assert not np.array_equal(split.series[0].targets[0][0], raw[0])
+
+
+def test_poisson_gaussian_needs_one_known_camera(tmp_path):
+    from engines.train.loop import noise_model
+
+    def cfg(**over):
+        return TrainConfig.model_validate({
+            "name": "pg", "task": "denoise", "generator": {"arch": "unet"},
+            "losses": {"poisson_gaussian": 1.0}, **over,
+        })  # fmt: skip
+
+    from engines.package import Normalization
+
+    norm = Normalization(offset=50.0, scale=100.0)
+    simulated = noise_model(cfg(data={"kind": "simulated"}), norm)
+    assert simulated.slope == pytest.approx(8.0 / 100.0)  # confocal-20fps: 8 ADU/e-
+    with pytest.raises(ValueError, match="rig randomization draws a camera per sample"):
+        noise_model(cfg(data={"kind": "simulated"}, rig={}), norm)
+    with pytest.raises(ValueError, match="kind='stacks' pairs come with no calibrated camera"):
+        noise_model(cfg(data={"kind": "stacks", "folder": str(tmp_path)}), norm)
 
 
 def test_a_unet_without_residual_records_it_and_outputs_its_own_image():
@@ -222,7 +242,9 @@ def test_a_unet_without_residual_records_it_and_outputs_its_own_image():
 def test_a_short_self_supervised_run_trains_and_validates(tmp_path, target):
     for j in range(2):
         _write_stack(tmp_path / "rec" / f"r{j}.tif", frames=8, seed=j)
-    over = {"video_augment": False} if target == "line-split" else {}
+    over: dict = {"video_augment": False} if target == "line-split" else {}
+    if target == "next-frame":  # and the camera's Poisson-Gaussian likelihood (the preset's)
+        over["losses"] = {"poisson_gaussian": 1.0}
     summary = Trainer(_config(tmp_path / "rec", target, **over), tmp_path / "run").run()
     assert summary["steps"] == 20
     scores = [

@@ -185,6 +185,17 @@ def test_config_file_round_trip(tmp_path):
     assert load_config(path).name == "tiny-denoise"
 
 
+def test_config_paths_resolve_against_the_configs_folder_and_absolute_ones_stay(tmp_path):
+    data = {"kind": "stacks", "folder": "pairs"}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config(data=data, init_from="/abs/x.st")))
+    cfg = load_config(tmp_path / "c.yaml")
+    assert cfg.data.folder == (tmp_path / "pairs").resolve()
+    assert cfg.init_from == Path("/abs/x.st")
+    data["folder"] = str(tmp_path / "elsewhere")  # absolute: as it is (it was dropped)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config(data=data)))
+    assert load_config(tmp_path / "c.yaml").data.folder == tmp_path / "elsewhere"
+
+
 def test_rollout_feeds_each_output_to_the_next_step(tmp_path):
     """rollout=3: the generator runs 3 steps without a gradient from the first-frame rule, each
     getting the output before as previous, then the scored step with a gradient."""

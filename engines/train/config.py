@@ -169,12 +169,14 @@ class TrainConfig(BaseModel):
             )
         target = self.data.target
         if target in ("blind-spot", "line-split"):
-            other = sorted(k for k, w in self.losses.items() if w and k not in ("l1", "mse"))
+            pixel = ("l1", "mse", "poisson_gaussian")
+            other = sorted(k for k, w in self.losses.items() if w and k not in pixel)
             if other or self.discriminator is not None:
                 what = ("scores the hidden pixels one by one" if target == "blind-spot" else
                         "scores half-size images against a corrected target")  # fmt: skip
                 raise ValueError(
-                    f"{target} training {what}: use the pixel losses l1 and mse only, without "
+                    f"{target} training {what}: use the pixel losses {', '.join(pixel)} only, "
+                    f"without "
                     f"{other or ['a discriminator']}"
                 )
         if target == "line-split" and self.video_augment:
@@ -240,7 +242,7 @@ def load_config(path: Path) -> TrainConfig:
 
 def _resolve_paths(cfg: TrainConfig, base: Path) -> TrainConfig:
     def fix(p: Path | None) -> Path | None:
-        return None if p is None or p.is_absolute() else (base / p).resolve()
+        return p if p is None or p.is_absolute() else (base / p).resolve()
 
     data = cfg.data.model_copy(
         update={"folder": fix(cfg.data.folder), "profile": fix(cfg.data.profile)}

@@ -55,6 +55,32 @@ class Progress:
     val_psnr: float | None = None
 
 
+def noise_model(cfg: TrainConfig, norm: Normalization) -> L.NoiseModel:
+    """The camera noise of ``cfg``'s data in the run's normalized units (for the
+    poisson_gaussian loss): its profile's camera, else its preset's; ValueError for data with
+    no single known camera."""
+    from calibration.profile import CalibrationProfile
+    from calibration.sim.presets import get_preset
+
+    data = cfg.data
+    why = None
+    if cfg.rig is not None:
+        why = "rig randomization draws a camera per sample"
+    elif data.kind in ("paired", "stacks"):
+        why = f"kind={data.kind!r} pairs come with no calibrated camera"
+    elif norm.units != "adu":
+        why = f"the normalization is in {norm.units}, not the data's ADU"
+    if why is not None:
+        raise ValueError(
+            f"losses.poisson_gaussian needs the one camera that recorded the data, and {why}: "
+            "drop the term, or train on a recording or simulated data of one rig"
+        )
+    camera = (CalibrationProfile.load(data.profile).camera if data.profile is not None
+              else get_preset(data.preset).camera)  # fmt: skip
+    return L.NoiseModel.of(camera.gain_adu_per_electron, camera.offset_adu,
+                           camera.read_noise_electrons, norm.offset, norm.scale)  # fmt: skip
+
+
 class VideoAugmented(Dataset):
     """Training items with one random flip/rotation applied alike to every tensor of a sample
     (input window, target, previous output, background), whatever their resolution."""
@@ -138,9 +164,12 @@ class Trainer:
             self.flow = FlowNet()
             self.opt_flow = torch.optim.Adam(self.flow.parameters(), lr=cfg.lr)
         # the generator's losses: without the adversarial term before the game starts
-        self.gan_loss = L.WeightedLoss(cfg.losses, vgg=cfg.vgg_weights, adversarial=cfg.adversarial)
+        noise = noise_model(cfg, self.norm) if cfg.losses.get("poisson_gaussian") else None
+        self.gan_loss = L.WeightedLoss(cfg.losses, vgg=cfg.vgg_weights, adversarial=cfg.adversarial,
+                                       noise=noise)  # fmt: skip
         pixel = {k: v for k, v in cfg.losses.items() if k != "adversarial"}
-        self.pixel_loss = L.WeightedLoss(pixel, vgg=self.gan_loss.vgg, adversarial=cfg.adversarial)
+        self.pixel_loss = L.WeightedLoss(pixel, vgg=self.gan_loss.vgg, adversarial=cfg.adversarial,
+                                         noise=noise)  # fmt: skip
         self.step = 0
         self.best: dict[str, Any] = {"psnr": -math.inf}
         self.history: list[dict[str, Any]] = []

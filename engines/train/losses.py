@@ -26,6 +26,7 @@ __all__ = [
     "MS_SSIM_WEIGHTS",
     "VGG19_LAYERS",
     "LossTerm",
+    "NoiseModel",
     "TermInputs",
     "VGGFeatures",
     "WeightedLoss",
@@ -39,6 +40,7 @@ __all__ = [
     "ms_ssim_loss",
     "mse",
     "perceptual",
+    "poisson_gaussian",
     "ssim_loss",
     "style",
     "temporal_warp_loss",
@@ -543,6 +545,46 @@ def temporal_warp_loss(
     return (mask * (pred_t - warped).abs()).sum() / denom
 
 
+@dataclass(frozen=True)
+class NoiseModel:
+    """A camera's Poisson-Gaussian noise in a run's normalized units: the variance of a pixel
+    whose expected value is ``v`` is ``slope * v + intercept``, at least ``floor``."""
+
+    slope: float
+    intercept: float
+    floor: float
+
+    @classmethod
+    def of(cls, gain: float, offset_adu: float, read_noise_e: float, norm_offset: float,
+           norm_scale: float) -> NoiseModel:  # fmt: skip
+        """From the camera (ADU per electron, offset ADU, read noise electrons) and the run's
+        ADU normalization ``v = (adu - norm_offset) / norm_scale``: ADU variance is
+        ``gain * (adu - offset) + (gain * read_noise)^2`` (shot and read noise); the floor is a
+        quarter electron's or the read noise's variance, whichever is larger, so that pixels with
+        no light do not take unbounded weight."""
+        s2 = norm_scale * norm_scale
+        return cls(
+            slope=gain / norm_scale,
+            intercept=(gain * (norm_offset - offset_adu) + (gain * read_noise_e) ** 2) / s2,
+            floor=gain * gain * max(read_noise_e**2, 0.25) / s2,
+        )
+
+
+def poisson_gaussian(pred: Tensor, target: Tensor, noise: NoiseModel) -> Tensor:
+    """Squared error weighted by the inverse of the camera's noise variance at the prediction
+    (taken without a gradient; weights scaled to mean 1 over the batch): the Gaussian
+    approximation of the Poisson-Gaussian likelihood with the variance held at the current
+    estimate. Each pixel's optimum is still the target's expectation; bright pixels, whose
+    noise is larger, weigh less, as errors are judged against the noise (what a
+    variance-stabilising transform does)."""
+    _check_images("poisson_gaussian", pred, target)
+    with torch.no_grad():
+        var = (noise.slope * pred + noise.intercept).clamp_min(noise.floor)
+        weight = 1.0 / var
+        weight = weight / weight.mean()
+    return (weight * (pred - target) ** 2).mean()
+
+
 # --- the loss table: every generator term a run may weight --------------------------------------
 
 
@@ -559,6 +601,7 @@ class TermInputs:
     frame_t: Tensor | None = None
     frame_prev: Tensor | None = None
     flow_net: Callable[[Tensor, Tensor], Tensor] | None = None
+    noise: NoiseModel | None = None
 
 
 @dataclass(frozen=True)
@@ -573,6 +616,15 @@ class LossTerm:
 def _vgg(x: TermInputs) -> VGGFeatures:
     assert x.vgg is not None  # WeightedLoss loads it for the terms that need it
     return x.vgg
+
+
+def _noise(x: TermInputs) -> NoiseModel:
+    if x.noise is None:
+        raise ValueError(
+            "the poisson_gaussian term has a weight but no noise model was given: pass "
+            "WeightedLoss(noise=NoiseModel.of(...)), or set its weight to 0"
+        )
+    return x.noise
 
 
 def _adversarial_term(pred: Tensor, target: Tensor, x: TermInputs) -> Tensor:
@@ -612,6 +664,11 @@ LOSSES: dict[str, LossTerm] = {
     "ms_ssim": LossTerm(
         lambda p, t, x: ms_ssim_loss(p, t, data_range=x.data_range),
         "1 - multi-scale SSIM (as many scales as the crop allows)",
+    ),
+    "poisson_gaussian": LossTerm(
+        lambda p, t, x: poisson_gaussian(p, t, _noise(x)),
+        "squared error over the camera's Poisson-Gaussian noise variance at the prediction "
+        "(needs the run's camera: data.profile, or the preset's)",
     ),
     "tv": LossTerm(lambda p, t, x: total_variation(p), "total variation of the prediction"),
     "perceptual": LossTerm(
@@ -657,6 +714,7 @@ class WeightedLoss:
         vgg: VGGFeatures | Path | str | None = None,
         adversarial: str = "lsgan",
         data_range: float = 1.0,
+        noise: NoiseModel | None = None,
     ) -> None:
         unknown = [name for name in weights if name not in KNOWN_TERMS]
         if unknown:
@@ -671,6 +729,7 @@ class WeightedLoss:
         _check_range(data_range)
         self.adversarial = adversarial
         self.data_range = data_range
+        self.noise = noise
         self.vgg: VGGFeatures | None = None
         if any(LOSSES[name].needs_vgg for name in self.weights):
             self.vgg = vgg if isinstance(vgg, VGGFeatures) else VGGFeatures.from_file(vgg)
@@ -703,7 +762,7 @@ class WeightedLoss:
         extras = TermInputs(
             vgg=self.vgg, adversarial=self.adversarial, data_range=self.data_range,
             fake_logits=fake_logits, real_logits=real_logits, pred_prev=pred_prev,
-            frame_t=frame_t, frame_prev=frame_prev, flow_net=flow_net,
+            frame_t=frame_t, frame_prev=frame_prev, flow_net=flow_net, noise=self.noise,
         )  # fmt: skip
         values = {name: LOSSES[name].compute(pred, target, extras) for name in self.weights}
         total = sum(self.weights[name] * value for name, value in values.items())
