@@ -230,14 +230,16 @@ class Producer:
 class ToWrite:
     """A frame for the writer stage: a raw one from receive, or an enhanced one from the
     engine (``header`` is then its raw frame's, ``fidelity`` its residual when checked,
-    ``producer`` the chain that made it)."""
+    ``producer`` the chain that made it), or ``skip``: the raw frame ``header`` gets no
+    enhancement (``reason``), so its enhanced plane is a fill."""
 
-    kind: Literal["raw", "enhanced"]
+    kind: Literal["raw", "enhanced", "skip"]
     header: FrameHeader
-    frame: np.ndarray
+    frame: np.ndarray | None
     timings_ms: dict[str, float]
     fidelity: dict[str, Any] | None = None
     producer: Producer | None = None
+    reason: str = ""
 
 
 class Scheduler:
@@ -257,12 +259,15 @@ class Scheduler:
         backlog_bytes: int,
         spill_dir: Path | None,
         on_error: Any = None,
+        on_drop: Any = None,
     ) -> None:
         self.mode = mode
         self.rings = rings
         self.backlog_bytes = backlog_bytes
         self.spill_dir = spill_dir
         self.on_error = on_error or (lambda where, e: None)
+        #: ``on_drop(job, reason)``: a job that will not be enhanced (called outside the lock).
+        self.on_drop = on_drop or (lambda job, reason: None)
         self.skipped = 0
         self.spilled = 0
         self.not_enhanced = 0  # complete mode: no room in memory nor on disk; raw still written
@@ -273,24 +278,32 @@ class Scheduler:
         self._closed = False
 
     def submit(self, job: Job) -> None:
+        dropped: tuple[Job, str] | None = None
         with self._cv:
             if self.mode == "live":
                 self.rings.push(job.header, job.pixels, snapshot=False)
                 key = job.header.state_key
                 if key in self._pending:
                     self.skipped += 1
+                    dropped = self._pending[key], "skipped (live mode: a newer frame came)"
                 self._pending[key] = job  # a replaced job keeps its place: the key waited since
+                self._cv.notify()
             else:
                 nbytes = job.header.nbytes
                 if self._in_memory + nbytes > self.backlog_bytes and self._fifo:
                     self._spill(job)
-                if job.spill is None:
-                    if self._in_memory + nbytes > 2 * self.backlog_bytes and self._fifo:
-                        self.not_enhanced += 1  # the disk refused the spill and memory is full
-                        return
-                    self._in_memory += nbytes
-                self._fifo.append(job)
-            self._cv.notify()
+                if job.spill is None and (
+                    self._in_memory + nbytes > 2 * self.backlog_bytes and self._fifo
+                ):
+                    self.not_enhanced += 1  # the disk refused the spill and memory is full
+                    dropped = job, "not enhanced (no room for the backlog in memory or on disk)"
+                else:
+                    if job.spill is None:
+                        self._in_memory += nbytes
+                    self._fifo.append(job)
+                    self._cv.notify()
+        if dropped is not None:
+            self.on_drop(*dropped)
 
     def take(self, timeout_s: float) -> tuple[Job, Window] | None:
         """The next job and its ring window, or None on timeout / when closed and empty."""
@@ -318,6 +331,7 @@ class Scheduler:
                 self.on_error("spill", e)
                 with self._cv:
                     self.not_enhanced += 1
+                self.on_drop(job, f"not enhanced (its spilled pixels could not be read: {e})")
                 return None
         else:
             with self._cv:
@@ -530,7 +544,7 @@ class EngineServer:
         self.scheduler = Scheduler(
             c.mode, self.rings,
             backlog_bytes=int(c.backlog_mb * 2**20), spill_dir=self.run_dir / "spill",
-            on_error=self._spill_error,
+            on_error=self._spill_error, on_drop=self._not_enhanced,
         )  # fmt: skip
         self._threads = {name: self._thread(name) for name in THREADS}
 
@@ -703,16 +717,22 @@ class EngineServer:
         self.times.add("transport", transport)
         # raw goes to the writer queue before its enhancement can (the index links them)
         self._writer_q.put(ToWrite("raw", header, frame, {"transport": transport}), header.nbytes)
+        job = Job(header, frame, recv_ns)
+        submitted = False
         try:
             self.chain.check(header.shape)
             self._sample(header, frame)
             if self.adapter is not None:
                 self.adapter.offer(header, frame)
-            self.scheduler.submit(Job(header, frame, recv_ns))
+            self.scheduler.submit(job)
+            submitted = True
         except EngineError as e:
             self.engine_errors(e.kind, f"{header.key}: {e}")
+            self._not_enhanced(job, f"engine error ({e.kind})")
         except Exception as e:  # noqa: BLE001 - not enhanced, but still published and written
             self._fault("receive", e, f"scheduling {header.key} seq {header.seq}: ")
+            if not submitted:
+                self._not_enhanced(job, f"not enhanced ({type(e).__name__} while scheduling)")
         self._publish(header, frame, kind="raw", timings={"transport": transport})
 
     def _sample(self, header: FrameHeader, frame: np.ndarray) -> None:
@@ -787,8 +807,16 @@ class EngineServer:
                 self._enhance(job, window)
             except EngineError as e:
                 self.engine_errors(e.kind, f"{h.key} seq {h.seq}: {e}")
+                self._not_enhanced(job, f"engine error ({e.kind})")
             except Exception as e:  # noqa: BLE001 - a backend failure must not stop the others
                 self.engine_errors("backend", f"{h.key} seq {h.seq}: {type(e).__name__}: {e}", e)
+                self._not_enhanced(job, f"engine error (backend: {type(e).__name__})")
+
+    def _not_enhanced(self, job: Job, reason: str) -> None:
+        """Tell the writer that ``job``'s raw frame gets no enhancement: its enhanced plane
+        becomes a fill (queued after the raw frame, so the writer knows its plane; should its
+        enhancement be queued already, the writer keeps that and ignores this)."""
+        self._writer_q.put(ToWrite("skip", job.header, None, {}, reason=reason), 0)
 
     def _enhance(self, job: Job, window: Window) -> None:
         """Run the chain on one job; hand the result to the writer and the publisher."""
@@ -826,7 +854,12 @@ class EngineServer:
         while (item := self._writer_q.get()) is not None:
             kind, header = item.kind, item.header
             try:
-                if kind == "raw":
+                rec: dict[str, Any] | None = None
+                if kind == "skip":
+                    self.writer.not_enhanced(header, item.reason)
+                elif item.frame is None:
+                    raise ValueError(f"a {kind} frame without pixels")
+                elif kind == "raw":
                     rec = self.writer.write_raw(header, item.frame, timings_ms=item.timings_ms)
                 else:
                     made = item.producer or self._producer
@@ -841,13 +874,17 @@ class EngineServer:
                         extra=None if item.fidelity is None else {"fidelity": item.fidelity},
                     )
             except SinkError as e:
-                self.disk_errors(kind, str(e))
+                self.disk_errors("enhanced" if kind == "skip" else kind, str(e))
                 continue
             except Exception as e:  # noqa: BLE001 - a stage must survive every input
                 self._fault("writer", e, f"{kind} frame {header.key} seq {header.seq}: ")
                 continue
-            self.written[kind] += 1
-            self.times.add("disk", rec["timings_ms"]["disk"])
+            finally:  # an enhanced frame may wait for an earlier raw plane's, then go with it
+                self.written["enhanced"] = self.writer.written["enhanced"]
+            if kind == "raw":
+                self.written["raw"] += 1
+            if rec is not None:
+                self.times.add("disk", rec["timings_ms"]["disk"])
         try:
             self.writer.close()
         except SinkError as e:
@@ -855,6 +892,7 @@ class EngineServer:
                 self.disk_errors("close", message)
         except Exception as e:  # noqa: BLE001 - counted, the summary still comes
             self._fault("writer", e, "closing the files: ")
+        self.written["enhanced"] = self.writer.written["enhanced"]
 
     def _fidelity(
         self, enhanced: np.ndarray, raw: np.ndarray, stream: str, key: str

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import tifffile
 import useq
-from test_server import ramp_frames, send_frames
+from test_server import ramp_frames, send_frame, send_frames, started_hook
 
 from engines.engine import EngineChain
 from engines.package import ZOO_DIR
@@ -166,8 +166,10 @@ def test_failed_swaps_leave_the_old_engine_serving_and_say_why(tmp_path, servers
     assert summary["swap"]["number"] == 3 and summary["swap"]["state"] == "failed"
     (identity,) = ids("identity")
     assert [r["engine_id"] for r in enhanced_records(srv.run_dir)] == [identity] * 6
-    enh = tifffile.imread(srv.run_dir / "scope_p000_identity.ome.tif").reshape(-1, *SHAPE)
-    assert np.array_equal(enh, np.stack(frames))
+    # each send_frames is its own acquisition: its own file (the second one's named _a002)
+    enh = [tifffile.imread(srv.run_dir / f"scope{a}_p000_identity.ome.tif").reshape(-1, *SHAPE)
+           for a in ("", "_a002")]  # fmt: skip
+    assert np.array_equal(np.concatenate(enh), np.stack(frames))
 
 
 def test_a_second_swap_is_refused_while_one_loads(tmp_path):
@@ -331,7 +333,9 @@ def scopecast(*args: str) -> subprocess.CompletedProcess:
 def test_status_swap_command_swaps_a_running_server(tmp_path, servers):
     srv = servers(tmp_path, "--engine", "identity", "--mode", "complete")
     frames = ramp_frames(10, shape=SHAPE)
-    send_frames(srv.listen, frames[:5])
+    hook = started_hook(srv.listen)  # one acquisition across the swaps: one enhanced file
+    for t in range(5):
+        send_frame(hook, frames[t], t)
     wait_for(lambda: srv.status()["frames_enhanced"] == 5)
     identity, gaussian = ids("identity", "gaussian")
 
@@ -344,7 +348,8 @@ def test_status_swap_command_swaps_a_running_server(tmp_path, servers):
     assert "error: swap to 'bicubic-x2' failed" in run.stderr and "scale 2" in run.stderr
     assert "'gaussian' keeps serving" in run.stderr
 
-    send_frames(srv.listen, frames[5:8])
+    for t in range(5, 8):
+        send_frame(hook, frames[t], t)
     wait_for(lambda: srv.status()["frames_enhanced"] == 8)
     run = scopecast("status", "--control", srv.control, "--swap", "identity", "--no-wait",
                     "--json")  # fmt: skip
@@ -352,7 +357,9 @@ def test_status_swap_command_swaps_a_running_server(tmp_path, servers):
     accepted = json.loads(run.stdout)
     assert accepted["swap"] == "loading" and accepted["engine"] == "identity"
     assert wait_swap(srv.control, accepted["number"], timeout_s=60).state == "done"
-    send_frames(srv.listen, frames[8:])
+    for t in range(8, 10):
+        send_frame(hook, frames[t], t)
+    hook.close()
     summary = srv.stop({"scope": 10})
     assert summary["frames_enhanced"] == 10 and summary["engine"]["engine"] == "identity"
     enhanced_file = srv.run_dir / "scope_p000_identity.ome.tif"

@@ -261,8 +261,10 @@ def test_engine_names(tmp_path: Path) -> None:
             run.write_enhanced(h, raw_frame(0), engine=bad, scale=1)
     rec = run.write_enhanced(h, raw_frame(0), engine="dn+sr2", scale=1)  # an EngineChain name
     assert rec["file"] == "cam_p000_dn+sr2.ome.tif" and rec["raw"]["plane"] == 0
-    rec = run.write_enhanced(header(1), raw_frame(1), engine="dn+sr2", scale=1)
-    assert rec["raw"] is None and run.errors["raw_missing"] == 1
+    # no raw plane for seq 1: appending it would shift the enhanced file against the raw one
+    with pytest.raises(SinkError, match=r"seq 1 .* no raw plane waits for it"):
+        run.write_enhanced(header(1), raw_frame(1), engine="dn+sr2", scale=1)
+    assert run.errors["raw_missing"] == 1
     run.close()
 
 

@@ -33,7 +33,11 @@ class Sink(Protocol):
     ``close`` writes the final metadata (idempotent); a file never closed is what ``recover``
     is for. A sink may also have ``produced_by(engine: str)``: RunWriter calls it before each
     enhanced plane with the engine that made it (``name@version:sha``), for the sink to record
-    which engine made which planes (OME-TIFF: ``scopecast.engines`` in its OME-XML).
+    which engine made which planes (OME-TIFF: ``scopecast.engines`` in its OME-XML). An
+    enhanced file lines up with its raw file: RunWriter writes a fill plane
+    (:func:`~stream.sinks.tiff.fill_plane`) where a raw frame got no enhancement, and tells a
+    sink that has them ``pairs_with(raw_file: str, first_plane: int)`` once before its first
+    plane and ``filled(plane: int)`` after each fill plane, for its metadata to say so.
     """
 
     path: Path
@@ -63,7 +67,9 @@ class Recovered:
     """What :func:`recover` wrote: ``planes`` good planes; ``bad_crc`` and ``missing`` skipped.
 
     ``damaged`` counts index lines (or records) that could not be used, ``unindexed`` the
-    planes taken from the file's pages because no good index line described them.
+    planes taken from the file's pages because no good index line described them, ``filled``
+    the lost planes (bad crc32, cut off, no record) before the last good one that were written
+    as fill planes, so that every later plane keeps its number (raw and enhanced stay aligned).
     """
 
     source: Path
@@ -74,6 +80,7 @@ class Recovered:
     missing: int = 0
     damaged: int = 0
     unindexed: int = 0
+    filled: int = 0
 
 
 class Recoverer(Protocol):

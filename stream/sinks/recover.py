@@ -6,7 +6,11 @@ suffix, see :data:`stream.sinks.base.SINKS`); this module holds the OME-TIFF one
 crc32; each plane is read back, checked, and written through :class:`OmeTiffSink` (the same
 metadata logic as a live run) to ``<name>.recovered.ome.tif``. Damaged index lines are
 skipped and counted; a plane they leave without a record is taken from the file's own pages.
-Without an index the file's complete pages are used. The damaged original is never changed.
+Every plane keeps its number, so a recovered raw file and its recovered enhanced file still line
+up: a lost plane before the last good one (wrong crc32, cut off, no record and no readable page)
+becomes a fill plane, and an enhanced file's fill planes (index lines with ``fill``) are written
+as fills again (rebuilt from their record if their bytes are gone); ``scopecast.fills`` lists
+both. Without an index the file's complete pages are used. The damaged original is never changed.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import logging
 import math
 import re
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -38,6 +42,7 @@ from stream.sinks.tiff import (
     OmeTiffSink,
     SinkError,
     error_reason,
+    fill_plane,
     no_room,
 )
 
@@ -123,6 +128,9 @@ def _from_index(
         end = path.stat().st_size
         planes: dict[int, Plane] = {}
         producers: dict[int, str] = {}  # plane -> the engine that made it (enhanced files)
+        fills: set[int] = set()  # planes written as fills (no enhancement, or lost)
+        lost: dict[int, dict[str, Any]] = {}  # listed planes whose pixels are gone: records
+        pairing: tuple[str, int] | None = None  # (raw file, its plane for plane 0)
         listed: set[int] = set()
         bad = missing = 0
         kind: tuple[tuple[int, ...], np.dtype] | None = None
@@ -138,21 +146,37 @@ def _from_index(
                 damaged += 1  # one file holds one shape: this record is not about it
                 continue
             listed.add(number)
-            if offset + nbytes > end:
-                missing += 1
-                continue
+            is_fill = r.get("fill") is True
             f.seek(offset)
-            data = f.read(nbytes)
-            if zlib.crc32(data) != crc:
-                bad += 1
+            data = f.read(nbytes) if offset + nbytes <= end else b""
+            if len(data) == nbytes and zlib.crc32(data) == crc:
+                frame = np.frombuffer(data, dtype).reshape(shape)
+            elif is_fill:  # a fill holds nothing: rebuilt from its record
+                frame = fill_plane(shape, dtype)
+            else:
+                missing += offset + nbytes > end
+                bad += offset + nbytes <= end
+                lost[number] = r
                 continue
             kind = shape, dtype
-            frame = np.frombuffer(data, dtype).reshape(shape)
             planes[number] = frame, _header(r.get("header"), number, frame)
-            if r.get("kind") == "enhanced" and isinstance(made := r.get("engine_id"), str):
+            if is_fill:
+                fills.add(number)
+            elif r.get("kind") == "enhanced" and isinstance(made := r.get("engine_id"), str):
                 producers[number] = made
+            if pairing is None and r.get("kind") == "enhanced":
+                pairing = _pairing(r, number)
     unindexed = _unlisted_pages(path, listed, kind) if planes else {}
     planes.update(unindexed)
+    filled = 0
+    if planes and kind is not None:  # lost planes before the last good one keep their place
+        for number in range(max(planes)):
+            if number not in planes:
+                frame = fill_plane(*kind)
+                planes[number] = frame, _header((lost.get(number) or {}).get("header"), number,
+                                                frame)  # fmt: skip
+                fills.add(number)
+                filled += 1
     if not planes:
         raise RecoverError(
             f"no plane of {path} could be recovered: {len(records)} records in {index_path}, "
@@ -163,7 +187,12 @@ def _from_index(
     size = _pixel_size_value(first.get("pixel_size_um", (first.get("header") or {})))
     note = f"recovered by scopecast from {path.name} and its index"
     if bad or missing:
-        note += f"; skipped {bad} planes with a wrong crc32 and {missing} cut-off planes"
+        note += f"; {bad} planes with a wrong crc32 and {missing} cut-off planes"
+    if filled:
+        note += (
+            f"; {filled} lost planes before the last good one are fill planes, so that every "
+            "later plane keeps its number (raw and enhanced files still line up)"
+        )
     if unindexed:
         note += (
             f"; {len(unindexed)} planes without a good index line were taken from the file's "
@@ -171,8 +200,22 @@ def _from_index(
         )
     order = sorted(planes)
     made = [producers.get(k, "unknown") for k in order] if producers else None
-    written = _write(path, output, [planes[k] for k in order], size, note, made)
-    return Recovered(path, output, written, bad, True, missing, damaged, len(unindexed))
+    written = _write(
+        path, output, [planes[k] for k in order], size, note, made, fills=fills, pairing=pairing
+    )
+    return Recovered(path, output, written, bad, True, missing, damaged, len(unindexed), filled)
+
+
+def _pairing(r: dict[str, Any], number: int) -> tuple[str, int] | None:
+    """(raw file, its plane for this file's plane 0) from an enhanced index record."""
+    raw = r.get("raw")
+    if not isinstance(raw, dict) or _text(raw.get("file")) is None:
+        return None
+    try:
+        first = int(raw["plane"]) - number
+    except (KeyError, TypeError, ValueError):
+        return None
+    return (raw["file"], first) if first >= 0 else None
 
 
 def _from_pages(path: Path, output: Path, index_path: Path, damaged: int) -> Recovered:
@@ -356,15 +399,23 @@ def _write(
     size: float | None,
     note: str,
     producers: list[str] | None = None,
+    *,
+    fills: Collection[int] = (),
+    pairing: tuple[str, int] | None = None,
 ) -> int:
     """Write ``planes`` to a new ``output`` (``producers``: the engine that made each, from
-    the index); on failure remove it (the source is untouched)."""
+    the index; ``fills``: which are fill planes; ``pairing``: the raw file an enhanced file
+    lines up with); on failure remove it (the source is untouched)."""
     sink = OmeTiffSink(output, pixel_size_um=size, description=note)
+    if pairing is not None:
+        sink.pairs_with(*pairing)
     try:
         for i, (frame, header) in enumerate(planes):
-            if producers is not None:
+            if producers is not None and i not in fills:
                 sink.produced_by(producers[i])
             sink.write(frame, header)
+            if i in fills:
+                sink.filled(i)
         sink.close()
     except SinkError as e:
         with suppress(SinkError):

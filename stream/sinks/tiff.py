@@ -1,5 +1,9 @@
 """One growing OME-TIFF of planes that survives a SIGKILL, a full disk and odd metadata.
 
+An enhanced file lines up with its raw file plane for plane (:class:`~stream.sinks.store.RunWriter`
+writes a *fill* plane of :func:`fill_value` where a raw frame got no enhancement); the OME-XML
+names the raw file (``scopecast.raw``) and lists the fill planes (``scopecast.fills``).
+
 Every frame, (rows, cols) or (rows, cols, components), is its own uncompressed BigTIFF page,
 written by tifffile straight to the OS (no user-space buffer), so a killed process loses at
 most the plane being written and the file stays readable page by page. The first page
@@ -45,6 +49,10 @@ _GRID_AXES = ("t", "c", "z")
 _MAX_VALUES_NOTE = 64
 #: Stage z steps within this fraction of their median count as one z spacing.
 _Z_STEP_TOLERANCE = 0.1
+#: Longest ``scopecast.fills`` note written in full; past it the note says how many and where the
+#: index lists them (a live run that skips every other frame would otherwise grow the OME-XML
+#: by about 7 bytes a plane).
+MAX_FILLS_NOTE = 1 << 20
 #: errno values that mean "no room": the advice is then to free disk space.
 _NO_ROOM = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
@@ -68,6 +76,25 @@ class SinkError(ScopecastError, OSError):
 
     def __str__(self) -> str:
         return str(self.args[0])
+
+
+def fill_value(dtype: np.dtype | str) -> float:
+    """The value of every pixel of a fill plane (an enhanced plane that holds no enhancement):
+    0 for integer pixels (black in every viewer; an engine's output is never a whole plane of 0
+    unless its input was one, which the index and ``scopecast.fills`` tell apart), NaN for float
+    pixels (an engine's output is always finite: the server refuses NaN outputs)."""
+    return math.nan if np.dtype(dtype).kind == "f" else 0
+
+
+def fill_plane(shape: tuple[int, ...], dtype: np.dtype | str) -> np.ndarray:
+    """A fill plane of ``shape`` and ``dtype`` (see :func:`fill_value`)."""
+    return np.full(shape, fill_value(dtype), np.dtype(dtype))
+
+
+def fill_text(dtype: np.dtype | str) -> str:
+    """The fill value as written in metadata and the index: "0" or "NaN"."""
+    value = fill_value(dtype)
+    return "NaN" if value != value else str(int(value))
 
 
 def no_room(e: BaseException) -> bool:
@@ -289,6 +316,26 @@ class OmeTiffSink:
         self._extra: set[tuple[tuple[str, int], ...]] = set()
         self._acquisitions: set[str] = set()
         self._producers: list[tuple[str, int]] = []  # (engine, first plane), in plane order
+        self._fills: list[list[int]] = []  # [first, last] runs of fill planes, in plane order
+        self._raw: tuple[str, int] | None = None  # (raw file, its plane for this file's plane 0)
+
+    def pairs_with(self, raw_file: str, first_plane: int = 0) -> None:
+        """Say that this (enhanced) file's plane i is plane ``first_plane + i`` of ``raw_file``
+        (``scopecast.raw`` in its OME-XML)."""
+        self._raw = (raw_file, first_plane)
+
+    def filled(self, plane: int) -> None:
+        """Mark ``plane`` (already written) as a fill plane (``scopecast.fills``)."""
+        if self._fills and self._fills[-1][1] == plane - 1:
+            self._fills[-1][1] = plane
+        elif not self._fills or self._fills[-1][1] < plane:
+            self._fills.append([plane, plane])
+        else:
+            raise ValueError(f"fill plane {plane} marked out of order (after {self._fills[-1]})")
+
+    def fills(self) -> list[int]:
+        """Every plane marked by :meth:`filled`, in order."""
+        return [n for first, last in self._fills for n in range(first, last + 1)]
 
     def produced_by(self, engine: str) -> None:
         """Name the engine that makes the planes written from now on (a hot swap changes it):
@@ -446,6 +493,18 @@ class OmeTiffSink:
                 f"planes stored in arrival order along T: {layout.reason}; the run's "
                 "index.jsonl holds each plane's exact (t, c, z)"
             )
+        if self._raw is not None:
+            raw, first = self._raw
+            description = (f"{description}\n" if description else "") + (
+                f"plane i is the enhancement of plane {first}+i of {raw}"
+                if first
+                else f"plane i is the enhancement of plane i of {raw}: they line up"
+            )
+        if self._fills:
+            description = (f"{description}\n" if description else "") + (
+                f"planes listed in scopecast.fills hold no enhancement (their raw frame was "
+                f"skipped or not enhanced): every pixel is {fill_text(self.dtype)}"
+            )
         if description:
             meta["Description"] = description
         if self.pixel_size_um is not None:
@@ -470,6 +529,15 @@ class OmeTiffSink:
         for ax, vals in layout.values.items():
             if vals != list(range(len(vals))):
                 notes[f"scopecast.{ax}"] = _compact(vals)
+        if len(self._acquisitions) == 1:
+            notes["scopecast.acquisition"] = next(iter(self._acquisitions))
+        if self._raw is not None:
+            notes["scopecast.raw"] = self._raw[0]
+            if self._raw[1]:
+                notes["scopecast.raw_first_plane"] = str(self._raw[1])
+        if self._fills:
+            notes["scopecast.fills"] = _runs(self._fills)
+            notes["scopecast.fill_value"] = fill_text(self.dtype)
         if producers := self.producers():
             notes["scopecast.engines"] = "; ".join(
                 f"{engine}: planes {first}..{last}" for engine, first, last in producers
@@ -756,6 +824,28 @@ def plane_layout(
     return Layout(
         axes, tuple(len(values[ax]) for ax in order), {ax.upper(): values[ax] for ax in order}, ""
     )
+
+
+def _runs(runs: list[list[int]]) -> str:
+    """Runs of planes as "3,5..9,12"; past :data:`MAX_FILLS_NOTE` characters, a summary."""
+    text = ",".join(str(a) if a == b else f"{a}..{b}" for a, b in runs)
+    if len(text) <= MAX_FILLS_NOTE:
+        return text
+    count = sum(b - a + 1 for a, b in runs)
+    return f"{count} planes from {runs[0][0]} to {runs[-1][1]}: index.jsonl marks each (fill)"
+
+
+def parse_runs(text: str) -> list[int]:
+    """The planes of a ``scopecast.fills`` note ("3,5..9,12"); ValueError naming a bad part."""
+    planes: list[int] = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        first, _, last = part.partition("..")
+        try:
+            a, b = int(first), int(last or first)
+        except ValueError:
+            raise ValueError(f"fill runs {text[:80]!r}: {part!r} is not N or N..M") from None
+        planes.extend(range(a, b + 1))
+    return planes
 
 
 def _compact(values: list[int]) -> str:
