@@ -662,37 +662,55 @@ def hook_latency(
 
 @app.command("model-speed")
 def model_speed(
-    threads: Annotated[int, typer.Option(help="CPU threads for torch and onnxruntime")] = 2,
+    threads: Annotated[int, typer.Option(help="CPU threads for every backend")] = 2,
     runs: Annotated[int, typer.Option(help="timed runs per model and backend")] = 10,
     budget: Annotated[float, typer.Option(help="seconds per model and backend")] = 30.0,
     scale: Annotated[int, typer.Option(help="upscaling factor: 1, 2 or 4")] = 1,
-    hw: Annotated[int, typer.Option(help="input frame side in pixels")] = 256,
+    hw: Annotated[
+        list[int] | None, typer.Option(help="input frame side in pixels (repeat); default 256")
+    ] = None,
     sizes: Annotated[
         list[str] | None, typer.Option(help="generator size (repeat); default: small and large")
     ] = None,
     arch: Annotated[
         list[str] | None, typer.Option(help="generator architecture (repeat); default: all")
     ] = None,
+    engine: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="engine name or package folder (repeat): time these instead of the "
+            "generators, on the runtime backends"
+        ),
+    ] = None,
+    backend: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="backend (repeat), side by side in one table: torch, onnxruntime, "
+            f"openvino for the generators; for --engine: {backend_help()}; default: "
+            "torch (generators), onnxruntime and openvino where it is installed"
+        ),
+    ] = None,
     json_out: JsonFile = None,
 ) -> None:
-    """Generator size and CPU inference time per frame in torch and in ONNX Runtime, every
-    architecture at "small" (CPU real-time) and "large" (GPU), batch 1, randomly initialized
-    (needs the train extra)."""
+    """Inference time per frame, backends side by side: every generator architecture at "small"
+    (CPU real-time) and "large" (GPU), batch 1, randomly initialized (needs the train extra), or
+    with --engine the engine packages on the runtime backends (p50/p99, backends taking turns)."""
     from calibration.errors import MissingExtra
 
-    try:
-        from .model_speed import run_model_speed
-    except ImportError as e:
-        raise MissingExtra(
-            f"model-speed needs the train extra ({e.name} is missing): "
-            "pip install -c requirements-lock.txt -e '.[train]'"
-        ) from None
+    from .model_speed import run_model_speed
+
     if scale not in (1, 2, 4):
         raise InvalidInput(f"--scale {scale}: choose 1, 2 or 4")
-    with user_mistakes(ValueError):
-        run_model_speed(threads=threads, runs=runs, budget=budget, scale=scale, hw=hw,
-                        sizes=sizes or ["small", "large"], archs=arch,
-                        json_out=json_out)  # fmt: skip
+    try:
+        with user_mistakes(ValueError):
+            run_model_speed(threads=threads, runs=runs, budget=budget, scale=scale,
+                            hw=hw or [256], sizes=sizes or ["small", "large"], archs=arch,
+                            engines=engine, backends=backend, json_out=json_out)  # fmt: skip
+    except ImportError as e:
+        raise MissingExtra(
+            f"model-speed of the generators needs the train extra ({e.name} is missing): "
+            "pip install -c requirements-lock.txt -e '.[train]'"
+        ) from None
 
 
 @app.command("sim-noise")

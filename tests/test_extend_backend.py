@@ -23,6 +23,7 @@ from engines.runtime import (
     register_backend,
     unregister_backend,
 )
+from engines.runtime.openvino import auto_here
 
 NO_TENSORRT = MachineFacts(problem="TensorRT is not installed here (No module named 'tensorrt')")
 
@@ -36,7 +37,7 @@ def toy() -> Iterator[None]:
 
 def test_one_row_makes_a_backend(toy: None) -> None:
     assert "toy" in backend_names() and "toy" in backend_help()
-    assert [s.family for s in auto_order()] == ["tensorrt", "toy", "onnxruntime"]
+    assert [s.family for s in auto_order()] == ["tensorrt", "toy", "openvino", "onnxruntime"]
     status = backend_status()
     assert status["toy"].startswith("toy (numpy ") and {"tensorrt", "onnxruntime"} <= set(status)
     backend, reason = open_backend(load_package("identity"), "toy")
@@ -66,10 +67,10 @@ def test_auto_takes_it_in_its_place(toy: None) -> None:
     assert backend.name == "toy"  # after TensorRT (not here), before ONNX Runtime
     assert reason.startswith("auto: toy backend") and "TensorRT not used: TensorRT is not" in reason
     register_backend("toy", ("toy",), "toy_backend", auto=None)  # the row again: not in auto
-    assert [s.family for s in auto_order()] == ["tensorrt", "onnxruntime"]
+    assert [s.family for s in auto_order()] == ["tensorrt", "openvino", "onnxruntime"]
     backend, reason = open_backend(package, "auto", threads=1, facts=NO_TENSORRT)
     try:
-        assert backend.name == "onnxruntime"
+        assert backend.name == ("openvino" if auto_here() is None else "onnxruntime")
     finally:
         backend.close()
 

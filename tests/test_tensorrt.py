@@ -21,8 +21,10 @@ import engines.offline.build as build_module
 from engines.offline.build import Toolkit, onnxruntime_runner
 from engines.package import ZOO_DIR, EnginePackage, Manifest, PlanInfo, Tiling, load_package
 from engines.package import write_package as write
-from engines.runtime import BackendError, backend_status, open_backend
+from engines.runtime import BackendError, OpenOptions, backend_status, open_backend
 from engines.runtime import tensorrt as seam
+from engines.runtime.openvino import auto_here
+from engines.runtime.openvino import unavailable as openvino_unavailable
 from engines.runtime.plans import (
     MachineFacts,
     dump_profiles,
@@ -40,6 +42,9 @@ NONE = MachineFacts(problem="TensorRT is not installed here (No module named 'te
 PREFIX = b"FAKE-PLAN\0"
 REBUILD = build_module.rebuild_plan  # what the commands hand the runtime
 IDENTITY = (ZOO_DIR / "identity" / "model.onnx").read_bytes()
+#: where TensorRT does not run, auto takes the CPU: OpenVINO where its rule holds, else ONNX Runtime
+CPU_AUTO = "openvino" if auto_here() is None else "onnxruntime"
+OPENVINO = openvino_unavailable(OpenOptions()) is None
 
 
 def plan(facts: MachineFacts, precision: str, manifest: Manifest, **kw: Any) -> PlanInfo:
@@ -159,7 +164,7 @@ def test_auto_on_this_machine_says_why_not_tensorrt() -> None:
         pytest.skip("TensorRT and a GPU are present here; see the GPU tests below")
     backend, reason = open_backend(load_package("gaussian"), "auto", threads=1)
     try:
-        assert backend.name == "onnxruntime" and reason.startswith("auto: onnxruntime on ")
+        assert backend.name == CPU_AUTO and reason.startswith(f"auto: {CPU_AUTO} ")
         assert "TensorRT not used:" in reason
         assert "not installed" in reason or "driver" in reason
     finally:
@@ -255,7 +260,7 @@ def test_a_rebuilt_plan_that_fails_the_guard_falls_back(tmp_path: Path, fake_gpu
     fake_gpu(L4, spoil=np.zeros_like)
     backend, reason = open_backend(package, "auto", threads=1, facts=L4, rebuild=REBUILD)
     try:
-        assert backend.name == "onnxruntime"
+        assert backend.name == CPU_AUTO
         assert "TensorRT not used: the rebuilt TensorRT fp16 plan rejected" in reason
         assert "constant" in reason and "scopecast build tiny --precision fp32" in reason
     finally:
@@ -273,7 +278,7 @@ def test_zoo_packages_are_rebuilt_in_memory_only(tmp_path: Path, fake_gpu: Calla
     assert sorted(p.name for p in (ZOO_DIR / "identity").iterdir()) == before
     _, reason = open_backend(load_package("identity"), "auto", threads=1, facts=H100,
                              rebuild=REBUILD)  # fmt: skip
-    assert reason.startswith("auto: onnxruntime") and "has no TensorRT plan" in reason
+    assert reason.startswith(f"auto: {CPU_AUTO}") and "has no TensorRT plan" in reason
 
 
 def test_without_a_rebuilder_a_missing_plan_names_the_build_command(
@@ -290,7 +295,7 @@ def test_without_a_rebuilder_a_missing_plan_names_the_build_command(
     assert "NVIDIA H100 80GB HBM3" in str(e.value)  # and why the plan it has does not fit
     backend, reason = open_backend(package, "auto", threads=1, facts=L4)
     try:
-        assert backend.name == "onnxruntime" and FakeTensorRt.opened == []
+        assert backend.name == CPU_AUTO and FakeTensorRt.opened == []
         assert "TensorRT not used: no TensorRT plan for this GPU in the package" in reason
     finally:
         backend.close()
@@ -304,9 +309,10 @@ def test_bench_lists_the_tensorrt_backend(tmp_path: Path) -> None:
     from bench.report import backends, default_backends
 
     listed = backends()
-    assert set(listed) == {"onnxruntime", "tensorrt"}
+    assert set(listed) == {"onnxruntime", "tensorrt", "openvino"}
     here = seam.gather_machine_facts().usable
-    assert default_backends() == (["tensorrt", "onnxruntime"] if here else ["auto"])
+    runs = [*(["tensorrt"] if here else []), *(["openvino"] if OPENVINO else []), "onnxruntime"]
+    assert default_backends() == (runs if len(runs) > 1 else ["auto"])
     r = CliRunner().invoke(app, ["throughput", "--engine", "identity", "--size", "32",
                                  "--seconds", "0.05", "--out", str(tmp_path)])  # fmt: skip
     assert r.exit_code == 0, r.output

@@ -3,9 +3,10 @@
 The backends are rows of ``registry`` (name, module, family, availability check, place in
 ``auto``). ``auto`` takes the first in that order that actually starts here: a TensorRT plan run
 natively (``tensorrt``, when TensorRT, pycuda and a GPU are present and the package has a plan
-for this machine, or one can be rebuilt by the ``rebuild`` the caller hands in), then ONNX
-Runtime's TensorRT > CUDA > CPU providers; one that is offered but does not start is skipped
-with its reason.
+for this machine, or one can be rebuilt by the ``rebuild`` the caller hands in), then OpenVINO
+on the CPU (``openvino``: where it is installed, on x86-64, unless ONNX Runtime offers a GPU
+provider), then ONNX Runtime's TensorRT > CUDA > CPU providers; one that is offered but does
+not start is skipped with its reason.
 """
 
 from __future__ import annotations

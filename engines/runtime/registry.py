@@ -166,3 +166,7 @@ register_backend(
     "engines.runtime.onnxruntime", auto=20, label="ONNX Runtime",
     help="fastest provider, or the one named", open="open_onnxruntime",
 )  # fmt: skip
+register_backend(
+    "openvino", ("openvino",), "engines.runtime.openvino", auto=18, label="OpenVINO",
+    help="CPU; auto takes it on x86-64 unless onnxruntime offers a GPU", open="open_openvino",
+)  # fmt: skip
