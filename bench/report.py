@@ -16,7 +16,7 @@ from typing import Any
 from rich.markup import escape
 from rich.table import Table
 
-PACKAGES = ("scopecast", "numpy", "onnxruntime", "onnxruntime-gpu", "pyzmq", "tifffile",
+PACKAGES = ("scopecast", "numpy", "onnxruntime", "onnxruntime-gpu", "openvino", "pyzmq", "tifffile",
             "pymmcore-plus", "torch", "tensorrt")  # fmt: skip
 
 
