@@ -91,8 +91,33 @@ def test_adapt_command_trains_gates_and_reports(tmp_path):
         assert run.exit_code == 1 and "refused:" in run.output
         assert (out / "candidate").is_dir() and not (out / "engine").exists()
     bad = CliRunner().invoke(app, ["adapt", str(rec), "--out", str(tmp_path / "x"),
+                                   "--base", "confocal-denoise-sr2x", "--denoiser",
+                                   "bicubic-x2"])  # fmt: skip
+    assert bad.exit_code == 2 and "--denoiser 'bicubic-x2' has scale 2" in bad.output
+
+
+def test_a_super_resolution_engine_adapts_from_estimates_through_the_forward_model(tmp_path):
+    from typer.testing import CliRunner
+
+    from stream.cli import _add_groups, app
+
+    _add_groups()
+    rec = _recording(tmp_path / "rec", files=1)
+    out = tmp_path / "sr"
+    run = CliRunner().invoke(app, ["adapt", str(rec), "--out", str(out), "--steps", "3",
                                    "--base", "confocal-denoise-sr2x"])  # fmt: skip
-    assert bad.exit_code == 2 and "trains denoisers (scale 1" in bad.output
+    assert run.exit_code in (0, 1), run.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["target"] == "estimates" and report["denoiser"] == "confocal-denoise"
+    # 8 denoised training frames, in the forward model's units, one grid finer than raw
+    estimates = sorted((out / "data").glob("r0-t*.tif"))
+    assert len(estimates) == 8 and tifffile.imread(estimates[0]).shape == (64, 64)
+    cfg = json.loads((out / "run" / "config.json").read_text())
+    assert cfg["data"]["kind"] == "synthetic" and cfg["scale"] == 2 and cfg["previous"]
+    made = out / ("engine" if report["gate"]["passed"] else "candidate")
+    assert load_package(made).manifest.scale == 2
+    assert set(report["scores"]) == {"base", "adapted"}
+    assert 0 < report["scores"]["adapted"]["chi2"] < 100
 
 
 def test_check_gates_an_engine_made_elsewhere_without_training(tmp_path):

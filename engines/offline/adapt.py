@@ -17,8 +17,19 @@ recording alone, and a gate that refuses it unless it is better than the engine 
    :func:`run_check` (``adapt --check ENGINE``) runs the gate alone, on every frame, for an
    engine made elsewhere.
 
-What it cannot do: a noisy recording holds no finer or cleaner image, so adaptation learns
-denoising at the recording's own sampling; super-resolution engines are not adapted here.
+Super-resolution engines (a base of scale 2 or 4) learn from pairs the rig's forward model
+makes (:func:`estimates`): a denoiser's estimates of the training frames are taken as the
+specimen on the finer grid, and the profile's forward model (PSF, binning, noise; the base's
+preset without a profile) records them, as ``kind: synthetic`` training data. The gate then
+compares the output binned back onto the raw grid.
+
+What it cannot do: a noisy recording holds no finer or cleaner image. A denoiser learns
+denoising at the recording's own sampling. A super-resolution engine adapted from estimates
+learns to undo this rig's binning, PSF and noise on structures as they look one grid finer
+(self-similarity: the specimen taken as if it were ``scale`` times smaller), so it can recover
+what the raw sampling resolves, sharpened and de-binned consistently with the rig; detail
+beyond the raw sampling's Nyquist limit or the PSF's cut-off is not in its targets, so it
+cannot be recovered, only guessed (the fidelity check is the guard).
 """
 
 from __future__ import annotations
@@ -26,7 +37,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +47,7 @@ import tifffile
 
 from calibration.camera import CameraParams
 from calibration.errors import ScopecastError
-from calibration.fidelity import fidelity
+from calibration.fidelity import fidelity, predicted_raw
 from calibration.profile import CalibrationProfile
 from calibration.units import Electrons
 from engines.engine import EngineChain
@@ -146,10 +157,13 @@ def adu_normalization(norm: Normalization, camera: CameraParams | None) -> Norma
 
 
 def adapt_config(base: EnginePackage | None, data_dir: Path, *, target: str, steps: int,
-                 profile: Path | None, init_from: Path | None, name: str) -> Any:  # fmt: skip
+                 profile: Path | None, init_from: Path | None, name: str,
+                 field: int = 128) -> Any:  # fmt: skip
     """The training config: the base's own (its architecture and temporal inputs), with the
     recording as data, ``steps`` steps, no randomization; blind spots need a U-Net without the
-    global residual, trained from scratch."""
+    global residual, trained from scratch. A super-resolution base trains on the estimates in
+    ``data_dir`` (``field``: their side) through the forward model instead (``kind:
+    synthetic``), keeping its previous output and rollout."""
     from engines.train.config import TrainConfig
 
     if base is not None:
@@ -163,12 +177,21 @@ def adapt_config(base: EnginePackage | None, data_dir: Path, *, target: str, ste
                                                 "residual": False}}  # fmt: skip
     for key in ("rig", "motion", "discriminator", "normalization", "vgg_weights"):
         raw.pop(key, None)
+    scale = int(raw.get("scale", 1))
+    data: dict[str, Any] = {"kind": "recording", "folder": str(data_dir), "target": target,
+                            "profile": str(profile) if profile else None, "patch": 64,
+                            "frames": 100_000, "val_fraction": 0.2}  # fmt: skip
+    if scale > 1:
+        low = field // scale
+        data = {"kind": "synthetic", "folder": str(data_dir), "preset": raw["data"]["preset"],
+                "profile": data["profile"], "patch": min(64, low // 8 * 8), "pairs": 256,
+                "val_pairs": 16, "val_fraction": 0.2}  # fmt: skip
+    else:
+        raw.update({"previous": False, "rollout": 1})
     raw.update({
-        "name": name, "generator": generator, "previous": False, "rollout": 1,
+        "name": name, "generator": generator,
         "background": bool(raw.get("background", False)),
-        "data": {"kind": "recording", "folder": str(data_dir), "target": target,
-                 "profile": str(profile) if profile else None, "patch": 64, "frames": 100_000,
-                 "val_fraction": 0.2},
+        "data": data,
         "losses": {"mse": 1.0}, "schedule": {"pretrain_steps": steps}, "lr_decay": "cosine",
         "video_augment": target != "line-split",
         "lr": 2e-4 if init_from else 1e-3, "batch": 8, "validate_every": max(1, steps // 8),
@@ -191,29 +214,73 @@ class GateScores:
     """(raw, enhanced) of the first held-out frame, for the report."""
 
 
+def run_stack(chain: EngineChain, stack: np.ndarray) -> Iterator[np.ndarray]:
+    """``chain``'s output (float32, raw units) for each frame of ``stack`` (T, H, W), fed as
+    the server feeds a key: its window and background from the frames before (its first frames
+    use the earliest ones), its previous outputs carried."""
+    previous: dict[int, np.ndarray] = {}
+    for t in range(len(stack)):
+        window = [stack[max(0, t - k)] for k in range(chain.window - 1, -1, -1)]
+        bg = (np.median(stack[max(0, t - BACKGROUND_FRAMES + 1) : t + 1], axis=0)
+              .astype(stack.dtype) if chain.background else None)  # fmt: skip
+        stages = chain.enhance(window, previous, bg).stages
+        previous = {s.stage: s.output for s in stages}
+        yield stages[-1].output
+
+
 def score(chain: EngineChain, held: dict[str, np.ndarray], camera: CameraParams,
           units: Electrons | None) -> GateScores:  # fmt: skip
-    """Run ``chain`` over every held-out stack as the server feeds a key (its window and
-    background from the frames before; its first frames use the earliest ones)."""
+    """Run ``chain`` over every held-out stack (:func:`run_stack`); a super-resolution output
+    is compared binned back onto the raw grid."""
     diffs, chi2s, panel = [], [], None
+    maps = {} if units is None else {"offset_map": units.offset_map,
+                                      "flat_field": units.flat_field}  # fmt: skip
     for stack in held.values():
         outs = []
-        for t in range(len(stack)):
-            window = [stack[max(0, t - k)] for k in range(chain.window - 1, -1, -1)]
-            bg = (np.median(stack[max(0, t - BACKGROUND_FRAMES + 1) : t + 1], axis=0)
-                  .astype(stack.dtype) if chain.background else None)  # fmt: skip
-            out = chain.enhance(window, {}, bg).stages[-1].output
-            outs.append(out)
-            maps = {} if units is None else {"offset_map": units.offset_map,
-                                              "flat_field": units.flat_field}  # fmt: skip
+        for t, out in enumerate(run_stack(chain, stack)):
+            outs.append(predicted_raw(out, chain.scale, None))
             # as the server checks: the output carries the camera's fixed pattern
-            chi2s.append(fidelity(out, stack[t], camera, pattern_in_output=True, **maps).chi2)
+            chi2s.append(fidelity(out, stack[t], camera, scale=chain.scale,
+                                  pattern_in_output=True, **maps).chi2)  # fmt: skip
             if panel is None:
                 panel = (stack[t].astype(np.float32), out.astype(np.float32))
         for t in range(len(stack) - 1):
             diffs.append(float(np.mean((outs[t] - stack[t + 1].astype(np.float32)) ** 2)))
     assert panel is not None
     return GateScores(float(np.mean(diffs)), float(np.median(chi2s)), panel)
+
+
+ESTIMATES_PER_FILE = 8
+"""Denoised frames of each training stack (evenly spaced) a super-resolution adaptation takes
+as the specimen."""
+
+
+def estimates(train: dict[str, np.ndarray], out: Path, denoiser: str, backend: str,
+              rig: CalibrationProfile | None) -> int:  # fmt: skip
+    """Write :data:`ESTIMATES_PER_FILE` frames of each training stack, denoised by
+    ``denoiser``, into ``out`` as float32 TIFFs in the units ``kind: synthetic`` data read
+    (the profile camera's scalar ADU: offset map and flat field out, as the forward model puts
+    them back); returns their smallest side."""
+    units = Electrons.from_profile(rig) if rig is not None else None
+    scalar = Electrons.from_camera(rig.camera) if rig is not None else None
+    chain = EngineChain.open([denoiser], backend, units=units)
+    try:
+        if chain.scale != 1:
+            raise ValueError(
+                f"--denoiser {denoiser!r} has scale {chain.scale}: the estimates need a "
+                "denoiser (scale 1), e.g. confocal-denoise or an engine `scopecast adapt` made"
+            )
+        out.mkdir(parents=True, exist_ok=True)
+        for name, stack in train.items():
+            picks = set(np.linspace(0, len(stack) - 1, ESTIMATES_PER_FILE).round().astype(int))
+            for t, denoised in enumerate(run_stack(chain, stack)):
+                if t in picks:
+                    image = (denoised if units is None or scalar is None else
+                             scalar.to_adu(units.to_electrons(denoised)))  # fmt: skip
+                    tifffile.imwrite(out / f"{name}-t{t:04d}.tif", image.astype(np.float32))
+    finally:
+        chain.close()
+    return min(min(s.shape[-2:]) for s in train.values())
 
 
 def gate(base: GateScores | None, adapted: GateScores) -> list[str]:
@@ -261,11 +328,14 @@ def write_report(out: Path, result: dict[str, Any], panels: dict[str, tuple[np.n
 def adapt(recording: Path, out: Path, *, base: str | None, target: str = "next-frame",
           steps: int = 1500, frames: int = 500, profile: Path | None = None,
           backend: str = "onnxruntime", name: str | None = None,
+          denoiser: str = "confocal-denoise",
           on_train: Callable[[Any], Any] | None = None,
           progress: Progress | None = None) -> dict[str, Any]:  # fmt: skip
     """Adapt ``base`` (an engine name or package folder; None: from scratch) to ``recording``
     into ``out``: ``out/engine`` when the gate passes, else ``out/candidate`` and GateRefused.
-    ``on_train`` is the trainer's progress callback. Returns the report's numbers."""
+    A super-resolution base learns from ``denoiser``'s estimates through the forward model
+    (``target`` does not apply). ``on_train`` is the trainer's progress callback. Returns the
+    report's numbers."""
     from engines.offline.export import export
     from engines.train.loop import Trainer
 
@@ -275,33 +345,41 @@ def adapt(recording: Path, out: Path, *, base: str | None, target: str = "next-f
     out.mkdir(parents=True, exist_ok=True)
     rig = CalibrationProfile.load(profile) if profile is not None else None
     package = load_package(base) if base is not None else None
-    if package is not None and (package.manifest.scale != 1
-                                or package.manifest.temporal.previous_output):  # fmt: skip
+    sr = package is not None and package.manifest.scale > 1
+    if package is not None and not sr and package.manifest.temporal.previous_output:
         raise ValueError(
-            f"engine {package.manifest.name!r} has scale {package.manifest.scale} (previous "
-            f"output: {package.manifest.temporal.previous_output}): adaptation from a noisy "
-            "recording trains denoisers (scale 1, no previous output); adapt a denoiser such "
-            "as confocal-denoise"
+            f"engine {package.manifest.name!r} is a denoiser that takes its previous output: "
+            "noisy next-frame or blind-spot targets cannot train that recurrence; adapt a "
+            "single-frame denoiser such as confocal-denoise, or a super-resolution engine"
         )
-    if target == "blind-spot" and package is not None:
+    if sr:
+        target = "estimates"
+    elif target == "blind-spot" and package is not None:
         say(f"blind spots need a U-Net without the global residual: training from scratch with "
             f"{package.manifest.name}'s architecture")  # fmt: skip
     rec = Recording.read(recording, frames)
     train, held = rec.split()
     data_dir = out / "data"
     data_dir.mkdir(exist_ok=True)
-    for n, s in train.items():
-        tifffile.imwrite(data_dir / f"{n}.tif", s)
     say(f"recording: {', '.join(f'{n} {len(s)} frames' for n, s in rec.stacks.items())}; "
         f"training on {sum(len(s) for s in train.values())}, the gate on the last "
         f"{sum(len(s) for s in held.values())}")  # fmt: skip
+    field = 0
+    if sr:
+        say(f"super-resolution: {denoiser} denoises {ESTIMATES_PER_FILE} training frames of each "
+            f"file; {'the profile' if rig else 'the base engine'}'s forward model records them "
+            "one grid finer as training pairs")  # fmt: skip
+        field = estimates(train, data_dir, denoiser, backend, rig)
+    else:
+        for n, s in train.items():
+            tifffile.imwrite(data_dir / f"{n}.tif", s)
     init = None
     if package is not None and target != "blind-spot":
         init = base_checkpoint(package, out / "base.safetensors",
                                rig.camera if rig is not None else None)  # fmt: skip
     name = name or f"{package.manifest.name if package else 'denoise'}-adapted"
     cfg = adapt_config(package, data_dir, target=target, steps=steps, profile=profile,
-                       init_from=init, name=name)  # fmt: skip
+                       init_from=init, name=name, field=field)  # fmt: skip
     trainer = Trainer(cfg, out / "run")
     summary = trainer.run(on_train)
     trained_s = time.monotonic() - started
@@ -313,6 +391,7 @@ def adapt(recording: Path, out: Path, *, base: str | None, target: str = "next-f
              for r in _log(out / "run" / "log.jsonl") if "val_psnr" in r]  # fmt: skip
     result = {
         "recording": str(recording), "base": base, "target": target, "steps": summary["steps"],
+        "denoiser": denoiser if sr else None,
         "frames": {n: len(s) for n, s in rec.stacks.items()},
         "held_out_frames": {n: len(s) for n, s in held.items()},
         "units": units.describe() if units is not None else "raw ADU as recorded (no --profile)",

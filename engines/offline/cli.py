@@ -70,6 +70,13 @@ def adapt(
     backend: Annotated[str, typer.Option(help="backend the gate runs the engines on")] = (
         "onnxruntime"
     ),
+    denoiser: Annotated[
+        str,
+        typer.Option(
+            help="super-resolution bases: the denoiser whose estimates of the training frames "
+            "the rig's forward model turns into training pairs (e.g. an engine adapted first)"
+        ),
+    ] = "confocal-denoise",
     check: Annotated[
         str | None,
         typer.Option(
@@ -103,7 +110,7 @@ def adapt(
     if target not in ("next-frame", "blind-spot", "line-split"):
         raise typer.BadParameter(f"{target!r}: choose next-frame, blind-spot or line-split")
     kw = {"base": base, "target": target, "steps": steps, "frames": frames, "profile": profile,
-          "backend": backend}  # fmt: skip
+          "backend": backend, "denoiser": denoiser}  # fmt: skip
     with user_mistakes(ValueError, FileNotFoundError), training_bar("adapt", steps) as show:
         try:
             result = run_adapt(recording, out, on_train=show,
