@@ -250,6 +250,40 @@ def test_stacks_teacher_forcing_and_errors(tmp_path):
         build(2, kind="stacks", folder=tmp_path, patch=32)
 
 
+def test_stacks_with_a_profile_convert_their_low_frames_and_export_in_electrons(tmp_path):
+    from calibration.camera import CameraParams
+    from calibration.profile import CalibrationProfile
+    from engines.offline.export import in_electrons
+    from engines.package import Normalization
+    from engines.train.config import TrainConfig
+
+    (tmp_path / "low").mkdir()
+    (tmp_path / "high").mkdir()
+    hi = 300 + 400 * np.stack([structure((64, 64), t) for t in range(3)])
+    columns = np.linspace(-20, 30, 32, dtype=np.float32)  # a column pattern on the low frames
+    lo = (hi.reshape(3, 32, 2, 32, 2).mean(axis=(2, 4)) + columns).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "low" / "s.tif", lo, photometric="minisblack")
+    tifffile.imwrite(tmp_path / "high" / "s.tif", hi.astype(np.float32), photometric="minisblack")
+    camera = CameraParams(gain_adu_per_electron=2.0, offset_adu=300.0)
+    offset_map = np.broadcast_to(300.0 + columns, (32, 32)).astype(np.float32)
+    profile = CalibrationProfile(rig="cols", pixel_size_um=0.1, camera=camera).with_arrays(
+        offset_map=offset_map
+    ).save(tmp_path / "profile")  # fmt: skip
+    train, _, _ = build(2, kind="stacks", folder=tmp_path, patch=32, val_fraction=0,
+                        match_intensity=False, profile=profile)  # fmt: skip
+    # the column pattern is gone: the low frames are the block means of the high ones
+    want = hi.reshape(3, 32, 2, 32, 2).mean(axis=(2, 4))
+    np.testing.assert_allclose(train.series[0].low[:, 0], want, atol=1.0)
+    cfg = TrainConfig.model_validate({
+        "name": "cols", "task": "super-resolution", "scale": 2, "generator": {"arch": "unet"},
+        "data": {"kind": "stacks", "folder": str(tmp_path), "profile": str(profile)},
+    })  # fmt: skip
+    norm = in_electrons(Normalization(offset=300.0, scale=100.0), cfg)
+    assert norm.units == "electrons" and norm.scale == 50.0 and norm.camera is not None
+    without = cfg.model_copy(update={"data": cfg.data.model_copy(update={"profile": None})})
+    assert in_electrons(Normalization(offset=300.0, scale=100.0), without).units == "adu"
+
+
 def test_synthetic_from_clean_tiffs(tmp_path):
     offset = CONFOCAL.camera.offset_adu
     for i in range(3):

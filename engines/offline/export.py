@@ -81,12 +81,10 @@ def export(checkpoint: Path, out: Path, *, name: str | None = None) -> tuple[Eng
 
 def training_camera(cfg: TrainConfig) -> CameraParams | None:
     """The camera the training frames were made with, where known: simulated and synthetic
-    data use the profile's camera, else the preset's; recordings their profile's (none without
-    one); recorded pairs come from unknown ones."""
+    data use the profile's camera, else the preset's; recordings and recorded pairs their
+    profile's (unknown without one)."""
     data = cfg.data
-    if data.kind not in ("simulated", "synthetic", "recording"):
-        return None
-    if data.kind == "recording" and data.profile is None:
+    if data.kind in ("recording", "paired", "stacks") and data.profile is None:
         return None
     if data.profile is not None:
         try:

@@ -90,7 +90,10 @@ class DataConfig(BaseModel):
         "recording: (T, H, W) TIFF/OME-TIFF time-lapses, or a scopecast run folder (its raw files)",
     )
     profile: Path | None = Field(
-        None, description="calibration profile: the rig simulated/synthetic data are made with"
+        None,
+        description="calibration profile: the rig simulated/synthetic data are made with; the "
+        "rig recordings and paired/stacks low frames were recorded with (converted through it, "
+        "so the exported engine is in electrons)",
     )
     pairs: int = Field(64, ge=1, description="simulated/synthetic: training pairs to generate")
     val_pairs: int = Field(
@@ -156,11 +159,6 @@ class DataConfig(BaseModel):
             raise ValueError(
                 f"kind='simulated' does not read folder={self.folder}: drop folder, or use "
                 "kind='paired' (low/ and high/) or kind='synthetic' (clean images)"
-            )
-        if files and self.profile is not None:
-            raise ValueError(
-                f"kind={self.kind!r} takes its pairs as recorded and does not use "
-                f"profile={self.profile}: drop profile, or use kind='synthetic'"
             )
         if self.specimens is not None:
             self._check_specimens()
@@ -712,6 +710,17 @@ def read_recording(path: Path, frames: int) -> np.ndarray:
     return stack
 
 
+def _profile_conversion(path: Path | None) -> Callable[[np.ndarray], np.ndarray]:
+    """Raw frames through a calibration profile's conversion (offset map, flat field, bad
+    pixels out) into its camera's scalar ADU, the units an engine exported from them is
+    documented in (electrons through that camera); without a profile, frames as they are."""
+    if path is None:
+        return lambda frames: frames
+    profile = CalibrationProfile.load(path)
+    rig, scalar = Electrons.from_profile(profile), Electrons.from_camera(profile.camera)
+    return lambda frames: scalar.to_adu(rig.to_electrons(frames))
+
+
 def _field_shift(a: np.ndarray, b: np.ndarray) -> float:
     """How far (raw px) the field moved from ``a`` to ``b``: phase correlation, 0.1 px steps."""
     from skimage.registration import phase_cross_correlation
@@ -744,17 +753,13 @@ def _recording(cfg: DataConfig, scale: int, window: int, previous: bool,
     series: list[Series] = []
     dropped: dict[str, int] = {}
     next_frame = cfg.target == "next-frame"
-    units = None  # a profile's conversion: offset map and flat field out, its scalar camera
     phase = 0.0  # line-split: the bidirectional line phase to undo
-    if cfg.profile is not None:
-        profile = CalibrationProfile.load(cfg.profile)
-        units = (Electrons.from_profile(profile), Electrons.from_camera(profile.camera))
-        if cfg.target == "line-split" and profile.scan.bidirectional:
-            phase = profile.scan.phase_px
+    if cfg.profile is not None and cfg.target == "line-split":
+        scan = CalibrationProfile.load(cfg.profile).scan
+        phase = scan.phase_px if scan.bidirectional else 0.0
+    convert = _profile_conversion(cfg.profile)
     for i, path in enumerate(files):
-        low = read_recording(path, cfg.frames)
-        if units is not None:
-            low = units[1].to_adu(units[0].to_electrons(low))
+        low = convert(read_recording(path, cfg.frames))
         if phase:
             low = np.stack([correct_phase(f[0], phase) for f in low])[:, None]
         if next_frame and len(low) < 2:
@@ -798,10 +803,12 @@ def _recording(cfg: DataConfig, scale: int, window: int, previous: bool,
 
 
 def _recorded(cfg: DataConfig, scale: int, progress: Progress | None) -> _Made:
-    """Paired images (T = 1) or time-lapse stacks, split by name (one stack: split in time)."""
+    """Paired images (T = 1) or time-lapse stacks, split by name (one stack: split in time).
+    With a ``profile`` the low frames go through its conversion, as recordings do."""
     assert cfg.folder is not None
     stacks = cfg.kind == "stacks"
     files = pair_files(Path(cfg.folder))
+    convert = _profile_conversion(cfg.profile)
     series: list[Series] = []
     fits: dict[str, tuple[float, float]] = {}
     for i, pair in enumerate(files):
@@ -830,7 +837,7 @@ def _recorded(cfg: DataConfig, scale: int, progress: Progress | None) -> _Made:
         high = np.asarray(high, np.float32).reshape(-1, 1, *want)
         if not np.isfinite(high).all():  # float64 values beyond float32's range
             raise ValueError(f"high/{high_path.name} has NaN or inf values: crop or replace them")
-        low = low.reshape(-1, 1, *low.shape[-2:])
+        low = convert(low.reshape(-1, 1, *low.shape[-2:]))
         if cfg.match_intensity:
             picks = np.linspace(0, len(low) - 1, min(len(low), 8)).round().astype(int)
             a, b = match_intensity(low[picks, 0], high[picks, 0], scale, f"pair {name!r}")

@@ -66,8 +66,8 @@ def noise_model(cfg: TrainConfig, norm: Normalization) -> L.NoiseModel:
     why = None
     if cfg.rig is not None:
         why = "rig randomization draws a camera per sample"
-    elif data.kind in ("paired", "stacks"):
-        why = f"kind={data.kind!r} pairs come with no calibrated camera"
+    elif data.kind in ("paired", "stacks") and data.profile is None:
+        why = f"kind={data.kind!r} pairs without data.profile come with no calibrated camera"
     elif norm.units != "adu":
         why = f"the normalization is in {norm.units}, not the data's ADU"
     if why is not None:
