@@ -14,10 +14,12 @@ smoothed or interpolated outputs (nearest-upsampled raw included) can show a spu
 so read it beside the truth's own value (``result["truth"]``). The fidelity chi-square is about
 1 for an output that explains the raw frame within the noise; the raw frame itself scores below
 1 (it reproduces its own noise), an output that invents or removes structure far above 1.
-Flicker is read beside the truth's own (``result["truth_flicker"]``, simulated data only): the
-truth of every scored sequence frame, moving and changing as the specimen does, its flicker
-(with ``truth="high-quality"`` the slow scan's noise included), and each method's
-``flicker_ratio``, its flicker over the truth's (1: as steady as the truth).
+Flicker is read beside the truth's own (``result["truth_flicker"]``; simulated data, and
+``bench real-pairs`` folders with several frames per pair): the truth of every scored sequence
+frame, moving and changing as the specimen does, its flicker (with ``truth="high-quality"`` the
+slow scan's noise included; real pairs: the clean image moved as the field moves, 0 for a still
+field), and each method's ``flicker_ratio``, its flicker over the truth's (1: as steady as the
+truth; none for a still truth).
 
 Pairs come from a folder (``low/`` and ``high/`` TIFFs matched by name, the high image fitted
 linearly onto the low image's ADU as training does) or from a simulated preset: the fast scan
@@ -55,6 +57,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import tifffile
 
 from calibration.camera import CameraParams
 from calibration.errors import ScopecastError
@@ -480,6 +483,10 @@ def _folder(folder: Path, match: bool, progress: Progress | None) -> _Data:
     if sequence is not None:
         info["sequence_from"] = next(p.name for p in pairs if len(p.frames) >= 2)
     data = _Data(pairs=pairs, scale=scale, sequence=sequence, info=info)
+    if rig_info is not None and sequence is not None:
+        data.sequence_truth = _sequence_truth(folder, rig_info, info["sequence_from"], sequence)
+        if data.sequence_truth is not None:
+            info["truth"] = "real-pairs"
     if rig_info is not None:
         if rig_info.get("scale") != scale:
             raise ValueError(
@@ -509,6 +516,26 @@ def _folder(folder: Path, match: bool, progress: Progress | None) -> _Data:
             _folder_rig(folder, rig_info["rig"], data)
     info["folder"] = str(folder)
     return data
+
+
+def _sequence_truth(folder: Path, info: dict[str, Any], pair: str,
+                    frames: list[np.ndarray]) -> list[np.ndarray] | None:  # fmt: skip
+    """The truth of every frame of the flicker sequence ``pair``, from the file ``bench
+    real-pairs`` wrote beside it (``SEQUENCE_TRUTH``); None when it wrote none (older folders)."""
+    entry = info.get("sequence_truth")
+    if not isinstance(entry, dict) or entry.get("pair") != pair:
+        return None
+    path = folder / str(entry.get("file"))
+    try:
+        truths = np.asarray(tifffile.imread(path), np.float32)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read {path}: {e}; write the pairs anew") from e
+    if truths.ndim != 3 or len(truths) != len(frames):
+        raise ValueError(
+            f"{path} holds {truths.shape}, not the truth of each of the {len(frames)} frames of "
+            f"pair {pair!r}: the folder mixes runs; write it anew"
+        )
+    return list(truths)
 
 
 def _folder_rig(folder: Path, rig: dict[str, Any], data: _Data) -> None:
@@ -770,6 +797,8 @@ def run_quality(
                 d = _folder(folder, match, progress)
                 if d.sequence is not None:  # keep two scored frames at least
                     d.warmup = max(0, min(history - 1, len(d.sequence) - 2))
+                if d.sequence_truth is not None:  # the scored frames' own
+                    d.sequence_truth = d.sequence_truth[d.warmup :]
                 if scale is not None and scale != d.scale:
                     name = next(iter(chains))
                     raise ValueError(
@@ -1028,7 +1057,9 @@ def truth_flicker_note(section: dict[str, Any]) -> str | None:
         return None
     kind = section["info"].get("truth")
     which = {"high-quality": "the recorded slow scan, its noise included",
-             "expected": "the noise-free slow scan"}.get(str(kind), str(kind))  # fmt: skip
+             "expected": "the noise-free slow scan",
+             "real-pairs": "the clean image, moved as the field moves"}  # fmt: skip
+    which = which.get(str(kind), str(kind))
     return f"truth's own flicker {fmt(value)} ({kind} truth: {which})"
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tifffile
 from scipy import ndimage
 
 from calibration.forward import ForwardModel
@@ -67,6 +68,10 @@ PERCENTILES = (0.5, 99.5)
 REFERENCE_FIELDS = 4
 REFERENCE_FIELD = 256  # raw px per side of each reference field (or the preset's frame)
 _MOTION_STREAM = 7  # rng stream of the earlier (moved) frames of a motion sweep
+SEQUENCE_TRUTH = "sequence_truth.tif"
+"""With more than one raw frame per pair: the (T, H, W) truth of every raw frame of the first
+pair (by name, the one ``bench quality`` takes as its flicker sequence), moved as the field
+moves, so the truth's own flicker is known."""
 MOTION_ORDER = 3
 """Spline order of the sub-pixel shift of a moved frame's truth (scipy.ndimage.shift)."""
 MOTION_EDGE_PX = 2
@@ -230,6 +235,7 @@ def make_pairs(
                  f"offset {offset:g} ADU")  # fmt: skip
     pairs: dict[str, dict[str, Any]] = {}
     brightness: dict[str, float] = {}
+    sequence_truth: dict[str, Any] | None = None
     for i, (name, image) in enumerate(sorted(images.items())):
         rng = np.random.default_rng([seed, zlib.crc32(name.encode())])  # per image, not order
         clean = clean_images[name]
@@ -248,6 +254,9 @@ def make_pairs(
             truth, brightness[name] = _on_rig(truth, pair_rig.fast, model, draw, scale, dz)
         lows = np.stack([degrade(model, truth, scale, dz, rng, offset_map)
                          for _ in range(history)])  # fmt: skip
+        truths = None  # the truth of every raw frame, for the first pair (its own flicker)
+        if history > 1 and sequence_truth is None:
+            truths = np.repeat(truth[None], history, axis=0)
         if motion_px is not None:  # the scored frame stays; the earlier ones move
             key = [seed, zlib.crc32(name.encode()), _MOTION_STREAM]
             for j in range(history - 1):
@@ -255,9 +264,16 @@ def make_pairs(
                 gen = np.random.default_rng([*key, lag])
                 moved = moved_truth(truth, lag * motion_px)
                 lows[j] = degrade(model, moved, scale, dz, gen, offset_map)
+                if truths is not None:
+                    truths[j] = moved
             lows, truth = _crop(lows, margin), _crop(truth, margin * scale)
+            if truths is not None:
+                truths = _crop(truths, margin * scale)
         low = lows[0] if history == 1 else lows
         write_pair(out, name, low, truth, stacks=True)
+        if truths is not None:
+            tifffile.imwrite(out / SEQUENCE_TRUTH, truths, photometric="minisblack")
+            sequence_truth = {"pair": name, "file": SEQUENCE_TRUTH}
         pairs[name] = {
             "source": dict(sources.get(name, {})) if sources else {},
             "shape_in": list(np.shape(image)),
@@ -293,6 +309,10 @@ def make_pairs(
         },
         "pairs": pairs,
     }
+    if sequence_truth is not None:
+        info["sequence_truth"] = sequence_truth
+    else:
+        (out / SEQUENCE_TRUTH).unlink(missing_ok=True)  # an earlier run's, of other frames
     if motion_px is not None:
         info["motion_px_per_frame"] = motion_px  # the keys bench quality's motion sweep uses
         info["motion_direction_xy"] = list(MOTION_DIRECTION)

@@ -375,6 +375,33 @@ def test_motion_moves_the_earlier_frames_as_bench_quality_moves_the_stage(
     assert np.abs(_shift_of(bin_mean(high, 2), low[-1])).max() < 0.3  # truth at the last
 
 
+def test_the_truth_of_every_frame_gives_the_truths_own_flicker(tmp_path: Path) -> None:
+    """With several raw frames per pair, real-pairs writes the truth of each frame of the first
+    pair (moved as the field moves; the still truth repeated without motion), and bench quality
+    reads the truth's own flicker from it: 0 for a still field (no ratio), > 0 under motion,
+    and each method's flicker over it."""
+    images = {"a": _cells(128, seed=1), "b": _cells(128, seed=2)}
+    make_pairs(images, "confocal-20fps", 1, tmp_path / "moving", history=4, motion_px=2.0)
+    info = json.loads((tmp_path / "moving" / "info.json").read_text())
+    assert info["sequence_truth"] == {"pair": "a", "file": "sequence_truth.tif"}
+    truths = tifffile.imread(tmp_path / "moving" / "sequence_truth.tif")
+    high = tifffile.imread(tmp_path / "moving" / "high" / "a.tif")
+    assert truths.shape == (4, *high.shape) and np.array_equal(truths[-1], high)
+    dy, dx = MOTION_DIRECTION[1], MOTION_DIRECTION[0]
+    assert np.abs(_shift_of(truths[1], truths[-1]) - np.array([dy, dx]) * 2 * 2.0).max() < 0.3
+    moving = run_quality(engines=[], data=tmp_path / "moving", baselines=["gaussian"])
+    assert moving["truth_flicker"] > 0 and moving["info"]["truth"] == "real-pairs"
+    ratio = moving["methods"]["gaussian"]["flicker_ratio"]
+    assert ratio == pytest.approx(
+        moving["methods"]["gaussian"]["flicker"] / moving["truth_flicker"]
+    )
+    make_pairs(images, "confocal-20fps", 1, tmp_path / "still", history=3)
+    still = run_quality(engines=[], data=tmp_path / "still", baselines=["gaussian"])
+    assert still["truth_flicker"] == 0.0 and still["methods"]["gaussian"]["flicker_ratio"] is None
+    make_pairs(images, "confocal-20fps", 1, tmp_path / "still", history=1)  # one frame: no file
+    assert not (tmp_path / "still" / "sequence_truth.tif").exists()
+
+
 def test_real_pairs_command_writes_motion_folders(tmp_path: Path) -> None:
     """`real-pairs --motion`: OUT/motion-V per speed, one shape for all; with --rig,
     OUT/motion-V/NAME with the profile's offset map cropped as the frames are, and `bench
