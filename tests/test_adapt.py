@@ -79,10 +79,11 @@ def test_adapt_command_trains_gates_and_reports(tmp_path):
     out = tmp_path / "adapted"
     run = CliRunner().invoke(app, ["adapt", str(rec), "--out", str(out), "--steps", "8"])
     report = json.loads((out / "report.json").read_text())
-    assert report["frames"] == {"r0": 12, "r1": 12} and report["held_out_frames"] == {
-        "r0": 2,
-        "r1": 2,
-    }
+    assert report["frames"] == {"r0": 12, "r1": 12}
+    assert report["held_out_frames"] == {"r0": 2, "r1": 2}
+    # the training frames before them run first, unscored: temporal engines are scored settled
+    assert report["context_frames"] == {"r0": 9, "r1": 9}
+    assert all("start_offset_adu" in v for v in report["scores"].values())
     assert set(report["scores"]) == {"base", "adapted"} and (out / "report.png").is_file()
     if report["gate"]["passed"]:
         assert run.exit_code == 0, run.output

@@ -57,6 +57,10 @@ HONEST_CHI2 = (0.8, 1.3)
 """The fidelity chi-square an honest output of a calibrated rig gives (README, Measured)."""
 HELD_OUT = 0.2
 """The share of each recording's frames (its last) the gate scores on."""
+CONTEXT = BACKGROUND_FRAMES
+"""Frames before the scored ones the gate feeds each engine first, unscored, so that temporal
+engines are scored settled, as they run live once a key has history (their start from an empty
+ring is reported apart: ``GateScores.start_offset``)."""
 
 Progress = Callable[[str], None]
 
@@ -86,11 +90,15 @@ class Recording:
             )
         return cls(stacks)
 
-    def split(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        """(training, held-out) frames of every file: its first 80% and the rest."""
+    def split(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, int]]:
+        """(training, held-out, context) frames of every file: its first 80% train; the rest
+        is held out, preceded by up to :data:`CONTEXT` training frames the gate runs the
+        engines on first but does not score (context: how many)."""
         cut = {n: len(s) - max(2, round(HELD_OUT * len(s))) for n, s in self.stacks.items()}
+        start = {n: max(0, c - CONTEXT) for n, c in cut.items()}
         return ({n: s[: cut[n]] for n, s in self.stacks.items()},
-                {n: s[cut[n] :] for n, s in self.stacks.items()})  # fmt: skip
+                {n: s[start[n] :] for n, s in self.stacks.items()},
+                {n: cut[n] - start[n] for n in self.stacks})  # fmt: skip
 
 
 # -- the base engine's weights -----------------------------------------------------------------
@@ -212,6 +220,9 @@ class GateScores:
     """Median fidelity chi-square of the enhanced frames against their own raw frames."""
     panel: tuple[np.ndarray, np.ndarray]
     """(raw, enhanced) of the first held-out frame, for the report."""
+    start_offset: float = 0.0
+    """Mean level error, ADU, of the output (binned onto the raw grid) against the raw frame at
+    the first frame of a key, from an empty ring (not gated; a temporal engine's start)."""
 
 
 def run_stack(chain: EngineChain, stack: np.ndarray) -> Iterator[np.ndarray]:
@@ -229,25 +240,33 @@ def run_stack(chain: EngineChain, stack: np.ndarray) -> Iterator[np.ndarray]:
 
 
 def score(chain: EngineChain, held: dict[str, np.ndarray], camera: CameraParams,
-          units: Electrons | None) -> GateScores:  # fmt: skip
-    """Run ``chain`` over every held-out stack (:func:`run_stack`); a super-resolution output
-    is compared binned back onto the raw grid."""
-    diffs, chi2s, panel = [], [], None
+          units: Electrons | None,
+          context: dict[str, int] | None = None) -> GateScores:  # fmt: skip
+    """Run ``chain`` over every held-out stack (:func:`run_stack`), scoring the frames after
+    its ``context`` first ones; a super-resolution output is compared binned back onto the raw
+    grid."""
+    diffs, chi2s, starts, panel = [], [], [], None
     maps = {} if units is None else {"offset_map": units.offset_map,
                                       "flat_field": units.flat_field}  # fmt: skip
-    for stack in held.values():
+    for name, stack in held.items():
+        first = (context or {}).get(name, 0)
         outs = []
         for t, out in enumerate(run_stack(chain, stack)):
             outs.append(predicted_raw(out, chain.scale, None))
+            if t == 0:
+                starts.append(float(outs[0].mean() - stack[0].mean(dtype=np.float64)))
+            if t < first:
+                continue
             # as the server checks: the output carries the camera's fixed pattern
             chi2s.append(fidelity(out, stack[t], camera, scale=chain.scale,
                                   pattern_in_output=True, **maps).chi2)  # fmt: skip
             if panel is None:
                 panel = (stack[t].astype(np.float32), out.astype(np.float32))
-        for t in range(len(stack) - 1):
+        for t in range(first, len(stack) - 1):
             diffs.append(float(np.mean((outs[t] - stack[t + 1].astype(np.float32)) ** 2)))
     assert panel is not None
-    return GateScores(float(np.mean(diffs)), float(np.median(chi2s)), panel)
+    return GateScores(float(np.mean(diffs)), float(np.median(chi2s)), panel,
+                      float(np.mean(starts)))  # fmt: skip
 
 
 ESTIMATES_PER_FILE = 8
@@ -358,7 +377,7 @@ def adapt(recording: Path, out: Path, *, base: str | None, target: str = "next-f
         say(f"blind spots need a U-Net without the global residual: training from scratch with "
             f"{package.manifest.name}'s architecture")  # fmt: skip
     rec = Recording.read(recording, frames)
-    train, held = rec.split()
+    train, held, context = rec.split()
     data_dir = out / "data"
     data_dir.mkdir(exist_ok=True)
     say(f"recording: {', '.join(f'{n} {len(s)} frames' for n, s in rec.stacks.items())}; "
@@ -386,19 +405,20 @@ def adapt(recording: Path, out: Path, *, base: str | None, target: str = "next-f
     candidate = out / "candidate"
     export(out / "run" / "best.safetensors", candidate, name=name)
     say("gate: running the base and the adapted engine over the held-out frames")
-    units, scores, failed = _run_gate(held, base, str(candidate), backend, rig, package)
+    units, scores, failed = _run_gate(held, context, base, str(candidate), backend, rig,
+                                      package)  # fmt: skip
     curve = [(round(r["time"] - wall, 1), r["val_psnr"])
              for r in _log(out / "run" / "log.jsonl") if "val_psnr" in r]  # fmt: skip
     result = {
         "recording": str(recording), "base": base, "target": target, "steps": summary["steps"],
         "denoiser": denoiser if sr else None,
         "frames": {n: len(s) for n, s in rec.stacks.items()},
-        "held_out_frames": {n: len(s) for n, s in held.items()},
+        "held_out_frames": {n: len(s) - context[n] for n, s in held.items()},
+        "context_frames": context,
         "units": units.describe() if units is not None else "raw ADU as recorded (no --profile)",
         "train_s": round(trained_s, 1), "total_s": round(time.monotonic() - started, 1),
         "validation_curve_s_psnr": curve,
-        "scores": {k: {"consistency_mse_adu2": v.consistency_mse, "chi2": v.chi2}
-                   for k, v in scores.items()},
+        "scores": {k: _scores_json(v) for k, v in scores.items()},
         "gate": {"passed": not failed, "failed": failed, "honest_chi2": list(HONEST_CHI2)},
     }  # fmt: skip
     if "base" in scores:
@@ -416,8 +436,9 @@ def adapt(recording: Path, out: Path, *, base: str | None, target: str = "next-f
     return result
 
 
-def _run_gate(held: dict[str, np.ndarray], base: str | None, candidate: str, backend: str,
-              rig: CalibrationProfile | None, package: EnginePackage | None,
+def _run_gate(held: dict[str, np.ndarray], context: dict[str, int], base: str | None,
+              candidate: str, backend: str, rig: CalibrationProfile | None,
+              package: EnginePackage | None,
               ) -> tuple[Electrons | None, dict[str, GateScores], list[str]]:  # fmt: skip
     """The profile's conversion, the base's and the candidate's scores, and what the candidate
     fails."""
@@ -429,7 +450,7 @@ def _run_gate(held: dict[str, np.ndarray], base: str | None, candidate: str, bac
             continue
         chain = EngineChain.open([where], backend, units=units)
         try:
-            scores[key] = score(chain, held, camera, units)
+            scores[key] = score(chain, held, camera, units, context)
         finally:
             chain.close()
     return units, scores, gate(scores.get("base"), scores["adapted"])
@@ -443,19 +464,24 @@ def run_check(recording: Path, engine: str, *, base: str | None, frames: int = 5
     rig = CalibrationProfile.load(profile) if profile is not None else None
     package = load_package(base) if base is not None else None
     stacks = Recording.read(recording, frames).stacks
-    units, scores, failed = _run_gate(stacks, base, engine, backend, rig, package)
+    context = {n: min(CONTEXT, len(s) - 2) for n, s in stacks.items()}
+    units, scores, failed = _run_gate(stacks, context, base, engine, backend, rig, package)
     result = {
         "recording": str(recording), "engine": engine, "base": base,
         "frames": {n: len(s) for n, s in stacks.items()},
         "units": units.describe() if units is not None else "raw ADU as recorded (no --profile)",
-        "scores": {("engine" if k == "adapted" else k): {"consistency_mse_adu2": v.consistency_mse,
-                                                          "chi2": v.chi2}
+        "scores": {("engine" if k == "adapted" else k): _scores_json(v)
                    for k, v in scores.items()},
         "gate": {"passed": not failed, "failed": failed, "honest_chi2": list(HONEST_CHI2)},
     }  # fmt: skip
     if failed:
         raise GateRefused(f"engine {engine} is refused for {recording}: " + "; ".join(failed))
     return result
+
+
+def _scores_json(s: GateScores) -> dict[str, float]:
+    return {"consistency_mse_adu2": s.consistency_mse, "chi2": s.chi2,
+            "start_offset_adu": s.start_offset}  # fmt: skip
 
 
 def _camera(rig: CalibrationProfile | None, package: EnginePackage | None) -> CameraParams:
