@@ -90,6 +90,25 @@ def test_simulated_items_shapes_and_normalization(scale):
     np.testing.assert_allclose(item["background"].numpy(), normalized(median, norm), atol=1e-6)
 
 
+def test_a_quarter_of_training_backgrounds_are_a_key_starts():
+    """Live, a key's first frames have a background of fewer frames than BACKGROUND_FRAMES;
+    the share data.key_starts of training items gets such a background, validation never (and
+    none by default, so the shipped engines' data stay as they were)."""
+    from engines.package import BACKGROUND_FRAMES
+
+    train, val, _ = build(1, background=True, kind="simulated", pairs=2, val_pairs=1,
+                          field=48, patch=32, key_starts=0.25)  # fmt: skip
+    torch.manual_seed(0)
+    counts = [train._background_frames() for _ in range(800)]
+    short = [c for c in counts if c < BACKGROUND_FRAMES]
+    assert abs(len(short) / len(counts) - 0.25) < 0.05
+    assert set(short) == set(range(1, BACKGROUND_FRAMES))
+    assert {val._background_frames() for _ in range(50)} == {BACKGROUND_FRAMES}
+    default, _, _ = build(1, background=True, kind="simulated", pairs=2, val_pairs=1, field=48,
+                          patch=32)  # fmt: skip
+    assert {default._background_frames() for _ in range(50)} == {BACKGROUND_FRAMES}
+
+
 def test_simulated_rollout_items_hold_every_earlier_window():
     """rollout=3 with window 2: the windows ending at t-3, t-2, t-1 oldest first, and the
     first-frame rule's previous for the step at t-3."""

@@ -193,7 +193,7 @@ def adapt_config(base: EnginePackage | None, data_dir: Path, *, target: str, ste
         low = field // scale
         data = {"kind": "synthetic", "folder": str(data_dir), "preset": raw["data"]["preset"],
                 "profile": data["profile"], "patch": min(64, low // 8 * 8), "pairs": 256,
-                "val_pairs": 16, "val_fraction": 0.2}  # fmt: skip
+                "val_pairs": 16, "val_fraction": 0.2, "key_starts": 0.25}  # fmt: skip
     else:
         raw.update({"previous": False, "rollout": 1})
     raw.update({

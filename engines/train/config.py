@@ -68,6 +68,7 @@ _ADDED_LATER = (
     "data.specimens",
     "data.frames",
     "data.max_shift_px",
+    "data.key_starts",
 )
 """TrainConfig settings newer than the first shipped engines (see ``TrainConfig.digest``);
 ``data.X`` is a setting of the data section."""

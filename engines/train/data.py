@@ -122,6 +122,13 @@ class DataConfig(BaseModel):
         description="recording, next-frame: frame pairs whose field moved more (phase "
         "correlation, raw px) are left out: the next frame must show the same scene",
     )
+    key_starts: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="background engines: share of training items whose background is the "
+        "median of 1 to 8 frames, as a key's first frames have it live (else 9)",
+    )
     specimens: tuple[str, ...] | None = Field(
         None,
         description="simulated: specimen kinds (calibration.sim.SPECIMEN_KINDS, e.g. "
@@ -226,9 +233,11 @@ class PairDataset(Dataset):
         normalization: Normalization,
         train: bool,
         rollout: int = 1,
+        key_starts: float = 0.0,
         info: dict[str, Any] | None = None,
     ) -> None:
         self.series, self.items = series, items
+        self.key_starts = key_starts
         self.scale, self.window, self.patch = scale, window, patch
         self.previous, self.background, self.train = previous, background, train
         self.rollout = rollout
@@ -258,7 +267,8 @@ class PairDataset(Dataset):
             out["frames_prev"] = low[np.clip(windows.ravel(), 0, None)].reshape(-1, p, p)
             out["previous_prev"] = _upsample(low[max(first, 0)], k)
         if self.background:
-            out["background"] = np.median(low[max(0, t - BACKGROUND_FRAMES + 1) : t + 1], axis=0)
+            out["background"] = np.median(low[max(0, t - self._background_frames() + 1) : t + 1],
+                                          axis=0)  # fmt: skip
         norm = self.normalization
         return {
             key: torch.from_numpy(
@@ -266,6 +276,15 @@ class PairDataset(Dataset):
             )
             for key, a in out.items()
         }
+
+    def _background_frames(self) -> int:
+        """Frames the background is the median of: ``BACKGROUND_FRAMES``, as a key has live
+        once it has that many; in training, the share ``key_starts`` of items gets 1 to
+        ``BACKGROUND_FRAMES - 1`` instead, as a key has in its first frames (without them a
+        temporal engine never sees a noisy background and misjudges a key's start)."""
+        if self.train and self.key_starts and float(torch.rand(())) < self.key_starts:
+            return int(torch.randint(1, BACKGROUND_FRAMES, ()))
+        return BACKGROUND_FRAMES
 
     def _corner(self, height: int, width: int) -> tuple[int, int]:
         """Top-left of the crop; rows start even so bidirectional-scan line parity is kept."""
@@ -330,7 +349,8 @@ def build_datasets(
         normalization = _normalization(series, train_items, offset)
     kw: dict[str, Any] = {"scale": scale, "window": window, "patch": cfg.patch,
                           "previous": previous, "background": background, "rollout": rollout,
-                          "normalization": normalization, "info": info}  # fmt: skip
+                          "key_starts": cfg.key_starts, "normalization": normalization,
+                          "info": info}  # fmt: skip
     return (
         PairDataset(series, train_items, train=True, **kw),
         PairDataset(series, val_items, train=False, **kw),
