@@ -1,0 +1,2 @@
+"""Synthetic annotated data: ``scopecast synthesize`` (label time-lapses of cells from
+:mod:`calibration.sim.masks`). Torch-free."""
