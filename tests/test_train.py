@@ -269,8 +269,11 @@ def test_config_rig_and_motion_sections_are_opt_in():
         TrainConfig.model_validate(config(rig={"gain_adu_per_electron": [0, 4]}))
     with pytest.raises(ValueError, match="low <= high"):
         TrainConfig.model_validate(config(rig={"read_noise_e": [3, 1]}))
-    with pytest.raises(ValueError, match="simulated"):
+    with pytest.raises(ValueError, match="simulated or synthetic"):
         TrainConfig.model_validate(config(motion={}, data={"kind": "paired", "folder": "x"}))
+    with pytest.raises(ValueError, match="rig randomizes simulated data"):
+        TrainConfig.model_validate(config(rig={}, data={"kind": "synthetic"}))
+    assert TrainConfig.model_validate(config(motion={}, data={"kind": "synthetic"})).motion
     example = load_config(Path(__file__).parents[1] / "engines/zoo/configs/examples"
                           / "confocal-denoise-randomized.yaml")  # fmt: skip
     assert example.rig is not None and example.motion is not None

@@ -303,6 +303,40 @@ def test_stacks_with_a_profile_convert_their_low_frames_and_export_in_electrons(
     assert in_electrons(Normalization(offset=300.0, scale=100.0), without).units == "adu"
 
 
+def test_synthetic_clean_images_move_between_frames_with_motion(tmp_path):
+    """With motion, each sample's earlier frames show its clean image shifted by lag steps at a
+    drawn speed and heading; the scored frame and its target are the still ones, and data
+    without motion stay as they were."""
+    from calibration.sim.randomize import MotionRanges
+
+    offset = CONFOCAL.camera.offset_adu
+    tifffile.imwrite(tmp_path / "clean0.tif",
+                     (offset + 4000 * structure((128, 128), 0)).astype(np.float32))  # fmt: skip
+    kw = {"kind": "synthetic", "folder": tmp_path, "pairs": 3, "val_pairs": 0,
+          "val_fraction": 0, "patch": 32}  # fmt: skip
+    ranges = MotionRanges(max_speed_px=6, max_rotation_deg=0)
+    moving, _, _ = build_datasets(DataConfig(**kw), scale=2, window=3, previous=False,
+                                  background=False, motion=ranges)  # fmt: skip
+    still, _, _ = build(2, window=3, **kw)
+    for s, s0 in zip(moving.series, still.series, strict=True):
+        np.testing.assert_array_equal(s.targets[2], s0.targets[2])  # the scored target
+        m = s.meta["motion"]
+        assert 0 <= m["px_per_frame"] <= 6 and m["turn_deg"] == 0
+        clean = s.targets[2][0]
+        dx, dy = (2 * m["px_per_frame"] * d for d in m["direction"])  # two frames before
+        want = ndimage.shift(clean, (dy, dx), order=1, mode="mirror")
+        inner = (slice(16, -16), slice(16, -16))
+        early = s.low[0, 0].astype(np.float64) - offset
+        binned_want = want.reshape(64, 2, 64, 2).sum((1, 3)) - 4 * offset
+        binned_still = clean.reshape(64, 2, 64, 2).sum((1, 3)) - 4 * offset
+        c_want = np.corrcoef(early[8:-8, 8:-8].ravel(), binned_want[8:-8, 8:-8].ravel())[0, 1]
+        c_still = np.corrcoef(early[8:-8, 8:-8].ravel(), binned_still[8:-8, 8:-8].ravel())[0, 1]
+        if m["px_per_frame"] > 1:
+            assert c_want > c_still, (m, c_want, c_still)
+        assert inner  # the comparison above stays inside the mirrored edges
+    assert "motion" not in still.series[0].meta
+
+
 def test_synthetic_from_clean_tiffs(tmp_path):
     offset = CONFOCAL.camera.offset_adu
     for i in range(3):

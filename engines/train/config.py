@@ -163,10 +163,15 @@ class TrainConfig(BaseModel):
             raise ValueError("adversarial_steps > 0 needs a weight for losses.adversarial")
         if s.total == 0:
             raise ValueError("the schedule has no steps: set schedule.pretrain_steps")
-        if (self.rig is not None or self.motion is not None) and self.data.kind != "simulated":
+        if self.rig is not None and self.data.kind != "simulated":
             raise ValueError(
-                f"rig and motion randomize simulated data; data.kind is {self.data.kind!r}: "
-                "drop the rig and motion sections, or use data.kind: simulated"
+                f"rig randomizes simulated data; data.kind is {self.data.kind!r}: drop the rig "
+                "section, or use data.kind: simulated"
+            )
+        if self.motion is not None and self.data.kind not in ("simulated", "synthetic"):
+            raise ValueError(
+                f"motion moves simulated or synthetic data; data.kind is {self.data.kind!r}: "
+                "drop the motion section"
             )
         target = self.data.target
         if target in ("blind-spot", "line-split"):

@@ -324,15 +324,20 @@ def build_datasets(
     if not (isinstance(rollout, int) and rollout >= 1):
         raise ValueError(f"rollout={rollout!r} must be an int >= 1 (steps before the scored one)")
     history = _history(window, previous, background, rollout)
-    if (rig is not None or motion is not None) and cfg.kind != "simulated":
+    if rig is not None and cfg.kind != "simulated":
         raise ValueError(
-            f"rig and motion randomization need kind='simulated' data, not kind={cfg.kind!r}: "
-            "drop the rig and motion sections"
+            f"rig randomization needs kind='simulated' data, not kind={cfg.kind!r}: drop the "
+            "rig section"
+        )
+    if motion is not None and cfg.kind not in ("simulated", "synthetic"):
+        raise ValueError(
+            f"motion needs kind='simulated' or 'synthetic' data, not kind={cfg.kind!r}: drop "
+            "the motion section"
         )
     if cfg.kind == "simulated":
         made = _simulated(cfg, scale, history, previous, progress, rig, motion)
     elif cfg.kind == "synthetic":
-        made = _synthetic(cfg, scale, history, previous, progress)
+        made = _synthetic(cfg, scale, history, previous, progress, motion)
     elif cfg.kind == "recording":
         made = _recording(cfg, scale, window, previous, progress)
     else:
@@ -618,9 +623,16 @@ def _read_clean(folder: Path, scale: int) -> dict[str, np.ndarray]:
 
 
 def _synthetic(
-    cfg: DataConfig, scale: int, n_low: int, previous: bool, progress: Progress | None
+    cfg: DataConfig,
+    scale: int,
+    n_low: int,
+    previous: bool,
+    progress: Progress | None,
+    motion: MotionRanges | None = None,
 ) -> _Made:
-    """Clean images (TIFFs, or the simulated specimens over time) degraded by the forward model."""
+    """Clean images (TIFFs, or the simulated specimens over time) degraded by the forward model.
+    With ``motion``, a clean image's earlier frames show it moved and turned (each sample's
+    speed, heading and turn drawn from a stream of its own), the scored frame as it is."""
     rig = _Rig(cfg)
     model = _degrader(rig, scale)
     series: list[Series] = []
@@ -658,10 +670,20 @@ def _synthetic(
                 clean = _field_crop(images[name], cfg.field, scale, rng)
                 dz = float(rng.uniform(*cfg.defocus_um)) * float(rng.choice([-1.0, 1.0]))
                 # a clean image has no time axis: its frames are independent exposures of a
-                # static field, and "previous" follows the first-frame rule
-                low = np.stack([degrade(model, clean, scale, dz, rng) for _ in range(n_low)])
+                # static field (or, with motion, of the field moved), and "previous" follows
+                # the first-frame rule
+                moves = None if motion is None else motion.draw(
+                    np.random.default_rng([cfg.seed, split, 11, i]), 1.0, 1
+                )  # fmt: skip
+                cleans = [clean if moves is None else _moved(clean, moves, n_low - 1 - j)
+                          for j in range(n_low)]  # fmt: skip
+                low = np.stack([degrade(model, c, scale, dz, rng) for c in cleans])
                 targets = {n_low - 1: clean[None]}
                 meta = {"source": name, "dz_um": dz}
+                if moves is not None:
+                    meta["motion"] = {"px_per_frame": moves.step_um,
+                                      "direction": list(moves.direction),
+                                      "turn_deg": math.degrees(moves.rotation_rad)}  # fmt: skip
             meta["name"] = f"{('train', 'val')[split]}-{len(splits[split])}"
             splits[split].append((len(series), n_low - 1))
             series.append(Series(low[:, None], targets, meta))
@@ -670,6 +692,22 @@ def _synthetic(
     info = {"kind": "synthetic", "source": str(cfg.folder) if cfg.folder else rig.preset.name,
             "forward_model": "profile" if rig.profile is not None else rig.preset.name}  # fmt: skip
     return series, splits[0], splits[1], model.camera.offset_adu, info
+
+
+def _moved(image: np.ndarray, moves: StageMotion, lag: int) -> np.ndarray:
+    """``image`` as the frame ``lag`` frames before it showed it: shifted by ``lag`` steps of
+    ``moves`` (px along its direction, x then y) and turned by ``lag`` of its turns about the
+    centre (edges mirrored)."""
+    if lag == 0 or (moves.step_um == 0 and moves.rotation_rad == 0):
+        return image
+    from scipy import ndimage
+
+    out = image
+    if moves.rotation_rad:
+        out = ndimage.rotate(out, math.degrees(lag * moves.rotation_rad), reshape=False, order=1,
+                             mode="mirror")  # fmt: skip
+    dx, dy = (lag * moves.step_um * d for d in moves.direction)
+    return np.asarray(ndimage.shift(out, (dy, dx), order=1, mode="mirror"), np.float32)
 
 
 def _field_crop(image: np.ndarray, field: int | None, scale: int,
