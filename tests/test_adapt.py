@@ -115,6 +115,8 @@ def test_a_super_resolution_engine_adapts_from_estimates_through_the_forward_mod
     assert len(estimates) == 8 and tifffile.imread(estimates[0]).shape == (64, 64)
     cfg = json.loads((out / "run" / "config.json").read_text())
     assert cfg["data"]["kind"] == "synthetic" and cfg["scale"] == 2 and cfg["previous"]
+    # the still estimates move as the base's data moved, and a quarter start a key
+    assert cfg["motion"]["max_speed_px"] == 8.0 and cfg["data"]["key_starts"] == 0.25
     made = out / ("engine" if report["gate"]["passed"] else "candidate")
     assert load_package(made).manifest.scale == 2
     assert set(report["scores"]) == {"base", "adapted"}

@@ -171,7 +171,8 @@ def adapt_config(base: EnginePackage | None, data_dir: Path, *, target: str, ste
     recording as data, ``steps`` steps, no randomization; blind spots need a U-Net without the
     global residual, trained from scratch. A super-resolution base trains on the estimates in
     ``data_dir`` (``field``: their side) through the forward model instead (``kind:
-    synthetic``), keeping its previous output and rollout."""
+    synthetic``), keeping its previous output and rollout, moved as its base's training data
+    moved (:data:`SR_MOTION` if it records none)."""
     from engines.train.config import TrainConfig
 
     if base is not None:
@@ -183,6 +184,7 @@ def adapt_config(base: EnginePackage | None, data_dir: Path, *, target: str, ste
     if target == "blind-spot":
         generator = {**generator, "overrides": {**generator.get("overrides", {}),
                                                 "residual": False}}  # fmt: skip
+    motion = raw.get("motion") or SR_MOTION
     for key in ("rig", "motion", "discriminator", "normalization", "vgg_weights"):
         raw.pop(key, None)
     scale = int(raw.get("scale", 1))
@@ -194,6 +196,7 @@ def adapt_config(base: EnginePackage | None, data_dir: Path, *, target: str, ste
         data = {"kind": "synthetic", "folder": str(data_dir), "preset": raw["data"]["preset"],
                 "profile": data["profile"], "patch": min(64, low // 8 * 8), "pairs": 256,
                 "val_pairs": 16, "val_fraction": 0.2, "key_starts": 0.25}  # fmt: skip
+        raw["motion"] = motion  # still estimates, moved: the recurrence must follow motion
     else:
         raw.update({"previous": False, "rollout": 1})
     raw.update({
@@ -269,6 +272,10 @@ def score(chain: EngineChain, held: dict[str, np.ndarray], camera: CameraParams,
                       float(np.mean(starts)))  # fmt: skip
 
 
+SR_MOTION = {"max_speed_px": 8.0, "max_rotation_deg": 1.0, "still": 0.0}
+"""The motion a super-resolution adaptation moves its still estimates with, when its base
+recorded none (engines.train's MotionRanges): without it, the recurrence learns that nothing
+ever moves and lags behind moving cells."""
 ESTIMATES_PER_FILE = 8
 """Denoised frames of each training stack (evenly spaced) a super-resolution adaptation takes
 as the specimen."""
