@@ -7,11 +7,17 @@ sent with NOBLOCK behind a bounded high-water mark. A frame it cannot hand over 
 gone or too slow) is counted, never silently lost, and the counters are reported at
 sequence end. The hook owns each sent buffer until libzmq says it is done with it
 (``track=True``), so a camera that reuses its buffer can never corrupt a frame in flight.
+
+When the receiver runs on this host (a loopback or ipc endpoint, and the receiver maps the
+offered segment) the pixels go through a ring of shared-memory slots instead and the message
+carries only the header (:mod:`stream.shm`); with no free slot a frame goes inline, never
+waiting. ``shm=False`` (or ``SCOPECAST_SHM=0`` in the environment) keeps every frame inline.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import Counter
@@ -24,9 +30,11 @@ from pydantic import ValidationError
 
 from calibration.errors import ScopecastError
 
-from .endpoints import EndpointError, check_endpoint
-from .protocol import DTYPES, FrameHeader, StagePosition, check_stream_id, encode
+from .endpoints import EndpointError, check_endpoint, is_loopback
+from .protocol import DTYPES, FrameHeader, ShmOffer, ShmRef, StagePosition, check_stream_id, encode
 from .security import Curve
+from .shm import ShmRing
+from .shm import available as shm_available
 from .stats import Samples, percentiles
 
 if TYPE_CHECKING:
@@ -57,6 +65,9 @@ class HookStats:
     first_ns: int | None = None
     last_ns: int | None = None
     receiver_disconnects: int = 0  # a connected receiver went away (it may have lost frames)
+    frames_shm: int = 0  # of frames_sent: pixels through shared memory
+    shm_fallbacks: Counter[str] = field(default_factory=Counter)  # inline although shm was on
+    transport: str = "inline"  # how the latest frame went: shm or inline
 
     @property
     def frames_not_handed_over(self) -> int:
@@ -78,6 +89,9 @@ class HookStats:
             "not_handed_over_by_reason": dict(self.not_handed_over),
             "bytes_sent": self.bytes_sent,
             "receiver_disconnects": self.receiver_disconnects,
+            "transport": self.transport,
+            "frames_via_shm": self.frames_shm,
+            "shm_fallbacks": dict(self.shm_fallbacks),
             "fps": self.fps,
             "hook_ms": percentiles(self.send_us.values() / 1e3),
         }
@@ -133,6 +147,12 @@ class FrameHook:
         ZeroMQ send high-water mark in frames; past it frames are not handed over.
     on_finished:
         Called with the :class:`HookStats` at sequence end (default: logged).
+    shm:
+        Pixels through shared memory when the receiver is on this host: None (default) decides
+        by the endpoint (loopback tcp or ipc), the machine and ``SCOPECAST_SHM``; False never.
+    shm_slots:
+        Slots of the shared-memory ring, each one frame: frames the receiver may still owe
+        before the hook sends inline.
     """
 
     def __init__(
@@ -144,6 +164,8 @@ class FrameHook:
         context: zmq.Context | None = None,
         curve: Curve | None = None,
         on_finished: Callable[[HookStats], None] | None = None,
+        shm: bool | None = None,
+        shm_slots: int = 8,
     ) -> None:
         self.endpoint = check_endpoint(endpoint)
         self.stream = check_stream_id(stream)
@@ -155,6 +177,10 @@ class FrameHook:
         self._lock = threading.Lock()  # frameReady runs on pymmcore-plus's relay thread
         self._pool = _BufferPool(limit=hwm + 8)
         self._peers = 0  # receivers connected now (handshakes minus disconnects)
+        self._shm_slots = shm_slots
+        self._ring: ShmRing | None = None
+        self._offer_due = False  # offer the segment with the next inline frame
+        self._shm_on = self._use_shm(endpoint) if shm is None else shm
         self._ctx = context or zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.PUSH)
         self._sock.setsockopt(zmq.SNDHWM, hwm)
@@ -177,6 +203,17 @@ class FrameHook:
             raise EndpointError(
                 f"cannot connect to {endpoint!r}: {e.strerror}. Use tcp://HOST:PORT or ipc:///path"
             ) from e
+
+    @staticmethod
+    def _use_shm(endpoint: str) -> bool:
+        if os.environ.get("SCOPECAST_SHM", "").strip().lower() in ("0", "off", "no", "false"):
+            return False
+        if endpoint.startswith("inproc://") or not is_loopback(endpoint):
+            return False  # another host (or this process: ZeroMQ shares the buffer already)
+        if why := shm_available():
+            log.info("frames go inline: %s", why)
+            return False
+        return True
 
     # -- pymmcore-plus output-handler API ---------------------------------------------------
 
@@ -234,23 +271,84 @@ class FrameHook:
             header = self._header(img, seq, event, meta or {}, mono_ns, wall_time or time.time())
         except ValidationError as e:
             return self._not_handed_over("invalid_frame", f"frame {seq} cannot be sent: {e}")
+        if self._shm_on and (sent := self._send_shm(img, header, mono_ns)) is not None:
+            return sent
         buf = self._pool.take(header.shape, DTYPES[header.dtype])
         if buf is None:
             return self._not_handed_over("buffers_in_flight")
         np.copyto(buf, img, casting="same_kind")
+        offer = self._offer_due and self._ring is not None and self._peers > 0
+        if offer:
+            assert self._ring is not None
+            token = self._ring.offer()
+            header = header.model_copy(
+                update={"shm_offer": ShmOffer(name=self._ring.name, token=token)}
+            )
         try:
             tracker = self._sock.send_multipart(
                 encode(header, buf), flags=zmq.NOBLOCK, copy=False, track=True
             )
         except zmq.ZMQError as e:
             self._pool.give_back(buf)
-            reason = "no_receiver_or_hwm" if isinstance(e, zmq.Again) else f"zmq:{e.strerror}"
-            return self._not_handed_over(reason)
+            return self._not_handed_over(self._zmq_reason(e))
+        self._offer_due = self._offer_due and not offer
         self._pool.lend(buf, tracker)
-        stats.frames_sent += 1
-        stats.bytes_sent += buf.nbytes
-        stats.send_us.append((time.monotonic_ns() - mono_ns) / 1e3)
+        self._sent(buf.nbytes, mono_ns, "inline")
         return True
+
+    def _send_shm(self, img: np.ndarray, header: FrameHeader, mono_ns: int) -> bool | None:
+        """Send through a shared-memory slot; None: send inline (and maybe offer the ring)."""
+        ring = self._ring
+        if ring is None or header.nbytes > ring.slot_bytes:
+            if ring is not None and ring.pending:
+                self.stats.shm_fallbacks["frame_too_big"] += 1
+                return None
+            self._new_ring(header.nbytes)
+            return None
+        if not ring.accepted:
+            return None  # not (yet) mapped by the receiver: inline, the offer goes with it
+        slot = ring.take()
+        if slot is None:
+            self.stats.shm_fallbacks["ring_full"] += 1
+            return None
+        generation = ring.write(slot, img, header.shape, DTYPES[header.dtype])
+        ref = ShmRef(name=ring.name, slot=slot, generation=generation)
+        try:
+            self._sock.send_multipart(
+                [header.model_copy(update={"shm": ref}).model_dump_json(exclude_none=True).encode(),
+                 b""],
+                flags=zmq.NOBLOCK,
+            )  # fmt: skip
+        except zmq.ZMQError as e:
+            ring.release(slot)
+            return self._not_handed_over(self._zmq_reason(e))
+        self._sent(header.nbytes, mono_ns, "shm")
+        self.stats.frames_shm += 1
+        return True
+
+    def _new_ring(self, nbytes: int) -> None:
+        """(Re)create the ring sized for frames of ``nbytes``; offer it on the next frame."""
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
+        try:
+            self._ring = ShmRing(self._shm_slots, nbytes)
+        except (OSError, ValueError) as e:
+            log.warning("frames go inline: no shared-memory ring (%s)", e)
+            self._shm_on = False
+            return
+        self._offer_due = True
+
+    def _sent(self, nbytes: int, mono_ns: int, transport: str) -> None:
+        stats = self.stats
+        stats.frames_sent += 1
+        stats.bytes_sent += nbytes
+        stats.transport = transport
+        stats.send_us.append((time.monotonic_ns() - mono_ns) / 1e3)
+
+    @staticmethod
+    def _zmq_reason(e: zmq.ZMQError) -> str:
+        return "no_receiver_or_hwm" if isinstance(e, zmq.Again) else f"zmq:{e.strerror}"
 
     def _not_handed_over(self, reason: str, message: str | None = None) -> bool:
         if message and reason not in self.stats.not_handed_over:
@@ -319,13 +417,30 @@ class FrameHook:
         behind a slow link); return how many frames it still holds (dropped at close)."""
         with self._lock:
             self._flush(timeout_s)
-            return self._pool.in_flight
+            return self._in_flight()
 
     @property
     def frames_in_flight(self) -> int:
-        """Frames handed to ZeroMQ that libzmq has not finished sending yet."""
+        """Frames handed to ZeroMQ that libzmq has not finished sending yet, and frames sent
+        through shared memory that the receiver has not copied out yet."""
         with self._lock:
-            return self._pool.in_flight
+            return self._in_flight()
+
+    @property
+    def transport(self) -> str:
+        """``shm`` once the receiver mapped this hook's shared-memory ring, else ``inline``."""
+        with self._lock:
+            self._drain_monitor()
+            ring = self._ring
+            return "shm" if self._shm_on and ring is not None and ring.accepted else "inline"
+
+    @property
+    def shm_segment(self) -> str | None:
+        """The name of this hook's shared-memory segment in /dev/shm, if it has one."""
+        return self._ring.name if self._ring is not None else None
+
+    def _in_flight(self) -> int:
+        return self._pool.in_flight + (self._ring.pending if self._ring is not None else 0)
 
     def _drain_monitor(self) -> None:
         """Take in the connection events waiting on the monitor socket (holding ``_lock``)."""
@@ -335,11 +450,14 @@ class FrameHook:
             event = recv_monitor_message(self._monitor, flags=zmq.NOBLOCK)["event"]
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self._peers += 1
+                self._offer_due = self._shm_on  # a new receiver: offer the ring anew
             elif event == zmq.EVENT_DISCONNECTED and self._peers > 0:
                 # a connection that never completed its handshake (e.g. refused keys) is no
                 # receiver leaving; one that did may have taken frames with it
                 self._peers -= 1
                 self.stats.receiver_disconnects += 1
+                if self._ring is not None:  # it owes nothing now; a new one must accept anew
+                    self._ring.reset()
                 log.warning("the receiver at %s disconnected", self.endpoint)
 
     def _stop_monitor(self) -> None:
@@ -350,14 +468,19 @@ class FrameHook:
 
     def _flush(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
-        while self._pool.in_flight and time.monotonic() < deadline:
+        while self._in_flight() and time.monotonic() < deadline:
             time.sleep(0.005)
+            self._drain_monitor()  # a receiver that left owes no slots
 
     def close(self) -> None:
+        """Flush (up to 2 s), close the socket and unlink the shared-memory segment."""
         with self._lock:
             self._flush(timeout_s=2.0)
             self._stop_monitor()
             self._sock.close()
+            if self._ring is not None:
+                self._ring.close()
+                self._ring = None
 
     def __enter__(self) -> FrameHook:
         return self

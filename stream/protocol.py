@@ -4,18 +4,25 @@ The header is UTF-8 JSON validated by :class:`FrameHeader`; the pixels are one
 C-contiguous buffer of ``shape`` and ``dtype`` (little-endian), sent without a copy.
 Anything malformed raises a :class:`ProtocolError` subclass that names what was wrong,
 so a receiver can count it by ``kind`` and keep serving.
+
+Same host: a header may instead point at a shared-memory slot (``shm``, the pixel frame then
+empty) after the receiver accepted the hook's ``shm_offer`` (:mod:`stream.shm`). Both fields
+are optional, so version 1 stays: a hook that never sets them is served as before.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from typing import Annotated, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from calibration.errors import ScopecastError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 PROTOCOL_VERSION = 1
 
@@ -94,6 +101,29 @@ class StagePosition(BaseModel):
     z: float | None = None
 
 
+#: Shared-memory segment names (:mod:`stream.shm`): ``scopecast-{pid}-{8 hex digits}``.
+SHM_NAME = r"^scopecast-[1-9][0-9]{0,9}-[0-9a-f]{8}$"
+
+
+class ShmRef(BaseModel):
+    """Where a frame's pixels wait in shared memory (same host): segment, slot, generation."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    name: str = Field(pattern=SHM_NAME, description="segment in /dev/shm written by the hook")
+    slot: int = Field(ge=0, le=1023, description="slot of the segment's ring")
+    generation: int = Field(
+        ge=2, le=MAX_INT64, multiple_of=2, description="the slot's generation once written (even)"
+    )
+
+
+class ShmOffer(BaseModel):
+    """The hook offers its segment; a reader that maps it writes ``token`` back into it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    name: str = Field(pattern=SHM_NAME)
+    token: int = Field(ge=1, le=MAX_INT64)
+
+
 class FrameHeader(BaseModel):
     """Everything a receiver needs to place, time and interpret one frame."""
 
@@ -130,6 +160,14 @@ class FrameHeader(BaseModel):
         default_factory=dict,
         max_length=MAX_AXES,
         description="useq sizes of the acquisition, e.g. {'t': 100, 'p': 3, 'c': 2}; {} if unknown",
+    )
+    shm: ShmRef | None = Field(
+        None,
+        description="the pixels are in this shared-memory slot (same host); the pixel frame is "
+        "then empty. Absent: the pixels are the second frame",
+    )
+    shm_offer: ShmOffer | None = Field(
+        None, description="on an inline frame: the hook's shared-memory segment, offered"
     )
 
     @field_validator("stream")
@@ -288,16 +326,27 @@ def decode_header(raw: bytes | memoryview, model: type[FrameHeader] = FrameHeade
 
 
 def decode(
-    frames: list[Any], model: type[FrameHeader] = FrameHeader
+    frames: list[Any],
+    model: type[FrameHeader] = FrameHeader,
+    *,
+    shm: Callable[[FrameHeader], np.ndarray] | None = None,
 ) -> tuple[FrameHeader, np.ndarray]:
     """Decode ``recv_multipart`` output (bytes or zmq.Frame) into a header and a read-only array.
 
-    The array is a view on the received buffer (no copy).
+    The array is a view on the received buffer (no copy). A header whose pixels are in shared
+    memory (``shm``) needs an empty pixel frame and a reader ``shm`` (:class:`stream.shm.ShmReader`
+    ``.read``), which returns them; without one it is a BufferMismatch.
     """
     if len(frames) != 2:
         raise MalformedMessage(f"expected 2 frames [header, pixels], got {len(frames)}")
     header = decode_header(_buffer(frames[0]), model)
     buf = _buffer(frames[1])
+    if header.shm is not None and shm is not None:
+        if buf.nbytes:
+            raise BufferMismatch(
+                f"header points at shared memory but {buf.nbytes} pixel bytes came inline too"
+            )
+        return header, shm(header)
     if buf.nbytes != header.nbytes:
         raise BufferMismatch(
             f"pixel buffer has {buf.nbytes} bytes but header says {header.shape} "

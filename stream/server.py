@@ -90,6 +90,7 @@ from .status import (
     ServerStatus,
     StageErrors,
     StageFailure,
+    StreamTransport,
     Viewers,
 )
 from .swap import MAX_SHAPES, EngineSwap, SwapRefused, chain_id, keeps_previous
@@ -1112,6 +1113,9 @@ class EngineServer:
             fidelity_every=self._schedule.every if self.profile is not None else None,
             swap=self.swapper.info,
             adapt=self.adapter.info if self.adapter is not None else None,
+            transport={
+                k: StreamTransport.model_validate(v.summary()) for k, v in rx.transport.items()
+            },
         )
 
 

@@ -193,6 +193,29 @@ class RingStats(_Part):
     evicted: Evictions
 
 
+class StreamTransport(_Part):
+    """How one stream's pixels reach the server (:mod:`stream.shm`)."""
+
+    transport: Literal["shm", "inline"] = Field(
+        description="how its latest frame came: shm (a same-host hook's shared-memory ring, "
+        "the message carrying only the header) or inline (the pixels in the message)"
+    )
+    frames_shm: int = Field(description="frames whose pixels came through shared memory")
+    frames_inline: int = Field(description="frames whose pixels came in the message")
+    fallbacks: int = Field(
+        description="inline frames after the stream had used shared memory (its ring was full, "
+        "or a frame outgrew the slots)"
+    )
+    rejected: dict[str, int] = Field(
+        description="shared-memory references refused, by kind (also in frames_rejected): shm "
+        "(no such segment, outside it), shm_overwritten (slot written again before or while it "
+        "was read: dropped, never read torn)"
+    )
+    offers_refused: int = Field(
+        description="offered segments the server could not map (another host): stays inline"
+    )
+
+
 class ServerStatus(_Part):
     """Health, counters, per-stage latency percentiles (ms), engine, backend, queue depths."""
 
@@ -245,6 +268,9 @@ class ServerStatus(_Part):
     )
     adapt: AdaptInfo | None = Field(
         None, description="serve --adapt-after: the adaptation of the serving engine, if asked"
+    )
+    transport: dict[str, StreamTransport] = Field(
+        default_factory=dict, description="by stream: how its pixels arrive (shm or inline)"
     )
     fidelity_every: int | None = Field(
         None,
