@@ -215,13 +215,15 @@ def run_with_server(
     also: Sequence[Any] = (),
     on_started: Callable[[dict[str, str]], None] | None = None,
     profile: Path | None = None,
+    sink: str | None = None,
 ) -> tuple[dict[str, Any], ServerStatus | dict[str, Any]]:
     """Run ``sequence`` into ``scopecast serve`` started in another process on free loopback
     ports; stop it once every sent frame arrived; return (hook summary, server summary).
 
     ``on_started`` gets the endpoints ``{"listen", "publish", "control"}`` once the server is
     ready and before the acquisition starts (e.g. to connect a PUB subscriber). ``profile``: the
-    server's ``--profile`` (units and the live fidelity check).
+    server's ``--profile`` (units and the live fidelity check). ``sink``: the server's file
+    format(s), a sink name ("ome-tiff", "ome-zarr" or both joined by "+").
     ``on_progress`` gets the server's latest status (None before the first answer).
 
     A server that cannot start for an expected reason (unknown or tampered engine) raises
@@ -241,6 +243,8 @@ def run_with_server(
         cmd += ["--threads", str(threads)]
     if profile is not None:
         cmd += ["--profile", str(profile)]
+    for name in sink.split("+") if sink else ():  # "ome-tiff+ome-zarr": both formats
+        cmd += ["--format", name]
     # the server's output outlives several exits below; each path closes both files
     log_file = tempfile.TemporaryFile("w+")  # noqa: SIM115
     out_file = tempfile.TemporaryFile("w+")  # noqa: SIM115

@@ -37,7 +37,10 @@ class Sink(Protocol):
     enhanced file lines up with its raw file: RunWriter writes a fill plane
     (:func:`~stream.sinks.tiff.fill_plane`) where a raw frame got no enhancement, and tells a
     sink that has them ``pairs_with(raw_file: str, first_plane: int)`` once before its first
-    plane and ``filled(plane: int)`` after each fill plane, for its metadata to say so.
+    plane and ``filled(plane: int)`` after each fill plane, for its metadata to say so. A sink
+    whose planes have places of their own (OME-Zarr: the acquisition's (t, c, z)) may have
+    ``takes(header) -> bool``: false for a raw frame that has no free place in it, and RunWriter
+    continues the key in a new file, as for ``accepts``.
     """
 
     path: Path
@@ -123,7 +126,11 @@ def register_sink(
 
 
 def sink_type(name: str) -> SinkType:
-    """The row ``name``; InvalidInput (a ValueError) naming the known sinks if there is none."""
+    """The row ``name``; InvalidInput (a ValueError) naming the known sinks if there is none.
+    Names joined by "+" (``"ome-tiff+ome-zarr"``) give a row that writes every format
+    (:mod:`stream.sinks.multi`)."""
+    if "+" in name:
+        return _tee_type([sink_type(part) for part in name.split("+")])
     try:
         return SINKS[name]
     except KeyError:
@@ -138,3 +145,20 @@ def sink_for_file(path: Path) -> SinkType:
     name = Path(path).name.lower()
     matches = [t for t in SINKS.values() if name.endswith(t.suffix.lower())]
     return max(matches, key=lambda t: len(t.suffix)) if matches else sink_type(DEFAULT_SINK)
+
+
+def _tee_type(rows: list[SinkType]) -> SinkType:
+    """A row that writes every plane through each of ``rows``; the first names the files and
+    recovers them (:class:`~stream.sinks.multi.TeeSink`)."""
+    names = [r.name for r in rows]
+    if dup := next((n for i, n in enumerate(names) if n in names[:i]), None):
+        raise InvalidInput(f"format {dup!r} named twice: name each format once")
+
+    def open_tee(path: Path, *, pixel_size_um: float | None, description: str, fsync: bool):
+        from stream.sinks.multi import TeeSink
+
+        return TeeSink(
+            rows, Path(path), pixel_size_um=pixel_size_um, description=description, fsync=fsync
+        )
+
+    return SinkType("+".join(names), open_tee, rows[0].suffix, rows[0].recover)

@@ -325,7 +325,7 @@ class RunWriter:
             self.errors["disk"] += 1
             raise
         if plane.plane == 0:
-            self.files.append(sink.path)
+            self.files.extend(getattr(sink, "paths", [sink.path]))  # a file per format
         return plane
 
     def _pair(self, header: FrameHeader, frame: np.ndarray) -> _Pair:
@@ -340,6 +340,7 @@ class RunWriter:
                 raw.closed
                 or raw.broken
                 or not raw.accepts(frame)
+                or not getattr(raw, "takes", lambda _: True)(header)
                 or (raw.planes and raw.pixel_size_um != header.pixel_size_um)
             ):
                 del self._sinks[key]
