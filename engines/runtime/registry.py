@@ -170,3 +170,7 @@ register_backend(
     "openvino", ("openvino",), "engines.runtime.openvino", auto=18, label="OpenVINO",
     help="CPU; auto takes it on x86-64 unless onnxruntime offers a GPU", open="open_openvino",
 )  # fmt: skip
+register_backend(
+    "triton", ("triton",), "engines.runtime.triton", auto=None, label="Triton",
+    help="a Triton server, --triton-url", open="open_triton",
+)  # fmt: skip
