@@ -16,6 +16,16 @@ Model I/O convention (every engine's ``model.onnx``; N, h and w are dynamic dime
 - one output (any name): float32 (N, channels, h * scale, w * scale); the caller maps it back
   with ``y * scale + offset`` (electrons: then to the rig's ADU) and, for
   ``output_dtype="input"``, rounds and clips to the raw dtype.
+
+``io="raw"`` (made by ``scopecast engines raw-io``; the default ``"float"`` is the convention
+above) moves all of that into the graph: ``frames`` are the raw frames in ``raw_dtype``,
+``previous`` the previous written output (in the first output's dtype), ``background`` float32
+raw ADU; the first output is the written frame (``raw_dtype``, or float32 ADU for
+``output_dtype="float32"``), a second one, ``checksum`` (float32 scalar: the sum of the model's
+float output), is finite exactly when that output was. An electrons engine also takes its rig's
+conversion as float32 inputs ``offset_map`` (ADU) and ``gain_map`` (ADU per electron: gain x
+flat field), each (N, 1, h, w) or (1, 1, 1, 1) for a scalar camera, plus ``offset_map_out`` and
+``gain_map_out`` on the output grid when ``scale`` > 1.
 """
 
 from __future__ import annotations
@@ -237,6 +247,12 @@ class Manifest(_Frozen):
     scale: Literal[1, 2, 4] = 1
     channels: int = Field(1, ge=1)
     output_dtype: Literal["input", "float32"] = "input"
+    io: Literal["float", "raw"] = Field(
+        "float", description="float: normalized float32 model I/O; raw: frames in raw_dtype"
+    )
+    raw_dtype: Literal["uint8", "uint16"] | None = Field(
+        None, description="io raw: the frames' dtype the graph takes (and returns)"
+    )
     temporal: Temporal = Temporal()
     tile: Tiling = Tiling()
     normalization: Normalization = Normalization()
@@ -252,12 +268,25 @@ class Manifest(_Frozen):
 
     @model_serializer(mode="wrap")
     def _omit_empty_held_out(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        """Without held-out metrics the field is left out, so manifests written before it
-        existed are rewritten byte-identically."""
+        """Without held-out metrics (or with the default float I/O) those fields are left out,
+        so manifests written before they existed are rewritten byte-identically."""
         data: dict[str, Any] = handler(self)
         if not self.held_out:
             data.pop("held_out", None)
+        if self.io == "float":
+            data.pop("io", None)
+            data.pop("raw_dtype", None)
         return data
+
+    @model_validator(mode="after")
+    def _raw_io(self) -> Manifest:
+        if self.io == "raw" and self.raw_dtype is None:
+            raise ValueError("io 'raw' needs raw_dtype (uint8 or uint16): the frames' dtype")
+        if self.io == "float" and self.raw_dtype is not None:
+            raise ValueError(
+                f"raw_dtype {self.raw_dtype!r} is only for io 'raw'; a float engine takes any dtype"
+            )
+        return self
 
     @field_validator("name")
     @classmethod
@@ -294,7 +323,23 @@ class Manifest(_Frozen):
             names.append("previous")
         if self.temporal.background:
             names.append("background")
+        if self.io == "raw" and self.normalization.units == "electrons":
+            names += ["offset_map", "gain_map"]
+            if self.scale > 1:
+                names += ["offset_map_out", "gain_map_out"]
         return names
+
+    @property
+    def io_dtypes(self) -> dict[str, str]:
+        """The numpy dtype of each model input and of its first output (key ``output``)."""
+        raw = self.raw_dtype if self.io == "raw" else None
+        types = dict.fromkeys(self.input_names, "float32")
+        types["output"] = raw if raw is not None and self.output_dtype == "input" else "float32"
+        if raw is not None:
+            types["frames"] = raw
+            if self.temporal.previous_output:  # the previous written output, as written
+                types["previous"] = types["output"]
+        return types
 
 
 def _sha256_file(path: Path) -> str:

@@ -59,7 +59,9 @@ class OnnxRuntimeBackend:
                 f"check the NVIDIA driver, CUDA and cuDNN/TensorRT libraries, or {INSTALL_GPU}"
             )
         self._inputs = [i.name for i in self._session.get_inputs()]
+        self._dtypes: dict[str, np.dtype[Any]] = {}
         self._check_io()
+        self._output_dtype = np.dtype(package.manifest.io_dtypes["output"])
 
     def _providers(self, choice: BackendChoice) -> list[Any]:
         if choice.device == "tensorrt" and self.package.manifest.precision == "fp16":
@@ -68,7 +70,8 @@ class OnnxRuntimeBackend:
         return list(choice.providers)
 
     def _check_io(self) -> None:
-        """The session's inputs must be the float32 rank-4 tensors the manifest promises."""
+        """The session's inputs must be the rank-4 tensors the manifest promises (float32, or
+        the raw dtype where ``io`` is "raw")."""
         assert self._session is not None
         manifest = self.package.manifest
         if sorted(self._inputs) != sorted(manifest.input_names):
@@ -77,26 +80,41 @@ class OnnxRuntimeBackend:
                 f"{manifest.input_names}: re-export the model with those input names or fix "
                 "manifest.temporal"
             )
-        for arg in [*self._session.get_inputs(), *self._session.get_outputs()[:1]]:
-            if arg.type != "tensor(float)" or len(arg.shape) != 4:
+        types = manifest.io_dtypes
+        self._dtypes = {n: np.dtype(types[n]) for n in self._inputs}
+        outputs = self._session.get_outputs()[:1]
+        for arg, want in [*((a, types[a.name]) for a in self._session.get_inputs()),
+                          *((a, types["output"]) for a in outputs)]:  # fmt: skip
+            if arg.type != _ORT_TYPES[want] or len(arg.shape) != 4:
                 raise PackageError(
                     f"model of {manifest.name!r}: {arg.name!r} is {arg.type} {arg.shape}, but "
-                    "engines take and return float32 (N, C, H, W): re-export the model"
+                    f"this engine (io {manifest.io!r}) takes and returns {want} (N, C, H, W): "
+                    "re-export the model (or remake it with `scopecast engines raw-io`)"
                 )
 
     def infer(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        """Run the model on the inputs it has (others are ignored) and return its first output."""
+        """Run the model on the inputs it has (others are ignored) and return its first output
+        (float32; a raw-io package's output in its own dtype)."""
+        return self.infer_outputs(inputs)[0]
+
+    def infer_outputs(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Every output of the model (a raw-io package's ``checksum`` second)."""
         if self._session is None:
             raise BackendError(f"backend for {self.package.manifest.name!r} is closed")
-        arrays = feed(self.package.manifest.name, self._inputs, inputs)
+        name = self.package.manifest.name
+        if self.package.manifest.io == "float":
+            arrays = feed(name, self._inputs, inputs)
+        else:
+            arrays = _feed_typed(name, self._dtypes, inputs)
         try:
-            out = self._session.run(None, arrays)[0]
+            outs = self._session.run(None, arrays)
         except Exception as e:  # onnxruntime raises its own untyped errors
             shapes = {n: a.shape for n, a in arrays.items()}
-            raise BackendError(
-                f"engine {self.package.manifest.name!r} failed on inputs {shapes}: {e}"
-            ) from e
-        return np.asarray(out, dtype=np.float32)
+            raise BackendError(f"engine {name!r} failed on inputs {shapes}: {e}") from e
+        first = np.asarray(outs[0])
+        if first.dtype != self._output_dtype:
+            first = first.astype(self._output_dtype)
+        return [first, *(np.asarray(o) for o in outs[1:])]
 
     def describe(self) -> dict[str, Any]:
         """What runs this engine: backend, device, providers, threads, versions and model I/O."""
@@ -129,6 +147,20 @@ class OnnxRuntimeBackend:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_ORT_TYPES = {"float32": "tensor(float)", "uint16": "tensor(uint16)", "uint8": "tensor(uint8)"}
+
+
+def _feed_typed(
+    engine: str, dtypes: dict[str, np.dtype[Any]], inputs: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """``feed`` for a raw-io model: each input C-contiguous in the dtype the model takes (no
+    copy when it already is)."""
+    missing = [n for n in dtypes if n not in inputs]
+    if missing:
+        raise BackendError(f"engine {engine!r} needs inputs {missing}; got {sorted(inputs)}")
+    return {n: np.ascontiguousarray(inputs[n], dtype=t) for n, t in dtypes.items()}
 
 
 def _arg(arg: Any) -> dict[str, Any]:

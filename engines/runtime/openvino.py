@@ -84,6 +84,9 @@ class OpenVinoBackend:
             raise BackendError(f"openvino could not read {where}: {e}") from e
         self._inputs = [i.get_any_name() for i in self._model.inputs]
         self._check_io()
+        types = package.manifest.io_dtypes
+        self._dtypes = {n: np.dtype(types[n]) for n in self._inputs}
+        self._output_dtype = np.dtype(types["output"])
         self._compiled: OrderedDict[Shapes, Any] = OrderedDict()
         self._lock = threading.Lock()
         self._closed = False
@@ -97,7 +100,8 @@ class OpenVinoBackend:
             raise BackendError(f"openvino could not compile {where} for the CPU: {e}") from e
 
     def _check_io(self) -> None:
-        """The model's inputs must be the float32 rank-4 tensors the manifest promises."""
+        """The model's inputs must be the rank-4 tensors the manifest promises (float32, or the
+        raw dtype where ``io`` is "raw")."""
         manifest = self.package.manifest
         if sorted(self._inputs) != sorted(manifest.input_names):
             raise PackageError(
@@ -105,14 +109,18 @@ class OpenVinoBackend:
                 f"{manifest.input_names}: re-export the model with those input names or fix "
                 "manifest.temporal"
             )
-        for port in [*self._model.inputs, *self._model.outputs[:1]]:
+        types = manifest.io_dtypes
+        ports = [*((p, types[p.get_any_name()]) for p in self._model.inputs),
+                 *((p, types["output"]) for p in self._model.outputs[:1])]  # fmt: skip
+        for port, want in ports:
             shape = port.get_partial_shape()
             rank = shape.rank
-            if port.get_element_type() != self._ov.Type.f32 or rank.is_dynamic or len(shape) != 4:
+            got = port.get_element_type().get_type_name()
+            if got != _OV_TYPES[want] or rank.is_dynamic or len(shape) != 4:
                 raise PackageError(
-                    f"model of {manifest.name!r}: {port.get_any_name()!r} is "
-                    f"{port.get_element_type().get_type_name()} {shape}, but engines take and "
-                    "return float32 (N, C, H, W): re-export the model"
+                    f"model of {manifest.name!r}: {port.get_any_name()!r} is {got} {shape}, but "
+                    f"this engine (io {manifest.io!r}) takes and returns {want} (N, C, H, W): "
+                    "re-export the model (or remake it with `scopecast engines raw-io`)"
                 )
 
     def _request(self, shapes: Shapes) -> Any:
@@ -130,20 +138,34 @@ class OpenVinoBackend:
         return request
 
     def infer(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        """Run the model on the inputs it has (others are ignored) and return its first output."""
-        name = self.package.manifest.name
+        """Run the model on the inputs it has (others are ignored) and return its first output
+        (float32; a raw-io package's output in its own dtype)."""
+        return self.infer_outputs(inputs, first_only=True)[0]
+
+    def infer_outputs(
+        self, inputs: dict[str, np.ndarray], *, first_only: bool = False
+    ) -> list[np.ndarray]:
+        """Every output of the model (a raw-io package's ``checksum`` second)."""
+        manifest = self.package.manifest
+        name = manifest.name
         if self._closed:
             raise BackendError(f"backend for {name!r} is closed")
-        arrays = feed(name, self._inputs, inputs)
+        if manifest.io == "float":
+            arrays = feed(name, self._inputs, inputs)
+        else:
+            arrays = _feed_typed(name, self._dtypes, inputs)
         shapes = tuple((n, a.shape) for n, a in arrays.items())
+        count = 1 if first_only else len(self._model.outputs)
         with self._lock:
             try:
                 request = self._request(shapes)
                 request.infer(arrays)
-                out = request.get_output_tensor(0).data
+                outs = [request.get_output_tensor(i).data for i in range(count)]
             except Exception as e:  # openvino raises its own untyped errors
                 raise BackendError(f"engine {name!r} failed on inputs {dict(shapes)}: {e}") from e
-            return np.array(out, dtype=np.float32)  # a copy: the request reuses its buffer
+            # copies: the request reuses its buffers
+            return [np.array(outs[0], dtype=self._output_dtype),
+                    *(np.array(o) for o in outs[1:])]  # fmt: skip
 
     def describe(self) -> dict[str, Any]:
         """What runs this engine: backend, device, threads, precision, version and model I/O."""
@@ -171,6 +193,19 @@ class OpenVinoBackend:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_OV_TYPES = {"float32": "f32", "uint16": "u16", "uint8": "u8"}
+
+
+def _feed_typed(
+    engine: str, dtypes: dict[str, np.dtype[Any]], inputs: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """``feed`` for a raw-io model: each input C-contiguous in the dtype the model takes."""
+    missing = [n for n in dtypes if n not in inputs]
+    if missing:
+        raise BackendError(f"engine {engine!r} needs inputs {missing}; got {sorted(inputs)}")
+    return {n: np.ascontiguousarray(inputs[n], dtype=t) for n, t in dtypes.items()}
 
 
 def _port(port: Any) -> dict[str, Any]:
