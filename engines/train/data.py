@@ -280,8 +280,7 @@ class PairDataset(Dataset):
     def _background_frames(self) -> int:
         """Frames the background is the median of: ``BACKGROUND_FRAMES``, as a key has live
         once it has that many; in training, the share ``key_starts`` of items gets 1 to
-        ``BACKGROUND_FRAMES - 1`` instead, as a key has in its first frames (without them a
-        temporal engine never sees a noisy background and misjudges a key's start)."""
+        ``BACKGROUND_FRAMES - 1`` instead, as a key has in its first frames."""
         if self.train and self.key_starts and float(torch.rand(())) < self.key_starts:
             return int(torch.randint(1, BACKGROUND_FRAMES, ()))
         return BACKGROUND_FRAMES
