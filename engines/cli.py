@@ -182,6 +182,36 @@ def verify(target: Target) -> None:
     out.print(f"ok: {len(package.manifest.files)} files verified in {path}", highlight=False)
 
 
+@app.command("raw-io")
+def raw_io(
+    target: Target,
+    out_dir: Annotated[Path, typer.Option("--out", help="folder to write the raw-io package to")],
+    dtype: Annotated[str, typer.Option(help="the frames' dtype: uint16 or uint8")] = "uint16",
+    name: Annotated[
+        str | None, typer.Option(help="engine name (default: the source's name + '-raw')")
+    ] = None,
+) -> None:
+    """Make a raw-io package: its graph takes the raw frames and returns the written frame
+    (normalization, units, rounding and clipping inside), so the server does no per-pixel work
+    around it. Checked against the source on ONNX Runtime (<= 1 ADU apart) before writing."""
+    from .offline.raw_io import RawIoError, make_raw_package
+
+    def say(message: str) -> None:
+        err.print(escape(message), highlight=False)
+
+    try:
+        result = make_raw_package(target, out_dir, dtype=dtype, name=name, progress=say)
+    except RawIoError as e:
+        raise InvalidInput(str(e)) from None
+    m = result.package.manifest
+    out.print(
+        f"ok: {m.name} ({m.raw_dtype} frames in, written frame out; inputs "
+        f"{', '.join(m.input_names)}) written to {result.package.path}",
+        highlight=False,
+        markup=False,
+    )
+
+
 def build(
     target: Target,
     precision: Annotated[
@@ -272,3 +302,115 @@ def build(
         highlight=False,
         markup=False,
     )
+
+
+@app.command("export-bioimageio")
+def export_bioimageio(
+    target: Target,
+    out_zip: Annotated[
+        Path, typer.Argument(metavar="OUT.zip", help="bioimage.io package to write")
+    ],
+    author: Annotated[
+        list[str] | None, typer.Option(help="author name for the rdf (repeat; default: scopecast)")
+    ] = None,
+    license_: Annotated[
+        str, typer.Option("--license", help="SPDX license identifier of the model")
+    ] = "BSD-3-Clause",
+) -> None:
+    """Write an engine package as a bioimage.io model (rdf.yaml format 0.5, ONNX weights, test
+    tensors computed by the engine, cover, documentation; temporal inputs, tile and units under
+    config.scopecast), validated with bioimageio.spec."""
+    from .offline.bioimageio import export_bioimageio as run
+
+    result = run(target, out_zip, authors=author or (), license=license_)
+    for w in result.warnings:
+        err.print(f"bioimageio.spec: {escape(w)}", highlight=False)
+    out.print(
+        f"ok: {result.path} ({result.status}; inputs {', '.join(result.inputs)})",
+        highlight=False,
+        markup=False,
+    )
+
+
+@app.command("import")
+def import_(
+    source: Annotated[
+        Path, typer.Argument(metavar="MODEL", help="bioimage.io model: a .zip or its rdf.yaml")
+    ],
+    out_dir: Annotated[Path, typer.Option("--out", help="engine package folder to write")],
+    name: Annotated[str | None, typer.Option(help="engine name (default: from the model)")] = None,
+    task: Annotated[
+        str | None,
+        typer.Option(help="denoise, deblur, super-resolution, ... (default: from its tags)"),
+    ] = None,
+    tile: Annotated[
+        int | None, typer.Option(help="tile side in input pixels (default: from the model)")
+    ] = None,
+) -> None:
+    """Turn a bioimage.io model with ONNX weights (TorchScript or PyTorch weights: converted,
+    with the train extra) into an engine package, verified against the model's test tensors.
+    Fixed normalization goes to the manifest, per-frame statistics and other steps into the
+    ONNX graph; what cannot be mapped exactly is refused."""
+    from .offline.bioimageio import import_bioimageio
+
+    def say(message: str) -> None:
+        err.print(escape(message), highlight=False)
+
+    result = import_bioimageio(source, out_dir, name=name, task=task, tile=tile, progress=say)
+    for line in [*result.mapped, *result.baked]:
+        say(line)
+    m = result.package.manifest
+    out.print(
+        f"ok: {result.package.path}: {m.name} ({m.task}, x{m.scale}, tile {_tile(m)}), "
+        f"verified against the model's test output (max abs error {result.max_abs_error:.3g})",
+        highlight=False,
+        markup=False,
+    )
+
+
+@app.command("export-triton")
+def export_triton(
+    targets: Annotated[
+        list[str], typer.Argument(help="Engine names (zoo or search path) or package folders.")
+    ],
+    repository: Annotated[
+        Path, typer.Option("--repository", help="the Triton model repository folder to write")
+    ],
+    max_batch: Annotated[
+        int, typer.Option(help="max_batch_size where the ONNX batch dimension is free; 0: none")
+    ] = 8,
+    queue_delay_us: Annotated[
+        int,
+        typer.Option(help="dynamic batching: longest wait for a fuller batch, microseconds"),
+    ] = 500,
+    device: Annotated[str, typer.Option(help="instance group kind: gpu or cpu")] = "gpu",
+    instances: Annotated[int, typer.Option(help="model instances per device")] = 1,
+    gpu: Annotated[
+        list[int] | None, typer.Option(help="GPU index for the instances (repeat); default: all")
+    ] = None,
+    runtime: Annotated[
+        str,
+        typer.Option(
+            help="onnxruntime: Triton's ONNX Runtime backend; python: a Python-backend model "
+            "running the ONNX with onnxruntime inside Triton (for builds without that backend)"
+        ),
+    ] = "onnxruntime",
+) -> None:
+    """Write a Triton Inference Server model repository from engine packages: per engine its
+    ONNX, config.pbtxt (real input/output names, dims, batching, instances) and manifest, plus
+    a NAME-tensorrt model with its TensorRT plans when it has some. Serve with
+    `tritonserver --model-repository DIR`, then `scopecast serve --backend triton`."""
+    from .offline.triton_repo import ExportOptions, export_repository
+
+    options = ExportOptions(
+        max_batch=max_batch, queue_delay_us=queue_delay_us, device=device, instances=instances,
+        gpus=tuple(gpu or ()), runtime=runtime,
+    )  # fmt: skip
+    for model in export_repository(targets, repository, options):
+        dims = ", ".join(f"{t.name} {list(t.dims)}" for t in model.inputs)
+        out.print(
+            f"ok: {model.path} ({model.platform}, max_batch_size {model.max_batch_size}, "
+            f"inputs {dims})",
+            highlight=False,
+            markup=False,
+        )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import zlib
 from contextlib import ExitStack
@@ -249,6 +250,13 @@ def serve(
     threads: Annotated[
         int | None, typer.Option(help="inference threads (default: the backend's choice)")
     ] = None,
+    triton_url: Annotated[
+        str | None,
+        typer.Option(
+            help="--backend triton: the Triton server, grpc://HOST:PORT (default: "
+            "$SCOPECAST_TRITON_URL, else grpc://127.0.0.1:8001)"
+        ),
+    ] = None,
     backlog_mb: Annotated[
         float, typer.Option(help="complete mode: backlog kept in memory before spilling to disk")
     ] = 512.0,
@@ -257,8 +265,14 @@ def serve(
         typer.Option(help="memory for per-key temporal state; idle keys are evicted past it"),
     ] = 1024.0,
     sink: Annotated[
-        str, typer.Option(help=f"file format of raw and enhanced frames: {', '.join(SINKS)}")
-    ] = DEFAULT_SINK,
+        list[str] | None,
+        typer.Option(
+            "--format",
+            "--sink",
+            help=f"file format of raw and enhanced frames: {', '.join(SINKS)} (default "
+            f"{DEFAULT_SINK}); repeat to write several at once",
+        ),
+    ] = None,
     profile: Annotated[
         Path | None,
         typer.Option(
@@ -316,6 +330,12 @@ def serve(
 
     if mode not in ("live", "complete"):
         raise ServerError(f"--mode {mode!r} must be live or complete")
+    if triton_url is not None:  # read by engines.runtime.triton when the backend opens
+        if backend != "triton":
+            raise ServerError(
+                f"--triton-url {triton_url!r} needs --backend triton, not {backend!r}"
+            )
+        os.environ["SCOPECAST_TRITON_URL"] = triton_url
     config = ServerConfig(
         engines=engine or ["identity"],
         out_dir=out_dir,
@@ -327,7 +347,7 @@ def serve(
         threads=threads,
         backlog_mb=backlog_mb,
         ring_mb=ring_mb,
-        sink=sink,
+        sink=_formats(sink),
         profile=profile,
         correct_bidir=correct_bidir,
         fidelity_every=fidelity_every,
@@ -342,6 +362,19 @@ def serve(
     elif "engine" in summary:
         _print_summary("server", _brief(summary))
     _exit_if_unhealthy("engine server", summary)
+
+
+def _formats(names: list[str] | None) -> str:
+    """``--format`` given once or more, as one sink name ("ome-tiff+ome-zarr"); a bad or
+    repeated name is one red line naming it."""
+    from .sinks.base import sink_type
+
+    name = "+".join(names or [DEFAULT_SINK])
+    try:
+        sink_type(name)
+    except ValueError as e:
+        raise typer.BadParameter(f"--format: {e}") from None
+    return name
 
 
 def _exit_if_unhealthy(what: str, summary: ServerStatus | dict[str, Any]) -> None:
@@ -648,6 +681,14 @@ def demo(
             "(the simulated rig's own, saved under OUT/profiles/PRESET) or a profile folder"
         ),
     ] = None,
+    formats: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--format",
+            help=f"file format of raw and enhanced frames: {', '.join(SINKS)} (default "
+            f"{DEFAULT_SINK}); repeat to write several at once",
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
 ) -> None:
     """Simulated microscope -> hook -> engine server (another process) -> OME-TIFF + PUB.
@@ -675,6 +716,7 @@ def demo(
         for name in engines:  # before starting anything: an unknown engine is one line
             find_package(name)
         profile_dir = _demo_profile(profile, scope.preset, out_dir)
+        sink = _formats(formats)
 
         def status_line(hook: Any, s: ServerStatus | None) -> str:
             if s is None:
@@ -719,6 +761,7 @@ def demo(
                     ),
                     on_started=started,
                     profile=profile_dir,
+                    sink=sink,
                 )
             except acq.ServerFailed as e:
                 bar.stop()
@@ -838,7 +881,7 @@ def _fmt(value: Any) -> str:
 
 #: where `scopecast --help` lists the commands other packages mount (typer lists single commands
 #: before groups); entry points not named here follow, by name
-HELP_ORDER = ("train", "export", "adapt", "build", "engines", "calibrate", "bench")
+HELP_ORDER = ("train", "export", "adapt", "build", "synthesize", "engines", "calibrate", "bench")
 
 
 def _add_groups() -> None:

@@ -21,9 +21,22 @@ def export(
     checkpoint: Annotated[Path, typer.Argument(help="a checkpoint from `scopecast train`")],
     out: Annotated[Path, typer.Option(help="engine package folder to write")],
     name: Annotated[str | None, typer.Option(help="engine name (default: the config's)")] = None,
+    bioimageio: Annotated[
+        Path | None,
+        typer.Option(
+            metavar="OUT.zip",
+            help="also write the package as a bioimage.io model (validated with bioimageio.spec)",
+        ),
+    ] = None,
 ) -> None:
-    """Export a checkpoint to an engine package: ONNX checked against torch, plus manifest."""
+    """Export a checkpoint to an engine package: ONNX checked against torch, plus manifest;
+    with --bioimageio, also as a bioimage.io model package."""
     need_torch()
+    if bioimageio is not None:  # before the export, not after it
+        from engines.offline.bioimageio import check_zip_name, need_bioimageio
+
+        need_bioimageio()
+        check_zip_name(bioimageio)
     from engines.offline.export import export as run_export
 
     with user_mistakes(ValueError):  # a checkpoint that is not one raises plain ValueError
@@ -33,6 +46,11 @@ def export(
         f"{package.path}: {m.name} ({m.architecture}, x{m.scale}, window {m.temporal.window}, "
         f"tile {m.tile.size}/{m.tile.overlap}), ONNX vs torch max relative error {error:.2e}"
     )
+    if bioimageio is not None:
+        from engines.offline.bioimageio import export_bioimageio
+
+        result = export_bioimageio(package.path, bioimageio)
+        print(f"{result.path}: bioimage.io model ({result.status})")
 
 
 def adapt(
