@@ -22,10 +22,18 @@ def feed(
     engine: str, needed: Sequence[str], inputs: Mapping[str, np.ndarray]
 ) -> dict[str, np.ndarray]:
     """The model's inputs as C-contiguous float32, in its order; BackendError naming any missing."""
-    missing = [n for n in needed if n not in inputs]
+    return feed_typed(engine, dict.fromkeys(needed, np.dtype(np.float32)), inputs)
+
+
+def feed_typed(
+    engine: str, dtypes: Mapping[str, np.dtype[Any]], inputs: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """The model's inputs, each C-contiguous in the dtype it takes (a raw-io model's uint16
+    frames; no copy when it already is), in its order; BackendError naming any missing."""
+    missing = [n for n in dtypes if n not in inputs]
     if missing:
         raise BackendError(f"engine {engine!r} needs inputs {missing}; got {sorted(inputs)}")
-    return {n: np.ascontiguousarray(inputs[n], dtype=np.float32) for n in needed}
+    return {n: np.ascontiguousarray(inputs[n], dtype=t) for n, t in dtypes.items()}
 
 
 @runtime_checkable

@@ -12,7 +12,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ..package import EnginePackage, PackageError
-from .base import Backend, BackendError, feed
+from .base import Backend, BackendError, feed, feed_typed
 from .providers import INSTALL_GPU, BackendChoice, choose_backend
 from .registry import OpenOptions
 
@@ -105,7 +105,7 @@ class OnnxRuntimeBackend:
         if self.package.manifest.io == "float":
             arrays = feed(name, self._inputs, inputs)
         else:
-            arrays = _feed_typed(name, self._dtypes, inputs)
+            arrays = feed_typed(name, self._dtypes, inputs)
         try:
             outs = self._session.run(None, arrays)
         except Exception as e:  # onnxruntime raises its own untyped errors
@@ -150,17 +150,6 @@ class OnnxRuntimeBackend:
 
 
 _ORT_TYPES = {"float32": "tensor(float)", "uint16": "tensor(uint16)", "uint8": "tensor(uint8)"}
-
-
-def _feed_typed(
-    engine: str, dtypes: dict[str, np.dtype[Any]], inputs: dict[str, np.ndarray]
-) -> dict[str, np.ndarray]:
-    """``feed`` for a raw-io model: each input C-contiguous in the dtype the model takes (no
-    copy when it already is)."""
-    missing = [n for n in dtypes if n not in inputs]
-    if missing:
-        raise BackendError(f"engine {engine!r} needs inputs {missing}; got {sorted(inputs)}")
-    return {n: np.ascontiguousarray(inputs[n], dtype=t) for n, t in dtypes.items()}
 
 
 def _arg(arg: Any) -> dict[str, Any]:

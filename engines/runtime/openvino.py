@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..package import EnginePackage, PackageError
-from .base import Backend, BackendError, feed
+from .base import Backend, BackendError, feed, feed_typed
 from .registry import AUTO, OpenOptions
 
 INSTALL_OPENVINO = "pip install openvino (or pip install -c requirements-lock.txt -e .)"
@@ -153,7 +153,7 @@ class OpenVinoBackend:
         if manifest.io == "float":
             arrays = feed(name, self._inputs, inputs)
         else:
-            arrays = _feed_typed(name, self._dtypes, inputs)
+            arrays = feed_typed(name, self._dtypes, inputs)
         shapes = tuple((n, a.shape) for n, a in arrays.items())
         count = 1 if first_only else len(self._model.outputs)
         with self._lock:
@@ -196,16 +196,6 @@ class OpenVinoBackend:
 
 
 _OV_TYPES = {"float32": "f32", "uint16": "u16", "uint8": "u8"}
-
-
-def _feed_typed(
-    engine: str, dtypes: dict[str, np.dtype[Any]], inputs: dict[str, np.ndarray]
-) -> dict[str, np.ndarray]:
-    """``feed`` for a raw-io model: each input C-contiguous in the dtype the model takes."""
-    missing = [n for n in dtypes if n not in inputs]
-    if missing:
-        raise BackendError(f"engine {engine!r} needs inputs {missing}; got {sorted(inputs)}")
-    return {n: np.ascontiguousarray(inputs[n], dtype=t) for n, t in dtypes.items()}
 
 
 def _port(port: Any) -> dict[str, Any]:
