@@ -9,6 +9,7 @@ changed since an older run. The focused measurements (``server-latency``, ``hook
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -138,23 +139,81 @@ def latency(
     ] = None,
     duration: Annotated[float, typer.Option(help="seconds of acquisition per engine")] = 60.0,
     warmup: Annotated[float, typer.Option(help="seconds at the start left out")] = 2.0,
-    backend: Annotated[str, typer.Option(help=f"engine backend: {backend_help()}")] = "auto",
+    backend: Annotated[
+        list[str] | None,
+        typer.Option(help=f"engine backend: {backend_help()} (repeat: --streams runs each)"),
+    ] = None,
     mode: Annotated[str, typer.Option(help="server mode: live or complete")] = "live",
+    streams: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="concurrent simulated streams into one server (repeat or 1,4,8): one case per "
+            "backend and count, pre-rendered --size frames at --fps, one engine"
+        ),
+    ] = None,
+    fps: Annotated[float, typer.Option(help="--streams: frames per second of each")] = 20.0,
+    size: Annotated[int, typer.Option(help="--streams: frame side in pixels (uint16)")] = 256,
+    triton_url: Annotated[
+        str | None,
+        typer.Option(
+            help="--backend triton: a running Triton, grpc://HOST:PORT (default: start "
+            "a local tritonserver from --triton-venv for the run)"
+        ),
+    ] = None,
+    triton_venv: Annotated[
+        Path | None,
+        typer.Option(
+            help="venv with nvidia-pytriton and onnxruntime (default: "
+            "$SCOPECAST_TRITON_VENV, else .triton-venv)"
+        ),
+    ] = None,
     out_dir: Out = Path("bench-results"),
     older: Compare = None,
 ) -> None:
     """Where every millisecond goes: a real acquisition through the hook, the server and the
-    publisher to a subscriber, per stage, per engine (identity always, as the baseline)."""
-    from .latency import plot_latency, run_latency
+    publisher to a subscriber, per stage, per engine (identity always, as the baseline). With
+    --streams (or several --backend): N concurrent streams into one server per backend, one
+    table of per-stage p50/p99 per (backend, N) and each backend's overhead over the first."""
+    from .latency import plot_latency, plot_stream_latency, run_latency, run_stream_latency
+
+    chosen = backend or ["auto"]
+    if streams or len(chosen) > 1:
+        counts = _stream_counts(streams or ["1"])
+        if len(engine) != 1:
+            raise InvalidInput(f"--streams measures one engine, got {len(engine)}: {engine}")
+
+        def measure_streams() -> dict[str, Any]:
+            return run_stream_latency(
+                engine=engine[0], backends=chosen, streams=counts, fps=fps, size=size,
+                duration_s=duration, warmup_s=warmup, mode=mode, triton_url=triton_url,
+                triton_venv=triton_venv, progress=lambda m: err.print(m, highlight=False),
+            )  # fmt: skip
+
+        _run(measure_streams, plot_stream_latency, _stream_latency_table, out_dir, older)
+        return
+    if triton_url is not None and chosen != ["triton"]:
+        raise InvalidInput(f"--triton-url {triton_url!r} needs --backend triton")
 
     def measure() -> dict[str, Any]:
+        if triton_url is not None:  # read by the server's triton backend
+            os.environ["SCOPECAST_TRITON_URL"] = triton_url
         return run_latency(
             engines=engine, preset=None if config else preset, config=config,
-            duration_s=duration, backend=backend, mode=mode, warmup_s=warmup,
+            duration_s=duration, backend=chosen[0], mode=mode, warmup_s=warmup,
             progress=lambda m: err.print(m, highlight=False),
         )  # fmt: skip
 
     _run(measure, plot_latency, _latency_table, out_dir, older)
+
+
+def _stream_counts(values: list[str]) -> list[int]:
+    """``--streams 1 --streams 4`` or ``--streams 1,4,8`` as [1, 4, 8]."""
+    try:
+        return [int(v) for text in values for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise typer.BadParameter(
+            f"{values} are not stream counts (e.g. 1,4,8)", param_hint="--streams"
+        ) from None
 
 
 @app.command()
@@ -744,6 +803,28 @@ def _latency_table(result: dict[str, Any]) -> Table:
         table.add_row(name, "server", f"{fmt(e.get('rss_mb'))} MB",
                       f"{fmt(e.get('cpu_percent'))}% CPU", e.get("backend") or "", "",
                       end_section=True)  # fmt: skip
+    return table
+
+
+def _stream_latency_table(result: dict[str, Any]) -> Table:
+    stages = ["hook", "transport", "queue", "inference", "publish", "total"]  # all: in the JSON
+    table = Table("backend", "streams", *(f"{s} p50/p99" for s in stages), "enhanced",
+                  title=f"latency (ms), {result['engine']}, {result['size']}x{result['size']} "
+                  f"at {result['fps']:g} fps per stream, {result['mode']}, "
+                  f"{result['duration_s']:g} s per case, one run")  # fmt: skip
+    for c in result["cases"]:
+        lat = c["latency_ms"]
+        cells = [f"{fmt((lat.get(s) or {}).get('p50'))}/{fmt((lat.get(s) or {}).get('p99'))}"
+                 for s in stages]  # fmt: skip
+        frames = (f"{c['frames_enhanced']}/{c['frames_received']}, "
+                  f"{c['frames_skipped']} skipped")  # fmt: skip
+        table.add_row(c["backend_requested"], str(c["streams"]), *cells, frames)
+    notes = [f"{o['backend']} - {o['vs']} at {o['streams']} stream(s): total p50 "
+             f"{fmt(o['total_p50_ms'])} ms, p99 {fmt(o['total_p99_ms'])} ms; inference p50 "
+             f"{fmt(o['inference_p50_ms'])} ms" for o in result.get("overhead", [])]  # fmt: skip
+    if result.get("triton"):
+        notes.append(f"Triton: {result['triton']}")
+    table.caption = "\n".join(notes)
     return table
 
 

@@ -27,6 +27,7 @@ stage. Same-host clocks only: the subscriber and the server must share ``time.mo
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import threading
 import time
@@ -50,6 +51,8 @@ from stream.sinks import read_index
 from stream.sinks.store import INDEX_NAME
 from stream.stats import percentiles
 from stream.status import ServerStatus
+
+from .triton_server import TritonUnavailable
 
 STAGES = ("hook", "transport", "queue", "preprocess", "inference", "postprocess", "publish",
           "disk", "total")  # fmt: skip
@@ -250,38 +253,12 @@ def _measure(
     first_ns = min(r["header"]["mono_ns"] for r in raw)
     warm_end_ns = first_ns + int(warmup_s * 1e9)
 
-    samples: dict[str, list[float]] = {s: [] for s in STAGES}
-    times: dict[str, list[float]] = {s: [] for s in STAGES}
-
-    def add(stage: str, mono_ns: int, ms: float) -> None:
-        samples[stage].append(float(ms))
-        times[stage].append((mono_ns - first_ns) / 1e9)
-
-    measured = 0
-    for arrival_ns, raw_header in sub.enhanced:
-        try:
-            h = decode_header(raw_header, PublishedHeader)
-        except ProtocolError:
-            continue
-        if h.mono_ns < warm_end_ns:
-            continue
-        measured += 1
-        t = h.timings_ms
-        for stage in SERVER_STAGES:
-            if stage in t:
-                add(stage, h.mono_ns, t[stage])
-        total = (arrival_ns - h.mono_ns) / 1e6
-        add("publish", h.mono_ns, total - sum(t.values()))  # fidelity, if any, is server work
-        add("total", h.mono_ns, total)
+    samples, times, add, measured = _collect(sub.enhanced, index, first_ns, warm_end_ns)
     if measured < MIN_FRAMES:
         raise ValueError(
             f"engine {name!r}: only {measured} enhanced frames after the {warmup_s:g} s warm-up "
             f"reached the subscriber (need {MIN_FRAMES}): raise --duration (now {duration_s:g} s)"
         )
-    for r in index:
-        mono_ns = r["header"]["mono_ns"]
-        if mono_ns >= warm_end_ns and "disk" in r.get("timings_ms", {}):
-            add("disk", mono_ns, r["timings_ms"]["disk"])
     hook_exact = _hook_samples(state["stats"], raw, warm_end_ns, add)
 
     engine = server.engine
@@ -326,6 +303,46 @@ def _measure(
     }
 
 
+Add = Callable[[str, int, float], None]
+
+
+def _collect(
+    enhanced: list[tuple[int, bytes]], index: list[dict[str, Any]], first_ns: int,
+    warm_end_ns: int,
+) -> tuple[dict[str, list[float]], dict[str, list[float]], Add, int]:  # fmt: skip
+    """Per-stage samples (ms) and their frame times (s since ``first_ns``) of the enhanced
+    frames a subscriber received and of the disk writes in the run's index, after the warm-up;
+    the function adding more, and how many enhanced frames were measured."""
+    samples: dict[str, list[float]] = {s: [] for s in STAGES}
+    times: dict[str, list[float]] = {s: [] for s in STAGES}
+
+    def add(stage: str, mono_ns: int, ms: float) -> None:
+        samples[stage].append(float(ms))
+        times[stage].append((mono_ns - first_ns) / 1e9)
+
+    measured = 0
+    for arrival_ns, raw_header in enhanced:
+        try:
+            h = decode_header(raw_header, PublishedHeader)
+        except ProtocolError:
+            continue
+        if h.mono_ns < warm_end_ns:
+            continue
+        measured += 1
+        t = h.timings_ms
+        for stage in SERVER_STAGES:
+            if stage in t:
+                add(stage, h.mono_ns, t[stage])
+        total = (arrival_ns - h.mono_ns) / 1e6
+        add("publish", h.mono_ns, total - sum(t.values()))  # fidelity, if any, is server work
+        add("total", h.mono_ns, total)
+    for r in index:
+        mono_ns = r["header"]["mono_ns"]
+        if mono_ns >= warm_end_ns and "disk" in r.get("timings_ms", {}):
+            add("disk", mono_ns, r["timings_ms"]["disk"])
+    return samples, times, add, measured
+
+
 def _hook_samples(
     stats: HookStats | None,
     raw: list[dict[str, Any]],
@@ -346,6 +363,225 @@ def _hook_samples(
         if r["header"]["mono_ns"] >= warm_end_ns:
             add("hook", r["header"]["mono_ns"], ms)
     return True
+
+
+# -- several streams into one server, per backend --------------------------------------------
+
+
+def run_stream_latency(
+    *,
+    engine: str,
+    backends: Sequence[str] = ("auto",),
+    streams: Sequence[int] = (1,),
+    fps: float = 20.0,
+    size: int = 256,
+    duration_s: float = 30.0,
+    warmup_s: float = 2.0,
+    mode: str = "live",
+    triton_url: str | None = None,
+    triton_venv: Path | None = None,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Per-stage latency of ``engine`` with N concurrent simulated streams (each its own hook
+    and stream id, ``size`` x ``size`` uint16 at ``fps``) into ONE ``scopecast serve``, for every
+    backend and every N: one case per (backend, N), each its own server for ``duration_s``,
+    taken in turns (N outer, backend inner) so a busy machine weighs on all backends alike.
+
+    ``--backend triton`` uses the Triton at ``triton_url``; without one, a local
+    ``tritonserver`` from ``triton_venv`` serves the engine (exported on the fly) for the whole
+    run and is killed afterwards. ``overhead`` compares every backend with the first one, case
+    by case (same N)."""
+    from .soak import start_streams
+    from .triton_server import local_triton
+
+    backends = list(dict.fromkeys(backends)) or ["auto"]
+    counts = list(dict.fromkeys(int(n) for n in streams)) or [1]
+    for b in backends:
+        _check(duration_s=duration_s, warmup_s=warmup_s, mode=mode, backend=b)
+    if any(not 1 <= n <= 64 for n in counts):
+        raise ValueError(f"--streams {counts}: each must be 1..64")
+    if not fps > 0 or not 8 <= size <= 8192:
+        raise ValueError(f"--fps {fps:g} must be > 0 and --size {size} 8..8192 pixels")
+    try:
+        load_package(engine)
+    except PackageError as e:
+        raise ValueError(str(e)) from e
+    if triton_url is not None and "triton" not in backends:
+        raise ValueError(f"--triton-url {triton_url!r} needs --backend triton")
+    say = progress or (lambda message: None)
+    result: dict[str, Any] = {
+        "kind": "latency-streams", "engine": engine, "backends": backends, "streams": counts,
+        "fps": fps, "size": size, "duration_s": duration_s, "warmup_s": warmup_s, "mode": mode,
+        "triton_url": triton_url, "triton": None, "cases": [],
+    }  # fmt: skip
+    with contextlib.ExitStack() as stack:
+        url = triton_url
+        if "triton" in backends and url is None:
+            say(f"starting a local tritonserver for {engine} (Python backend, CPU)")
+            try:
+                server = stack.enter_context(local_triton([engine], venv=triton_venv))
+            except TritonUnavailable as e:
+                raise ValueError(f"--backend triton: {e}; or give --triton-url") from None
+            url = server.url
+            result["triton"] = f"local tritonserver {server.binary} at {url}"
+        elif url is not None:
+            result["triton"] = f"given at {url}"
+        for n in counts:
+            for b in backends:
+                say(f"{b}, {n} stream(s): {duration_s:g} s at {fps:g} fps, {size}x{size}")
+                case = _measure_streams(
+                    engine, b, n, fps=fps, size=size, duration_s=duration_s, warmup_s=warmup_s,
+                    mode=mode, triton_url=url if b == "triton" else None, seed=seed,
+                    start_streams=start_streams, say=say,
+                )  # fmt: skip
+                total = case["latency_ms"]["total"]
+                say(f"{b}, {n} stream(s): total p50 {total['p50']:.2f} ms, p99 "
+                    f"{total['p99']:.2f} ms, {case['frames_skipped']} skipped")  # fmt: skip
+                result["cases"].append(case)
+    result["overhead"] = _overhead(result["cases"], backends[0])
+    return result
+
+
+def _overhead(cases: list[dict[str, Any]], base: str) -> list[dict[str, Any]]:
+    """Per N and backend, its p50/p99 minus the first backend's (ms), stage by stage."""
+    first = {c["streams"]: c for c in cases if c["backend_requested"] == base}
+    rows = []
+    for c in cases:
+        ref = first.get(c["streams"])
+        if c["backend_requested"] == base or ref is None:
+            continue
+        row: dict[str, Any] = {"streams": c["streams"], "backend": c["backend_requested"],
+                               "vs": base}  # fmt: skip
+        for stage in ("inference", "total"):
+            for q in ("p50", "p99"):
+                a, b = c["latency_ms"][stage].get(q), ref["latency_ms"][stage].get(q)
+                row[f"{stage}_{q}_ms"] = None if a is None or b is None else a - b
+        rows.append(row)
+    return rows
+
+
+def _measure_streams(
+    engine: str, backend: str, n: int, *, fps: float, size: int, duration_s: float,
+    warmup_s: float, mode: str, triton_url: str | None, seed: int, start_streams: Any,
+    say: Progress,
+) -> dict[str, Any]:  # fmt: skip
+    """One case: its own server, a subscriber, ``n`` streams; the per-stage summary."""
+    from .fuzz import ServerProcess
+
+    args = ["--engine", engine, "--mode", mode, "--backend", backend, "--quiet"]
+    if triton_url is not None:
+        args += ["--triton-url", triton_url]
+    rss: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="scopecast-latency-") as tmp:
+        server = ServerProcess(Path(tmp), *args)
+        sub: _Subscriber | None = None
+        stop = threading.Event()
+        try:
+            sub = _Subscriber(server.publish)
+            start = _wait_for_viewer(server.control)
+            hooks, senders = start_streams(server.listen, streams=n, fps=fps, size=size,
+                                           duration_s=duration_s, seed=seed, stop=stop,
+                                           prefix="lat")  # fmt: skip
+            t0 = time.monotonic()
+            try:
+                while any(t.is_alive() for t in senders):
+                    time.sleep(2.0)
+                    if not server.alive:
+                        raise RuntimeError(f"the server exited: {server.log()[-2000:]}")
+                    status = server.status()
+                    if status.rss_mb is not None:
+                        rss.append(status.rss_mb)
+                    say(f"{backend}, {n} stream(s): {time.monotonic() - t0:.0f} s, "
+                        f"{status.frames_received} received, {status.frames_enhanced} enhanced, "
+                        f"{status.frames_skipped} skipped")  # fmt: skip
+            finally:
+                stop.set()
+                for t in senders:
+                    t.join()
+            elapsed = time.monotonic() - t0
+            sent = {h.stream: h.stats.frames_sent for h in hooks}
+            not_handed_over = sum(h.stats.frames_not_handed_over for h in hooks)
+            stats = {h.stream: h.stats for h in hooks}
+            for hook in hooks:
+                hook.close()
+            summary = server.stop(sent, timeout_s=300)
+        finally:
+            if sub is not None:
+                sub.stop()
+            server.kill()
+        index = read_index(server.run_dir / INDEX_NAME)
+    raw = [r for r in index if r.get("kind") == "raw"]
+    if not raw:
+        raise RuntimeError(f"{backend}, {n} streams: the server wrote no raw frame")
+    first_ns = min(r["header"]["mono_ns"] for r in raw)
+    warm_end_ns = first_ns + int(warmup_s * 1e9)
+    samples, _, add, measured = _collect(sub.enhanced, index, first_ns, warm_end_ns)
+    if measured < MIN_FRAMES:
+        raise ValueError(
+            f"{backend}, {n} streams: only {measured} enhanced frames after the {warmup_s:g} s "
+            f"warm-up reached the subscriber (need {MIN_FRAMES}): raise --duration or lower --fps"
+        )
+    hook_exact = all(
+        _hook_samples(st, [r for r in raw if r["header"]["stream"] == name], warm_end_ns, add)
+        for name, st in stats.items()
+    )
+    if summary.rss_mb is not None:
+        rss.append(summary.rss_mb)
+    described = summary.engine.backend[0] if summary.engine.backend else None
+    cpu_s = summary.cpu_s - start.cpu_s
+    wall_s = summary.uptime_s - start.uptime_s
+    received = summary.frames_received
+    return {
+        "backend_requested": backend,
+        "backend": " ".join(x for x in (described.name, described.device) if x)
+        if described
+        else "",
+        "streams": n,
+        "latency_ms": {s: percentiles(samples[s]) for s in STAGES},
+        "hook_warmup_excluded": hook_exact,
+        "frames_measured": measured,
+        "frames_sent": sum(sent.values()),
+        "frames_not_handed_over": not_handed_over,
+        "frames_received": received,
+        "frames_enhanced": summary.frames_enhanced,
+        "frames_skipped": summary.frames_skipped,
+        "frames_received_by_subscriber": len(sub.enhanced),
+        "engine_errors": summary.engine_errors,
+        "elapsed_s": elapsed,
+        "fps_received": received / elapsed if elapsed > 0 else None,
+        "enhanced_fps": summary.frames_enhanced / elapsed if elapsed > 0 else None,
+        "rss_mb": max(rss) if rss else None,
+        "cpu_percent": 100 * cpu_s / wall_s if wall_s > 0 else None,
+        "server_healthy": summary.healthy,
+    }
+
+
+def plot_stream_latency(result: dict[str, Any], out_dir: Path) -> list[Path]:
+    """``latency_streams.png``: total p50 and p99 per backend against the number of streams."""
+    import matplotlib as mpl
+
+    mpl.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
+    for b in result["backends"]:
+        cases = [c for c in result["cases"] if c["backend_requested"] == b]
+        x = [c["streams"] for c in cases]
+        for q, style in (("p50", "-o"), ("p99", "--o")):
+            y = [c["latency_ms"]["total"].get(q) for c in cases]
+            ax.plot(x, [np.nan if v is None else v for v in y], style, label=f"{b} {q}")
+    ax.set_xlabel("concurrent streams into one server")
+    ax.set_ylabel("frameReady -> subscriber (ms)")
+    ax.set_title(f"{result['engine']}, {result['size']}x{result['size']} at {result['fps']:g} "
+                 f"fps per stream, {result['mode']}")  # fmt: skip
+    ax.legend(fontsize=8)
+    path = out_dir / "latency_streams.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return [path]
 
 
 def plot_latency(result: dict[str, Any], out_dir: Path) -> list[Path]:

@@ -131,22 +131,43 @@ def run_soak(
     return result
 
 
+def start_streams(
+    listen: str, *, streams: int, fps: float, size: int, duration_s: float, keys: int = 1,
+    seed: int = 0, stop: threading.Event, prefix: str = "soak",
+) -> tuple[list[FrameHook], list[threading.Thread]]:  # fmt: skip
+    """``streams`` simulated acquisitions into the server at ``listen``, each its own
+    :class:`FrameHook` (stream id ``PREFIX0``, ``PREFIX1``, ...) sending one pre-rendered
+    Poisson uint16 frame of ``size`` x ``size`` at ``fps`` for ``duration_s`` (cycling over
+    ``keys`` positions) from its own thread, until ``stop`` is set. The caller joins the
+    threads and closes the hooks."""
+    rng = np.random.default_rng(seed)
+    n = max(1, round(duration_s * fps))
+    hooks: list[FrameHook] = []
+    senders: list[threading.Thread] = []
+    try:
+        for s in range(streams):
+            hook = FrameHook(listen, stream=f"{prefix}{s}", hwm=64, on_finished=lambda _: None)
+            hooks.append(hook)
+            hook.wait_for_receiver(20)
+    except BaseException:
+        for hook in hooks:
+            hook.close()
+        raise
+    for hook in hooks:
+        frame = rng.poisson(200.0, (size, size)).astype(np.uint16)
+        senders.append(StaticSource(frame, fps).run_mda(_Events(n, keys, stop), [hook]))
+    return hooks, senders
+
+
 def _soak(
     server: ServerProcess, *, duration_s: float, fps: float, size: int, streams: int, keys: int,
     poll_s: float, seed: int, say: Callable[[str], None],
 ) -> dict[str, Any]:  # fmt: skip
-    rng = np.random.default_rng(seed)
-    n = max(1, round(duration_s * fps))
     stop = threading.Event()
-    hooks: list[FrameHook] = []
-    senders: list[threading.Thread] = []
-    for s in range(streams):
-        hook = FrameHook(server.listen, stream=f"soak{s}", hwm=64, on_finished=lambda _: None)
-        hook.wait_for_receiver(20)
-        hooks.append(hook)
-    for hook in hooks:
-        frame = rng.poisson(200.0, (size, size)).astype(np.uint16)
-        senders.append(StaticSource(frame, fps).run_mda(_Events(n, keys, stop), [hook]))
+    hooks, senders = start_streams(
+        server.listen, streams=streams, fps=fps, size=size, duration_s=duration_s, keys=keys,
+        seed=seed, stop=stop,
+    )  # fmt: skip
     t0 = time.monotonic()
     timeline: list[dict[str, Any]] = [_sample(0.0, server.status(), hooks)]
     problems: list[str] = []

@@ -70,3 +70,43 @@ def test_unknown_preset_lists_presets() -> None:
 def test_unknown_mode_is_refused() -> None:
     with pytest.raises(ValueError, match="live, complete"):
         run_latency(engines=["identity"], mode="fast", duration_s=5.0)
+
+
+# -- several streams into one server ------------------------------------------------------------
+
+
+def test_two_streams_into_one_server_per_backend() -> None:
+    from bench.latency import run_stream_latency
+
+    r = run_stream_latency(
+        engine="identity", backends=["onnxruntime", "auto"], streams=[2], fps=20, size=64,
+        duration_s=2.5, warmup_s=0.5,
+    )  # fmt: skip
+    assert r["kind"] == "latency-streams" and r["triton"] is None
+    assert [(c["backend_requested"], c["streams"]) for c in r["cases"]] == [
+        ("onnxruntime", 2), ("auto", 2),
+    ]  # fmt: skip
+    for c in r["cases"]:
+        assert c["frames_sent"] == c["frames_received"] > 0
+        assert c["frames_enhanced"] + c["frames_skipped"] <= c["frames_received"]
+        assert c["server_healthy"] and c["hook_warmup_excluded"]
+        for stage in ("hook", "transport", "inference", "total"):
+            p = c["latency_ms"][stage]
+            assert 0 <= p["p50"] <= p["p99"], (stage, p)
+    (o,) = r["overhead"]
+    assert o["backend"] == "auto" and o["vs"] == "onnxruntime" and o["streams"] == 2
+    assert o["total_p50_ms"] is not None
+
+
+def test_triton_without_a_venv_is_one_clear_refusal(tmp_path: Path) -> None:
+    from bench.latency import run_stream_latency
+
+    with pytest.raises(ValueError, match="no tritonserver in"):
+        run_stream_latency(engine="identity", backends=["triton"], duration_s=2.5,
+                           warmup_s=0.5, triton_venv=tmp_path)  # fmt: skip
+
+
+def test_stream_counts_parse() -> None:
+    from bench.cli import _stream_counts
+
+    assert _stream_counts(["1,4", "8"]) == [1, 4, 8]

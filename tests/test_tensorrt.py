@@ -309,7 +309,7 @@ def test_bench_lists_the_tensorrt_backend(tmp_path: Path) -> None:
     from bench.report import backends, default_backends
 
     listed = backends()
-    assert set(listed) == {"onnxruntime", "tensorrt", "openvino"}
+    assert set(listed) == {"onnxruntime", "tensorrt", "openvino", "triton"}
     here = seam.gather_machine_facts().usable
     runs = [*(["tensorrt"] if here else []), *(["openvino"] if OPENVINO else []), "onnxruntime"]
     assert default_backends() == (runs if len(runs) > 1 else ["auto"])

@@ -12,9 +12,6 @@ onnxruntime_onnx configs are checked by parsing them with Triton's protobuf defi
 
 from __future__ import annotations
 
-import os
-import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -28,12 +25,12 @@ import pytest
 pytest.importorskip("tritonclient.grpc", reason="tritonclient (the triton extra) is not installed")
 onnx = pytest.importorskip("onnx", reason="onnx (dev extra) reads the models being exported")
 
-import tritonclient.grpc as grpcclient  # noqa: E402
 from google.protobuf import text_format  # noqa: E402
 from onnx import TensorProto, helper  # noqa: E402
 from tritonclient.grpc import model_config_pb2  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
+from bench.triton_server import TritonServer, TritonUnavailable  # noqa: E402
 from calibration.errors import InvalidInput  # noqa: E402
 from engines.engine import EngineChain  # noqa: E402
 from engines.offline.triton_repo import (  # noqa: E402
@@ -228,91 +225,22 @@ def test_triton_url_without_the_triton_backend_is_refused(tmp_path):
 # -- a real tritonserver -----------------------------------------------------------------------
 
 
-def _pytriton() -> tuple[Path, Path, Path] | str:
-    """(venv, site-packages, tritonserver) of a venv with nvidia-pytriton and onnxruntime, or
-    why there is none."""
-    venv = Path(os.environ.get("SCOPECAST_TRITON_VENV") or ROOT / ".triton-venv")
-    found = sorted(venv.glob("lib/python3*/site-packages/pytriton/tritonserver/bin/tritonserver"))
-    if not found:
-        return (
-            f"no tritonserver in {venv}: create it with `python -m venv {venv} && {venv}/bin/pip "
-            "install nvidia-pytriton onnxruntime` or set $SCOPECAST_TRITON_VENV"
-        )
-    binary = found[0]
-    site = binary.parents[3]
-    if not (site / "onnxruntime").is_dir():
-        return f"{venv} has no onnxruntime for Triton's Python backend: pip install onnxruntime"
-    return venv, site, binary
-
-
-class Triton:
-    """``tritonserver`` on a loopback gRPC port, serving ``repo`` (Python backend, CPU)."""
+class Triton(TritonServer):
+    """The shared local ``tritonserver`` (:mod:`bench.triton_server`); the test skips with the
+    reason where it cannot start."""
 
     def __init__(self, repo: Path, work: Path, port: int | None = None) -> None:
-        found = _pytriton()
-        if isinstance(found, str):
-            pytest.skip(found)
-        venv, site, self.binary = found
-        self.repo, self.port = repo, port or _free_port()
-        self.url = f"grpc://127.0.0.1:{self.port}"
-        self.backends = work / "backends"
-        python = self.backends / "python"
-        if not python.is_dir():
-            python.mkdir(parents=True)
-            bundled = site / "pytriton" / "tritonserver"
-            for f in (bundled / "backends" / "python").iterdir():
-                if f.is_file():
-                    shutil.copy(f, python / f.name)
-            version = site.parent.name.removeprefix("python")  # lib/python3.11/site-packages
-            stub = bundled / "python_backend_stubs" / version / "triton_python_backend_stub"
-            if not stub.is_file():
-                pytest.skip(f"nvidia-pytriton has no Python backend stub for Python {version}")
-            shutil.copy(stub, python / stub.name)
-        self.env = {
-            **os.environ,
-            "LD_LIBRARY_PATH": os.pathsep.join(
-                filter(
-                    None, [str(site / "nvidia_pytriton.libs"), os.environ.get("LD_LIBRARY_PATH")]
-                )
-            ),
-            # the stub's embedded Python finds the venv (numpy<2, onnxruntime) through PATH
-            "PATH": f"{venv / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
-        }
-        self.log = work / f"tritonserver-{self.port}.log"
-        self.proc: subprocess.Popen | None = None
+        try:
+            super().__init__(repo, work, port)
+        except TritonUnavailable as e:
+            pytest.skip(str(e))
 
     def start(self, timeout_s: float = 90) -> Triton:
-        cmd = [str(self.binary), "--model-repository", str(self.repo),
-               "--backend-directory", str(self.backends), "--grpc-address", "127.0.0.1",
-               "--grpc-port", str(self.port), "--allow-http=false", "--allow-metrics=false",
-               "--log-verbose=0"]  # fmt: skip
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                         start_new_session=True)  # fmt: skip
-        client = grpcclient.InferenceServerClient(f"127.0.0.1:{self.port}")
-        deadline = time.monotonic() + timeout_s
         try:
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    tail = self.log.read_text(errors="replace")[-1500:]
-                    pytest.skip(f"tritonserver exited with {self.proc.returncode}: {tail}")
-                try:
-                    if client.is_server_ready(client_timeout=1):
-                        return self
-                except Exception:  # noqa: BLE001 - not up yet
-                    pass
-                time.sleep(0.2)
-        finally:
-            client.close()
-        self.kill()
-        pytest.skip(f"tritonserver not ready within {timeout_s} s: {self.log.read_text()[-1500:]}")
-
-    def kill(self) -> None:
-        """SIGKILL the server and its Python-backend stubs (its own process group)."""
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(30)
-        self.proc = None
+            super().start(timeout_s)
+        except TritonUnavailable as e:
+            pytest.skip(str(e))
+        return self
 
 
 ENGINES = ["identity", "bicubic-x2", "confocal-denoise-sr2x"]
@@ -346,8 +274,9 @@ def _frames(n: int, shape: tuple[int, int], seed: int) -> list[np.ndarray]:
 
 @pytest.mark.parametrize(
     ("engine", "shape"),
-    [("identity", (96, 80)), ("bicubic-x2", (300, 270)), ("confocal-denoise-sr2x", (64, 72))],
-)
+    [("identity", (96, 80)), ("bicubic-x2", (300, 270)), ("confocal-denoise-sr2x", (64, 72)),
+     ("confocal-denoise-sr2x", (256, 256))],  # one whole tile: the output is Triton's own array
+)  # fmt: skip
 def test_triton_gives_the_local_backends_outputs(at, engine, shape):
     """Tiles (bicubic-x2: 4 tiles of 256 + overlap), a temporal window, previous output and
     background (sr2x): the same numbers through Triton as through ONNX Runtime here."""

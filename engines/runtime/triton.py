@@ -311,7 +311,8 @@ class TritonBackend:
                 outputs=[grpc.InferRequestedOutput(self.output)],
                 client_timeout=self.timeout_s,
             )
-            out = result.as_numpy(self.output)
+            # a copy: the client's array is read-only, and the engine scales its output in place
+            out = np.array(result.as_numpy(self.output))
         except Exception as e:  # noqa: BLE001 - InferenceServerException, grpc errors
             self._stats.errors += 1
             status = _status_name(e)
