@@ -21,11 +21,13 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from calibration.errors import ScopecastError
+
 ROOT = Path(__file__).resolve().parents[1]
 VENV_ENV = "SCOPECAST_TRITON_VENV"
 
 
-class TritonUnavailable(RuntimeError):
+class TritonUnavailable(ScopecastError, RuntimeError):
     """No local tritonserver can be started here; the message says why."""
 
 
