@@ -247,18 +247,9 @@ def _measure(
     sub: _Subscriber = state["sub"]
     if server.rss_mb is not None:
         rss.append(server.rss_mb)
-    raw = [r for r in index if r.get("kind") == "raw"]
-    if not raw:
-        raise RuntimeError(f"engine {name!r}: the server wrote no raw frame; see its log above")
-    first_ns = min(r["header"]["mono_ns"] for r in raw)
-    warm_end_ns = first_ns + int(warmup_s * 1e9)
-
-    samples, times, add, measured = _collect(sub.enhanced, index, first_ns, warm_end_ns)
-    if measured < MIN_FRAMES:
-        raise ValueError(
-            f"engine {name!r}: only {measured} enhanced frames after the {warmup_s:g} s warm-up "
-            f"reached the subscriber (need {MIN_FRAMES}): raise --duration (now {duration_s:g} s)"
-        )
+    raw, warm_end_ns, (samples, times, add, _) = _after_warmup(
+        sub, index, warmup_s, f"engine {name!r}", f"raise --duration (now {duration_s:g} s)"
+    )
     hook_exact = _hook_samples(state["stats"], raw, warm_end_ns, add)
 
     engine = server.engine
@@ -306,10 +297,34 @@ def _measure(
 Add = Callable[[str, int, float], None]
 
 
+Collected = tuple[dict[str, list[float]], dict[str, list[float]], Add, int]
+"""What :func:`_collect` returns: samples and times per stage, their adder, frames measured."""
+
+
+def _after_warmup(sub: _Subscriber, index: list[dict[str, Any]], warmup_s: float, what: str,
+                  remedy: str) -> tuple[list[dict[str, Any]], int, Collected]:  # fmt: skip
+    """The run's raw index lines, the end of its warm-up (``warmup_s`` after the first raw frame,
+    monotonic ns) and :func:`_collect`'s samples after it; RuntimeError without a raw frame,
+    ValueError (with ``remedy``) with fewer than MIN_FRAMES measured frames."""
+    raw = [r for r in index if r.get("kind") == "raw"]
+    if not raw:
+        raise RuntimeError(f"{what}: the server wrote no raw frame; see its log above")
+    first_ns = min(r["header"]["mono_ns"] for r in raw)
+    warm_end_ns = first_ns + int(warmup_s * 1e9)
+    collected = _collect(sub.enhanced, index, first_ns, warm_end_ns)
+    measured = collected[3]
+    if measured < MIN_FRAMES:
+        raise ValueError(
+            f"{what}: only {measured} enhanced frames after the {warmup_s:g} s warm-up reached "
+            f"the subscriber (need {MIN_FRAMES}): {remedy}"
+        )
+    return raw, warm_end_ns, collected
+
+
 def _collect(
     enhanced: list[tuple[int, bytes]], index: list[dict[str, Any]], first_ns: int,
     warm_end_ns: int,
-) -> tuple[dict[str, list[float]], dict[str, list[float]], Add, int]:  # fmt: skip
+) -> Collected:  # fmt: skip
     """Per-stage samples (ms) and their frame times (s since ``first_ns``) of the enhanced
     frames a subscriber received and of the disk writes in the run's index, after the warm-up;
     the function adding more, and how many enhanced frames were measured."""
@@ -511,17 +526,9 @@ def _measure_streams(
                 sub.stop()
             server.kill()
         index = read_index(server.run_dir / INDEX_NAME)
-    raw = [r for r in index if r.get("kind") == "raw"]
-    if not raw:
-        raise RuntimeError(f"{backend}, {n} streams: the server wrote no raw frame")
-    first_ns = min(r["header"]["mono_ns"] for r in raw)
-    warm_end_ns = first_ns + int(warmup_s * 1e9)
-    samples, _, add, measured = _collect(sub.enhanced, index, first_ns, warm_end_ns)
-    if measured < MIN_FRAMES:
-        raise ValueError(
-            f"{backend}, {n} streams: only {measured} enhanced frames after the {warmup_s:g} s "
-            f"warm-up reached the subscriber (need {MIN_FRAMES}): raise --duration or lower --fps"
-        )
+    raw, warm_end_ns, (samples, _, add, measured) = _after_warmup(
+        sub, index, warmup_s, f"{backend}, {n} streams", "raise --duration or lower --fps"
+    )
     hook_exact = all(
         _hook_samples(st, [r for r in raw if r["header"]["stream"] == name], warm_end_ns, add)
         for name, st in stats.items()

@@ -210,10 +210,7 @@ class Engine:
                 f"engine {self.name!r} produced {bad} NaN/inf values: output discarded "
                 "(check the package's normalization, or rebuild it in fp32)"
             )
-        t3 = time.perf_counter()
-        _add(timings, "preprocess", (t1 - t0) + (t2 - t1 - spent[0]))
-        _add(timings, "inference", spent[0])
-        _add(timings, "postprocess", t3 - t2)
+        _add_stage_times(timings, t0, t1, t2, spent[0])
         return out
 
     # -- raw-io packages: the graph converts; here the inputs are only gathered --------------
@@ -261,10 +258,7 @@ class Engine:
                 f"engine {self.name!r} produced NaN/inf values (its checksum is {total}): output "
                 "discarded (check the package's normalization, or rebuild it in fp32)"
             )
-        t3 = time.perf_counter()
-        _add(timings, "preprocess", (t1 - t0) + (t2 - t1 - spent[0]))
-        _add(timings, "inference", spent[0])
-        _add(timings, "postprocess", t3 - t2)
+        _add_stage_times(timings, t0, t1, t2, spent[0])
         return out
 
     def _raw_input(self, x: np.ndarray, dtype: np.dtype[Any], what: str) -> np.ndarray:
@@ -598,6 +592,15 @@ class EngineChain:
     def close(self) -> None:
         for e in self.engines:
             e.close()
+
+
+def _add_stage_times(timings: dict[str, float], t0: float, t1: float, t2: float,
+                     inference_s: float) -> None:  # fmt: skip
+    """A stage's timings: gathering inputs (``t0``..``t1``) and the tiling around the backend's
+    calls (``t1``..``t2`` less ``inference_s``) as preprocess, then postprocess until now."""
+    _add(timings, "preprocess", (t1 - t0) + (t2 - t1 - inference_s))
+    _add(timings, "inference", inference_s)
+    _add(timings, "postprocess", time.perf_counter() - t2)
 
 
 def _nonfinite(x: np.ndarray) -> int:

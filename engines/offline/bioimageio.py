@@ -366,34 +366,25 @@ def export_bioimageio(
                 preprocessing=pre(),
             )
         ]
-        if m.temporal.previous_output:
+        extras = (  # the temporal inputs: (name, wanted, grid relative to the input, what)
+            ("previous", m.temporal.previous_output, s,
+             "the model's own previous output, in raw units"),
+            ("background", m.temporal.background, 1,
+             "a reference background for this stream, in raw units"),
+        )  # fmt: skip
+        for role, wanted, grid, description in extras:
+            if not wanted:
+                continue
             inputs.append(
                 bio.InputTensorDescr(
-                    id=bio.TensorId("previous"),
-                    description="the model's own previous output, in raw units",
+                    id=bio.TensorId(role),
+                    description=description,
                     axes=[
                         bio.BatchAxis(),
                         bio.ChannelAxis(channel_names=[bio.Identifier("c0")]),
-                        *yx_ref(s),
+                        *yx_ref(grid),
                     ],
-                    test_tensor=bio.FileDescr(source=npy("test_previous.npy", test_in["previous"])),
-                    data=data(),
-                    preprocessing=pre(),
-                )
-            )
-        if m.temporal.background:
-            inputs.append(
-                bio.InputTensorDescr(
-                    id=bio.TensorId("background"),
-                    description="a reference background for this stream, in raw units",
-                    axes=[
-                        bio.BatchAxis(),
-                        bio.ChannelAxis(channel_names=[bio.Identifier("c0")]),
-                        *yx_ref(1),
-                    ],
-                    test_tensor=bio.FileDescr(
-                        source=npy("test_background.npy", test_in["background"])
-                    ),
+                    test_tensor=bio.FileDescr(source=npy(f"test_{role}.npy", test_in[role])),
                     data=data(),
                     preprocessing=pre(),
                 )

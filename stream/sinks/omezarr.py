@@ -25,7 +25,6 @@ its (t, c, z) over the file's axes); ``nbytes`` and ``crc32`` are those of its p
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import zlib
@@ -40,6 +39,7 @@ from stream.sinks.tiff import (
     PlaneRecord,
     SinkError,
     _runs,
+    check_new_sink,
     error_reason,
     fill_plane,
     fill_text,
@@ -80,16 +80,7 @@ class OmeZarrSink:
         fsync: bool = False,
     ) -> None:
         self.path = Path(path)
-        if self.path.exists():
-            raise SinkError(
-                f"{self.path} already exists: a sink never overwrites recorded data; "
-                "choose a new name or a fresh run directory",
-                path=self.path,
-                planes=0,
-                code=errno.EEXIST,
-            )
-        if pixel_size_um is not None and not pixel_size_um > 0:
-            raise ValueError(f"pixel_size_um={pixel_size_um!r} must be > 0 (or None if unknown)")
+        check_new_sink(self.path, pixel_size_um)
         self.pixel_size_um = pixel_size_um
         self.description = description
         self.fsync = fsync

@@ -86,6 +86,21 @@ def fill_value(dtype: np.dtype | str) -> float:
     return math.nan if np.dtype(dtype).kind == "f" else 0
 
 
+def check_new_sink(path: Path, pixel_size_um: float | None) -> None:
+    """A new sink's file must not exist (nothing recorded is overwritten: SinkError EEXIST) and
+    its pixel size must be > 0 or unknown (ValueError)."""
+    if path.exists():
+        raise SinkError(
+            f"{path} already exists: a sink never overwrites recorded data; choose a new name "
+            "or a fresh run directory",
+            path=path,
+            planes=0,
+            code=errno.EEXIST,
+        )
+    if pixel_size_um is not None and not pixel_size_um > 0:
+        raise ValueError(f"pixel_size_um={pixel_size_um!r} must be > 0 (or None if unknown)")
+
+
 def fill_plane(shape: tuple[int, ...], dtype: np.dtype | str) -> np.ndarray:
     """A fill plane of ``shape`` and ``dtype`` (see :func:`fill_value`)."""
     return np.full(shape, fill_value(dtype), np.dtype(dtype))
@@ -289,16 +304,7 @@ class OmeTiffSink:
         fsync: bool = False,
     ) -> None:
         self.path = Path(path)
-        if self.path.exists():
-            raise SinkError(
-                f"{self.path} already exists: a sink never overwrites recorded data; "
-                "choose a new file name or a fresh run directory",
-                path=self.path,
-                planes=0,
-                code=errno.EEXIST,
-            )
-        if pixel_size_um is not None and not pixel_size_um > 0:
-            raise ValueError(f"pixel_size_um={pixel_size_um!r} must be > 0 (or None if unknown)")
+        check_new_sink(self.path, pixel_size_um)
         self.pixel_size_um = pixel_size_um
         self.channel_names = list(channel_names) if channel_names else None
         self.description = description
